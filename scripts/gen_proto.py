@@ -1,0 +1,60 @@
+"""Compile proto/*.proto into swarm/proto/*_pb2.py (the generated files are committed)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+OUT_DIR = ROOT / "swarm" / "proto"
+
+
+def hivemind_proto_dir() -> Path:
+    import importlib.util
+
+    # hivemind.proto is a namespace package (no __init__), so locate it through one of its modules
+    return Path(importlib.util.find_spec("hivemind.proto.runtime_pb2").origin).parent
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Run protoc over proto/ into out_dir; point imports of hivemind's messages at hivemind.proto."""
+    from grpc_tools import protoc
+
+    sources = sorted(PROTO_DIR.glob("*.proto"))
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{hivemind_proto_dir()}", f"--python_out={out_dir}"]
+    args += [str(p) for p in sources]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    outputs = []
+    for source in sources:
+        generated = out_dir / f"{source.stem}_pb2.py"
+        text = generated.read_text()
+        # protoc writes `import runtime_pb2`; hivemind's module lives in the hivemind.proto package
+        text = re.sub(r"^import runtime_pb2 as", "from hivemind.proto import runtime_pb2 as", text, flags=re.M)
+        generated.write_text(text)
+        outputs.append(generated)
+    return outputs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if the committed files are stale")
+    args = parser.parse_args()
+    if not args.check:
+        for path in generate(OUT_DIR):
+            print(f"wrote {path.relative_to(ROOT)}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        stale = [p.name for p in generate(Path(tmp)) if p.read_text() != (OUT_DIR / p.name).read_text()]
+    if stale:
+        print(f"stale generated files: {stale}; run `make proto`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `swarm` command and its subcommands."""

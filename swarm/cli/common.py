@@ -1,0 +1,42 @@
+"""Flags and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Logs go to stderr so that stdout carries only a command's answer."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    # hivemind is chatty at INFO; keep its warnings
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+
+
+def add_initial_peers(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--initial-peers", nargs="+", default=[], required=required, metavar="MADDR",
+        help="multiaddrs of peers already in the swarm (e.g. a bootstrap peer's /ip4/.../p2p/...)",
+    )
+
+
+def add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir", default=None, help="where built-in models are converted (default: $SWARM_CACHE or ~/.cache/swarm)"
+    )
+
+
+def not_implemented(title: str):
+    """A subcommand whose issue has not landed: fail loudly, never silently."""
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"not implemented yet (issue: {title})", file=sys.stderr)
+        return 2
+
+    return run

@@ -1,0 +1,66 @@
+"""`swarm node`: serve a span of a model's blocks."""
+
+from __future__ import annotations
+
+import argparse
+
+from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.node.limits import NodeLimits
+from swarm.node.server import DTYPES, Node, NodeConfig, parse_blocks
+
+_DEFAULTS = NodeConfig(model="")
+_LIMITS = NodeLimits()
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("node", help="serve a span of a model's transformer blocks")
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="built-in name, HF checkpoint folder or .gguf file")
+    parser.add_argument("--model-name", default=None, help="name in the DHT (default: built-in name or folder name)")
+    add_initial_peers(parser, required=False)
+    parser.add_argument("--blocks", required=True, type=_blocks, help="span of blocks to serve, START:END")
+    parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=list(DTYPES))
+    parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
+    parser.add_argument("--identity", default=None, help="file with this node's identity (created if missing)")
+    parser.add_argument("--update-period", type=float, default=_DEFAULTS.update_period,
+                        help="seconds between DHT announcements; records expire after twice that")
+    parser.add_argument("--throughput", type=float, default=None, help="announce this throughput, don't measure")
+    parser.add_argument("--max-batch-size", type=int, default=_LIMITS.max_batch_size)
+    parser.add_argument("--max-sequence-length", type=int, default=_LIMITS.max_sequence_length)
+    parser.add_argument("--max-request-mb", type=float, default=_LIMITS.max_request_bytes / 2**20)
+    parser.add_argument("--request-timeout", type=float, default=_LIMITS.request_timeout,
+                        help="seconds a single request may take")
+    add_cache_dir(parser)
+    parser.set_defaults(func=run)
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        return parse_blocks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    limits = NodeLimits(
+        max_batch_size=args.max_batch_size,
+        max_sequence_length=args.max_sequence_length,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        request_timeout=args.request_timeout,
+    )
+    return NodeConfig(
+        model=args.model, blocks=args.blocks, initial_peers=args.initial_peers, model_name=args.model_name,
+        device=args.device, dtype=args.dtype, host=args.host, port=args.port, identity_path=args.identity,
+        update_period=args.update_period, cache_dir=args.cache_dir, throughput=args.throughput, limits=limits,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    Node(config_from_args(args)).run()
+    return 0

@@ -1,0 +1,43 @@
+"""DHT key names. Every record a node writes lives under a subkey that carries its signed owner key."""
+
+from __future__ import annotations
+
+import re
+
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(model: str) -> str:
+    """Return the DHT prefix of a model, or raise ValueError if it can't be one."""
+    if not _MODEL_NAME_RE.match(model) or model.endswith(".info"):
+        raise ValueError(f"invalid model name for the DHT: {model!r} (letters, digits, '.', '_', '-')")
+    return model
+
+
+def block_key(model: str, block: int) -> str:
+    """Key of block `block` of `model`: maps node subkeys to ServerInfo."""
+    return f"{check_model_name(model)}.{int(block)}"
+
+
+def model_info_key(model: str) -> str:
+    """Key of the model's metadata (ModelInfo), one subkey per announcing node."""
+    return f"{check_model_name(model)}.info"
+
+
+def owner_subkey(peer_id: str, owner_public_key: bytes) -> bytes:
+    """Subkey binding a record to a peer id and to the RSA key that must sign it."""
+    return peer_id.encode() + owner_public_key
+
+
+def split_owner_subkey(subkey: bytes) -> tuple[str, bytes] | None:
+    """Inverse of owner_subkey: (peer_id, "[owner:...]" marker), or None if the subkey is not protected."""
+    if not isinstance(subkey, bytes):
+        return None
+    index = subkey.find(b"[owner:")
+    if index <= 0 or not subkey.endswith(b"]"):
+        return None
+    try:
+        peer_id = subkey[:index].decode()
+    except UnicodeDecodeError:
+        return None
+    return peer_id, subkey[index:]

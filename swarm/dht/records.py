@@ -1,0 +1,131 @@
+"""Record values: protobuf messages from proto/swarm.proto in a tagged envelope, and their DHT validator.
+
+Values are msgpack maps {"swarm": kind, "data": serialized proto}. The validator rejects a swarm record
+that does not parse, breaks the schema, or is not under an owner-protected subkey naming the same peer as
+the record; hivemind's RSASignatureValidator (which runs first) rejects one not signed by that owner.
+So no peer can write, overwrite or expire a record in another peer's name.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
+
+from swarm.dht.keys import split_owner_subkey
+from swarm.proto import swarm_pb2
+
+ENVELOPE_TAG = "swarm"
+MAX_RECORD_BYTES = 64 * 1024
+_HEX = set("0123456789abcdef")
+
+
+class RecordKind(str, enum.Enum):
+    SERVER_INFO = "server_info"
+    MODEL_INFO = "model_info"
+
+
+_MESSAGES = {RecordKind.SERVER_INFO: swarm_pb2.ServerInfo, RecordKind.MODEL_INFO: swarm_pb2.ModelInfo}
+
+
+class RecordError(ValueError):
+    """A swarm DHT record that breaks the schema."""
+
+
+def encode_record(message: swarm_pb2.ServerInfo | swarm_pb2.ModelInfo) -> dict[str, Any]:
+    """Wrap a ServerInfo or ModelInfo into the DHT value envelope (after checking it)."""
+    kind = RecordKind.SERVER_INFO if isinstance(message, swarm_pb2.ServerInfo) else RecordKind.MODEL_INFO
+    check_message(message)
+    return {ENVELOPE_TAG: kind.value, "data": message.SerializeToString()}
+
+
+def decode_record(value: Any) -> swarm_pb2.ServerInfo | swarm_pb2.ModelInfo:
+    """Parse and check an envelope; raise RecordError on anything malformed."""
+    if not isinstance(value, dict) or set(value) != {ENVELOPE_TAG, "data"}:
+        raise RecordError("not a swarm record envelope")
+    try:
+        kind = RecordKind(value[ENVELOPE_TAG])
+    except ValueError:
+        raise RecordError(f"unknown record kind {value[ENVELOPE_TAG]!r}") from None
+    data = value["data"]
+    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
+        raise RecordError("record data must be bytes of bounded size")
+    message = _MESSAGES[kind]()
+    try:
+        message.ParseFromString(data)
+    except Exception as e:
+        raise RecordError(f"record does not parse as {kind.value}: {e}") from None
+    check_message(message)
+    return message
+
+
+def is_swarm_envelope(value: Any) -> bool:
+    return isinstance(value, dict) and ENVELOPE_TAG in value
+
+
+def _check_hashes(hashes, expected: int, what: str) -> None:
+    if len(hashes) != expected:
+        raise RecordError(f"{what}: expected {expected} block hashes, got {len(hashes)}")
+    for h in hashes:
+        if len(h) != 64 or not set(h) <= _HEX:
+            raise RecordError(f"{what}: block hash {h!r} is not a sha256 hex digest")
+
+
+def _check_rate(value: float, name: str) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise RecordError(f"{name} must be a finite non-negative number, got {value}")
+
+
+def check_message(message: swarm_pb2.ServerInfo | swarm_pb2.ModelInfo) -> None:
+    """Schema rules the protobuf types alone can't express."""
+    if isinstance(message, swarm_pb2.ServerInfo):
+        if not message.peer_id or not message.model:
+            raise RecordError("server info needs peer_id and model")
+        if message.state not in swarm_pb2.ServerInfo.State.values():
+            raise RecordError(f"unknown state {message.state}")
+        if message.end_block <= message.start_block:
+            raise RecordError(f"empty span [{message.start_block}, {message.end_block})")
+        for name in ("throughput", "inference_rps", "forward_rps"):
+            _check_rate(getattr(message, name), name)
+        for peer, rtt in message.next_pings.items():
+            _check_rate(rtt, f"next_pings[{peer}]")
+        _check_hashes(message.block_hashes, message.end_block - message.start_block, "server info")
+    else:
+        if not message.model or message.num_blocks == 0 or message.hidden_size == 0:
+            raise RecordError("model info needs model, num_blocks and hidden_size")
+        _check_hashes(message.block_hashes, message.num_blocks, "model info")
+
+
+class SwarmRecordValidator(RecordValidatorBase):
+    """Rejects swarm records that break the schema or are not bound to their owner's subkey.
+
+    Runs after RSASignatureValidator, so it sees values with the signature stripped.
+    Values that are not swarm envelopes are left to other validators (e.g. averaging metadata).
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:
+            return True  # not ours: hivemind's own validators decide
+        if not is_swarm_envelope(value):
+            return True
+        try:
+            message = decode_record(value)
+            subkey = MSGPackSerializer.loads(record.subkey) if record.subkey else None
+        except Exception:
+            return False
+        owner = split_owner_subkey(subkey)
+        if owner is None:
+            return False  # unsigned swarm records are never accepted
+        return owner[0] == message.peer_id if isinstance(message, swarm_pb2.ServerInfo) else True
+
+    @property
+    def priority(self) -> int:
+        return 5  # below RSASignatureValidator (10), so the signature is checked first and stripped
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, SwarmRecordValidator)

@@ -1,0 +1,30 @@
+"""Per-request limits a node enforces and advertises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.proto import swarm_pb2
+
+# hivemind's daemon caps one unary message at 4 MiB; stay below it with room for the envelope
+MAX_UNARY_MESSAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+STREAM_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """Requests above any of these get a TOO_LARGE error reply; none is ever allocated first."""
+
+    max_batch_size: int = 64
+    max_sequence_length: int = 8192
+    max_request_bytes: int = 256 * 1024 * 1024
+    request_timeout: float = 180.0
+
+    def to_proto(self) -> swarm_pb2.Limits:
+        return swarm_pb2.Limits(
+            max_batch_size=self.max_batch_size,
+            max_sequence_length=self.max_sequence_length,
+            max_request_bytes=self.max_request_bytes,
+            request_timeout=self.request_timeout,
+            max_message_bytes=MAX_UNARY_MESSAGE_BYTES,
+        )
