@@ -1,9 +1,10 @@
 """Record values: protobuf messages from proto/swarm.proto in a tagged envelope, and their DHT validator.
 
 Values are msgpack maps {"swarm": kind, "data": serialized proto}. The validator rejects a swarm record
-that does not parse, breaks the schema, or is not under an owner-protected subkey naming the same peer as
-the record; hivemind's RSASignatureValidator (which runs first) rejects one not signed by that owner.
-So no peer can write, overwrite or expire a record in another peer's name.
+that does not parse, breaks the schema, or is not under an owner-protected subkey "{peer_id}[owner:KEY]"
+where peer_id is the libp2p id of KEY and the record's own peer id; hivemind's RSASignatureValidator
+(which runs first) rejects one not signed by KEY. So no peer can write, overwrite or expire a record in
+another peer's name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
+from swarm.dht.identity import peer_id_from_owner_marker
 from swarm.dht.keys import split_owner_subkey
 from swarm.proto import swarm_pb2
 
@@ -121,7 +123,10 @@ class SwarmRecordValidator(RecordValidatorBase):
         owner = split_owner_subkey(subkey)
         if owner is None:
             return False  # unsigned swarm records are never accepted
-        return owner[0] == message.peer_id if isinstance(message, swarm_pb2.ServerInfo) else True
+        peer_id, marker = owner
+        if peer_id_from_owner_marker(marker) != peer_id:
+            return False  # the subkey's peer id must be the signing key's own
+        return peer_id == message.peer_id if isinstance(message, swarm_pb2.ServerInfo) else True
 
     @property
     def priority(self) -> int:

@@ -1,0 +1,160 @@
+"""Start `swarm dht` / `swarm node` as child processes, wait until they are ready, and always reap them.
+
+Each child gets its own process group (so its DHT process and libp2p daemon go down with it) and a
+parent-death signal (so a killed parent doesn't leave it running).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_LIVE: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
+_READY_RE = re.compile(r"node (\S+) serving blocks \[(\d+), (\d+)\)")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: process groups and atexit still clean up
+
+
+class ManagedProcess:
+    """A child process with a log file, readiness checks and group-wide termination."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name, self.args, self.log_path = name, args, log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        self.peer_id: str | None = None
+        _LIVE.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: re.Pattern | str, timeout: float) -> re.Match:
+        """Wait until the log matches `pattern`; raise with the log tail if the process dies or time runs out."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.log())
+            if match:
+                return match
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (a clean shutdown), then SIGKILL to the whole group if it lingers."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything in its group (DHT process, libp2p daemon)."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+def _reap_all() -> None:
+    for process in list(_LIVE):
+        process.kill()
+
+
+atexit.register(_reap_all)
+
+
+class LocalSwarm:
+    """A bootstrap peer and nodes on 127.0.0.1, torn down on close() (also at interpreter exit)."""
+
+    def __init__(self, workdir: str | os.PathLike | None = None, env: dict[str, str] | None = None):
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="swarm-local-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = env or {}
+        self.processes: list[ManagedProcess] = []
+        self.initial_peers: list[str] = []
+
+    def _spawn(self, name: str, cli_args: list[str]) -> ManagedProcess:
+        args = [sys.executable, "-m", "swarm.cli.main", *cli_args]
+        process = ManagedProcess(name, args, self.workdir / f"{name}.log", self.env)
+        self.processes.append(process)
+        return process
+
+    def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
+        """Start `swarm dht` and return its multiaddrs."""
+        maddr_file = self.workdir / "bootstrap.maddrs"
+        process = self._spawn("bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0", "--maddr-file", str(maddr_file)])
+        deadline = time.monotonic() + timeout
+        while not maddr_file.exists():
+            if not process.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"bootstrap peer failed to start:\n{process.log()[-3000:]}")
+            time.sleep(0.1)
+        self.initial_peers = maddr_file.read_text().split()
+        process.peer_id = self.initial_peers[0].rsplit("/p2p/", 1)[-1]
+        return self.initial_peers
+
+    def start_node(self, model: str, blocks: str, *extra: str, wait: bool = True, timeout: float = 120.0,
+                   name: str | None = None) -> ManagedProcess:
+        """Start `swarm node` serving `blocks` ("A:B"); by default wait until it serves."""
+        name = name or f"node{len([p for p in self.processes if p.name.startswith('node')])}"
+        args = ["node", "--model", model, "--blocks", blocks, "--initial-peers", *self.initial_peers, *extra]
+        process = self._spawn(name, args)
+        if wait:
+            self.wait_ready(process, timeout)
+        return process
+
+    @staticmethod
+    def wait_ready(process: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
+        match = process.wait_for(_READY_RE, timeout)
+        process.peer_id = match.group(1)
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.terminate()
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

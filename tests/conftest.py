@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny random Llama on disk, a private model cache, and local swarms of real processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from swarm.local import LocalSwarm
+from swarm.models.tiny import write_tiny_llama
+
+
+@pytest.fixture(scope="session", autouse=True)
+def swarm_cache(tmp_path_factory) -> Path:
+    """Every process the tests start shares one cache folder (never the user's ~/.cache/swarm).
+
+    SWARM_TEST_CACHE, when set, keeps converted built-in models between runs.
+    """
+    cache = Path(os.environ.get("SWARM_TEST_CACHE") or tmp_path_factory.mktemp("swarm-cache"))
+    previous = os.environ.get("SWARM_CACHE")
+    os.environ["SWARM_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield cache
+    if previous is None:
+        os.environ.pop("SWARM_CACHE", None)
+    else:
+        os.environ["SWARM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 6-block random Llama (fp32 safetensors) named tiny-llama."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", num_blocks=6)
+
+
+@pytest.fixture
+def local_swarm(tmp_path):
+    """A LocalSwarm whose processes are all reaped when the test ends, pass or fail."""
+    swarm = LocalSwarm(workdir=tmp_path / "swarm")
+    yield swarm
+    swarm.close()
+
+
+def start_nodes(swarm: LocalSwarm, model: str, spans: list[str], *extra: str):
+    """Start several nodes at once (they load in parallel), then wait for each."""
+    processes = [swarm.start_node(model, span, *extra, wait=False) for span in spans]
+    for process in processes:
+        swarm.wait_ready(process)
+    return processes
