@@ -17,10 +17,10 @@ from swarm.proto import swarm_pb2
 logger = logging.getLogger(__name__)
 
 
-async def _store_many(_dht, node, keys, values, expiration_time, subkey) -> bool:
+async def _store_many(_dht, node, keys, values, expiration_time, subkey, await_all_replicas) -> bool:
     # runs inside the DHT process, so it must be a picklable module-level function
     results = await node.store_many(
-        keys, values, expiration_time, subkeys=[subkey] * len(keys), await_all_replicas=False
+        keys, values, expiration_time, subkeys=[subkey] * len(keys), await_all_replicas=await_all_replicas
     )
     return all(results.values())
 
@@ -32,8 +32,12 @@ def store_node_records(
     model_info: swarm_pb2.ModelInfo | None,
     expiration: float,
     timeout: float = 10.0,
+    await_all_replicas: bool = False,
 ) -> bool:
-    """Store ServerInfo under every served block (and ModelInfo) with a signed owner subkey."""
+    """Store ServerInfo under every served block (and ModelInfo) with a signed owner subkey.
+
+    A peer about to leave must await all replicas: its own DHT storage goes away with it.
+    """
     subkey = owner_subkey(server_info.peer_id, owner_public_key)
     expiration_time = get_dht_time() + expiration
     value = encode_record(server_info)
@@ -43,7 +47,10 @@ def store_node_records(
         keys.append(model_info_key(model_info.model))
         values.append(encode_record(model_info))
 
-    store = partial(_store_many, keys=keys, values=values, expiration_time=expiration_time, subkey=subkey)
+    store = partial(
+        _store_many, keys=keys, values=values, expiration_time=expiration_time, subkey=subkey,
+        await_all_replicas=await_all_replicas,
+    )
     try:
         return bool(dht.run_coroutine(store, return_future=True).result(timeout))
     except Exception as e:
@@ -91,4 +98,6 @@ class Announcer(threading.Thread):
         if self.is_alive():
             self.join(timeout=self.update_period + 10)
         if final_info is not None:
-            store_node_records(self.dht, self.owner_public_key, final_info, None, self.expiration)
+            store_node_records(
+                self.dht, self.owner_public_key, final_info, None, self.expiration, await_all_replicas=True
+            )

@@ -40,6 +40,7 @@ def create_dht(
     else:
         key = RSAPrivateKey()
         path, temporary = temporary_identity_file(key), True
+        kwargs.setdefault("check_if_identity_free", False)  # a fresh random key can't be taken already
     validators = make_validators(key)
     try:
         dht = DHT(

@@ -1,0 +1,178 @@
+"""One real node process: every kind of bad request gets an error reply, and the node keeps serving."""
+
+import os
+import signal
+
+import psutil
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm.client.errors import RemoteError
+from swarm.client.remote import get_info, remote_forward
+from swarm.client.swarm_view import read_swarm
+from swarm.dht.factory import create_dht
+from swarm.models.checkpoint import resolve_checkpoint
+from swarm.models.span import load_span
+from swarm.node.handler import NodeServicer
+from swarm.proto import swarm_pb2
+from swarm.utils.aio import BackgroundLoop
+from swarm.utils.tensors import serialize
+
+HIDDEN = 64
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def node(tiny_model, tmp_path_factory):
+    """A node serving blocks [2, 4) with a 1 MiB request limit and a batch limit of 4."""
+    from swarm.local import LocalSwarm
+
+    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("node-swarm"))
+    swarm.start_bootstrap()
+    process = swarm.start_node(
+        str(tiny_model), "2:4", "--max-request-mb", "1", "--max-batch-size", "4", "--update-period", "2"
+    )
+    yield swarm, process
+    swarm.close()
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    swarm, _ = node
+    loop = BackgroundLoop()
+    dht, _ = create_dht(swarm.initial_peers, client_mode=True)
+    p2p = loop.run(dht.replicate_p2p())
+    yield loop, dht, p2p
+    loop.run(p2p.shutdown())
+    dht.shutdown()
+    loop.close()
+
+
+def forward(client, peer_id, hidden, start=2, end=4, **kwargs):
+    loop, _, p2p = client
+    return loop.run(remote_forward(p2p, peer_id, start, end, hidden, kwargs.get("mask"), kwargs.get("positions"),
+                                   TIMEOUT))
+
+
+def expect_error(client, peer_id, code, request: swarm_pb2.ForwardRequest):
+    loop, _, p2p = client
+    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    response = loop.run(stub.rpc_forward(request, timeout=TIMEOUT))
+    assert response.HasField("error"), response
+    assert response.error.code == code, response.error
+    return response.error.message
+
+
+def good_hidden(batch=2, seq=5):
+    return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+
+def test_info_describes_the_node(node, client):
+    _, process = node
+    loop, _, p2p = client
+    info = loop.run(get_info(p2p, process.peer_id, TIMEOUT))
+    assert (info.server.start_block, info.server.end_block) == (2, 4)
+    assert info.server.state == swarm_pb2.ServerInfo.ONLINE
+    assert info.limits.max_batch_size == 4 and info.limits.max_request_bytes == 2**20
+    assert info.model.num_blocks == 6 and len(info.model.block_hashes) == 6
+
+
+def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model):
+    _, process = node
+    peer = process.peer_id
+    E = swarm_pb2.Error
+
+    def request(tensor_proto, start=2, end=4, **fields):
+        return swarm_pb2.ForwardRequest(start_block=start, end_block=end, tensors=[tensor_proto], **fields)
+
+    # wrong hidden size
+    message = expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN // 2))))
+    assert "hidden size" in message
+    # wrong dtypes: integer and double hidden states
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.int64))))
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.float64))))
+    # wrong rank
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(3, HIDDEN))))
+    # NaN and inf
+    poisoned = good_hidden()
+    poisoned[0, 1, 2] = float("nan")
+    assert "NaN" in expect_error(client, peer, E.BAD_REQUEST, request(serialize(poisoned)))
+    poisoned[0, 1, 2] = float("inf")
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(poisoned)))
+    # oversized: over the batch limit, and over the byte limit (streamed, since it exceeds a unary message)
+    expect_error(client, peer, E.TOO_LARGE, request(serialize(torch.zeros(5, 1, HIDDEN))))
+    with pytest.raises(RemoteError) as info:
+        forward(client, peer, torch.zeros(4, 1100, HIDDEN))  # 1.1 MiB > 1 MiB limit
+    assert info.value.code == E.TOO_LARGE
+    # a tensor whose buffer is truncated (declared shape needs more bytes)
+    truncated = serialize(good_hidden())
+    truncated.buffer = truncated.buffer[:-7]
+    expect_error(client, peer, E.BAD_REQUEST, request(truncated))
+    # a tensor claiming a huge shape with a tiny buffer: refused before any allocation
+    huge = runtime_pb2.Tensor(buffer=b"\0" * 16, size=[4, 10**9, HIDDEN], dtype="float32")
+    expect_error(client, peer, E.TOO_LARGE, request(huge))
+    # unknown block ranges: outside the span, reversed, empty
+    for start, end in [(0, 2), (3, 5), (3, 2), (2, 2)]:
+        expect_error(client, peer, E.UNKNOWN_BLOCKS, request(serialize(good_hidden()), start=start, end=end))
+    # mask of the wrong shape, negative positions
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(good_hidden()),
+                                                      attention_mask=serialize(torch.ones(2, 4, dtype=torch.int64))))
+    expect_error(client, peer, E.BAD_REQUEST, request(serialize(good_hidden()),
+                                                      position_ids=serialize(-torch.ones(2, 5, dtype=torch.int64))))
+    # no tensors at all
+    expect_error(client, peer, E.BAD_REQUEST, swarm_pb2.ForwardRequest(start_block=2, end_block=4))
+
+    # a truncated protobuf message: hivemind can't parse it, the call fails, the node survives
+    loop, _, p2p = client
+
+    class Truncated:
+        def SerializeToString(self):
+            return request(serialize(good_hidden())).SerializeToString()[:-100]
+
+    handle = NodeServicer._get_handle_name(None, "rpc_forward")
+    with pytest.raises(Exception):
+        loop.run(p2p.call_protobuf_handler(PeerID.from_base58(peer), handle, Truncated(),
+                                           swarm_pb2.ForwardResponse), timeout=TIMEOUT)
+
+    # after all that, a good request still succeeds and is right
+    assert process.alive()
+    hidden = good_hidden()
+    out = forward(client, peer, hidden)
+    span = load_span(resolve_checkpoint(tiny_model), 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(out, span(hidden), rtol=0, atol=1e-5)
+    # and a sub-range of the span works too
+    out = forward(client, peer, hidden, start=3, end=4)
+    with torch.no_grad():
+        torch.testing.assert_close(out, span(hidden, layers=slice(1, 2)), rtol=0, atol=1e-5)
+
+
+def test_large_requests_stream(node, client, tiny_model):
+    """4 × 1000 × 64 fp32 = 1 MB fits the node's limit but goes through the streaming path when large."""
+    _, process = node
+    hidden = torch.randn(4, 1000, HIDDEN) * 0.1
+    out = forward(client, process.peer_id, hidden)
+    span = load_span(resolve_checkpoint(tiny_model), 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(out, span(hidden), rtol=0, atol=1e-4)
+
+
+def test_sigterm_announces_offline_and_leaves_no_children(tiny_model, local_swarm):
+    local_swarm.start_bootstrap()
+    process = local_swarm.start_node(str(tiny_model), "0:2", "--update-period", "60")
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children, "a node runs a DHT process and a libp2p daemon"
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.popen.wait(30) == 0
+    assert "shutting down" in process.log()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    # the node's last word in the DHT (kept for 2 x update period): OFFLINE replaced ONLINE
+    reader, _ = create_dht(local_swarm.initial_peers, client_mode=True)
+    try:
+        servers, _ = read_swarm(reader, "tiny-llama", 6)
+        assert servers[process.peer_id].state == swarm_pb2.ServerInfo.OFFLINE
+    finally:
+        reader.shutdown()
