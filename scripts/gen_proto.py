@@ -34,7 +34,9 @@ def generate(out_dir: Path) -> list[Path]:
         generated = out_dir / f"{source.stem}_pb2.py"
         text = generated.read_text()
         # protoc writes `import runtime_pb2`; hivemind's module lives in the hivemind.proto package
-        text = re.sub(r"^import runtime_pb2 as", "from hivemind.proto import runtime_pb2 as", text, flags=re.M)
+        text = re.sub(
+            r"^import runtime_pb2 as", "from hivemind.proto import runtime_pb2 as", text, flags=re.M
+        )
         generated.write_text(text)
         outputs.append(generated)
     return outputs

@@ -48,3 +48,15 @@ def start_nodes(swarm: LocalSwarm, model: str, spans: list[str], *extra: str):
     for process in processes:
         swarm.wait_ready(process)
     return processes
+
+
+@pytest.fixture(scope="session")
+def tiny_swarm(tiny_model, tmp_path_factory):
+    """A bootstrap peer and 3 nodes splitting the tiny Llama as [0, 2), [2, 5), [5, 6); shared, not killed."""
+    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("tiny-swarm"))
+    try:
+        swarm.start_bootstrap()
+        start_nodes(swarm, str(tiny_model), ["0:2", "2:5", "5:6"])
+        yield swarm
+    finally:
+        swarm.close()

@@ -21,14 +21,20 @@ def setup_logging(verbose: bool = False) -> None:
 
 def add_initial_peers(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
-        "--initial-peers", nargs="+", default=[], required=required, metavar="MADDR",
+        "--initial-peers",
+        nargs="+",
+        default=[],
+        required=required,
+        metavar="MADDR",
         help="multiaddrs of peers already in the swarm (e.g. a bootstrap peer's /ip4/.../p2p/...)",
     )
 
 
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cache-dir", default=None, help="where built-in models are converted (default: $SWARM_CACHE or ~/.cache/swarm)"
+        "--cache-dir",
+        default=None,
+        help="where built-in models are converted (default: $SWARM_CACHE or ~/.cache/swarm)",
     )
 
 

@@ -7,8 +7,7 @@ import logging
 import signal
 import threading
 
-from swarm.dht.factory import create_dht
-from swarm.node.server import write_lines_atomically
+from swarm.utils.files import write_lines_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -17,14 +16,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("dht", help="run a DHT bootstrap peer")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
-    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="other bootstrap peers")
+    parser.add_argument(
+        "--initial-peers", nargs="*", default=[], metavar="MADDR", help="other bootstrap peers"
+    )
     parser.add_argument("--maddr-file", default=None, help="write the full multiaddrs here, one per line")
-    parser.add_argument("--identity", default=None, help="file with this peer's identity (created if missing)")
+    parser.add_argument(
+        "--identity", default=None, help="file with this peer's identity (created if missing)"
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from swarm.dht.factory import create_dht
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -8,8 +8,13 @@ import sys
 from swarm.cli import dht, models, node
 from swarm.cli.common import not_implemented, setup_logging
 
-INFERENCE_ISSUE = "Inference through the swarm: KV-cache sessions, HF-compatible generate(), `swarm generate`, `make demo`"
-FAULT_ISSUE = "Fault tolerance and placement: survive nodes dying mid-generation; choose and rebalance spans automatically"
+INFERENCE_ISSUE = (
+    "Inference through the swarm: KV-cache sessions, HF-compatible generate(), `swarm generate`, `make demo`"
+)
+FAULT_ISSUE = (
+    "Fault tolerance and placement: survive nodes dying mid-generation; "
+    "choose and rebalance spans automatically"
+)
 
 PENDING = {
     "generate": ("generate text through the swarm", INFERENCE_ISSUE),

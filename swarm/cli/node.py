@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
-from swarm.node.server import DTYPES, Node, NodeConfig, parse_blocks
 
 _DEFAULTS = NodeConfig(model="")
 _LIMITS = NodeLimits()
@@ -20,22 +20,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="built-in name, HF checkpoint folder or .gguf file")
-    parser.add_argument("--model-name", default=None, help="name in the DHT (default: built-in name or folder name)")
+    parser.add_argument(
+        "--model-name", default=None, help="name in the DHT (default: built-in name or folder name)"
+    )
     add_initial_peers(parser, required=False)
     parser.add_argument("--blocks", required=True, type=_blocks, help="span of blocks to serve, START:END")
     parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=list(DTYPES))
+    parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
-    parser.add_argument("--identity", default=None, help="file with this node's identity (created if missing)")
-    parser.add_argument("--update-period", type=float, default=_DEFAULTS.update_period,
-                        help="seconds between DHT announcements; records expire after twice that")
-    parser.add_argument("--throughput", type=float, default=None, help="announce this throughput, don't measure")
+    parser.add_argument(
+        "--identity", default=None, help="file with this node's identity (created if missing)"
+    )
+    parser.add_argument(
+        "--update-period",
+        type=float,
+        default=_DEFAULTS.update_period,
+        help="seconds between DHT announcements; records expire after twice that",
+    )
+    parser.add_argument(
+        "--throughput", type=float, default=None, help="announce this throughput, don't measure"
+    )
     parser.add_argument("--max-batch-size", type=int, default=_LIMITS.max_batch_size)
     parser.add_argument("--max-sequence-length", type=int, default=_LIMITS.max_sequence_length)
     parser.add_argument("--max-request-mb", type=float, default=_LIMITS.max_request_bytes / 2**20)
-    parser.add_argument("--request-timeout", type=float, default=_LIMITS.request_timeout,
-                        help="seconds a single request may take")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_LIMITS.request_timeout,
+        help="seconds a single request may take",
+    )
     add_cache_dir(parser)
     parser.set_defaults(func=run)
 
@@ -55,12 +69,24 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         request_timeout=args.request_timeout,
     )
     return NodeConfig(
-        model=args.model, blocks=args.blocks, initial_peers=args.initial_peers, model_name=args.model_name,
-        device=args.device, dtype=args.dtype, host=args.host, port=args.port, identity_path=args.identity,
-        update_period=args.update_period, cache_dir=args.cache_dir, throughput=args.throughput, limits=limits,
+        model=args.model,
+        blocks=args.blocks,
+        initial_peers=args.initial_peers,
+        model_name=args.model_name,
+        device=args.device,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        identity_path=args.identity,
+        update_period=args.update_period,
+        cache_dir=args.cache_dir,
+        throughput=args.throughput,
+        limits=limits,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from swarm.node.server import Node
+
     Node(config_from_args(args)).run()
     return 0

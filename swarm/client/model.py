@@ -106,7 +106,13 @@ class DistributedModelForCausalLM(torch.nn.Module):
             try:
                 hidden = self._loop.run(
                     remote_forward(
-                        self.p2p, span.peer_id, span.start, span.end, hidden, attention_mask, position_ids,
+                        self.p2p,
+                        span.peer_id,
+                        span.start,
+                        span.end,
+                        hidden,
+                        attention_mask,
+                        position_ids,
                         self.client_config.request_timeout,
                     ),
                     timeout=self.client_config.request_timeout + 5,

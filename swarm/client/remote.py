@@ -40,13 +40,17 @@ async def remote_forward(
     stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
     hidden_proto = serialize(hidden_states)
     request = swarm_pb2.ForwardRequest(
-        start_block=start, end_block=end, attention_mask=_optional(attention_mask),
+        start_block=start,
+        end_block=end,
+        attention_mask=_optional(attention_mask),
         position_ids=_optional(position_ids),
     )
     if len(hidden_proto.buffer) + request.ByteSize() < MAX_UNARY_MESSAGE_BYTES:
         request.tensors.append(hidden_proto)
         response = await stub.rpc_forward(request, timeout=timeout)
-        return _decode_output(peer_id, response.error if response.HasField("error") else None, list(response.tensors))
+        return _decode_output(
+            peer_id, response.error if response.HasField("error") else None, list(response.tensors)
+        )
 
     async def requests():
         parts = split_tensors([hidden_proto], STREAM_CHUNK_BYTES)

@@ -84,7 +84,10 @@ def usable_servers(
     for info in servers.values():
         if info.state != swarm_pb2.ServerInfo.ONLINE or info.peer_id in banned:
             continue
-        if expected_hashes is not None and list(info.block_hashes) != expected_hashes[info.start_block:info.end_block]:
+        if (
+            expected_hashes is not None
+            and list(info.block_hashes) != expected_hashes[info.start_block : info.end_block]
+        ):
             logger.warning("skipping node %s: its weights differ from the model's", info.peer_id)
             continue
         usable.append(info)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 
 from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
@@ -48,7 +48,11 @@ def store_node_records(
         values.append(encode_record(model_info))
 
     store = partial(
-        _store_many, keys=keys, values=values, expiration_time=expiration_time, subkey=subkey,
+        _store_many,
+        keys=keys,
+        values=values,
+        expiration_time=expiration_time,
+        subkey=subkey,
         await_all_replicas=await_all_replicas,
     )
     try:

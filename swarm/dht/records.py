@@ -25,7 +25,7 @@ MAX_RECORD_BYTES = 64 * 1024
 _HEX = set("0123456789abcdef")
 
 
-class RecordKind(str, enum.Enum):
+class RecordKind(enum.StrEnum):
     SERVER_INFO = "server_info"
     MODEL_INFO = "model_info"
 

@@ -37,8 +37,13 @@ class ManagedProcess:
         self.name, self.args, self.log_path = name, args, log_path
         self._log = open(log_path, "wb")
         self.popen = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.peer_id: str | None = None
         _LIVE.add(self)
@@ -54,7 +59,7 @@ class ManagedProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, pattern: re.Pattern | str, timeout: float) -> re.Match:
-        """Wait until the log matches `pattern`; raise with the log tail if the process dies or time runs out."""
+        """Wait until the log matches `pattern`; raise with the log tail if the process dies or times out."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
@@ -119,7 +124,9 @@ class LocalSwarm:
     def start_bootstrap(self, timeout: float = 60.0) -> list[str]:
         """Start `swarm dht` and return its multiaddrs."""
         maddr_file = self.workdir / "bootstrap.maddrs"
-        process = self._spawn("bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0", "--maddr-file", str(maddr_file)])
+        process = self._spawn(
+            "bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0", "--maddr-file", str(maddr_file)]
+        )
         deadline = time.monotonic() + timeout
         while not maddr_file.exists():
             if not process.alive() or time.monotonic() > deadline:
@@ -129,8 +136,15 @@ class LocalSwarm:
         process.peer_id = self.initial_peers[0].rsplit("/p2p/", 1)[-1]
         return self.initial_peers
 
-    def start_node(self, model: str, blocks: str, *extra: str, wait: bool = True, timeout: float = 120.0,
-                   name: str | None = None) -> ManagedProcess:
+    def start_node(
+        self,
+        model: str,
+        blocks: str,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 120.0,
+        name: str | None = None,
+    ) -> ManagedProcess:
         """Start `swarm node` serving `blocks` ("A:B"); by default wait until it serves."""
         name = name or f"node{len([p for p in self.processes if p.name.startswith('node')])}"
         args = ["node", "--model", model, "--blocks", blocks, "--initial-peers", *self.initial_peers, *extra]

@@ -103,7 +103,9 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
         raise FileNotFoundError(f"{path} has no config.json")
     raw = json.loads(config_path.read_text())
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {raw.get('model_type')!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        raise ValueError(
+            f"unsupported model_type {raw.get('model_type')!r}; supported: {SUPPORTED_MODEL_TYPES}"
+        )
     config = LlamaConfig.from_pretrained(path)
     config._attn_implementation = "sdpa"
     return config
@@ -134,7 +136,9 @@ def all_block_hashes(checkpoint: Checkpoint, cache_dir: str | os.PathLike | None
 
     files = sorted(set(checkpoint.tensor_files().values()))
     identity = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache_file = default_cache_dir(cache_dir) / "hashes" / f"{hashlib.sha256(identity.encode()).hexdigest()}.json"
+    cache_file = (
+        default_cache_dir(cache_dir) / "hashes" / f"{hashlib.sha256(identity.encode()).hexdigest()}.json"
+    )
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if len(cached) == checkpoint.num_blocks:

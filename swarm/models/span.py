@@ -29,7 +29,9 @@ class LlamaSpan(nn.Module):
     def __init__(self, config: LlamaConfig, start: int, end: int):
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
-            raise ValueError(f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks")
+            raise ValueError(
+                f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
+            )
         self.config, self.start, self.end = config, start, end
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(end - start))
         self.rotary_emb = LlamaRotaryEmbedding(config)
@@ -49,7 +51,9 @@ class LlamaSpan(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, batch, seq_len, past_len, hidden_states.device)
+            position_ids = default_position_ids(
+                attention_mask, batch, seq_len, past_len, hidden_states.device
+            )
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_states,

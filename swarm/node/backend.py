@@ -38,7 +38,9 @@ class SpanBackend:
     def __init__(self, span: LlamaSpan, limits: NodeLimits, device: str, dtype: torch.dtype):
         self.span, self.limits, self.device, self.dtype = span, limits, device, dtype
         self.hidden_size = span.config.hidden_size
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="swarm-compute"
+        )
 
     @property
     def start(self) -> int:
@@ -61,18 +63,26 @@ class SpanBackend:
         """Decode and check a forward-style request; raises RequestError / BadTensorError."""
         layers = self.check_blocks(start, end)
         if len(tensors) != 1:
-            raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"expected 1 tensor (hidden states), got {len(tensors)}")
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST, f"expected 1 tensor (hidden states), got {len(tensors)}"
+            )
         hidden = deserialize_checked(
-            tensors[0], name="hidden_states", allowed_dtypes=FLOAT_DTYPES, ndim=3,
+            tensors[0],
+            name="hidden_states",
+            allowed_dtypes=FLOAT_DTYPES,
+            ndim=3,
             max_bytes=self.limits.max_request_bytes,
         )
         batch, seq_len, hidden_size = hidden.shape
         if hidden_size != self.hidden_size:
             raise RequestError(
-                swarm_pb2.Error.BAD_REQUEST, f"hidden size {hidden_size} does not match the model's {self.hidden_size}"
+                swarm_pb2.Error.BAD_REQUEST,
+                f"hidden size {hidden_size} does not match the model's {self.hidden_size}",
             )
         if batch == 0 or seq_len == 0:
-            raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"empty hidden states of shape {tuple(hidden.shape)}")
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST, f"empty hidden states of shape {tuple(hidden.shape)}"
+            )
         if batch > self.limits.max_batch_size:
             raise TensorTooLargeError(f"batch {batch} exceeds the limit of {self.limits.max_batch_size}")
         if seq_len > self.limits.max_sequence_length:

@@ -18,7 +18,9 @@ def to_error_proto(exc: BaseException) -> swarm_pb2.Error:
     if isinstance(exc, RequestError):
         return swarm_pb2.Error(code=exc.code, message=str(exc))
     if isinstance(exc, BadTensorError):
-        code = swarm_pb2.Error.TOO_LARGE if isinstance(exc, TensorTooLargeError) else swarm_pb2.Error.BAD_REQUEST
+        code = (
+            swarm_pb2.Error.TOO_LARGE if isinstance(exc, TensorTooLargeError) else swarm_pb2.Error.BAD_REQUEST
+        )
         return swarm_pb2.Error(code=code, message=str(exc))
     if isinstance(exc, TimeoutError):
         return swarm_pb2.Error(code=swarm_pb2.Error.TIMEOUT, message="request timed out on the node")

@@ -46,7 +46,8 @@ class NodeServicer(ServicerBase):
             response = swarm_pb2.ForwardResponse(tensors=[serialize(outputs)])
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(
-                    swarm_pb2.Error.TOO_LARGE, "response exceeds the unary message limit; use rpc_forward_stream"
+                    swarm_pb2.Error.TOO_LARGE,
+                    "response exceeds the unary message limit; use rpc_forward_stream",
                 )
             return response
         except Exception as e:
@@ -67,17 +68,20 @@ class NodeServicer(ServicerBase):
 
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0
+        limit = self.backend.limits.max_request_bytes
         async for message in requests:
             count += 1
             if count > MAX_STREAM_MESSAGES:
-                raise RequestError(swarm_pb2.Error.TOO_LARGE, f"more than {MAX_STREAM_MESSAGES} stream messages")
+                raise RequestError(
+                    swarm_pb2.Error.TOO_LARGE, f"more than {MAX_STREAM_MESSAGES} stream messages"
+                )
             first = first or message
             for part in message.tensors:
                 total += len(part.buffer)
-                if total > self.backend.limits.max_request_bytes:
+                if total > limit:
                     raise RequestError(
                         swarm_pb2.Error.TOO_LARGE,
-                        f"streamed request exceeds the limit of {self.backend.limits.max_request_bytes} bytes",
+                        f"streamed request exceeds the limit of {limit} bytes",
                     )
                 parts.append(part)
         if first is None:
@@ -98,6 +102,12 @@ class NodeServicer(ServicerBase):
     def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):
         error = to_error_proto(exc)
         level = logging.ERROR if error.code == swarm_pb2.Error.INTERNAL else logging.INFO
-        logger.log(level, "%s from %s refused: %s", what, context.remote_id, error.message,
-                   exc_info=error.code == swarm_pb2.Error.INTERNAL)
+        logger.log(
+            level,
+            "%s from %s refused: %s",
+            what,
+            context.remote_id,
+            error.message,
+            exc_info=error.code == swarm_pb2.Error.INTERNAL,
+        )
         return response_type(error=error)

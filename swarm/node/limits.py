@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarm.proto import swarm_pb2
-
 # hivemind's daemon caps one unary message at 4 MiB; stay below it with room for the envelope
 MAX_UNARY_MESSAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 STREAM_CHUNK_BYTES = 1024 * 1024
@@ -20,7 +18,10 @@ class NodeLimits:
     max_request_bytes: int = 256 * 1024 * 1024
     request_timeout: float = 180.0
 
-    def to_proto(self) -> swarm_pb2.Limits:
+    def to_proto(self):
+        """The limits as advertised in rpc_info."""
+        from swarm.proto import swarm_pb2  # the proto pulls in hivemind; keep `swarm --help` fast
+
         return swarm_pb2.Limits(
             max_batch_size=self.max_batch_size,
             max_sequence_length=self.max_sequence_length,

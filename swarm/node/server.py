@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -16,41 +14,21 @@ from swarm.dht.factory import create_dht
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.node.backend import SpanBackend
+from swarm.node.config import NodeConfig
 from swarm.node.handler import NodeServicer
-from swarm.node.limits import NodeLimits
 from swarm.node.throughput import measure_span_rps
 from swarm.proto import swarm_pb2
+from swarm.utils.tensors import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class NodeConfig:
-    """Everything `swarm node` can be told; the CLI's defaults are these defaults."""
-
-    model: str
-    blocks: tuple[int, int] | None = None
-    initial_peers: list[str] = field(default_factory=list)
-    model_name: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    host: str = "127.0.0.1"
-    port: int = 0
-    identity_path: str | None = None
-    update_period: float = 30.0
-    cache_dir: str | None = None
-    throughput: float | None = None
-    limits: NodeLimits = field(default_factory=NodeLimits)
 
 
 class Node:
     """Serves blocks [start, end) of one model until stopped (SIGTERM / SIGINT / stop())."""
 
     def __init__(self, config: NodeConfig):
-        if config.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(DTYPES)}")
+        if config.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(FLOAT_DTYPES)}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {config.device} requested but CUDA is not available")
         if config.blocks is None:
@@ -111,7 +89,9 @@ class Node:
             resolve_checkpoint, config.model, config.cache_dir, config.model_name
         )
         if not 0 <= start < end <= self.checkpoint.num_blocks:
-            raise ValueError(f"--blocks {start}:{end} is outside the model's {self.checkpoint.num_blocks} blocks")
+            raise ValueError(
+                f"--blocks {start}:{end} is outside the model's {self.checkpoint.num_blocks} blocks"
+            )
         # the DHT forks a process: start it before any weights (or CUDA) are loaded
         dht, signer = create_dht(
             config.initial_peers, host=config.host, port=config.port, identity_path=config.identity_path
@@ -123,7 +103,7 @@ class Node:
             expiration = max(2 * config.update_period, 3.0)
             await asyncio.to_thread(store_node_records, dht, owner_key, self.server_info(), None, expiration)
 
-            dtype = DTYPES[config.dtype]
+            dtype = FLOAT_DTYPES[config.dtype]
             span = await asyncio.to_thread(load_span, self.checkpoint, start, end, dtype, config.device)
             self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
             self.forward_rps, self.inference_rps = await asyncio.to_thread(
@@ -140,8 +120,14 @@ class Node:
             maddrs = " ".join(str(m) for m in dht.get_visible_maddrs())
             logger.info(
                 "node %s serving blocks [%d, %d) of %s on %s (%s, %s) at %s",
-                self.peer_id, start, end, self.checkpoint.name, config.device, config.dtype,
-                f"{self.inference_rps:.1f} steps/s", maddrs,
+                self.peer_id,
+                start,
+                end,
+                self.checkpoint.name,
+                config.device,
+                config.dtype,
+                f"{self.inference_rps:.1f} steps/s",
+                maddrs,
             )
             await self.stop_event.wait()
             logger.info("node %s shutting down", self.peer_id)
@@ -156,23 +142,3 @@ class Node:
             if self.backend is not None:
                 self.backend.shutdown()
             dht.shutdown()
-
-
-def parse_blocks(text: str) -> tuple[int, int]:
-    """Parse "A:B" into a half-open block range."""
-    try:
-        start_text, end_text = text.split(":")
-        start, end = int(start_text), int(end_text)
-    except ValueError:
-        raise ValueError(f"--blocks must look like START:END, got {text!r}") from None
-    if not 0 <= start < end:
-        raise ValueError(f"--blocks {text}: need 0 <= START < END")
-    return start, end
-
-
-def write_lines_atomically(path: str | Path, lines: list[str]) -> None:
-    """Write a file that readers never see half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    tmp.replace(path)

@@ -35,7 +35,9 @@ def combine_parts(parts: Iterable[runtime_pb2.Tensor], max_total_bytes: int) -> 
                 raise BadTensorError("stream part does not start a tensor (missing dtype or chunk count)")
             declared = math.prod(part.size) * _ITEM_SIZE[part.dtype]
             if declared > max_total_bytes:
-                raise TensorTooLargeError(f"streamed tensor of {declared} bytes exceeds the limit of {max_total_bytes}")
+                raise TensorTooLargeError(
+                    f"streamed tensor of {declared} bytes exceeds the limit of {max_total_bytes}"
+                )
             current, buffers, remaining = part, [], part.chunks
         buffers.append(part.buffer)
         remaining -= 1

@@ -40,7 +40,9 @@ def deserialize_checked(
 ) -> torch.Tensor:
     """Decode a tensor after checking dtype, rank, byte limit and that the buffer matches the shape."""
     if proto.dtype not in allowed_dtypes:
-        raise BadTensorError(f"{name}: dtype {proto.dtype!r} not allowed (expected one of {list(allowed_dtypes)})")
+        raise BadTensorError(
+            f"{name}: dtype {proto.dtype!r} not allowed (expected one of {list(allowed_dtypes)})"
+        )
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise BadTensorError(f"{name}: compression {proto.compression} is not accepted")
     shape = tuple(proto.size)
@@ -50,7 +52,9 @@ def deserialize_checked(
     if expected_bytes > max_bytes:
         raise TensorTooLargeError(f"{name}: {expected_bytes} bytes exceeds the limit of {max_bytes}")
     if len(proto.buffer) != expected_bytes:
-        raise BadTensorError(f"{name}: buffer has {len(proto.buffer)} bytes, shape {shape} needs {expected_bytes}")
+        raise BadTensorError(
+            f"{name}: buffer has {len(proto.buffer)} bytes, shape {shape} needs {expected_bytes}"
+        )
     try:
         return deserialize_torch_tensor(proto)
     except Exception as e:

@@ -21,8 +21,13 @@ MODEL = "signed-model"
 
 def info(peer_id: str, start=0, end=2, throughput=5.0) -> swarm_pb2.ServerInfo:
     return swarm_pb2.ServerInfo(
-        state=swarm_pb2.ServerInfo.ONLINE, peer_id=peer_id, model=MODEL, start_block=start, end_block=end,
-        throughput=throughput, block_hashes=["a" * 64] * (end - start),
+        state=swarm_pb2.ServerInfo.ONLINE,
+        peer_id=peer_id,
+        model=MODEL,
+        start_block=start,
+        end_block=end,
+        throughput=throughput,
+        block_hashes=["a" * 64] * (end - start),
     )
 
 
@@ -54,8 +59,12 @@ def test_peer_cannot_overwrite_forge_or_delete_another_peers_record(peers):
         fake.state = swarm_pb2.ServerInfo.OFFLINE if fake.throughput == 0 else fake.state
         assert not b.store(key, encode_record(fake), expiration, subkey=a_subkey)
     # forge a record in A's name under B's own owner key: refused by the schema validator
-    assert not b.store(key, encode_record(info(a_id, throughput=999.0)), expiration,
-                       subkey=owner_subkey(a_id, b_signer.local_public_key))
+    assert not b.store(
+        key,
+        encode_record(info(a_id, throughput=999.0)),
+        expiration,
+        subkey=owner_subkey(a_id, b_signer.local_public_key),
+    )
     # an unsigned swarm record: refused
     assert not b.store(key, encode_record(info(b_id)), expiration, subkey=b_id.encode())
     # a record that breaks the schema, even correctly signed: refused
@@ -111,9 +120,24 @@ def test_bootstrap_cli_prints_and_writes_maddrs(tmp_path):
     maddr_file = tmp_path / "maddrs"
     identity = tmp_path / "boot.id"
     process = subprocess.Popen(
-        [sys.executable, "-m", "swarm.cli.main", "dht", "--host", "127.0.0.1", "--port", "0",
-         "--maddr-file", str(maddr_file), "--identity", str(identity)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli.main",
+            "dht",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--maddr-file",
+            str(maddr_file),
+            "--identity",
+            str(identity),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         first_line = process.stdout.readline().strip()

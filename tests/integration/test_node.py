@@ -6,7 +6,7 @@ import signal
 import psutil
 import pytest
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.client.errors import RemoteError
@@ -52,8 +52,9 @@ def client(node):
 
 def forward(client, peer_id, hidden, start=2, end=4, **kwargs):
     loop, _, p2p = client
-    return loop.run(remote_forward(p2p, peer_id, start, end, hidden, kwargs.get("mask"), kwargs.get("positions"),
-                                   TIMEOUT))
+    return loop.run(
+        remote_forward(p2p, peer_id, start, end, hidden, kwargs.get("mask"), kwargs.get("positions"), TIMEOUT)
+    )
 
 
 def expect_error(client, peer_id, code, request: swarm_pb2.ForwardRequest):
@@ -91,8 +92,12 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
     message = expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN // 2))))
     assert "hidden size" in message
     # wrong dtypes: integer and double hidden states
-    expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.int64))))
-    expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.float64))))
+    expect_error(
+        client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.int64)))
+    )
+    expect_error(
+        client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(1, 3, HIDDEN, dtype=torch.float64)))
+    )
     # wrong rank
     expect_error(client, peer, E.BAD_REQUEST, request(serialize(torch.zeros(3, HIDDEN))))
     # NaN and inf
@@ -117,10 +122,18 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
     for start, end in [(0, 2), (3, 5), (3, 2), (2, 2)]:
         expect_error(client, peer, E.UNKNOWN_BLOCKS, request(serialize(good_hidden()), start=start, end=end))
     # mask of the wrong shape, negative positions
-    expect_error(client, peer, E.BAD_REQUEST, request(serialize(good_hidden()),
-                                                      attention_mask=serialize(torch.ones(2, 4, dtype=torch.int64))))
-    expect_error(client, peer, E.BAD_REQUEST, request(serialize(good_hidden()),
-                                                      position_ids=serialize(-torch.ones(2, 5, dtype=torch.int64))))
+    expect_error(
+        client,
+        peer,
+        E.BAD_REQUEST,
+        request(serialize(good_hidden()), attention_mask=serialize(torch.ones(2, 4, dtype=torch.int64))),
+    )
+    expect_error(
+        client,
+        peer,
+        E.BAD_REQUEST,
+        request(serialize(good_hidden()), position_ids=serialize(-torch.ones(2, 5, dtype=torch.int64))),
+    )
     # no tensors at all
     expect_error(client, peer, E.BAD_REQUEST, swarm_pb2.ForwardRequest(start_block=2, end_block=4))
 
@@ -132,9 +145,13 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
             return request(serialize(good_hidden())).SerializeToString()[:-100]
 
     handle = NodeServicer._get_handle_name(None, "rpc_forward")
-    with pytest.raises(Exception):
-        loop.run(p2p.call_protobuf_handler(PeerID.from_base58(peer), handle, Truncated(),
-                                           swarm_pb2.ForwardResponse), timeout=TIMEOUT)
+    with pytest.raises(P2PHandlerError):
+        loop.run(
+            p2p.call_protobuf_handler(
+                PeerID.from_base58(peer), handle, Truncated(), swarm_pb2.ForwardResponse
+            ),
+            timeout=TIMEOUT,
+        )
 
     # after all that, a good request still succeeds and is right
     assert process.alive()

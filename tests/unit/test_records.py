@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 from hivemind.dht.validation import DHTRecord
-from hivemind.utils.serializer import MSGPackSerializer
-
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm.dht.identity import owner_marker, peer_id_of
 from swarm.dht.keys import block_key, model_info_key, owner_subkey, split_owner_subkey
@@ -20,8 +19,13 @@ PEER = peer_id_of(KEY)
 
 def server_info(**overrides) -> swarm_pb2.ServerInfo:
     fields = dict(
-        state=swarm_pb2.ServerInfo.ONLINE, peer_id=PEER, model="tiny-llama", start_block=1,
-        end_block=3, throughput=10.0, block_hashes=["a" * 64, "b" * 64],
+        state=swarm_pb2.ServerInfo.ONLINE,
+        peer_id=PEER,
+        model="tiny-llama",
+        start_block=1,
+        end_block=3,
+        throughput=10.0,
+        block_hashes=["a" * 64, "b" * 64],
     )
     fields.update(overrides)
     return swarm_pb2.ServerInfo(**fields)
@@ -29,7 +33,10 @@ def server_info(**overrides) -> swarm_pb2.ServerInfo:
 
 def record(value, subkey=owner_subkey(PEER, OWNER)) -> DHTRecord:
     return DHTRecord(
-        key=b"k", subkey=MSGPackSerializer.dumps(subkey), value=MSGPackSerializer.dumps(value), expiration_time=1.0
+        key=b"k",
+        subkey=MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps(value),
+        expiration_time=1.0,
     )
 
 

@@ -1,0 +1,40 @@
+"""What `swarm node` can be told. Kept free of torch so the CLI starts fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from swarm.node.limits import NodeLimits
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class NodeConfig:
+    """Everything `swarm node` can be told; the CLI's defaults are these defaults."""
+
+    model: str
+    blocks: tuple[int, int] | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 0
+    identity_path: str | None = None
+    update_period: float = 30.0
+    cache_dir: str | None = None
+    throughput: float | None = None
+    limits: NodeLimits = field(default_factory=NodeLimits)
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """Parse "A:B" into a half-open block range."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise ValueError(f"--blocks must look like START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--blocks {text}: need 0 <= START < END")
+    return start, end

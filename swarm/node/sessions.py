@@ -1,0 +1,133 @@
+"""Server-side inference sessions: a KV cache per session, within a per-node token budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from swarm.node.errors import RequestError
+from swarm.proto import swarm_pb2
+
+
+class SpanCache(DynamicCache):
+    """A KV cache for a slice of a span's layers.
+
+    The span's attention layers number themselves from the span's first block; a session that uses a
+    later slice stores its first layer at index 0, so the cache's length and masks see real entries.
+    """
+
+    def __init__(self, first_layer: int):
+        super().__init__()
+        self.first_layer = first_layer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx - self.first_layer, *args, **kwargs)
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from `length` on (used to undo a step that failed half-way)."""
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.dim() == 4 and keys.shape[-2] > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
+
+@dataclass
+class Session:
+    """One client's inference state on this node."""
+
+    session_id: str
+    start: int
+    end: int
+    layers: slice
+    max_length: int
+    batch_size: int = 0  # fixed by the first step
+    reserved_tokens: int = 0
+    length: int = 0  # tokens held in the cache
+    cache: SpanCache | None = None
+    last_active: float = field(default_factory=time.monotonic)
+
+
+class SessionBudget:
+    """Counts reserved KV-cache tokens (batch x max_length per session) against `--cache-tokens`."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._reserved = 0
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def tokens_left(self) -> int:
+        with self._lock:
+            return self.max_tokens - self._reserved
+
+    @property
+    def num_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def register(self, session: Session) -> None:
+        with self._lock:
+            if session.session_id in self._sessions:
+                raise RequestError(
+                    swarm_pb2.Error.BAD_REQUEST, f"session {session.session_id!r} is already open here"
+                )
+            self._sessions[session.session_id] = session
+
+    def reserve(self, session: Session, batch_size: int) -> None:
+        """Reserve the session's whole cache up front, or refuse at once so the client can go elsewhere."""
+        tokens = batch_size * session.max_length
+        with self._lock:
+            left = self.max_tokens - self._reserved
+            if tokens > left:
+                raise RequestError(
+                    swarm_pb2.Error.OVERLOADED,
+                    f"KV cache is full: the session needs {tokens} tokens "
+                    f"(batch {batch_size} x max_length {session.max_length}), {left} of {self.max_tokens} left",
+                )
+            self._reserved += tokens
+            session.reserved_tokens, session.batch_size = tokens, batch_size
+
+    def release(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
+                self._reserved -= session.reserved_tokens
+                session.reserved_tokens = 0
+        session.cache = None
+
+
+def check_step_shapes(
+    session: Session, position: int, hidden: torch.Tensor, mask: torch.Tensor | None, positions
+) -> None:
+    """A step must continue the session (or rewind it) and stay within its max_length."""
+    batch, new_tokens, _ = hidden.shape
+    if session.batch_size and batch != session.batch_size:
+        raise RequestError(
+            swarm_pb2.Error.BAD_REQUEST, f"batch size {batch} differs from the session's {session.batch_size}"
+        )
+    if position > session.length:
+        raise RequestError(
+            swarm_pb2.Error.BAD_REQUEST,
+            f"step starts at position {position} but the session holds only {session.length} tokens",
+        )
+    if position + new_tokens > session.max_length:
+        raise RequestError(
+            swarm_pb2.Error.TOO_LARGE,
+            f"step would reach {position + new_tokens} tokens, past the session's max_length {session.max_length}",
+        )
+    if mask is not None and tuple(mask.shape) != (batch, position + new_tokens):
+        raise RequestError(
+            swarm_pb2.Error.BAD_REQUEST,
+            f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, position + new_tokens)}",
+        )
+    if positions is not None and tuple(positions.shape) != (batch, new_tokens):
+        raise RequestError(
+            swarm_pb2.Error.BAD_REQUEST,
+            f"position_ids has shape {tuple(positions.shape)}, expected {(batch, new_tokens)}",
+        )

@@ -1,0 +1,63 @@
+"""A full forward pass through 3 node processes equals local transformers on the same weights."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from swarm.client import DistributedModelForCausalLM
+from swarm.models.tiny import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model):
+    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model, tiny_swarm):
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+        yield model
+
+
+def test_logits_match_local_transformers(client, local_model):
+    input_ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    logits = client(input_ids).logits
+    with torch.no_grad():
+        expected = local_model(input_ids).logits
+    assert logits.shape == expected.shape
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    spans = [(span.start, span.end) for span in client.last_route]
+    assert spans == [(0, 2), (2, 5), (5, 6)]
+
+
+def test_logits_with_padding_mask_match(client, local_model):
+    input_ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding, as generate() uses for batches
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = client(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    with torch.no_grad():
+        expected = local_model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    # padded positions are don't-care; compare the real tokens
+    torch.testing.assert_close(logits[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1, 3:], expected[1, 3:], rtol=0, atol=1e-5)
+
+
+def test_node_with_different_weights_is_skipped(tiny_model, tiny_swarm, local_model, tmp_path):
+    """An impostor announces the whole model under the same name; its hashes give it away."""
+    impostor = write_tiny_llama(tmp_path / "impostor", seed=1)
+    process = tiny_swarm.start_node(str(impostor), "0:6", "--model-name", "tiny-llama")
+    try:
+        with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+            input_ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+            logits = model(input_ids).logits
+            assert process.peer_id not in {span.peer_id for span in model.last_route}
+            with torch.no_grad():
+                torch.testing.assert_close(logits, local_model(input_ids).logits, rtol=0, atol=1e-5)
+            # without the check, the one-hop impostor would win the route and corrupt the output
+            model.client_config.verify_weights = False
+            wrong = model(input_ids).logits
+            assert [span.peer_id for span in model.last_route] == [process.peer_id]
+            assert not torch.allclose(wrong, logits, atol=1e-3)
+    finally:
+        process.terminate()
