@@ -50,6 +50,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_LIMITS.request_timeout,
         help="seconds a single request may take",
     )
+    parser.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=_LIMITS.cache_tokens,
+        help="KV-cache budget in tokens, summed over open sessions (batch x max_length each)",
+    )
+    parser.add_argument(
+        "--session-timeout",
+        type=float,
+        default=_LIMITS.session_timeout,
+        help="seconds an inference session may stay idle before its cache is freed",
+    )
     add_cache_dir(parser)
     parser.set_defaults(func=run)
 
@@ -67,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         max_sequence_length=args.max_sequence_length,
         max_request_bytes=int(args.max_request_mb * 2**20),
         request_timeout=args.request_timeout,
+        cache_tokens=args.cache_tokens,
+        session_timeout=args.session_timeout,
     )
     return NodeConfig(
         model=args.model,

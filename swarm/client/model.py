@@ -11,12 +11,15 @@ import torch
 from hivemind.p2p import P2P
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from swarm.client.bans import BanList
 from swarm.client.errors import MissingBlocksError, RemoteError
+from swarm.client.generation import generate
+from swarm.client.inference import InferenceSession
 from swarm.client.remote import remote_forward
 from swarm.client.swarm_view import RemoteSpan, consensus_hashes, make_route, read_swarm, usable_servers
 from swarm.dht.factory import create_dht
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
-from swarm.models.head import load_client_head
+from swarm.models.head import load_client_head, load_generation_config
 from swarm.utils.aio import BackgroundLoop
 
 logger = logging.getLogger(__name__)
@@ -42,8 +45,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.checkpoint, self.client_config = checkpoint, config
         self.config = checkpoint.config
         self.head = load_client_head(checkpoint, dtype=dtype)
+        self.generation_config = load_generation_config(checkpoint.path)
         self.num_blocks = checkpoint.num_blocks
-        self.banned: set[str] = set()
+        self.bans = BanList()
         self._expected_hashes: list[str] | None = None
         self._loop = BackgroundLoop()
         self.dht, _ = create_dht(config.initial_peers, client_mode=True)
@@ -83,13 +87,21 @@ class DistributedModelForCausalLM(torch.nn.Module):
             servers, model_infos = read_swarm(
                 self.dht, self.checkpoint.name, self.num_blocks, self.client_config.dht_timeout
             )
-            usable = usable_servers(servers, self.expected_hashes(model_infos), self.banned)
+            usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
             try:
                 return make_route(usable, start, end)
             except MissingBlocksError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
+
+    def ban(self, peer_id: str) -> None:
+        """Stop routing through a node for a while; each repeated failure doubles the wait."""
+        self.bans.ban(peer_id)
+
+    def run_async(self, coro, timeout: float | None = None):
+        """Run a coroutine on the client's event loop thread and wait for its result."""
+        return self._loop.run(coro, timeout=timeout)
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -125,7 +137,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 logger.warning("node %s failed on blocks [%d, %d): %r", span.peer_id, span.start, span.end, e)
                 if attempts > self.client_config.max_retries:
                     raise
-                self.banned.add(span.peer_id)
+                self.ban(span.peer_id)
                 route = self.find_route(block)
         return hidden
 
@@ -146,6 +158,19 @@ class DistributedModelForCausalLM(torch.nn.Module):
             hidden = self.run_blocks(hidden, attention_mask, position_ids)
             logits = self.head.logits(hidden)
         return CausalLMOutputWithPast(logits=logits)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        """A session with a KV cache for up to `max_length` tokens on every node of its route."""
+        return InferenceSession(self, max_length)
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Like transformers' generate(): greedy or sampled, EOS, batches with attention_mask, sessions.
+
+        Returns the whole sequence so far: the prompt plus every token generated (in the session).
+        """
+        return generate(self, input_ids, **kwargs)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 

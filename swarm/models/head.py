@@ -39,3 +39,13 @@ def load_client_head(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32)
     lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     lm_head.weight = embed.weight if tied else nn.Parameter(tensors["lm_head.weight"], requires_grad=False)
     return ClientHead(embed, norm, lm_head).eval()
+
+
+def load_generation_config(path):
+    """The checkpoint's generation_config.json (EOS and pad ids), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None

@@ -11,6 +11,7 @@ import torch
 from swarm.models.span import LlamaSpan
 from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
+from swarm.node.sessions import Session, SessionBudget, SpanCache
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import (
     FLOAT_DTYPES,
@@ -41,6 +42,7 @@ class SpanBackend:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="swarm-compute"
         )
+        self.sessions = SessionBudget(limits.cache_tokens)
 
     @property
     def start(self) -> int:
@@ -59,9 +61,8 @@ class SpanBackend:
             )
         return slice(start - self.start, end - self.start)
 
-    def parse_inputs(self, start: int, end: int, tensors, attention_mask, position_ids) -> SpanInputs:
-        """Decode and check a forward-style request; raises RequestError / BadTensorError."""
-        layers = self.check_blocks(start, end)
+    def parse_hidden(self, tensors) -> torch.Tensor:
+        """The one hidden-states tensor of a request, checked against the model and the limits."""
         if len(tensors) != 1:
             raise RequestError(
                 swarm_pb2.Error.BAD_REQUEST, f"expected 1 tensor (hidden states), got {len(tensors)}"
@@ -90,23 +91,33 @@ class SpanBackend:
                 f"sequence length {seq_len} exceeds the limit of {self.limits.max_sequence_length}"
             )
         check_finite(hidden, "hidden_states")
-        mask = self._parse_index_tensor(attention_mask, "attention_mask", (batch, seq_len))
-        positions = self._parse_index_tensor(position_ids, "position_ids", (batch, seq_len))
-        if positions is not None and (positions < 0).any():
-            raise RequestError(swarm_pb2.Error.BAD_REQUEST, "position_ids must be non-negative")
+        return hidden
+
+    def parse_inputs(self, start: int, end: int, tensors, attention_mask, position_ids) -> SpanInputs:
+        """Decode and check a forward-style request; raises RequestError / BadTensorError."""
+        layers = self.check_blocks(start, end)
+        hidden = self.parse_hidden(tensors)
+        batch, seq_len, _ = hidden.shape
+        mask = self.parse_index_tensor(attention_mask, "attention_mask")
+        positions = self.parse_index_tensor(position_ids, "position_ids")
+        for name, tensor in (("attention_mask", mask), ("position_ids", positions)):
+            if tensor is not None and tuple(tensor.shape) != (batch, seq_len):
+                raise RequestError(
+                    swarm_pb2.Error.BAD_REQUEST,
+                    f"{name} has shape {tuple(tensor.shape)}, expected {(batch, seq_len)}",
+                )
         return SpanInputs(hidden, mask, positions, layers, hidden.dtype)
 
-    def _parse_index_tensor(self, proto, name: str, shape: tuple[int, int]) -> torch.Tensor | None:
+    def parse_index_tensor(self, proto, name: str) -> torch.Tensor | None:
+        """An optional 2D integer tensor (mask or positions); positions must be non-negative."""
         if proto is None or not proto.ListFields():
             return None
         tensor = deserialize_checked(
             proto, name=name, allowed_dtypes=INDEX_DTYPES, ndim=2, max_bytes=self.limits.max_request_bytes
-        )
-        if tuple(tensor.shape) != shape:
-            raise RequestError(
-                swarm_pb2.Error.BAD_REQUEST, f"{name} has shape {tuple(tensor.shape)}, expected {shape}"
-            )
-        return tensor.long()
+        ).long()
+        if (tensor < 0).any():
+            raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"{name} must be non-negative")
+        return tensor
 
     @torch.inference_mode()
     def _forward_sync(self, inputs: SpanInputs) -> torch.Tensor:
@@ -118,8 +129,39 @@ class SpanBackend:
 
     async def forward(self, inputs: SpanInputs) -> torch.Tensor:
         """Run the span on the compute thread, bounded by the request timeout."""
+        return await self._run(self._forward_sync, inputs)
+
+    @torch.inference_mode()
+    def _inference_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+        if session.cache is None:
+            session.cache = SpanCache(first_layer=inputs.layers.start)
+        if position < session.length:
+            session.cache.truncate(position)  # the client rewinds: recompute from `position`
+            session.length = position
+        try:
+            hidden = inputs.hidden_states.to(self.device, self.dtype)
+            mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
+            positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
+            out = self.span(
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=session.cache,
+                layers=inputs.layers,
+            )
+        except BaseException:
+            session.cache.truncate(position)  # a step that fails half-way leaves the cache as it was
+            raise
+        session.length = position + hidden.shape[1]
+        return out.to("cpu", inputs.wire_dtype)
+
+    async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+        """One step of a session: new tokens' hidden states through the span, extending its KV cache."""
+        return await self._run(self._inference_sync, session, position, inputs)
+
+    async def _run(self, fn, *args):
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, self._forward_sync, inputs)
+        future = loop.run_in_executor(self.executor, fn, *args)
         return await asyncio.wait_for(future, timeout=self.limits.request_timeout)
 
     def shutdown(self) -> None:

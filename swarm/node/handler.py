@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import AsyncIterator  # hivemind recognises streaming handlers by typing.AsyncIterator
 
 from hivemind.p2p import P2PContext, ServicerBase
 
-from swarm.node.backend import SpanBackend
+from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, to_error_proto
 from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES
+from swarm.node.sessions import Session, check_step_shapes
 from swarm.proto import swarm_pb2
 from swarm.utils.streaming import combine_parts, split_tensors
 from swarm.utils.tensors import serialize
@@ -19,10 +22,13 @@ logger = logging.getLogger(__name__)
 
 # bounded so a peer can't keep a stream open forever by trickling parts
 MAX_STREAM_MESSAGES = 4096
+MAX_SESSION_ID_LENGTH = 128
+# after these the session's state is unknown (a step may still be running) or it never got a cache
+FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED)
 
 
 class NodeServicer(ServicerBase):
-    """rpc_info, rpc_forward (unary, < 4 MiB) and rpc_forward_stream (any size up to the node's limit)."""
+    """rpc_info, rpc_forward (unary, < 4 MiB), rpc_forward_stream (any size) and rpc_inference (sessions)."""
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class NodeServicer(ServicerBase):
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0
         limit = self.backend.limits.max_request_bytes
+        too_large = None
         async for message in requests:
             count += 1
             if count > MAX_STREAM_MESSAGES:
@@ -79,11 +86,16 @@ class NodeServicer(ServicerBase):
             for part in message.tensors:
                 total += len(part.buffer)
                 if total > limit:
-                    raise RequestError(
-                        swarm_pb2.Error.TOO_LARGE,
-                        f"streamed request exceeds the limit of {limit} bytes",
+                    # keep reading (and dropping) the rest, bounded by the message count: replying
+                    # while the client still writes would reset the connection and lose the reply
+                    too_large = RequestError(
+                        swarm_pb2.Error.TOO_LARGE, f"streamed request exceeds the limit of {limit} bytes"
                     )
-                parts.append(part)
+                    parts.clear()
+                if too_large is None:
+                    parts.append(part)
+        if too_large is not None:
+            raise too_large
         if first is None:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, "empty request stream")
         return first, combine_parts(parts, self.backend.limits.max_request_bytes)
@@ -97,6 +109,92 @@ class NodeServicer(ServicerBase):
             request.position_ids if request.HasField("position_ids") else None,
         )
         return await self.backend.forward(inputs)
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.InferenceResponse]:
+        """One inference session per stream: every request gets one reply, in order.
+
+        The first request opens the session (id, blocks, max_length). A step whose input is bad gets an
+        error reply and changes nothing; the session stays usable. The cache is freed when the client
+        sends `close`, ends or drops the stream, or stays idle for the session timeout.
+        """
+        session: Session | None = None
+        sessions = self.backend.sessions
+        idle_timeout = self.backend.limits.session_timeout
+        iterator = aiter(requests)
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(iterator), idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    error = swarm_pb2.Error(
+                        code=swarm_pb2.Error.TIMEOUT,
+                        message=f"session idle for over {idle_timeout:.0f} s; closed",
+                    )
+                    yield swarm_pb2.InferenceResponse(error=error)
+                    break
+                if session is None:
+                    try:
+                        session = self._open_session(request)
+                    except Exception as e:
+                        yield self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
+                        break
+                if request.close:
+                    break
+                session.last_active = time.monotonic()
+                try:
+                    outputs = await self._inference_step(session, request)
+                    yield swarm_pb2.InferenceResponse(tensors=[serialize(outputs)], position=session.length)
+                except Exception as e:
+                    reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
+                    reply.position = session.length
+                    yield reply
+                    if reply.error.code in FATAL_SESSION_ERRORS:
+                        break
+        finally:
+            if session is not None:
+                sessions.release(session)
+
+    def _open_session(self, request: swarm_pb2.InferenceRequest) -> Session:
+        layers = self.backend.check_blocks(request.start_block, request.end_block)
+        if not 0 < len(request.session_id) <= MAX_SESSION_ID_LENGTH:
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST, f"session_id must have 1 to {MAX_SESSION_ID_LENGTH} characters"
+            )
+        max_length = self.backend.limits.max_sequence_length
+        if not 0 < request.max_length <= max_length:
+            raise RequestError(
+                swarm_pb2.Error.TOO_LARGE if request.max_length else swarm_pb2.Error.BAD_REQUEST,
+                f"max_length must be in [1, {max_length}], got {request.max_length}",
+            )
+        session = Session(
+            request.session_id, request.start_block, request.end_block, layers, request.max_length
+        )
+        self.backend.sessions.register(session)
+        return session
+
+    async def _inference_step(self, session: Session, request: swarm_pb2.InferenceRequest):
+        if (request.start_block, request.end_block) not in ((0, 0), (session.start, session.end)):
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST,
+                f"session serves blocks [{session.start}, {session.end}), "
+                f"not [{request.start_block}, {request.end_block})",
+            )
+        hidden = self.backend.parse_hidden(request.tensors)
+        mask = self.backend.parse_index_tensor(
+            request.attention_mask if request.HasField("attention_mask") else None, "attention_mask"
+        )
+        positions = self.backend.parse_index_tensor(
+            request.position_ids if request.HasField("position_ids") else None, "position_ids"
+        )
+        check_step_shapes(session, request.position, hidden, mask, positions)
+        if not session.batch_size:
+            self.backend.sessions.reserve(session, hidden.shape[0])
+        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype)
+        return await self.backend.inference_step(session, request.position, inputs)
 
     @staticmethod
     def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):

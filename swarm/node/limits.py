@@ -17,6 +17,8 @@ class NodeLimits:
     max_sequence_length: int = 8192
     max_request_bytes: int = 256 * 1024 * 1024
     request_timeout: float = 180.0
+    cache_tokens: int = 32768  # KV-cache budget: sum over open sessions of batch x max_length
+    session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
 
     def to_proto(self):
         """The limits as advertised in rpc_info."""
@@ -28,4 +30,6 @@ class NodeLimits:
             max_request_bytes=self.max_request_bytes,
             request_timeout=self.request_timeout,
             max_message_bytes=MAX_UNARY_MESSAGE_BYTES,
+            cache_tokens=self.cache_tokens,
+            session_timeout=self.session_timeout,
         )

@@ -56,6 +56,7 @@ class Node:
             dtype=self.config.dtype,
             device=self.config.device,
             version=swarm.__version__,
+            cache_tokens_left=self.backend.sessions.tokens_left if self.backend is not None else 0,
             block_hashes=self.block_hashes[start:end] if self.block_hashes else ["0" * 64] * (end - start),
         )
 

@@ -88,7 +88,8 @@ class SessionBudget:
                 raise RequestError(
                     swarm_pb2.Error.OVERLOADED,
                     f"KV cache is full: the session needs {tokens} tokens "
-                    f"(batch {batch_size} x max_length {session.max_length}), {left} of {self.max_tokens} left",
+                    f"(batch {batch_size} x max_length {session.max_length}), "
+                    f"{left} of {self.max_tokens} left",
                 )
             self._reserved += tokens
             session.reserved_tokens, session.batch_size = tokens, batch_size
@@ -119,7 +120,8 @@ def check_step_shapes(
     if position + new_tokens > session.max_length:
         raise RequestError(
             swarm_pb2.Error.TOO_LARGE,
-            f"step would reach {position + new_tokens} tokens, past the session's max_length {session.max_length}",
+            f"step would reach {position + new_tokens} tokens, "
+            f"past the session's max_length {session.max_length}",
         )
     if mask is not None and tuple(mask.shape) != (batch, position + new_tokens):
         raise RequestError(

@@ -9,6 +9,7 @@ import torch
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
+from swarm.client import DistributedModelForCausalLM
 from swarm.client.errors import RemoteError
 from swarm.client.remote import get_info, remote_forward
 from swarm.client.swarm_view import read_swarm
@@ -16,6 +17,7 @@ from swarm.dht.factory import create_dht
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.node.handler import NodeServicer
+from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES
 from swarm.proto import swarm_pb2
 from swarm.utils.aio import BackgroundLoop
 from swarm.utils.tensors import serialize
@@ -108,9 +110,10 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
     expect_error(client, peer, E.BAD_REQUEST, request(serialize(poisoned)))
     # oversized: over the batch limit, and over the byte limit (streamed, since it exceeds a unary message)
     expect_error(client, peer, E.TOO_LARGE, request(serialize(torch.zeros(5, 1, HIDDEN))))
-    with pytest.raises(RemoteError) as info:
-        forward(client, peer, torch.zeros(4, 1100, HIDDEN))  # 1.1 MiB > 1 MiB limit
-    assert info.value.code == E.TOO_LARGE
+    for seq_len in (1100, 5000):  # 1.1 MB (unary) and 5.1 MB (streamed): both over the 1 MiB limit
+        with pytest.raises(RemoteError) as info:
+            forward(client, peer, torch.zeros(4, seq_len, HIDDEN))
+        assert info.value.code == E.TOO_LARGE
     # a tensor whose buffer is truncated (declared shape needs more bytes)
     truncated = serialize(good_hidden())
     truncated.buffer = truncated.buffer[:-7]
@@ -166,12 +169,15 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
         torch.testing.assert_close(out, span(hidden, layers=slice(1, 2)), rtol=0, atol=1e-5)
 
 
-def test_large_requests_stream(node, client, tiny_model):
-    """4 × 1000 × 64 fp32 = 1 MB fits the node's limit but goes through the streaming path when large."""
-    _, process = node
-    hidden = torch.randn(4, 1000, HIDDEN) * 0.1
-    out = forward(client, process.peer_id, hidden)
-    span = load_span(resolve_checkpoint(tiny_model), 2, 4)
+def test_large_requests_stream(tiny_swarm, tiny_model):
+    """4 x 5000 x 64 fp32 = 5.1 MB exceeds a unary message, so it goes through rpc_forward_stream."""
+    node_2_5 = tiny_swarm.processes[-2]
+    hidden = torch.randn(4, 5000, HIDDEN) * 0.1
+    assert hidden.numel() * 4 > MAX_UNARY_MESSAGE_BYTES
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+        model.find_route()  # the DHT search meets the nodes, so the P2P daemon knows their addresses
+        out = model.run_async(remote_forward(model.p2p, node_2_5.peer_id, 2, 5, hidden, None, None, TIMEOUT))
+    span = load_span(resolve_checkpoint(tiny_model), 2, 5)
     with torch.no_grad():
         torch.testing.assert_close(out, span(hidden), rtol=0, atol=1e-4)
 

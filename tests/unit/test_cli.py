@@ -41,6 +41,8 @@ def test_node_cli_defaults_are_the_class_defaults():
     assert args.max_batch_size == limits.max_batch_size
     assert args.max_sequence_length == limits.max_sequence_length
     assert args.request_timeout == limits.request_timeout
+    assert args.cache_tokens == limits.cache_tokens
+    assert args.session_timeout == limits.session_timeout
     assert args.max_request_mb * 2**20 == limits.max_request_bytes
 
 

@@ -1,0 +1,40 @@
+"""Nodes the client stopped trusting for now, with exponential back-off."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class BanList:
+    """A node that fails is skipped for `base` seconds, doubling on each further failure up to `cap`."""
+
+    def __init__(self, base: float = 15.0, cap: float = 600.0, clock=time.monotonic):
+        self.base, self.cap, self.clock = base, cap, clock
+        self._until: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def ban(self, peer_id: str) -> float:
+        """Ban `peer_id`; returns how long the ban lasts."""
+        with self._lock:
+            failures = self._failures.get(peer_id, 0) + 1
+            self._failures[peer_id] = failures
+            duration = min(self.cap, self.base * 2 ** (failures - 1))
+            self._until[peer_id] = self.clock() + duration
+            return duration
+
+    def forgive(self, peer_id: str) -> None:
+        """A node that served well starts from a clean slate."""
+        with self._lock:
+            self._until.pop(peer_id, None)
+            self._failures.pop(peer_id, None)
+
+    def active(self) -> set[str]:
+        """Peers banned right now."""
+        now = self.clock()
+        with self._lock:
+            return {peer for peer, until in self._until.items() if until > now}
+
+    def __contains__(self, peer_id: str) -> bool:
+        return peer_id in self.active()

@@ -1,0 +1,155 @@
+"""Token-by-token generation over an inference session, with transformers' decoding semantics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from swarm.client.inference import InferenceSession
+
+if TYPE_CHECKING:
+    from swarm.client.model import DistributedModelForCausalLM
+
+DEFAULT_MAX_NEW_TOKENS = 20
+
+
+def make_warpers(do_sample: bool, temperature: float | None, top_k: int | None, top_p: float | None):
+    """The same warpers, in the same order, that transformers' generate() applies when sampling."""
+    warpers = LogitsProcessorList()
+    if not do_sample:
+        return warpers
+    if temperature is not None and temperature != 1.0:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as transformers derives them from a (left-)padded mask."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _as_id_set(value) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+@torch.inference_mode()
+def generate(
+    model: DistributedModelForCausalLM,
+    input_ids: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    session: InferenceSession | None = None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Generate after `input_ids` (or continue `session`); returns every token of the session so far."""
+    if input_ids is None and (session is None or session.output_ids is None):
+        raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
+    if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
+        raise ValueError("attention_mask must have the shape of input_ids")
+    generation_config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(generation_config, "eos_token_id", None) or model.config.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = getattr(generation_config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = model.config.pad_token_id
+    eos_ids = _as_id_set(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = min(eos_ids) if eos_ids else 0
+
+    known = 0 if session is None or session.output_ids is None else session.output_ids.shape[1]
+    prompt_len = known + (0 if input_ids is None else input_ids.shape[1])
+    if max_new_tokens is None:
+        max_new_tokens = max_length - prompt_len if max_length is not None else DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be non-negative, got {max_new_tokens}")
+
+    own_session = session is None
+    if own_session:
+        session = model.inference_session(max_length=prompt_len + max_new_tokens)
+    try:
+        _extend(session, input_ids, attention_mask)
+        warpers = make_warpers(do_sample, temperature, top_k, top_p)
+        if streamer is not None:
+            streamer.put(session.output_ids[:, session.position :].cpu())
+        unfinished = torch.ones(session.batch_size, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            logits = _next_token_logits(model, session)
+            scores = warpers(session.output_ids, logits)
+            if do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            else:
+                next_tokens = scores.argmax(dim=-1)
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            _append(session, next_tokens.unsqueeze(1), unfinished.long().unsqueeze(1))
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if eos_ids:
+                unfinished &= ~torch.isin(next_tokens, torch.tensor(sorted(eos_ids)))
+                if not unfinished.any():
+                    break
+        if streamer is not None:
+            streamer.end()
+        return session.output_ids.clone()
+    finally:
+        if own_session:
+            session.close()
+
+
+def _extend(session: InferenceSession, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):
+    if input_ids is None:
+        return
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if session.output_ids is not None and input_ids.shape[0] != session.batch_size:
+        raise ValueError(f"batch size {input_ids.shape[0]} differs from the session's {session.batch_size}")
+    _append(session, input_ids, attention_mask)
+
+
+def _append(session: InferenceSession, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    if session.output_ids is None:
+        session.output_ids, session.attention_mask = ids.clone(), mask.clone()
+    else:
+        session.output_ids = torch.cat([session.output_ids, ids], dim=1)
+        session.attention_mask = torch.cat([session.attention_mask, mask.to(session.attention_mask.dtype)], 1)
+
+
+def _next_token_logits(model: DistributedModelForCausalLM, session: InferenceSession) -> torch.Tensor:
+    """Feed the tokens the nodes haven't seen yet; logits for the last one."""
+    new_ids = session.output_ids[:, session.position :]
+    mask = session.attention_mask
+    positions = positions_from_mask(mask)[:, session.position :]
+    padded = bool((mask == 0).any())
+    hidden = model.head.embed(new_ids)
+    out = session.step(hidden, position_ids=positions, attention_mask=mask if padded else None)
+    return model.head.logits(out[:, -1:]).float()[:, -1]

@@ -1,0 +1,283 @@
+"""Client side of inference sessions: a chain of per-node streams, driven step by step from the client.
+
+The client sends each step's hidden states to the first node of the route, takes its output to the
+next node, and so on (a client-driven chain). It keeps every span's inputs, so when a node fails the
+client replays that span's history on a replacement chain and carries on; the other spans keep their
+caches untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from swarm.client.errors import RemoteError
+from swarm.client.swarm_view import RemoteSpan
+from swarm.node.handler import NodeServicer
+from swarm.proto import swarm_pb2
+from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
+
+if TYPE_CHECKING:
+    from swarm.client.model import DistributedModelForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
+MAX_STEP_BYTES = 2 * 1024 * 1024
+MAX_STEP_TOKENS = 1024
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+
+
+class SpanStream:
+    """One node's part of a session: an open `rpc_inference` stream, one reply per step."""
+
+    def __init__(self, p2p: P2P, span: RemoteSpan, session_id: str, max_length: int, timeout: float):
+        self.p2p, self.span, self.session_id = p2p, span, session_id
+        self.max_length, self.timeout = max_length, timeout
+        self._queue: asyncio.Queue | None = None
+        self._responses = None
+        self._opened = False
+
+    async def _requests(self):
+        while True:
+            request = await self._queue.get()
+            if request is None:
+                return
+            yield request
+
+    async def open(self) -> None:
+        self._queue = asyncio.Queue()
+        stub = NodeServicer.get_stub(self.p2p, PeerID.from_base58(self.span.peer_id))
+        self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
+
+    async def step(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Send new tokens' hidden states; returns the span's outputs for them."""
+        request = swarm_pb2.InferenceRequest(
+            position=position,
+            tensors=[serialize(hidden)],
+            position_ids=serialize(position_ids),
+        )
+        if attention_mask is not None:
+            request.attention_mask.CopyFrom(serialize(attention_mask))
+        if not self._opened:
+            request.session_id, request.max_length = self.session_id, self.max_length
+            request.start_block, request.end_block = self.span.start, self.span.end
+            self._opened = True
+        self._queue.put_nowait(request)
+        try:
+            response = await asyncio.wait_for(anext(self._responses), self.timeout)
+        except StopAsyncIteration:
+            raise RemoteError(
+                self.span.peer_id, swarm_pb2.Error(message="the node closed the session stream")
+            ) from None
+        if response.HasField("error"):
+            raise RemoteError(self.span.peer_id, response.error)
+        if len(response.tensors) != 1 or response.position != position + hidden.shape[1]:
+            raise RemoteError(self.span.peer_id, swarm_pb2.Error(message="malformed inference reply"))
+        output = deserialize_checked(
+            response.tensors[0],
+            name="output",
+            allowed_dtypes=FLOAT_DTYPES,
+            ndim=3,
+            max_bytes=MAX_RESPONSE_BYTES,
+        )
+        if output.shape != hidden.shape:
+            raise RemoteError(
+                self.span.peer_id,
+                swarm_pb2.Error(message=f"output shape {tuple(output.shape)} != input {tuple(hidden.shape)}"),
+            )
+        return output
+
+    async def close(self) -> None:
+        """Ask the node to free the cache, then drop the stream (the node frees it on disconnect too)."""
+        if self._queue is None:
+            return
+        self._queue.put_nowait(swarm_pb2.InferenceRequest(close=True))
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._responses.aclose(), 1.0)
+        except Exception as e:  # the node may be gone already
+            logger.debug("closing stream to %s: %r", self.span.peer_id, e)
+        self._queue = None
+
+
+@dataclass
+class _SpanState:
+    span: RemoteSpan
+    stream: SpanStream
+    inputs: list[torch.Tensor] = field(default_factory=list)  # every step's input, for replay
+
+
+class InferenceSession:
+    """A generation session across the swarm with a server-side KV cache on every node of the route.
+
+    Use it as a context manager (`with model.inference_session(max_length=...) as session`) so the
+    nodes free their caches when you are done. Generation state (the tokens so far) lives here too,
+    so `model.generate(None, session=session)` continues where the last call stopped.
+    """
+
+    def __init__(self, model: DistributedModelForCausalLM, max_length: int):
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.model, self.max_length = model, max_length
+        self.session_id = uuid.uuid4().hex
+        self.position = 0  # tokens whose keys and values the nodes hold
+        self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
+        self.attention_mask: torch.Tensor | None = None  # (batch, len(output_ids))
+        self._position_ids: torch.Tensor | None = None  # (batch, position): for replay
+        self._spans: list[_SpanState] = []
+        self._closed = False
+        self.num_recoveries = 0
+
+    @property
+    def route(self) -> list[RemoteSpan]:
+        return [state.span for state in self._spans]
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.output_ids is None else self.output_ids.shape[0]
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """New tokens' hidden states through every block; long inputs go in chunks.
+
+        `attention_mask` covers the whole session including these tokens: (batch, position + new).
+        """
+        if self._closed:
+            raise RuntimeError("the inference session is closed")
+        batch, new_tokens, hidden_size = hidden.shape
+        if self.position + new_tokens > self.max_length:
+            raise ValueError(
+                f"the session's max_length is {self.max_length}: it holds {self.position} tokens "
+                f"and cannot take {new_tokens} more"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(self.position, self.position + new_tokens).expand(batch, -1)
+        bytes_per_token = batch * hidden_size * hidden.element_size()
+        chunk = max(1, min(MAX_STEP_TOKENS, MAX_STEP_BYTES // bytes_per_token))
+        outputs = []
+        for offset in range(0, new_tokens, chunk):
+            end = min(new_tokens, offset + chunk)
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[:, : self.position + end - offset]
+            outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
+        return torch.cat(outputs, dim=1)
+
+    def _step_chunk(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
+        model = self.model
+        if not self._spans:
+            self._spans = self._open_chain(model.find_route())
+        position = self.position
+        index, failures = 0, 0
+        while index < len(self._spans):
+            state = self._spans[index]
+            try:
+                output = model.run_async(state.stream.step(hidden, position, mask, position_ids))
+            except Exception as e:
+                failures += 1
+                logger.warning(
+                    "node %s failed on blocks [%d, %d) at position %d: %r",
+                    state.span.peer_id, state.span.start, state.span.end, position, e,
+                )
+                if failures > model.client_config.max_retries:
+                    raise
+                self._replace_span(index, mask)
+                continue
+            state.inputs.append(hidden)
+            hidden = output
+            index += 1
+        self.position = position + hidden.shape[1]
+        self._position_ids = (
+            position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
+        )
+        return hidden
+
+    def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:
+        states = []
+        for span in route:
+            stream = SpanStream(
+                self.model.p2p, span, self.session_id, self.max_length, self.model.client_config.request_timeout
+            )
+            self.model.run_async(stream.open())
+            states.append(_SpanState(span, stream))
+        return states
+
+    def _replace_span(self, index: int, mask: torch.Tensor | None) -> None:
+        """Ban the failed node, route its blocks through others and replay its inputs there."""
+        failed = self._spans[index]
+        self.model.ban(failed.span.peer_id)
+        self.model.run_async(failed.stream.close())
+        self.num_recoveries += 1
+        while True:
+            replacement = self._open_chain(self.model.find_route(failed.span.start, failed.span.end))
+            if not failed.inputs:
+                break
+            try:
+                self._replay(replacement, torch.cat(failed.inputs, dim=1), mask)
+                break
+            except Exception as e:
+                logger.warning("replay on a replacement chain failed: %r", e)
+                for state in replacement:
+                    self.model.run_async(state.stream.close())
+        logger.info(
+            "blocks [%d, %d) moved from %s to %s; replayed %d tokens",
+            failed.span.start, failed.span.end, failed.span.peer_id, replacement, self.position,
+        )
+        self._spans[index : index + 1] = replacement
+
+    def _replay(self, chain: list[_SpanState], history: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Rebuild the caches of a new chain from a span's past inputs, in chunks."""
+        position_ids = self._position_ids
+        full_mask = None if mask is None else mask[:, : self.position]
+        chunk = max(1, min(MAX_STEP_TOKENS, MAX_STEP_BYTES // (history[0, 0].numel() * history.element_size())))
+        for state in chain:
+            outputs = []
+            for offset in range(0, history.shape[1], chunk):
+                end = min(history.shape[1], offset + chunk)
+                part = history[:, offset:end]
+                step_mask = None if full_mask is None else full_mask[:, :end]
+                try:
+                    out = self.model.run_async(
+                        state.stream.step(part, offset, step_mask, position_ids[:, offset:end])
+                    )
+                except Exception:
+                    self.model.ban(state.span.peer_id)
+                    raise
+                state.inputs.append(part)
+                outputs.append(out)
+            history = torch.cat(outputs, dim=1)
+
+    def close(self) -> None:
+        """Free the session's caches on every node of the route."""
+        if self._closed:
+            return
+        self._closed = True
+        for state in self._spans:
+            try:
+                self.model.run_async(state.stream.close())
+            except Exception as e:
+                logger.debug("closing %s: %r", state.span, e)
+        self._spans = []
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
