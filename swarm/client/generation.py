@@ -72,7 +72,9 @@ def generate(
     if input_ids is None and (session is None or session.output_ids is None):
         raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
-        raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}"
+        )
     if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
         raise ValueError("attention_mask must have the shape of input_ids")
     generation_config = getattr(model, "generation_config", None)
@@ -93,6 +95,14 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be non-negative, got {max_new_tokens}")
 
+    # the last new token is returned, not fed: the nodes see it when the session continues
+    if session is not None and prompt_len + max_new_tokens - 1 > session.max_length:
+        raise ValueError(
+            f"{prompt_len} tokens plus {max_new_tokens} new ones exceed the session's max_length "
+            f"{session.max_length}"
+        )
+    if session is not None and input_ids is not None and session.batch_size not in (None, input_ids.shape[0]):
+        raise ValueError(f"batch size {input_ids.shape[0]} differs from the session's {session.batch_size}")
     own_session = session is None
     if own_session:
         session = model.inference_session(max_length=prompt_len + max_new_tokens)

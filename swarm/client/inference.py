@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
 MAX_STEP_BYTES = 2 * 1024 * 1024
-MAX_STEP_TOKENS = 1024
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
@@ -170,7 +169,7 @@ class InferenceSession:
         if position_ids is None:
             position_ids = torch.arange(self.position, self.position + new_tokens).expand(batch, -1)
         bytes_per_token = batch * hidden_size * hidden.element_size()
-        chunk = max(1, min(MAX_STEP_TOKENS, MAX_STEP_BYTES // bytes_per_token))
+        chunk = self._chunk_tokens(bytes_per_token)
         outputs = []
         for offset in range(0, new_tokens, chunk):
             end = min(new_tokens, offset + chunk)
@@ -179,6 +178,9 @@ class InferenceSession:
                 mask = attention_mask[:, : self.position + end - offset]
             outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
         return torch.cat(outputs, dim=1)
+
+    def _chunk_tokens(self, bytes_per_token: int) -> int:
+        return max(1, min(self.model.client_config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))
 
     def _step_chunk(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
         model = self.model
@@ -194,7 +196,11 @@ class InferenceSession:
                 failures += 1
                 logger.warning(
                     "node %s failed on blocks [%d, %d) at position %d: %r",
-                    state.span.peer_id, state.span.start, state.span.end, position, e,
+                    state.span.peer_id,
+                    state.span.start,
+                    state.span.end,
+                    position,
+                    e,
                 )
                 if failures > model.client_config.max_retries:
                     raise
@@ -213,7 +219,11 @@ class InferenceSession:
         states = []
         for span in route:
             stream = SpanStream(
-                self.model.p2p, span, self.session_id, self.max_length, self.model.client_config.request_timeout
+                self.model.p2p,
+                span,
+                self.session_id,
+                self.max_length,
+                self.model.client_config.request_timeout,
             )
             self.model.run_async(stream.open())
             states.append(_SpanState(span, stream))
@@ -238,7 +248,11 @@ class InferenceSession:
                     self.model.run_async(state.stream.close())
         logger.info(
             "blocks [%d, %d) moved from %s to %s; replayed %d tokens",
-            failed.span.start, failed.span.end, failed.span.peer_id, replacement, self.position,
+            failed.span.start,
+            failed.span.end,
+            failed.span.peer_id,
+            replacement,
+            self.position,
         )
         self._spans[index : index + 1] = replacement
 
@@ -246,7 +260,7 @@ class InferenceSession:
         """Rebuild the caches of a new chain from a span's past inputs, in chunks."""
         position_ids = self._position_ids
         full_mask = None if mask is None else mask[:, : self.position]
-        chunk = max(1, min(MAX_STEP_TOKENS, MAX_STEP_BYTES // (history[0, 0].numel() * history.element_size())))
+        chunk = self._chunk_tokens(history.shape[0] * history.shape[2] * history.element_size())
         for state in chain:
             outputs = []
             for offset in range(0, history.shape[1], chunk):

@@ -35,6 +35,7 @@ class ClientConfig:
     max_retries: int = 3
     wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
     verify_weights: bool = True  # skip nodes whose weight hashes differ from the model's
+    max_step_tokens: int = 1024  # longer prompts are prefilled in chunks of at most this many tokens
 
 
 class DistributedModelForCausalLM(torch.nn.Module):

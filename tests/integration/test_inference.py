@@ -1,0 +1,322 @@
+"""Inference through the swarm: generate() equals local transformers; sessions are bounded and isolated."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from transformers import LlamaForCausalLM
+
+from swarm.client import DistributedModelForCausalLM, RemoteError
+from swarm.client.inference import SpanStream
+from swarm.client.remote import get_info
+from swarm.client.swarm_view import RemoteSpan
+from swarm.models.checkpoint import resolve_checkpoint
+from swarm.models.span import load_span
+from swarm.node.handler import NodeServicer
+from swarm.node.sessions import SpanCache
+from swarm.proto import swarm_pb2
+from swarm.utils.tensors import serialize
+
+HIDDEN = 64
+E = swarm_pb2.Error
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_model):
+    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model, tiny_swarm):
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+        yield model
+
+
+def prompt(batch=1, length=10, seed=0):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def local_generate(local_model, input_ids, **kwargs):
+    with torch.no_grad():
+        return local_model.generate(input_ids, do_sample=False, **kwargs)
+
+
+# ---- generate() ------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_equals_local(client, local_model):
+    input_ids = prompt()
+    out = client.generate(input_ids, max_new_tokens=32, do_sample=False)
+    expected = local_generate(local_model, input_ids, max_new_tokens=32)
+    assert out.shape == (1, 42)
+    assert torch.equal(out, expected)
+
+
+def test_session_continued_in_chunks_equals_local(client, local_model):
+    input_ids = prompt(seed=1)
+    expected = local_generate(local_model, input_ids, max_new_tokens=24)
+    with client.inference_session(max_length=64) as session:
+        first = client.generate(input_ids, max_new_tokens=8, session=session)
+        assert torch.equal(first, expected[:, :18])
+        second = client.generate(None, max_new_tokens=8, session=session)
+        assert torch.equal(second, expected[:, :26])
+        third = client.generate(None, max_new_tokens=8, session=session)
+        assert torch.equal(third, expected)
+        assert session.position == 33  # the last token is pending: the nodes see it on the next call
+        assert [(s.start, s.end) for s in session.route] == [(0, 2), (2, 5), (5, 6)]
+
+
+def test_session_appends_new_input_ids(client, local_model):
+    """Text added between calls (a chat turn) goes after everything generated so far."""
+    first_prompt, turn = prompt(length=6, seed=2), prompt(length=4, seed=3)
+    with client.inference_session(max_length=64) as session:
+        first = client.generate(first_prompt, max_new_tokens=5, session=session)
+        out = client.generate(turn, max_new_tokens=6, session=session)
+    expected = local_generate(local_model, torch.cat([first, turn], dim=1), max_new_tokens=6)
+    assert torch.equal(out, expected)
+
+
+def test_batch_with_left_padding_equals_local(client, local_model):
+    input_ids = prompt(batch=3, length=9, seed=4)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    attention_mask[2, :1] = 0
+    input_ids[attention_mask == 0] = 0
+    out = client.generate(input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False)
+    expected = local_generate(local_model, input_ids, attention_mask=attention_mask, max_new_tokens=12)
+    assert torch.equal(out, expected)
+
+
+def test_long_prompt_is_prefilled_in_chunks(client, local_model):
+    input_ids = prompt(length=70, seed=5)
+    expected = local_generate(local_model, input_ids, max_new_tokens=6)
+    client.client_config.max_step_tokens = 16  # 70 tokens -> 5 prefill steps
+    try:
+        out = client.generate(input_ids, max_new_tokens=6)
+    finally:
+        client.client_config.max_step_tokens = 1024
+    assert torch.equal(out, expected)
+
+
+def test_generation_stops_at_eos(client, local_model):
+    input_ids = prompt(seed=6)
+    free_run = local_generate(local_model, input_ids, max_new_tokens=12)
+    eos = int(free_run[0, 10 + 4])  # make the 5th generated token the end of sequence
+    first_eos = (free_run[0, 10:] == eos).nonzero()[0].item()
+    out = client.generate(input_ids, max_new_tokens=12, eos_token_id=eos)
+    expected = local_generate(local_model, input_ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(out, expected)
+    assert out.shape[1] == 10 + first_eos + 1
+
+
+def test_sampling_follows_temperature_top_k_top_p(client, local_model):
+    input_ids = prompt(seed=7)
+    greedy = client.generate(input_ids, max_new_tokens=8)
+    # top_k=1 leaves one candidate: sampling must equal greedy
+    assert torch.equal(client.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+    # a seeded generator makes sampling reproducible; different seeds explore different tokens
+    runs = [
+        client.generate(
+            input_ids,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=1.5,
+            top_p=0.95,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for seed in (0, 0, 1, 2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    assert not all(torch.equal(runs[0], run) for run in runs[2:])
+    # every sampled token lies in the top-k of the local model's distribution at that point
+    sampled = client.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=3, temperature=2.0)
+    with torch.no_grad():
+        logits = local_model(sampled).logits[0, 9:-1]
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(int(token) in top3[i] for i, token in enumerate(sampled[0, 10:]))
+
+
+def test_plain_forward_gives_logits(client, local_model):
+    input_ids = prompt(seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(client(input_ids).logits, local_model(input_ids).logits, rtol=0, atol=1e-5)
+
+
+def test_generate_rejects_bad_arguments(client):
+    with pytest.raises(ValueError, match="needs input_ids"):
+        client.generate(None, max_new_tokens=2)
+    with client.inference_session(max_length=12) as session:
+        with pytest.raises(ValueError, match="max_length"):
+            client.generate(prompt(), max_new_tokens=5, session=session)
+        # the refused call changed nothing: the session still works within its budget
+        client.generate(prompt(length=4), max_new_tokens=2, session=session)
+        with pytest.raises(ValueError, match="batch size"):
+            client.generate(prompt(batch=2, length=2), max_new_tokens=1, session=session)
+
+
+# ---- the node's side of sessions -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def session_node(tiny_model, tmp_path_factory):
+    """One node with a 64-token cache budget and a 3 s idle timeout."""
+    from swarm.local import LocalSwarm
+
+    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("session-node"))
+    swarm.start_bootstrap()
+    process = swarm.start_node(
+        str(tiny_model), "0:6", "--cache-tokens", "64", "--session-timeout", "3", "--update-period", "5"
+    )
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as model:
+        model.find_route()
+        yield model, process
+    swarm.close()
+
+
+def open_stream(model, process, max_length, start=0, end=6):
+    span = RemoteSpan(process.peer_id, start, end, swarm_pb2.ServerInfo())
+    stream = SpanStream(model.p2p, span, f"test-{time.monotonic_ns()}", max_length, timeout=30)
+    model.run_async(stream.open())
+    return stream
+
+
+def step(model, stream, hidden, position):
+    positions = torch.arange(position, position + hidden.shape[1]).expand(hidden.shape[0], -1)
+    return model.run_async(stream.step(hidden, position, None, positions))
+
+
+def tokens_left(model, process) -> int:
+    return model.run_async(get_info(model.p2p, process.peer_id, 10)).server.cache_tokens_left
+
+
+def wait_for_tokens_left(model, process, expected, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while tokens_left(model, process) != expected:
+        assert time.monotonic() < deadline, f"cache_tokens_left stayed at {tokens_left(model, process)}"
+        time.sleep(0.1)
+
+
+def test_cache_budget_refuses_at_once_and_is_freed_on_close(session_node):
+    model, process = session_node
+    assert tokens_left(model, process) == 64
+    first = open_stream(model, process, max_length=40)
+    step(model, first, torch.randn(1, 3, HIDDEN), 0)
+    assert tokens_left(model, process) == 24
+    second = open_stream(model, process, max_length=20)
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as info:
+        step(model, second, torch.randn(2, 3, HIDDEN), 0)  # 2 x 20 = 40 > 24 left
+    assert info.value.code == E.OVERLOADED and "KV cache is full" in str(info.value)
+    assert time.monotonic() - started < 5
+    model.run_async(second.close())
+    model.run_async(first.close())
+    wait_for_tokens_left(model, process, 64)
+
+
+def test_cache_is_freed_when_the_client_disconnects(session_node):
+    model, process = session_node
+    stream = open_stream(model, process, max_length=30)
+    step(model, stream, torch.randn(2, 3, HIDDEN), 0)
+    assert tokens_left(model, process) == 4
+    # drop the stream without a close message, as a crashed client would
+    model.run_async(stream._responses.aclose())
+    wait_for_tokens_left(model, process, 64)
+
+
+def test_idle_session_times_out(session_node):
+    model, process = session_node
+    stream = open_stream(model, process, max_length=10)
+    step(model, stream, torch.randn(1, 2, HIDDEN), 0)
+    assert tokens_left(model, process) == 54
+    wait_for_tokens_left(model, process, 64, timeout=10)  # idle timeout is 3 s
+    with pytest.raises(RemoteError) as info:
+        step(model, stream, torch.randn(1, 1, HIDDEN), 2)
+    assert info.value.code == E.TIMEOUT
+
+
+def test_step_past_max_length_gets_a_clear_error(session_node):
+    model, process = session_node
+    stream = open_stream(model, process, max_length=8)
+    step(model, stream, torch.randn(1, 6, HIDDEN), 0)
+    with pytest.raises(RemoteError) as info:
+        step(model, stream, torch.randn(1, 3, HIDDEN), 6)
+    assert info.value.code == E.TOO_LARGE and "max_length 8" in str(info.value)
+    step(model, stream, torch.randn(1, 2, HIDDEN), 6)  # the refused step changed nothing
+    model.run_async(stream.close())
+
+
+def test_sessions_are_isolated_from_a_client_sending_garbage(session_node, tiny_model):
+    """Two concurrent sessions; one sends bad steps between good ones. The other's outputs stay exact."""
+    model, process = session_node
+    span = load_span(resolve_checkpoint(tiny_model), 0, 6)
+    good, bad = open_stream(model, process, 16, 1, 4), open_stream(model, process, 16, 1, 4)
+    hidden = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(0))
+    bad_hidden = torch.randn(1, 12, HIDDEN, generator=torch.Generator().manual_seed(1))
+    step(model, bad, bad_hidden[:, :2], 0)
+    nan = torch.randn(1, 2, HIDDEN)
+    nan[0, 0, 0] = float("nan")
+    garbage = [
+        (torch.randn(1, 2, HIDDEN // 2), 2, "hidden size"),  # wrong hidden size
+        (nan, 2, "NaN"),
+        (torch.randn(2, 2, HIDDEN), 2, "batch size"),  # batch differs from the session's
+        (torch.randn(1, 2, HIDDEN), 5, "position"),  # skips ahead of the cache
+        (torch.randn(1, 20, HIDDEN), 2, "max_length"),
+        (torch.randn(1, 2, HIDDEN).half(), 2, None),  # a different wire dtype is fine: computed, cast back
+    ]
+    outputs = []
+    cache = SpanCache(first_layer=1)
+    for i, (bad_input, position, message) in enumerate(garbage):
+        outputs.append(step(model, good, hidden[:, 2 * i : 2 * i + 2], 2 * i))
+        if message is None:
+            step(model, bad, bad_input, position)
+            step(model, bad, bad_hidden[:, 2:4], 2)  # rewinds over the half-precision step
+            continue
+        with pytest.raises(RemoteError, match=message):
+            step(model, bad, bad_input, position)
+    with torch.no_grad():
+        expected = span(hidden, past_key_values=cache, layers=slice(1, 4))
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=0, atol=1e-5)
+    # the garbage session itself was never corrupted: its cache equals a clean run of its good steps
+    after = step(model, bad, bad_hidden[:, 4:6], 4)
+    with torch.no_grad():
+        clean = span(bad_hidden[:, :6], layers=slice(1, 4))
+    torch.testing.assert_close(after, clean[:, 4:6], rtol=0, atol=1e-5)
+    model.run_async(good.close())
+    model.run_async(bad.close())
+
+
+def test_malformed_session_openings_are_refused(session_node):
+    model, process = session_node
+    stub = NodeServicer.get_stub(model.p2p, PeerID.from_base58(process.peer_id))
+    hidden = serialize(torch.randn(1, 1, HIDDEN))
+
+    async def first_reply(request):
+        async def requests():
+            yield request
+            await asyncio.sleep(5)
+
+        responses = await stub.rpc_inference(requests())
+        try:
+            return await asyncio.wait_for(anext(responses), 10)
+        finally:
+            await responses.aclose()
+
+    cases = [
+        (swarm_pb2.InferenceRequest(session_id="", start_block=0, end_block=6, max_length=4), E.BAD_REQUEST),
+        (
+            swarm_pb2.InferenceRequest(session_id="a", start_block=0, end_block=9, max_length=4),
+            E.UNKNOWN_BLOCKS,
+        ),
+        (swarm_pb2.InferenceRequest(session_id="a", start_block=0, end_block=6, max_length=0), E.BAD_REQUEST),
+        (
+            swarm_pb2.InferenceRequest(session_id="a", start_block=0, end_block=6, max_length=10**6),
+            E.TOO_LARGE,
+        ),
+    ]
+    for request, code in cases:
+        request.tensors.append(hidden)
+        reply = model.run_async(first_reply(request))
+        assert reply.error.code == code, (request, reply)
+    wait_for_tokens_left(model, process, 64)
