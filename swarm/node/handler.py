@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import AsyncIterator  # hivemind recognises streaming handlers by typing.AsyncIterator
+from collections.abc import (
+    AsyncIterator,  # hivemind recognises streaming handlers by typing.AsyncIterator
+    Callable,
+)
 
 from hivemind.p2p import P2PContext, ServicerBase
 
