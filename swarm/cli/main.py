@@ -5,22 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import dht, models, node
+from swarm.cli import dht, generate, local, models, node
 from swarm.cli.common import not_implemented, setup_logging
 
-INFERENCE_ISSUE = (
-    "Inference through the swarm: KV-cache sessions, HF-compatible generate(), `swarm generate`, `make demo`"
-)
 FAULT_ISSUE = (
     "Fault tolerance and placement: survive nodes dying mid-generation; "
     "choose and rebalance spans automatically"
 )
 
 PENDING = {
-    "generate": ("generate text through the swarm", INFERENCE_ISSUE),
-    "chat": ("multi-turn chat through the swarm", INFERENCE_ISSUE),
-    "local": ("start a bootstrap peer and N nodes on this machine", INFERENCE_ISSUE),
-    "demo": ("start a local swarm and answer one question through it", INFERENCE_ISSUE),
     "health": ("print the swarm map", FAULT_ISSUE),
 }
 
@@ -32,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_parser(sub)
     dht.add_parser(sub)
     models.add_parser(sub)
+    generate.add_parsers(sub)
+    local.add_parsers(sub)
     for name, (help_text, issue) in PENDING.items():
         pending = sub.add_parser(name, help=help_text, add_help=True)
         pending.add_argument("rest", nargs=argparse.REMAINDER)

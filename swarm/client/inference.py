@@ -51,9 +51,8 @@ class SpanStream:
             yield request
 
     async def open(self) -> None:
+        """Prepare the stream; it opens with the first step (libp2p may not finish opening it earlier)."""
         self._queue = asyncio.Queue()
-        stub = NodeServicer.get_stub(self.p2p, PeerID.from_base58(self.span.peer_id))
-        self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
 
     async def step(
         self,
@@ -75,6 +74,9 @@ class SpanStream:
             request.start_block, request.end_block = self.span.start, self.span.end
             self._opened = True
         self._queue.put_nowait(request)
+        if self._responses is None:
+            stub = NodeServicer.get_stub(self.p2p, PeerID.from_base58(self.span.peer_id))
+            self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
         try:
             response = await asyncio.wait_for(anext(self._responses), self.timeout)
         except StopAsyncIteration:
@@ -106,7 +108,8 @@ class SpanStream:
         self._queue.put_nowait(swarm_pb2.InferenceRequest(close=True))
         self._queue.put_nowait(None)
         try:
-            await asyncio.wait_for(self._responses.aclose(), 1.0)
+            if self._responses is not None:
+                await asyncio.wait_for(self._responses.aclose(), 1.0)
         except Exception as e:  # the node may be gone already
             logger.debug("closing stream to %s: %r", self.span.peer_id, e)
         self._queue = None

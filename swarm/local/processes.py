@@ -153,6 +153,13 @@ class LocalSwarm:
             self.wait_ready(process, timeout)
         return process
 
+    def start_nodes(self, model: str, spans: list[str], *extra: str, timeout: float = 300.0):
+        """Start several nodes at once (they load in parallel), then wait for each."""
+        processes = [self.start_node(model, span, *extra, wait=False) for span in spans]
+        for process in processes:
+            self.wait_ready(process, timeout)
+        return processes
+
     @staticmethod
     def wait_ready(process: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
         match = process.wait_for(_READY_RE, timeout)
@@ -172,3 +179,11 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def split_blocks(num_blocks: int, num_nodes: int) -> list[str]:
+    """Contiguous "A:B" spans that split `num_blocks` as evenly as possible between `num_nodes`."""
+    if not 0 < num_nodes <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks between {num_nodes} nodes")
+    bounds = [round(i * num_blocks / num_nodes) for i in range(num_nodes + 1)]
+    return [f"{start}:{end}" for start, end in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import (
-    AsyncIterator,  # hivemind recognises streaming handlers by typing.AsyncIterator
-    Callable,
-)
+from collections.abc import Callable
+from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
 from hivemind.p2p import P2PContext, ServicerBase
 

@@ -21,3 +21,14 @@ def test_tensors_use_hivemind_runtime_tensor():
 
     field = swarm_pb2.ForwardRequest.DESCRIPTOR.fields_by_name["tensors"]
     assert field.message_type.full_name == runtime_pb2.Tensor.DESCRIPTOR.full_name
+
+
+def test_node_streaming_handlers_are_registered_as_streams():
+    """hivemind only treats typing.AsyncIterator hints as streams; anything else silently becomes unary."""
+    from swarm.node.handler import NodeServicer
+
+    NodeServicer._collect_rpc_handlers()
+    kinds = {h.method_name: (h.stream_input, h.stream_output) for h in NodeServicer._rpc_handlers}
+    assert kinds["rpc_forward_stream"] == (True, True)
+    assert kinds["rpc_inference"] == (True, True)
+    assert kinds["rpc_forward"] == (False, False) and kinds["rpc_info"] == (False, False)
