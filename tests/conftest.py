@@ -60,3 +60,17 @@ def tiny_swarm(tiny_model, tmp_path_factory):
         yield swarm
     finally:
         swarm.close()
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(swarm_cache) -> Path:
+    """The session cache with the built-in model prepared (once; kept with SWARM_TEST_CACHE)."""
+    from swarm.models.fetch import prepare_builtin
+
+    prepare_builtin("smollm2-135m-instruct", cache_dir=swarm_cache, progress=False)
+    return swarm_cache
+
+
+@pytest.fixture(scope="session")
+def builtin_dir(builtin_cache) -> Path:
+    return builtin_cache / "models" / "smollm2-135m-instruct"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -31,20 +30,6 @@ from swarm.models.fetch import (
 )
 
 BUILTIN = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="session")
-def builtin_cache(tmp_path_factory) -> Path:
-    """Cache root holding the prepared built-in model; reuse one across runs with SWARM_TEST_CACHE."""
-    env = os.environ.get("SWARM_TEST_CACHE")
-    cache = Path(env) if env else tmp_path_factory.mktemp("swarm-cache")
-    prepare_builtin(BUILTIN, cache_dir=cache, progress=False)
-    return cache
-
-
-@pytest.fixture(scope="session")
-def builtin_dir(builtin_cache) -> Path:
-    return builtin_cache / "models" / BUILTIN
 
 
 @pytest.fixture(scope="session")
