@@ -48,7 +48,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool):
     """Token ids of `prompt`, wrapped in the chat template (with the assistant's turn opened) if asked."""
     if chat:
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
             return_dict=True,
         )["input_ids"]
     return tokenizer(prompt, return_tensors="pt")["input_ids"]

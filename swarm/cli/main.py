@@ -5,17 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import dht, generate, local, models, node
+from swarm.cli import dht, generate, health, local, models, node
 from swarm.cli.common import not_implemented, setup_logging
 
-FAULT_ISSUE = (
-    "Fault tolerance and placement: survive nodes dying mid-generation; "
-    "choose and rebalance spans automatically"
-)
-
-PENDING = {
-    "health": ("print the swarm map", FAULT_ISSUE),
-}
+PENDING: dict[str, tuple[str, str]] = {}  # subcommand -> (help, title of the issue that adds it)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     generate.add_parsers(sub)
     local.add_parsers(sub)
+    health.add_parser(sub)
     for name, (help_text, issue) in PENDING.items():
         pending = sub.add_parser(name, help=help_text, add_help=True)
         pending.add_argument("rest", nargs=argparse.REMAINDER)

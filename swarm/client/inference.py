@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,8 @@ class InferenceSession:
         self._spans: list[_SpanState] = []
         self._closed = False
         self.num_recoveries = 0
+        # called with the new position after every step that reached the last block (tests, progress bars)
+        self.on_step: Callable[[int], None] | None = None
 
     @property
     def route(self) -> list[RemoteSpan]:
@@ -216,6 +219,8 @@ class InferenceSession:
         self._position_ids = (
             position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
         )
+        if self.on_step is not None:
+            self.on_step(self.position)
         return hidden
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:

@@ -10,7 +10,7 @@ from functools import partial
 from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarm.dht.keys import block_key, model_info_key, owner_subkey
+from swarm.dht.keys import MODELS_KEY, block_key, model_info_key, owner_subkey
 from swarm.dht.records import encode_record
 from swarm.proto import swarm_pb2
 
@@ -44,8 +44,8 @@ def store_node_records(
     keys = [block_key(server_info.model, b) for b in range(server_info.start_block, server_info.end_block)]
     values = [value] * len(keys)
     if model_info is not None:
-        keys.append(model_info_key(model_info.model))
-        values.append(encode_record(model_info))
+        keys += [model_info_key(model_info.model), MODELS_KEY]
+        values += [encode_record(model_info)] * 2
 
     store = partial(
         _store_many,

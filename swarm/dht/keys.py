@@ -24,6 +24,10 @@ def model_info_key(model: str) -> str:
     return f"{check_model_name(model)}.info"
 
 
+# every node also lists its model here, so tools can find the models a swarm serves
+MODELS_KEY = "_swarm.models"
+
+
 def owner_subkey(peer_id: str, owner_public_key: bytes) -> bytes:
     """Subkey binding a record to a peer id and to the RSA key that must sign it."""
     return peer_id.encode() + owner_public_key

@@ -1,0 +1,151 @@
+"""Greedy generation through a local swarm of 1..N nodes against local transformers, in one run.
+
+Prints one JSON object per line. Per-token latency is the time between consecutive new tokens (the
+prefill is reported apart); per-hop overhead compares swarms with different node counts on the same
+weights, so compute is equal and the difference is hops.
+
+    python -m benchmarks.inference --model smollm2-135m-instruct --nodes 1 2 3 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+class Timer:
+    """A generate() streamer recording token arrival times."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, tokens) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def per_token(self) -> list[float]:
+        return [b - a for a, b in zip(self.times[1:-1], self.times[2:], strict=True)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, repeats: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=dtype).to(device).eval()
+    runs = []
+    for _ in range(repeats + 1):  # the first run warms up
+        timer = Timer()
+        with torch.no_grad():
+            model.generate(
+                input_ids.to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                streamer=timer,
+            )
+        runs.append(timer.per_token())
+    del model
+    return [t for run in runs[1:] for t in run]
+
+
+def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, repeats: int):
+    from swarm.client import DistributedModelForCausalLM
+
+    with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype) as model:
+        runs, hops = [], 0
+        for _ in range(repeats + 1):
+            timer = Timer()
+            with model.inference_session(max_length=input_ids.shape[1] + new_tokens) as session:
+                model.generate(
+                    input_ids, max_new_tokens=new_tokens, session=session, streamer=timer, eos_token_id=[]
+                )
+                hops = len(session.route)
+            runs.append(timer.per_token())
+        rtts = []
+        route = model.find_route()
+        from swarm.client.remote import get_info
+
+        for _ in range(50):
+            started = time.perf_counter()
+            model.run_async(get_info(model.p2p, route[0].peer_id, 10))
+            rtts.append(time.perf_counter() - started)
+    return [t for run in runs[1:] for t in run], hops, statistics.median(rtts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    from swarm.local import LocalSwarm, split_blocks
+    from swarm.models.checkpoint import resolve_checkpoint
+    from swarm.utils.tensors import FLOAT_DTYPES
+
+    dtype = FLOAT_DTYPES[args.dtype]
+    checkpoint = resolve_checkpoint(args.model)
+    input_ids = torch.randint(
+        10, checkpoint.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
+    local = local_latencies(checkpoint.path, input_ids, args.new_tokens, dtype, args.device, args.repeats)
+    local_median = statistics.median(local)
+    rows = []
+    for nodes in args.nodes:
+        with LocalSwarm() as swarm:
+            swarm.start_bootstrap()
+            swarm.start_nodes(
+                args.model, split_blocks(checkpoint.num_blocks, nodes), "--dtype", args.dtype,
+                "--device", args.device,
+            )
+            latencies, hops, rtt = swarm_latencies(
+                args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.repeats
+            )
+        median = statistics.median(latencies)
+        row = {
+            "name": "inference",
+            "model": checkpoint.name,
+            "device": args.device,
+            "dtype": args.dtype,
+            "nodes": nodes,
+            "hops": hops,
+            "new_tokens": args.new_tokens,
+            "local_tokens_per_s": round(1 / local_median, 2),
+            "swarm_tokens_per_s": round(1 / median, 2),
+            "ratio": round(local_median / median, 3),
+            "local_ms_per_token_median": round(1000 * local_median, 2),
+            "local_ms_per_token_p90": round(1000 * percentile(local, 0.9), 2),
+            "swarm_ms_per_token_median": round(1000 * median, 2),
+            "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
+            "rpc_info_round_trip_ms": round(1000 * rtt, 3),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        extra_hops = last["hops"] - first["hops"]
+        if extra_hops > 0:
+            overhead = (last["swarm_ms_per_token_median"] - first["swarm_ms_per_token_median"]) / extra_hops
+            print(json.dumps({
+                "name": "per_hop_overhead",
+                "model": checkpoint.name,
+                "device": args.device,
+                "dtype": args.dtype,
+                "nodes": [first["nodes"], last["nodes"]],
+                "per_hop_overhead_ms": round(overhead, 3),
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`swarm health`: print the swarm map."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from swarm.cli.common import add_initial_peers
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("health", help="print the swarm map")
+    add_initial_peers(parser)
+    parser.add_argument("--model", default=None, help="only this model (default: every model announced)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the DHT")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarm.client.health import format_map, list_models, model_map
+    from swarm.dht.factory import create_dht
+
+    dht, _ = create_dht(args.initial_peers, client_mode=True)
+    try:
+        models = [args.model] if args.model else list_models(dht, args.timeout)
+        if not models:
+            print("no models announced" if not args.json else json.dumps({"models": []}))
+            return 1
+        for model in models:
+            swarm_map = model_map(dht, model, args.timeout)
+            print(json.dumps(swarm_map) if args.json else format_map(swarm_map))
+        return 0
+    finally:
+        dht.shutdown()

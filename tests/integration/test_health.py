@@ -1,0 +1,48 @@
+"""`swarm health` reads the swarm map from the DHT: nodes, spans, states and the blocks nobody serves."""
+
+import json
+import subprocess
+import sys
+
+
+def health(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "swarm.cli.main", "health", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_health_json_and_text(tiny_model, tiny_swarm):
+    gappy = tiny_swarm.start_node(str(tiny_model), "0:2", "--model-name", "gappy", "--throughput", "7")
+    try:
+        result = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "tiny-llama", "--json")
+        assert result.returncode == 0, result.stderr
+        tiny = json.loads(result.stdout)
+        assert tiny["model"] == "tiny-llama" and tiny["num_blocks"] == 6 and tiny["missing"] == []
+        assert [(n["start"], n["end"], n["state"]) for n in tiny["nodes"]] == [
+            (0, 2, "ONLINE"),
+            (2, 5, "ONLINE"),
+            (5, 6, "ONLINE"),
+        ]
+        assert all(n["throughput"] > 0 for n in tiny["nodes"])
+        assert [len(b["nodes"]) for b in tiny["blocks"]] == [1] * 6
+
+        # without --model: every model announced, the gap shown
+        result = health("--initial-peers", *tiny_swarm.initial_peers, "--json")
+        maps = {m["model"]: m for m in map(json.loads, result.stdout.splitlines())}
+        assert set(maps) == {"tiny-llama", "gappy"}
+        assert maps["gappy"]["missing"] == [2, 3, 4, 5]
+        assert maps["gappy"]["nodes"] == [
+            {
+                "peer_id": gappy.peer_id,
+                "start": 0,
+                "end": 2,
+                "state": "ONLINE",
+                "throughput": 7.0,
+                "version": maps["gappy"]["nodes"][0]["version"],
+                "cache_tokens_left": 32768,
+            }
+        ]
+        text = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "gappy").stdout
+        assert "missing blocks: 2-5" in text and gappy.peer_id in text and "##...." in text
+    finally:
+        gappy.terminate()
