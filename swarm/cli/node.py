@@ -24,7 +24,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model-name", default=None, help="name in the DHT (default: built-in name or folder name)"
     )
     add_initial_peers(parser, required=False)
-    parser.add_argument("--blocks", required=True, type=_blocks, help="span of blocks to serve, START:END")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", type=_blocks, help="span of blocks to serve, START:END")
+    where.add_argument(
+        "--num-blocks",
+        type=int,
+        help="serve this many blocks where the swarm needs them most (and rebalance)",
+    )
+    parser.add_argument(
+        "--balance-period",
+        type=float,
+        default=_DEFAULTS.balance_period,
+        help="seconds between rebalancing checks, randomized by +-50%% (with --num-blocks)",
+    )
+    parser.add_argument(
+        "--balance-quality",
+        type=float,
+        default=_DEFAULTS.balance_quality,
+        help="move when bottleneck now / bottleneck after moving is below this (0 disables)",
+    )
     parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
@@ -95,6 +113,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         update_period=args.update_period,
         cache_dir=args.cache_dir,
         throughput=args.throughput,
+        num_blocks=args.num_blocks,
+        balance_period=args.balance_period,
+        balance_quality=args.balance_quality,
         limits=limits,
     )
 

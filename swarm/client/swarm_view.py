@@ -49,7 +49,7 @@ def read_swarm(dht: DHT, model: str, num_blocks: int, timeout: float = 10.0):
     found = dht.run_coroutine(partial(_get_many, keys=keys), return_future=True).result(timeout)
     servers: dict[str, swarm_pb2.ServerInfo] = {}
     model_infos: list[swarm_pb2.ModelInfo] = []
-    for key in keys:
+    for index, key in enumerate(keys):
         for subkey, value in _entries(found.get(key)).items():
             owner = split_owner_subkey(subkey)
             try:
@@ -61,7 +61,12 @@ def read_swarm(dht: DHT, model: str, num_blocks: int, timeout: float = 10.0):
             if isinstance(record, swarm_pb2.ModelInfo):
                 if record.model == model and record.num_blocks == num_blocks:
                     model_infos.append(record)
-            elif record.peer_id == owner[0] and record.model == model and record.end_block <= num_blocks:
+            elif (
+                record.peer_id == owner[0]
+                and record.model == model
+                and record.end_block <= num_blocks
+                and record.start_block <= index < record.end_block  # a node that moved leaves stale keys
+            ):
                 servers[record.peer_id] = record
     return servers, model_infos
 

@@ -33,15 +33,18 @@ def store_node_records(
     expiration: float,
     timeout: float = 10.0,
     await_all_replicas: bool = False,
+    extra_blocks: tuple[int, ...] = (),
 ) -> bool:
     """Store ServerInfo under every served block (and ModelInfo) with a signed owner subkey.
 
-    A peer about to leave must await all replicas: its own DHT storage goes away with it.
+    A peer about to leave must await all replicas: its own DHT storage goes away with it. A node that
+    moved also writes its new info under the blocks it left (`extra_blocks`), replacing the old record.
     """
     subkey = owner_subkey(server_info.peer_id, owner_public_key)
     expiration_time = get_dht_time() + expiration
     value = encode_record(server_info)
-    keys = [block_key(server_info.model, b) for b in range(server_info.start_block, server_info.end_block)]
+    blocks = sorted(set(range(server_info.start_block, server_info.end_block)) | set(extra_blocks))
+    keys = [block_key(server_info.model, b) for b in blocks]
     values = [value] * len(keys)
     if model_info is not None:
         keys += [model_info_key(model_info.model), MODELS_KEY]

@@ -25,6 +25,9 @@ class NodeConfig:
     update_period: float = 30.0
     cache_dir: str | None = None
     throughput: float | None = None
+    num_blocks: int | None = None  # instead of `blocks`: pick where to serve this many blocks
+    balance_period: float = 120.0  # seconds between rebalancing checks (randomized by +-50%)
+    balance_quality: float = 0.75  # move when bottleneck now / bottleneck after moving is below this
     limits: NodeLimits = field(default_factory=NodeLimits)
 
 

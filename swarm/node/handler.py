@@ -101,14 +101,15 @@ class NodeServicer(ServicerBase):
         return first, combine_parts(parts, self.backend.limits.max_request_bytes)
 
     async def _forward(self, request, tensors):
-        inputs = self.backend.parse_inputs(
+        backend = self.backend  # the node may move to other blocks meanwhile
+        inputs = backend.parse_inputs(
             request.start_block,
             request.end_block,
             tensors,
             request.attention_mask if request.HasField("attention_mask") else None,
             request.position_ids if request.HasField("position_ids") else None,
         )
-        return await self.backend.forward(inputs)
+        return await backend.forward(inputs)
 
     async def rpc_inference(
         self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext
@@ -120,8 +121,9 @@ class NodeServicer(ServicerBase):
         sends `close`, ends or drops the stream, or stays idle for the session timeout.
         """
         session: Session | None = None
-        sessions = self.backend.sessions
-        idle_timeout = self.backend.limits.session_timeout
+        backend = self.backend  # a session stays with the span it opened on, even if the node moves
+        sessions = backend.sessions
+        idle_timeout = backend.limits.session_timeout
         iterator = aiter(requests)
         try:
             while True:
@@ -138,7 +140,7 @@ class NodeServicer(ServicerBase):
                     break
                 if session is None:
                     try:
-                        session = self._open_session(request)
+                        session = self._open_session(backend, request)
                     except Exception as e:
                         yield self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
                         break
@@ -146,7 +148,7 @@ class NodeServicer(ServicerBase):
                     break
                 session.last_active = time.monotonic()
                 try:
-                    outputs = await self._inference_step(session, request)
+                    outputs = await self._inference_step(backend, session, request)
                     yield swarm_pb2.InferenceResponse(tensors=[serialize(outputs)], position=session.length)
                 except Exception as e:
                     reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
@@ -158,13 +160,13 @@ class NodeServicer(ServicerBase):
             if session is not None:
                 sessions.release(session)
 
-    def _open_session(self, request: swarm_pb2.InferenceRequest) -> Session:
-        layers = self.backend.check_blocks(request.start_block, request.end_block)
+    def _open_session(self, backend: SpanBackend, request: swarm_pb2.InferenceRequest) -> Session:
+        layers = backend.check_blocks(request.start_block, request.end_block)
         if not 0 < len(request.session_id) <= MAX_SESSION_ID_LENGTH:
             raise RequestError(
                 swarm_pb2.Error.BAD_REQUEST, f"session_id must have 1 to {MAX_SESSION_ID_LENGTH} characters"
             )
-        max_length = self.backend.limits.max_sequence_length
+        max_length = backend.limits.max_sequence_length
         if not 0 < request.max_length <= max_length:
             raise RequestError(
                 swarm_pb2.Error.TOO_LARGE if request.max_length else swarm_pb2.Error.BAD_REQUEST,
@@ -173,28 +175,30 @@ class NodeServicer(ServicerBase):
         session = Session(
             request.session_id, request.start_block, request.end_block, layers, request.max_length
         )
-        self.backend.sessions.register(session)
+        backend.sessions.register(session)
         return session
 
-    async def _inference_step(self, session: Session, request: swarm_pb2.InferenceRequest):
+    async def _inference_step(
+        self, backend: SpanBackend, session: Session, request: swarm_pb2.InferenceRequest
+    ):
         if (request.start_block, request.end_block) not in ((0, 0), (session.start, session.end)):
             raise RequestError(
                 swarm_pb2.Error.BAD_REQUEST,
                 f"session serves blocks [{session.start}, {session.end}), "
                 f"not [{request.start_block}, {request.end_block})",
             )
-        hidden = self.backend.parse_hidden(request.tensors)
-        mask = self.backend.parse_index_tensor(
+        hidden = backend.parse_hidden(request.tensors)
+        mask = backend.parse_index_tensor(
             request.attention_mask if request.HasField("attention_mask") else None, "attention_mask"
         )
-        positions = self.backend.parse_index_tensor(
+        positions = backend.parse_index_tensor(
             request.position_ids if request.HasField("position_ids") else None, "position_ids"
         )
         check_step_shapes(session, request.position, hidden, mask, positions)
         if not session.batch_size:
-            self.backend.sessions.reserve(session, hidden.shape[0])
+            backend.sessions.reserve(session, hidden.shape[0])
         inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype)
-        return await self.backend.inference_step(session, request.position, inputs)
+        return await backend.inference_step(session, request.position, inputs)
 
     @staticmethod
     def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 
 import torch
 
 import swarm
+from swarm.client.swarm_view import read_swarm
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
@@ -16,7 +18,8 @@ from swarm.models.span import load_span
 from swarm.node.backend import SpanBackend
 from swarm.node.config import NodeConfig
 from swarm.node.handler import NodeServicer
-from swarm.node.throughput import measure_span_rps
+from swarm.node.placement import block_throughputs, choose_start, should_move
+from swarm.node.throughput import cached_block_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import FLOAT_DTYPES
 
@@ -31,9 +34,12 @@ class Node:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(FLOAT_DTYPES)}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {config.device} requested but CUDA is not available")
-        if config.blocks is None:
-            raise ValueError("a node needs --blocks START:END")
+        if (config.blocks is None) == (config.num_blocks is None):
+            raise ValueError("a node needs either --blocks START:END or --num-blocks N")
+        if config.num_blocks is not None and config.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be positive, got {config.num_blocks}")
         self.config = config
+        self.blocks: tuple[int, int] | None = config.blocks
         self.stop_event: asyncio.Event | None = None
         self.state = swarm_pb2.ServerInfo.JOINING
         self.peer_id: str | None = None
@@ -42,7 +48,7 @@ class Node:
         self.forward_rps = self.inference_rps = 0.0
 
     def server_info(self, state: int | None = None) -> swarm_pb2.ServerInfo:
-        start, end = self.config.blocks
+        start, end = self.blocks
         throughput = self.config.throughput if self.config.throughput is not None else self.inference_rps
         return swarm_pb2.ServerInfo(
             state=self.state if state is None else state,
@@ -85,28 +91,38 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         config = self.config
-        start, end = config.blocks
         self.checkpoint: Checkpoint = await asyncio.to_thread(
             resolve_checkpoint, config.model, config.cache_dir, config.model_name
         )
-        if not 0 <= start < end <= self.checkpoint.num_blocks:
+        num_blocks = self.checkpoint.num_blocks
+        if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1] <= num_blocks:
             raise ValueError(
-                f"--blocks {start}:{end} is outside the model's {self.checkpoint.num_blocks} blocks"
+                f"--blocks {self.blocks[0]}:{self.blocks[1]} is outside the model's {num_blocks} blocks"
             )
+        if config.num_blocks is not None and config.num_blocks > num_blocks:
+            raise ValueError(f"--num-blocks {config.num_blocks} exceeds the model's {num_blocks} blocks")
         # the DHT forks a process: start it before any weights (or CUDA) are loaded
         dht, signer = create_dht(
             config.initial_peers, host=config.host, port=config.port, identity_path=config.identity_path
         )
-        announcer = p2p = servicer = None
+        announcer = p2p = servicer = balancer = None
         try:
             self.peer_id = dht.peer_id.to_base58()
-            owner_key = signer.local_public_key
-            expiration = max(2 * config.update_period, 3.0)
-            await asyncio.to_thread(store_node_records, dht, owner_key, self.server_info(), None, expiration)
+            self.dht, self.owner_key = dht, signer.local_public_key
+            self.expiration = max(2 * config.update_period, 3.0)
+            self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
+            if self.blocks is None:
+                self.planned_throughput = await asyncio.to_thread(self._estimate_throughput)
+                start = await asyncio.to_thread(self._choose_start)
+                self.blocks = (start, start + config.num_blocks)
+                logger.info("chose blocks [%d, %d) to raise the swarm's bottleneck", *self.blocks)
+            start, end = self.blocks
+            await asyncio.to_thread(
+                store_node_records, dht, self.owner_key, self.server_info(), None, self.expiration
+            )
 
             dtype = FLOAT_DTYPES[config.dtype]
             span = await asyncio.to_thread(load_span, self.checkpoint, start, end, dtype, config.device)
-            self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
             if config.throughput is None:
                 self.forward_rps, self.inference_rps = await asyncio.to_thread(
                     measure_span_rps, span, config.device, dtype
@@ -116,10 +132,12 @@ class Node:
             self.backend = SpanBackend(span, config.limits, config.device, dtype)
 
             p2p = await dht.replicate_p2p()
-            servicer = NodeServicer(self.backend, self.server_info, self.model_info())
+            servicer = self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
             await servicer.add_p2p_handlers(p2p)
             self.state = swarm_pb2.ServerInfo.ONLINE
-            announcer = Announcer(dht, owner_key, self.server_info, self.model_info(), config.update_period)
+            announcer = Announcer(
+                dht, self.owner_key, self.server_info, self.model_info(), config.update_period
+            )
             announcer.start()
             maddrs = " ".join(str(m) for m in dht.get_visible_maddrs())
             logger.info(
@@ -133,10 +151,14 @@ class Node:
                 f"{self.inference_rps:.1f} steps/s",
                 maddrs,
             )
+            if config.num_blocks is not None and config.balance_quality > 0:
+                balancer = asyncio.create_task(self._balance_loop())
             await self.stop_event.wait()
             logger.info("node %s shutting down", self.peer_id)
         finally:
             self.state = swarm_pb2.ServerInfo.OFFLINE
+            if balancer is not None:
+                balancer.cancel()
             if announcer is not None:
                 await asyncio.to_thread(announcer.stop, self.server_info())
             if servicer is not None and p2p is not None:
@@ -146,3 +168,68 @@ class Node:
             if self.backend is not None:
                 self.backend.shutdown()
             dht.shutdown()
+
+    # ---- placement and rebalancing ----------------------------------------------------------------------
+
+    def _estimate_throughput(self) -> float:
+        """Steps/s this node would give a span of --num-blocks blocks: told, or measured on one block."""
+        if self.config.throughput is not None:
+            return self.config.throughput
+        per_block = cached_block_rps(
+            self.checkpoint, self.config.device, self.config.dtype, self.config.cache_dir
+        )
+        return per_block / self.config.num_blocks
+
+    def _swarm_throughputs(self) -> list[float]:
+        servers, _ = read_swarm(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)
+        return block_throughputs(servers.values(), self.checkpoint.num_blocks, exclude=self.peer_id)
+
+    def _choose_start(self) -> int:
+        return choose_start(self._swarm_throughputs(), self.config.num_blocks, self.planned_throughput)
+
+    async def _balance_loop(self) -> None:
+        """Every balance period (+-50%), move if the swarm would be much better balanced with us elsewhere."""
+        config = self.config
+        while True:
+            delay = config.balance_period * random.uniform(0.5, 1.5)
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                throughputs = await asyncio.to_thread(self._swarm_throughputs)
+                own = self.server_info().throughput
+                target = should_move(
+                    throughputs, self.blocks[0], config.num_blocks, own, config.balance_quality
+                )
+                if target is not None:
+                    await self._move(target)
+            except Exception as e:
+                logger.warning("rebalancing failed: %r", e, exc_info=True)
+
+    async def _move(self, new_start: int) -> None:
+        """Serve [new_start, new_start + N): load the new span first, then switch, so no gap opens."""
+        config = self.config
+        old_start, old_end = self.blocks
+        new_end = new_start + config.num_blocks
+        logger.info("moving from blocks [%d, %d) to [%d, %d)", old_start, old_end, new_start, new_end)
+        dtype = FLOAT_DTYPES[config.dtype]
+        span = await asyncio.to_thread(load_span, self.checkpoint, new_start, new_end, dtype, config.device)
+        new_backend = SpanBackend(span, config.limits, config.device, dtype)
+        old_backend, self.backend = self.backend, new_backend
+        self.servicer.backend = new_backend
+        self.blocks = (new_start, new_end)
+        await asyncio.to_thread(
+            store_node_records,
+            self.dht,
+            self.owner_key,
+            self.server_info(),
+            self.model_info(),
+            self.expiration,
+            extra_blocks=tuple(range(old_start, old_end)),
+        )
+        old_backend.shutdown()  # sessions on the old span get errors and their clients re-route
+        logger.info(
+            "node %s serving blocks [%d, %d) of %s", self.peer_id, new_start, new_end, self.checkpoint.name
+        )

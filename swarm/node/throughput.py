@@ -28,3 +28,29 @@ def measure_span_rps(
         return max(min(times), 1e-6)
 
     return tokens / best_time(hidden), 1.0 / best_time(hidden[:, :1])
+
+
+def cached_block_rps(checkpoint, device: str, dtype_name: str, cache_dir=None) -> float:
+    """Single-token steps/s of one block of this model on this device and dtype, measured once and cached."""
+    import json
+
+    from swarm.models.fetch import default_cache_dir
+    from swarm.models.span import load_span
+    from swarm.utils.tensors import FLOAT_DTYPES
+
+    path = (
+        default_cache_dir(cache_dir)
+        / "throughput"
+        / f"{checkpoint.name}-{device.replace(':', '_')}-{dtype_name}.json"
+    )
+    try:
+        return float(json.loads(path.read_text())["block_rps"])
+    except (OSError, ValueError, KeyError):
+        pass
+    span = load_span(checkpoint, 0, 1, FLOAT_DTYPES[dtype_name], device)
+    _, block_rps = measure_span_rps(span, device, FLOAT_DTYPES[dtype_name])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"block_rps": block_rps}))
+    tmp.replace(path)
+    return block_rps

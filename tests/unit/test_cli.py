@@ -36,7 +36,17 @@ def test_models_list_shows_the_builtin_model():
 def test_node_cli_defaults_are_the_class_defaults():
     args = build_parser().parse_args(["node", "--model", "m", "--blocks", "0:1"])
     config, limits = NodeConfig(model="m"), NodeLimits()
-    for name in ("device", "dtype", "host", "port", "update_period", "throughput"):
+    for name in (
+        "device",
+        "dtype",
+        "host",
+        "port",
+        "update_period",
+        "throughput",
+        "balance_period",
+        "balance_quality",
+        "num_blocks",
+    ):
         assert getattr(args, name) == getattr(config, name), name
     assert args.max_batch_size == limits.max_batch_size
     assert args.max_sequence_length == limits.max_sequence_length

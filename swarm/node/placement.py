@@ -1,0 +1,84 @@
+"""Where a node should serve: the span that raises the swarm's bottleneck (its weakest block's throughput)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from swarm.proto import swarm_pb2
+
+# JOINING nodes count: they are loading the blocks they announced and will serve them shortly
+SERVING_STATES = (swarm_pb2.ServerInfo.JOINING, swarm_pb2.ServerInfo.ONLINE)
+
+
+def block_throughputs(
+    servers: Iterable[swarm_pb2.ServerInfo], num_blocks: int, exclude: str | None = None
+) -> list[float]:
+    """Total announced throughput per block, leaving out `exclude` (a node planning its own move)."""
+    totals = [0.0] * num_blocks
+    for info in servers:
+        if info.peer_id == exclude or info.state not in SERVING_STATES:
+            continue
+        for block in range(max(0, info.start_block), min(num_blocks, info.end_block)):
+            totals[block] += max(info.throughput, 1e-9)  # a node that serves counts, even if unmeasured
+    return totals
+
+
+def bottleneck(throughputs: list[float]) -> float:
+    return min(throughputs) if throughputs else 0.0
+
+
+def with_span(throughputs: list[float], start: int, length: int, throughput: float) -> list[float]:
+    added = list(throughputs)
+    for block in range(start, start + length):
+        added[block] += throughput
+    return added
+
+
+def choose_start(throughputs: list[float], length: int, throughput: float) -> int:
+    """The start that maximizes the resulting bottleneck.
+
+    Ties go to the span covering the most uncovered blocks, then to the weakest window (its sorted
+    throughputs compared lexicographically, as Petals does), then to the lowest start.
+    """
+    num_blocks = len(throughputs)
+    if not 0 < length <= num_blocks:
+        raise ValueError(f"cannot place {length} blocks in a model of {num_blocks}")
+
+    def score(start: int):
+        window = throughputs[start : start + length]
+        return (
+            -bottleneck(with_span(throughputs, start, length, throughput)),
+            -sum(1 for t in window if t <= 0),
+            sorted(window),
+            start,
+        )
+
+    return min(range(num_blocks - length + 1), key=score)
+
+
+def should_move(
+    throughputs_without_me: list[float],
+    current_start: int,
+    length: int,
+    throughput: float,
+    balance_quality: float,
+) -> int | None:
+    """The start to move to, or None to stay.
+
+    Move at once when some block has no node even counting this one; otherwise move only when the
+    current bottleneck is below `balance_quality` times the bottleneck after moving.
+    """
+    if balance_quality <= 0:
+        return None
+    current = with_span(throughputs_without_me, current_start, length, throughput)
+    best_start = choose_start(throughputs_without_me, length, throughput)
+    if best_start == current_start:
+        return None
+    best = with_span(throughputs_without_me, best_start, length, throughput)
+    if bottleneck(current) <= 0 < bottleneck(best) or (
+        bottleneck(current) <= 0 and sum(t <= 0 for t in best) < sum(t <= 0 for t in current)
+    ):
+        return best_start
+    if bottleneck(best) > 0 and bottleneck(current) / bottleneck(best) < balance_quality:
+        return best_start
+    return None

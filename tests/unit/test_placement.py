@@ -1,0 +1,60 @@
+"""Choosing spans: raise the bottleneck, prefer uncovered blocks, move only when it pays enough."""
+
+import pytest
+
+from swarm.node.placement import block_throughputs, bottleneck, choose_start, should_move
+from swarm.proto import swarm_pb2
+
+
+def info(peer, start, end, throughput, state=swarm_pb2.ServerInfo.ONLINE):
+    return swarm_pb2.ServerInfo(
+        peer_id=peer, start_block=start, end_block=end, throughput=throughput, state=state
+    )
+
+
+def test_block_throughputs_sum_serving_nodes_and_skip_offline_and_self():
+    servers = [
+        info("a", 0, 4, 10),
+        info("b", 2, 6, 5, swarm_pb2.ServerInfo.JOINING),
+        info("c", 0, 6, 100, swarm_pb2.ServerInfo.OFFLINE),
+        info("me", 0, 6, 7),
+    ]
+    assert block_throughputs(servers, 6, exclude="me") == [10, 10, 15, 15, 5, 5]
+
+
+def test_first_node_takes_the_start_then_others_fill_the_gaps():
+    assert choose_start([0.0] * 12, 6, 10) == 0
+    assert choose_start([10.0] * 6 + [0.0] * 6, 6, 10) == 6
+    # a gap in the middle wins over the ends
+    assert choose_start([10, 10, 10, 0, 0, 10, 10, 10], 2, 10) == 3
+
+
+def test_choice_raises_the_bottleneck():
+    throughputs = [30, 30, 5, 20, 20, 20]
+    start = choose_start(throughputs, 2, 10)
+    assert start in (1, 2)
+    after = list(throughputs)
+    for b in range(start, start + 2):
+        after[b] += 10
+    assert bottleneck(after) == 15
+
+
+def test_should_move_when_a_block_has_no_node_and_not_when_balanced():
+    without_me = [10.0] * 6 + [0.0] * 6
+    assert should_move(without_me, 0, 6, 10, 0.75) == 6  # blocks 6.. have nobody: move at once
+    balanced = [10.0] * 12
+    assert should_move(balanced, 0, 6, 10, 0.75) is None
+    assert should_move(without_me, 0, 6, 10, 0.0) is None  # 0 disables rebalancing
+
+
+def test_should_move_respects_balance_quality():
+    # moving from [0, 2) to [4, 6) turns a bottleneck of 10 into 19
+    without_me = [20, 20, 20, 20, 9, 9]
+    assert should_move(without_me, 0, 2, 10, 0.75) == 4
+    # a small gain (bottleneck 18 -> 19) is not worth a move
+    assert should_move([20, 20, 20, 20, 18, 18], 0, 2, 1, 0.75) is None
+
+
+def test_choose_start_rejects_impossible_spans():
+    with pytest.raises(ValueError):
+        choose_start([0.0] * 4, 5, 1)
