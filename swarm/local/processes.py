@@ -46,6 +46,7 @@ class ManagedProcess:
             preexec_fn=_die_with_parent,
         )
         self.peer_id: str | None = None
+        self.span: tuple[int, int] | None = None  # a node's blocks, once it serves
         _LIVE.add(self)
 
     @property
@@ -165,6 +166,7 @@ class LocalSwarm:
     def wait_ready(process: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
         match = process.wait_for(_READY_RE, timeout)
         process.peer_id = match.group(1)
+        process.span = (int(match.group(2)), int(match.group(3)))
         return process
 
     def close(self) -> None:

@@ -171,7 +171,7 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
 
 def test_large_requests_stream(tiny_swarm, tiny_model):
     """4 x 5000 x 64 fp32 = 5.1 MB exceeds a unary message, so it goes through rpc_forward_stream."""
-    node_2_5 = tiny_swarm.processes[-2]
+    node_2_5 = next(p for p in tiny_swarm.processes if p.span == (2, 5) and p.alive())
     hidden = torch.randn(4, 5000, HIDDEN) * 0.1
     assert hidden.numel() * 4 > MAX_UNARY_MESSAGE_BYTES
     with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
