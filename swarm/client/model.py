@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -15,14 +17,21 @@ from swarm.client.bans import BanList
 from swarm.client.errors import MissingBlocksError, RemoteError
 from swarm.client.generation import generate
 from swarm.client.inference import InferenceSession
-from swarm.client.remote import remote_forward
-from swarm.client.swarm_view import RemoteSpan, consensus_hashes, make_route, read_swarm, usable_servers
+from swarm.client.remote import get_info, remote_forward
+from swarm.client.routing import min_latency_route, throughput_weighted_route
+from swarm.client.swarm_view import RemoteSpan, consensus_hashes, read_swarm, usable_servers
 from swarm.dht.factory import create_dht
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.head import load_client_head, load_generation_config
+from swarm.proto import swarm_pb2
 from swarm.utils.aio import BackgroundLoop
 
 logger = logging.getLogger(__name__)
+
+RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
+MAX_PINGS = 64  # nodes pinged at once when routing
+PING_TIMEOUT = 2.0
+UNREACHABLE_RTT = 10.0  # what a node that does not answer a ping costs a route
 
 
 @dataclass
@@ -36,6 +45,9 @@ class ClientConfig:
     wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
     verify_weights: bool = True  # skip nodes whose weight hashes differ from the model's
     max_step_tokens: int = 1024  # longer prompts are prefilled in chunks of at most this many tokens
+    refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
+    allowed_servers: list[str] | None = None  # if set, route only through these peer ids
+    blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
@@ -54,6 +66,10 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.dht, _ = create_dht(config.initial_peers, client_mode=True)
         self.p2p: P2P = self._loop.run(self.dht.replicate_p2p(), timeout=config.dht_timeout)
         self.last_route: list[RemoteSpan] = []
+        self._view = None
+        self._view_time = 0.0
+        self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
+        self._rng = random.Random()
 
     @classmethod
     def from_pretrained(
@@ -80,21 +96,65 @@ class DistributedModelForCausalLM(torch.nn.Module):
             self._expected_hashes = all_block_hashes(self.checkpoint)
         return self._expected_hashes or consensus_hashes(model_infos)
 
-    def find_route(self, start: int = 0, end: int | None = None) -> list[RemoteSpan]:
-        """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks."""
+    def usable_servers(self, refresh: bool = False) -> list[swarm_pb2.ServerInfo]:
+        """ONLINE nodes with the right weights that are neither banned nor filtered out.
+
+        The view of the swarm is re-read from the DHT every `refresh_period` seconds, or at once on request.
+        """
+        config = self.client_config
+        stale = time.monotonic() - self._view_time > config.refresh_period
+        if refresh or stale or self._view is None:
+            self._view = read_swarm(self.dht, self.checkpoint.name, self.num_blocks, config.dht_timeout)
+            self._view_time = time.monotonic()
+        servers, model_infos = self._view
+        usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
+        if config.allowed_servers is not None:
+            usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
+        return [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+
+    def find_route(self, start: int = 0, end: int | None = None, mode: str = "inference") -> list[RemoteSpan]:
+        """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks.
+
+        `inference`: the lowest-latency chain (measured RTTs, announced throughput, fewer hops);
+        `forward`: a throughput-weighted random chain, which spreads batches over replicas.
+        """
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.client_config.wait_for_blocks
+        refresh = False
         while True:
-            servers, model_infos = read_swarm(
-                self.dht, self.checkpoint.name, self.num_blocks, self.client_config.dht_timeout
-            )
-            usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
+            usable = self.usable_servers(refresh=refresh)
             try:
-                return make_route(usable, start, end)
+                if mode == "inference":
+                    return min_latency_route(usable, start, end, self.measure_rtts(usable))
+                return throughput_weighted_route(usable, start, end, self._rng)
             except MissingBlocksError:
                 if time.monotonic() >= deadline:
                     raise
+                refresh = True  # a block ran out of nodes: look again now, not at the next refresh
                 time.sleep(0.5)
+
+    def measure_rtts(self, servers: list[swarm_pb2.ServerInfo]) -> dict[str, float]:
+        """Round-trip times to nodes (pinged with rpc_info when unknown or older than a minute)."""
+        now = time.monotonic()
+        todo = [s.peer_id for s in servers if now - self._rtts.get(s.peer_id, (0.0, -1e9))[1] > RTT_MAX_AGE][
+            :MAX_PINGS
+        ]
+        if todo:
+
+            async def ping(peer_id: str) -> float:
+                started = time.perf_counter()
+                try:
+                    await get_info(self.p2p, peer_id, PING_TIMEOUT)
+                    return time.perf_counter() - started
+                except Exception:
+                    return UNREACHABLE_RTT
+
+            async def ping_all():
+                return await asyncio.gather(*(ping(peer) for peer in todo))
+
+            for peer, rtt in zip(todo, self.run_async(ping_all()), strict=True):
+                self._rtts[peer] = (rtt, now)
+        return {peer: rtt for peer, (rtt, _) in self._rtts.items()}
 
     def ban(self, peer_id: str) -> None:
         """Stop routing through a node for a while; each repeated failure doubles the wait."""
@@ -112,7 +172,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         """Hidden states through all blocks on the swarm; a failing node is banned and the rest re-routed."""
         block, attempts = 0, 0
-        route = self.find_route()
+        route = self.find_route(mode="forward")
         self.last_route = []
         while block < self.num_blocks:
             span = route[0]
@@ -139,7 +199,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
                 if attempts > self.client_config.max_retries:
                     raise
                 self.ban(span.peer_id)
-                route = self.find_route(block)
+                route = self.find_route(block, mode="forward")
         return hidden
 
     def forward(

@@ -97,28 +97,3 @@ def usable_servers(
             continue
         usable.append(info)
     return usable
-
-
-def make_route(servers: list[swarm_pb2.ServerInfo], start: int, end: int) -> list[RemoteSpan]:
-    """Cover blocks [start, end) with few hops: at each block take the server that reaches furthest.
-
-    Ties go to the higher announced throughput.
-    """
-    route: list[RemoteSpan] = []
-    block = start
-    missing = []
-    while block < end:
-        covering = [s for s in servers if s.start_block <= block < s.end_block]
-        if not covering:
-            missing.append(block)
-            block += 1
-            continue
-        best = max(covering, key=lambda s: (min(s.end_block, end), s.throughput))
-        span_end = min(best.end_block, end)
-        route.append(RemoteSpan(best.peer_id, block, span_end, best))
-        block = span_end
-    if missing:
-        from swarm.client.errors import MissingBlocksError
-
-        raise MissingBlocksError(missing)
-    return route

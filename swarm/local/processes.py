@@ -170,6 +170,9 @@ class LocalSwarm:
         return process
 
     def close(self) -> None:
+        for process in self.processes:  # all at once: each node spends a moment announcing OFFLINE
+            if process.alive():
+                process.popen.send_signal(signal.SIGTERM)
         for process in reversed(self.processes):
             process.terminate()
         self.processes.clear()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from swarm.client import DistributedModelForCausalLM
+from swarm.client import DistributedModelForCausalLM, MissingBlocksError
 from swarm.models.tiny import write_tiny_llama
 
 
@@ -54,10 +54,26 @@ def test_node_with_different_weights_is_skipped(tiny_model, tiny_swarm, local_mo
             assert process.peer_id not in {span.peer_id for span in model.last_route}
             with torch.no_grad():
                 torch.testing.assert_close(logits, local_model(input_ids).logits, rtol=0, atol=1e-5)
-            # without the check, the one-hop impostor would win the route and corrupt the output
+            # routed only through the impostor: refused while the check is on...
+            model.client_config.allowed_servers = [process.peer_id]
+            model.client_config.wait_for_blocks = 1.0
+            with pytest.raises(MissingBlocksError):
+                model(input_ids)
+            # ...and without the check its output is wrong: the check is what kept it out
             model.client_config.verify_weights = False
             wrong = model(input_ids).logits
             assert [span.peer_id for span in model.last_route] == [process.peer_id]
             assert not torch.allclose(wrong, logits, atol=1e-3)
     finally:
         process.terminate()
+
+
+def test_blocked_servers_leave_named_missing_blocks(tiny_model, tiny_swarm):
+    node_2_5 = next(p for p in tiny_swarm.processes if p.span == (2, 5) and p.alive())
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, tiny_swarm.initial_peers, blocked_servers=[node_2_5.peer_id], wait_for_blocks=1.0
+    ) as model:
+        with pytest.raises(MissingBlocksError) as error:
+            model(torch.zeros(1, 3, dtype=torch.long))
+        assert error.value.missing == [2, 3, 4]
+        assert "[2, 3, 4]" in str(error.value)

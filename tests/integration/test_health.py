@@ -18,12 +18,9 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
         assert result.returncode == 0, result.stderr
         tiny = json.loads(result.stdout)
         assert tiny["model"] == "tiny-llama" and tiny["num_blocks"] == 6 and tiny["missing"] == []
-        assert [(n["start"], n["end"], n["state"]) for n in tiny["nodes"]] == [
-            (0, 2, "ONLINE"),
-            (2, 5, "ONLINE"),
-            (5, 6, "ONLINE"),
-        ]
-        assert all(n["throughput"] > 0 for n in tiny["nodes"])
+        online = [n for n in tiny["nodes"] if n["state"] == "ONLINE"]  # others' OFFLINE records may linger
+        assert [(n["start"], n["end"]) for n in online] == [(0, 2), (2, 5), (5, 6)]
+        assert all(n["throughput"] > 0 for n in online)
         assert [len(b["nodes"]) for b in tiny["blocks"]] == [1] * 6
 
         # without --model: every model announced, the gap shown

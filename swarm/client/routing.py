@@ -1,0 +1,84 @@
+"""Routes over the swarm: min-latency chains for inference, throughput-weighted chains for batches."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+from swarm.client.errors import MissingBlocksError
+from swarm.client.swarm_view import RemoteSpan
+from swarm.proto import swarm_pb2
+
+DEFAULT_RTT = 0.05  # seconds assumed for a node not pinged yet: a typical internet round trip
+HOP_PENALTY = 0.002  # seconds added per hop so that, all else equal, fewer hops win
+
+
+def missing_blocks(servers: list[swarm_pb2.ServerInfo], start: int, end: int) -> list[int]:
+    covered = set()
+    for info in servers:
+        covered.update(range(max(start, info.start_block), min(end, info.end_block)))
+    return [b for b in range(start, end) if b not in covered]
+
+
+def step_time(info: swarm_pb2.ServerInfo, blocks: int) -> float:
+    """Seconds one token takes through `blocks` of this node's span, from its announced throughput."""
+    span = max(1, info.end_block - info.start_block)
+    return (blocks / span) / max(info.throughput, 1e-6)
+
+
+def min_latency_route(
+    servers: list[swarm_pb2.ServerInfo], start: int, end: int, rtts: dict[str, float] | None = None
+) -> list[RemoteSpan]:
+    """Shortest path over block boundaries: each hop costs its node's RTT, compute time and a hop penalty.
+
+    A node may serve any contiguous part of its span, so a route can enter a node mid-span.
+    """
+    missing = missing_blocks(servers, start, end)
+    if missing:
+        raise MissingBlocksError(missing)
+    rtts = rtts or {}
+    best = {start: 0.0}
+    previous: dict[int, tuple[int, swarm_pb2.ServerInfo]] = {}
+    queue = [(0.0, start)]
+    while queue:
+        cost, block = heapq.heappop(queue)
+        if block == end:
+            break
+        if cost > best.get(block, float("inf")):
+            continue
+        for info in servers:
+            if not info.start_block <= block < info.end_block:
+                continue
+            hop_base = cost + rtts.get(info.peer_id, DEFAULT_RTT) + HOP_PENALTY
+            for stop in range(block + 1, min(info.end_block, end) + 1):
+                new_cost = hop_base + step_time(info, stop - block)
+                if new_cost < best.get(stop, float("inf")):
+                    best[stop] = new_cost
+                    previous[stop] = (block, info)
+                    heapq.heappush(queue, (new_cost, stop))
+    route, block = [], end
+    while block != start:
+        prev, info = previous[block]
+        route.append(RemoteSpan(info.peer_id, prev, block, info))
+        block = prev
+    return route[::-1]
+
+
+def throughput_weighted_route(
+    servers: list[swarm_pb2.ServerInfo], start: int, end: int, rng: random.Random | None = None
+) -> list[RemoteSpan]:
+    """For batches: at each block pick among the nodes serving it with odds proportional to throughput,
+    and use that node to the end of its span. Spreads load across replicas instead of piling on one."""
+    missing = missing_blocks(servers, start, end)
+    if missing:
+        raise MissingBlocksError(missing)
+    rng = rng or random.Random()
+    route, block = [], start
+    while block < end:
+        covering = [s for s in servers if s.start_block <= block < s.end_block]
+        weights = [max(s.throughput, 1e-6) for s in covering]
+        info = rng.choices(covering, weights=weights)[0]
+        stop = min(info.end_block, end)
+        route.append(RemoteSpan(info.peer_id, block, stop, info))
+        block = stop
+    return route
