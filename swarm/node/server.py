@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+from functools import partial
 
 import torch
 
@@ -19,7 +20,7 @@ from swarm.node.backend import SpanBackend
 from swarm.node.config import NodeConfig
 from swarm.node.handler import NodeServicer
 from swarm.node.placement import block_throughputs, choose_start, should_move
-from swarm.node.throughput import cached_block_rps, measure_span_rps
+from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import FLOAT_DTYPES
 
@@ -125,7 +126,13 @@ class Node:
             span = await asyncio.to_thread(load_span, self.checkpoint, start, end, dtype, config.device)
             if config.throughput is None:
                 self.forward_rps, self.inference_rps = await asyncio.to_thread(
-                    measure_span_rps, span, config.device, dtype
+                    cached_rps,
+                    self.checkpoint,
+                    end - start,
+                    config.device,
+                    config.dtype,
+                    config.cache_dir,
+                    partial(measure_span_rps, span, config.device, dtype),
                 )
             else:  # told, not measured
                 self.forward_rps = self.inference_rps = config.throughput

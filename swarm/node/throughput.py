@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -30,27 +31,40 @@ def measure_span_rps(
     return tokens / best_time(hidden), 1.0 / best_time(hidden[:, :1])
 
 
-def cached_block_rps(checkpoint, device: str, dtype_name: str, cache_dir=None) -> float:
-    """Single-token steps/s of one block of this model on this device and dtype, measured once and cached."""
+def cached_rps(
+    checkpoint, num_blocks: int, device: str, dtype_name: str, cache_dir, measure
+) -> tuple[float, float]:
+    """(forward tokens/s, steps/s) of `num_blocks` blocks of this model on this device and dtype.
+
+    Measured once with `measure()` and cached in `<cache>/throughput/`, so restarts skip the measurement.
+    """
     import json
 
     from swarm.models.fetch import default_cache_dir
+
+    shape = f"h{checkpoint.config.hidden_size}-f{checkpoint.config.intermediate_size}"
+    name = f"{checkpoint.name}-{shape}-{num_blocks}blocks-{device.replace(':', '_')}-{dtype_name}.json"
+    path = default_cache_dir(cache_dir) / "throughput" / name
+    try:
+        cached = json.loads(path.read_text())
+        return float(cached["forward_rps"]), float(cached["inference_rps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    forward_rps, inference_rps = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"forward_rps": forward_rps, "inference_rps": inference_rps}))
+    tmp.replace(path)
+    return forward_rps, inference_rps
+
+
+def cached_block_rps(checkpoint, device: str, dtype_name: str, cache_dir=None) -> float:
+    """Single-token steps/s of one block (for choosing a span before loading it)."""
     from swarm.models.span import load_span
     from swarm.utils.tensors import FLOAT_DTYPES
 
-    path = (
-        default_cache_dir(cache_dir)
-        / "throughput"
-        / f"{checkpoint.name}-{device.replace(':', '_')}-{dtype_name}.json"
-    )
-    try:
-        return float(json.loads(path.read_text())["block_rps"])
-    except (OSError, ValueError, KeyError):
-        pass
-    span = load_span(checkpoint, 0, 1, FLOAT_DTYPES[dtype_name], device)
-    _, block_rps = measure_span_rps(span, device, FLOAT_DTYPES[dtype_name])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"block_rps": block_rps}))
-    tmp.replace(path)
-    return block_rps
+    def measure():
+        span = load_span(checkpoint, 0, 1, FLOAT_DTYPES[dtype_name], device)
+        return measure_span_rps(span, device, FLOAT_DTYPES[dtype_name])
+
+    return cached_rps(checkpoint, 1, device, dtype_name, cache_dir, measure)[1]
