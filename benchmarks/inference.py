@@ -47,7 +47,10 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
         timer = Timer()
         with torch.no_grad():
             model.generate(
-                input_ids.to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                input_ids.to(device),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
                 streamer=timer,
             )
         runs.append(timer.per_token())
@@ -80,7 +83,9 @@ def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, repeat
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -106,8 +111,12 @@ def main(argv=None) -> None:
         with LocalSwarm() as swarm:
             swarm.start_bootstrap()
             swarm.start_nodes(
-                args.model, split_blocks(checkpoint.num_blocks, nodes), "--dtype", args.dtype,
-                "--device", args.device,
+                args.model,
+                split_blocks(checkpoint.num_blocks, nodes),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
             )
             latencies, hops, rtt = swarm_latencies(
                 args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.repeats
@@ -137,14 +146,19 @@ def main(argv=None) -> None:
         extra_hops = last["hops"] - first["hops"]
         if extra_hops > 0:
             overhead = (last["swarm_ms_per_token_median"] - first["swarm_ms_per_token_median"]) / extra_hops
-            print(json.dumps({
-                "name": "per_hop_overhead",
-                "model": checkpoint.name,
-                "device": args.device,
-                "dtype": args.dtype,
-                "nodes": [first["nodes"], last["nodes"]],
-                "per_hop_overhead_ms": round(overhead, 3),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "name": "per_hop_overhead",
+                        "model": checkpoint.name,
+                        "device": args.device,
+                        "dtype": args.dtype,
+                        "nodes": [first["nodes"], last["nodes"]],
+                        "per_hop_overhead_ms": round(overhead, 3),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

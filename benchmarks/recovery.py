@@ -15,7 +15,9 @@ import torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -55,11 +57,17 @@ def main(argv=None) -> None:
             with model.inference_session(max_length=args.prompt_tokens + args.new_tokens) as session:
                 session.on_step = on_step
                 model.generate(
-                    input_ids, max_new_tokens=args.new_tokens, session=session, streamer=Timer(), eos_token_id=[]
+                    input_ids,
+                    max_new_tokens=args.new_tokens,
+                    session=session,
+                    streamer=Timer(),
+                    eos_token_id=[],
                 )
                 recoveries = session.num_recoveries
     gaps = [b - a for a, b in zip(times[1:-1], times[2:], strict=True)]
-    after_kill = min(t for t in times if t > killed_at[0])
+    # the kill happens right after a step's last block, so the first token after it was already computed;
+    # the one after that is the first whose step needed the replacement chain
+    after_kill = sorted(t for t in times if t > killed_at[0])[1]
     print(
         json.dumps(
             {
