@@ -69,6 +69,10 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate after `input_ids` (or continue `session`); returns every token of the session so far."""
+    if getattr(model, "tuning_mode", None):
+        raise NotImplementedError(
+            "generate() does not use trained prompts yet; run model(input_ids) for logits with prompts"
+        )
     if input_ids is None and (session is None or session.output_ids is None):
         raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):

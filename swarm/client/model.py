@@ -13,11 +13,12 @@ import torch
 from hivemind.p2p import P2P
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from swarm.client.autograd import RemoteBlocksFunction, SwarmBlocks
 from swarm.client.bans import BanList
-from swarm.client.errors import MissingBlocksError, RemoteError
+from swarm.client.errors import MissingBlocksError
 from swarm.client.generation import generate
 from swarm.client.inference import InferenceSession
-from swarm.client.remote import get_info, remote_forward
+from swarm.client.remote import get_info
 from swarm.client.routing import min_latency_route, throughput_weighted_route
 from swarm.client.swarm_view import RemoteSpan, consensus_hashes, read_swarm, usable_servers
 from swarm.dht.factory import create_dht
@@ -53,7 +54,14 @@ class ClientConfig:
 class DistributedModelForCausalLM(torch.nn.Module):
     """Embeddings and LM head run here; the transformer blocks run on nodes found through the DHT."""
 
-    def __init__(self, checkpoint: Checkpoint, config: ClientConfig, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        config: ClientConfig,
+        dtype: torch.dtype = torch.float32,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+    ):
         super().__init__()
         self.checkpoint, self.client_config = checkpoint, config
         self.config = checkpoint.config
@@ -70,6 +78,21 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self._view_time = 0.0
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
         self._rng = random.Random()
+        self.blocks = SwarmBlocks(self)
+        self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
+        if tuning_mode not in (None, "ptune", "deep_ptune"):
+            raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
+        if tuning_mode:
+            if pre_seq_len < 1:
+                raise ValueError("prompt tuning needs pre_seq_len >= 1")
+            hidden_size = self.config.hidden_size
+            self.prompt_embeddings = torch.nn.Embedding(pre_seq_len, hidden_size, dtype=dtype)
+            torch.nn.init.normal_(self.prompt_embeddings.weight, std=self.config.initializer_range)
+            if tuning_mode == "deep_ptune":
+                self.intermediate_prompt_embeddings = torch.nn.Embedding(
+                    pre_seq_len, self.num_blocks * hidden_size, dtype=dtype
+                )
+                torch.nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
 
     @classmethod
     def from_pretrained(
@@ -80,11 +103,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
         model_name: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
         **config_kwargs,
     ) -> DistributedModelForCausalLM:
         """Load the client-side parts of a model (same names and paths as `swarm node`) and join the swarm."""
         checkpoint = resolve_checkpoint(name_or_path, cache_dir, model_name)
-        return cls(checkpoint, ClientConfig(initial_peers=list(initial_peers), **config_kwargs), dtype=dtype)
+        config = ClientConfig(initial_peers=list(initial_peers), **config_kwargs)
+        return cls(checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
 
     # ---- the swarm ----------------------------------------------------------------------------------------
 
@@ -166,42 +192,6 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def run_blocks(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Hidden states through all blocks on the swarm; a failing node is banned and the rest re-routed."""
-        block, attempts = 0, 0
-        route = self.find_route(mode="forward")
-        self.last_route = []
-        while block < self.num_blocks:
-            span = route[0]
-            try:
-                hidden = self._loop.run(
-                    remote_forward(
-                        self.p2p,
-                        span.peer_id,
-                        span.start,
-                        span.end,
-                        hidden,
-                        attention_mask,
-                        position_ids,
-                        self.client_config.request_timeout,
-                    ),
-                    timeout=self.client_config.request_timeout + 5,
-                )
-                self.last_route.append(span)
-                block = span.end
-                route = route[1:]
-            except (RemoteError, TimeoutError, OSError, Exception) as e:
-                attempts += 1
-                logger.warning("node %s failed on blocks [%d, %d): %r", span.peer_id, span.start, span.end, e)
-                if attempts > self.client_config.max_retries:
-                    raise
-                self.ban(span.peer_id)
-                route = self.find_route(block, mode="forward")
-        return hidden
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -209,15 +199,44 @@ class DistributedModelForCausalLM(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids`, as transformers' LlamaForCausalLM computes them (positions 0..n-1)."""
+        """Logits for `input_ids`, as transformers' LlamaForCausalLM computes them (positions 0..n-1).
+
+        With prompt tuning, the trainable prompts go before the tokens; logits are returned for the
+        tokens only, and gradients flow back to the prompts through the swarm.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        batch, seq_len = input_ids.shape
+        prefix = self.pre_seq_len if self.tuning_mode else 0
+        if attention_mask is not None and prefix:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
-        with torch.inference_mode():
-            hidden = self.head.embed(input_ids)
-            hidden = self.run_blocks(hidden, attention_mask, position_ids)
-            logits = self.head.logits(hidden)
+            position_ids = torch.arange(prefix + seq_len).unsqueeze(0).expand(batch, -1)
+        elif prefix:
+            position_ids = torch.cat([torch.arange(prefix).expand(batch, -1), position_ids + prefix], dim=1)
+        hidden = self.head.embed(input_ids)
+        deep_prompts = None
+        if self.tuning_mode:
+            prompts = self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
+            hidden = torch.cat([prompts.to(hidden.dtype), hidden], dim=1)
+            if self.tuning_mode == "deep_ptune":
+                weight = self.intermediate_prompt_embeddings.weight  # (prefix, blocks * hidden)
+                deep_prompts = weight.view(prefix, self.num_blocks, -1).permute(1, 0, 2).unsqueeze(1)
+        needs_grad = hidden.requires_grad or (deep_prompts is not None and deep_prompts.requires_grad)
+        if torch.is_grad_enabled() and needs_grad:
+            prompts_arg = deep_prompts if deep_prompts is not None else hidden.new_zeros(0)
+            hidden = RemoteBlocksFunction.apply(
+                hidden, prompts_arg, self.blocks, attention_mask, position_ids
+            )
+        else:
+            with torch.no_grad():
+                hidden, _ = self.blocks.forward(
+                    hidden.detach(),
+                    None if deep_prompts is None else deep_prompts.detach(),
+                    attention_mask,
+                    position_ids,
+                )
+        logits = self.head.logits(hidden[:, prefix:])
         return CausalLMOutputWithPast(logits=logits)
 
     # ---- generation ---------------------------------------------------------------------------------------

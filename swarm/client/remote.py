@@ -35,35 +35,66 @@ async def remote_forward(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     timeout: float,
+    prompts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states through blocks [start, end) of `peer_id`; raises RemoteError on an error reply."""
+    tensors = [hidden_states] + ([prompts] if prompts is not None else [])
+    outputs = await _call(p2p, peer_id, "forward", start, end, tensors, attention_mask, position_ids, timeout)
+    _expect_shapes(peer_id, outputs, [hidden_states.shape])
+    return outputs[0]
+
+
+async def remote_backward(
+    p2p: P2P,
+    peer_id: str,
+    start: int,
+    end: int,
+    hidden_states: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    timeout: float,
+    prompts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients w.r.t. the span's inputs (and its deep prompts); the node recomputes the forward."""
+    tensors = [hidden_states, grad_outputs] + ([prompts] if prompts is not None else [])
+    grads = await _call(p2p, peer_id, "backward", start, end, tensors, attention_mask, position_ids, timeout)
+    shapes = [hidden_states.shape] + ([prompts.shape] if prompts is not None else [])
+    _expect_shapes(peer_id, grads, shapes)
+    return grads[0], (grads[1] if prompts is not None else None)
+
+
+async def _call(
+    p2p, peer_id, kind, start, end, tensors, attention_mask, position_ids, timeout
+) -> list[torch.Tensor]:
+    """A forward or backward call: unary when the request fits one message, streamed otherwise."""
     stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
-    hidden_proto = serialize(hidden_states)
-    request = swarm_pb2.ForwardRequest(
+    request_type = swarm_pb2.ForwardRequest if kind == "forward" else swarm_pb2.BackwardRequest
+    protos = [serialize(t) for t in tensors]
+    request = request_type(
         start_block=start,
         end_block=end,
         attention_mask=_optional(attention_mask),
         position_ids=_optional(position_ids),
     )
-    if len(hidden_proto.buffer) + request.ByteSize() < MAX_UNARY_MESSAGE_BYTES:
-        request.tensors.append(hidden_proto)
-        response = await stub.rpc_forward(request, timeout=timeout)
-        return _decode_output(
-            peer_id, response.error if response.HasField("error") else None, list(response.tensors)
-        )
+    if sum(len(p.buffer) for p in protos) + request.ByteSize() < MAX_UNARY_MESSAGE_BYTES:
+        request.tensors.extend(protos)
+        response = await getattr(stub, f"rpc_{kind}")(request, timeout=timeout)
+        error = response.error if response.HasField("error") else None
+        return _decode_outputs(peer_id, error, list(response.tensors))
 
     async def requests():
-        parts = split_tensors([hidden_proto], STREAM_CHUNK_BYTES)
-        first = swarm_pb2.ForwardRequest()
+        parts = split_tensors(protos, STREAM_CHUNK_BYTES)
+        first = request_type()
         first.CopyFrom(request)
         first.tensors.append(parts[0])
         yield first
         for part in parts[1:]:
-            yield swarm_pb2.ForwardRequest(tensors=[part])
+            yield request_type(tensors=[part])
 
     async def collect():
         error, parts = None, []
-        async for response in await stub.rpc_forward_stream(requests()):
+        async for response in await getattr(stub, f"rpc_{kind}_stream")(requests()):
             if response.HasField("error"):
                 error = response.error
             parts.extend(response.tensors)
@@ -71,14 +102,21 @@ async def remote_forward(
 
     error, parts = await asyncio.wait_for(collect(), timeout=timeout)
     tensors = combine_parts(parts, MAX_RESPONSE_BYTES) if error is None else []
-    return _decode_output(peer_id, error, tensors)
+    return _decode_outputs(peer_id, error, tensors)
 
 
-def _decode_output(peer_id: str, error: swarm_pb2.Error | None, tensors: list) -> torch.Tensor:
+def _decode_outputs(peer_id: str, error: swarm_pb2.Error | None, tensors: list) -> list[torch.Tensor]:
     if error is not None:
         raise RemoteError(peer_id, error)
-    if len(tensors) != 1:
-        raise RemoteError(peer_id, swarm_pb2.Error(message=f"expected 1 output tensor, got {len(tensors)}"))
-    return deserialize_checked(
-        tensors[0], name="output", allowed_dtypes=FLOAT_DTYPES, ndim=3, max_bytes=MAX_RESPONSE_BYTES
-    )
+    return [
+        deserialize_checked(
+            t, name="output", allowed_dtypes=FLOAT_DTYPES, ndim=None, max_bytes=MAX_RESPONSE_BYTES
+        )
+        for t in tensors
+    ]
+
+
+def _expect_shapes(peer_id: str, tensors: list[torch.Tensor], shapes: list) -> None:
+    got = [tuple(t.shape) for t in tensors]
+    if got != [tuple(s) for s in shapes]:
+        raise RemoteError(peer_id, swarm_pb2.Error(message=f"reply has shapes {got}, expected {shapes}"))

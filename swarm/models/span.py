@@ -43,10 +43,13 @@ class LlamaSpan(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         layers: slice = slice(None),
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `hidden_states` (batch, seq, hidden) through the span (or a sub-slice of its layers).
 
         attention_mask is 2D over past + new tokens; position_ids default to what generate() would use.
+        `prompts` (layers, batch or 1, prefix, hidden) are deep prompts: layer i's is added to the first
+        `prefix` positions of that layer's input.
         """
         batch, seq_len, _ = hidden_states.shape
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -62,7 +65,12 @@ class LlamaSpan(nn.Module):
             position_ids=position_ids,
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer in self.layers[layers]:
+        for index, layer in enumerate(self.layers[layers]):
+            if prompts is not None:
+                prefix = prompts.shape[2]
+                hidden_states = torch.cat(
+                    [hidden_states[:, :prefix] + prompts[index], hidden_states[:, prefix:]], dim=1
+                )
             hidden_states = layer(
                 hidden_states,
                 attention_mask=mask,

@@ -31,6 +31,8 @@ class SpanInputs:
     position_ids: torch.Tensor | None
     layers: slice
     wire_dtype: torch.dtype
+    prompts: torch.Tensor | None = None  # deep prompts (layers, batch or 1, prefix, hidden)
+    grad_outputs: torch.Tensor | None = None  # for backward: d(loss)/d(outputs)
 
 
 class SpanBackend:
@@ -61,15 +63,13 @@ class SpanBackend:
             )
         return slice(start - self.start, end - self.start)
 
-    def parse_hidden(self, tensors) -> torch.Tensor:
+    def parse_hidden(self, tensors, name: str = "hidden_states") -> torch.Tensor:
         """The one hidden-states tensor of a request, checked against the model and the limits."""
         if len(tensors) != 1:
-            raise RequestError(
-                swarm_pb2.Error.BAD_REQUEST, f"expected 1 tensor (hidden states), got {len(tensors)}"
-            )
+            raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"expected 1 tensor ({name}), got {len(tensors)}")
         hidden = deserialize_checked(
             tensors[0],
-            name="hidden_states",
+            name=name,
             allowed_dtypes=FLOAT_DTYPES,
             ndim=3,
             max_bytes=self.limits.max_request_bytes,
@@ -90,14 +90,35 @@ class SpanBackend:
             raise TensorTooLargeError(
                 f"sequence length {seq_len} exceeds the limit of {self.limits.max_sequence_length}"
             )
-        check_finite(hidden, "hidden_states")
+        check_finite(hidden, name)
         return hidden
 
-    def parse_inputs(self, start: int, end: int, tensors, attention_mask, position_ids) -> SpanInputs:
-        """Decode and check a forward-style request; raises RequestError / BadTensorError."""
+    def parse_inputs(
+        self, start: int, end: int, tensors, attention_mask, position_ids, backward: bool = False
+    ) -> SpanInputs:
+        """Decode and check a forward request ([hidden, (prompts)]) or a backward one
+        ([hidden, grad_outputs, (prompts)]); raises RequestError / BadTensorError."""
         layers = self.check_blocks(start, end)
-        hidden = self.parse_hidden(tensors)
+        tensors = list(tensors)
+        expected = (2, 3) if backward else (1, 2)
+        if len(tensors) not in expected:
+            what = "hidden, grad_outputs[, prompts]" if backward else "hidden[, prompts]"
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST, f"expected tensors [{what}], got {len(tensors)} tensors"
+            )
+        hidden = self.parse_hidden(tensors[:1])
         batch, seq_len, _ = hidden.shape
+        grad_outputs = None
+        if backward:
+            grad_outputs = self.parse_hidden(tensors[1:2], "grad_outputs")
+            if grad_outputs.shape != hidden.shape:
+                raise RequestError(
+                    swarm_pb2.Error.BAD_REQUEST,
+                    f"grad_outputs has shape {tuple(grad_outputs.shape)}, expected {tuple(hidden.shape)}",
+                )
+        prompts = None
+        if len(tensors) == expected[1]:
+            prompts = self._parse_prompts(tensors[-1], end - start, batch, seq_len)
         mask = self.parse_index_tensor(attention_mask, "attention_mask")
         positions = self.parse_index_tensor(position_ids, "position_ids")
         for name, tensor in (("attention_mask", mask), ("position_ids", positions)):
@@ -106,7 +127,30 @@ class SpanBackend:
                     swarm_pb2.Error.BAD_REQUEST,
                     f"{name} has shape {tuple(tensor.shape)}, expected {(batch, seq_len)}",
                 )
-        return SpanInputs(hidden, mask, positions, layers, hidden.dtype)
+        return SpanInputs(hidden, mask, positions, layers, hidden.dtype, prompts, grad_outputs)
+
+    def _parse_prompts(self, proto, num_layers: int, batch: int, seq_len: int) -> torch.Tensor:
+        prompts = deserialize_checked(
+            proto,
+            name="prompts",
+            allowed_dtypes=FLOAT_DTYPES,
+            ndim=4,
+            max_bytes=self.limits.max_request_bytes,
+        )
+        layers, prompt_batch, prefix, hidden_size = prompts.shape
+        if layers != num_layers or prompt_batch not in (1, batch) or not 0 < prefix <= seq_len:
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST,
+                f"prompts have shape {tuple(prompts.shape)}; expected ({num_layers}, 1 or {batch}, "
+                f"1..{seq_len}, {self.hidden_size})",
+            )
+        if hidden_size != self.hidden_size:
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST,
+                f"prompt size {hidden_size} does not match the model's {self.hidden_size}",
+            )
+        check_finite(prompts, "prompts")
+        return prompts
 
     def parse_index_tensor(self, proto, name: str) -> torch.Tensor | None:
         """An optional 2D integer tensor (mask or positions); positions must be non-negative."""
@@ -124,8 +168,34 @@ class SpanBackend:
         hidden = inputs.hidden_states.to(self.device, self.dtype)
         mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
         positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
-        out = self.span(hidden, attention_mask=mask, position_ids=positions, layers=inputs.layers)
+        prompts = inputs.prompts.to(self.device, self.dtype) if inputs.prompts is not None else None
+        out = self.span(
+            hidden, attention_mask=mask, position_ids=positions, layers=inputs.layers, prompts=prompts
+        )
         return out.to("cpu", inputs.wire_dtype)
+
+    def _backward_sync(self, inputs: SpanInputs) -> list[torch.Tensor]:
+        """Recompute the span's forward from the inputs, then backpropagate grad_outputs to the inputs
+        (and prompts). The span's weights are frozen: nothing here can change them."""
+        with torch.enable_grad():
+            hidden = inputs.hidden_states.to(self.device, self.dtype).requires_grad_(True)
+            prompts = None
+            if inputs.prompts is not None:
+                prompts = inputs.prompts.to(self.device, self.dtype).requires_grad_(True)
+            mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
+            positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
+            out = self.span(
+                hidden, attention_mask=mask, position_ids=positions, layers=inputs.layers, prompts=prompts
+            )
+            targets = [hidden] + ([prompts] if prompts is not None else [])
+            grads = torch.autograd.grad(
+                out, targets, grad_outputs=inputs.grad_outputs.to(out.device, out.dtype)
+            )
+        return [grad.to("cpu", inputs.wire_dtype) for grad in grads]
+
+    async def backward(self, inputs: SpanInputs) -> list[torch.Tensor]:
+        """Gradients w.r.t. the inputs (and prompts), on the compute thread, bounded by the timeout."""
+        return await self._run(self._backward_sync, inputs)
 
     async def forward(self, inputs: SpanInputs) -> torch.Tensor:
         """Run the span on the compute thread, bounded by the request timeout."""

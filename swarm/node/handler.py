@@ -72,6 +72,44 @@ class NodeServicer(ServicerBase):
         except Exception as e:
             yield self._error_reply(swarm_pb2.ForwardResponse, e, context, "forward_stream")
 
+    async def rpc_backward(
+        self, request: swarm_pb2.BackwardRequest, context: P2PContext
+    ) -> swarm_pb2.BackwardResponse:
+        try:
+            grads = await self._backward(request, list(request.tensors))
+            response = swarm_pb2.BackwardResponse(tensors=[serialize(g) for g in grads])
+            if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
+                raise RequestError(
+                    swarm_pb2.Error.TOO_LARGE,
+                    "response exceeds the unary message limit; use rpc_backward_stream",
+                )
+            return response
+        except Exception as e:
+            return self._error_reply(swarm_pb2.BackwardResponse, e, context, "backward")
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[swarm_pb2.BackwardRequest], context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.BackwardResponse]:
+        try:
+            first, parts = await self._receive_stream(requests)
+            grads = await self._backward(first, parts)
+            for part in split_tensors([serialize(g) for g in grads], STREAM_CHUNK_BYTES):
+                yield swarm_pb2.BackwardResponse(tensors=[part])
+        except Exception as e:
+            yield self._error_reply(swarm_pb2.BackwardResponse, e, context, "backward_stream")
+
+    async def _backward(self, request, tensors):
+        backend = self.backend
+        inputs = backend.parse_inputs(
+            request.start_block,
+            request.end_block,
+            tensors,
+            request.attention_mask if request.HasField("attention_mask") else None,
+            request.position_ids if request.HasField("position_ids") else None,
+            backward=True,
+        )
+        return await backend.backward(inputs)
+
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0
         limit = self.backend.limits.max_request_bytes

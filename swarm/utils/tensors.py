@@ -35,7 +35,7 @@ def deserialize_checked(
     *,
     name: str,
     allowed_dtypes: dict[str, torch.dtype],
-    ndim: int,
+    ndim: int | None,
     max_bytes: int,
 ) -> torch.Tensor:
     """Decode a tensor after checking dtype, rank, byte limit and that the buffer matches the shape."""
@@ -46,7 +46,7 @@ def deserialize_checked(
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise BadTensorError(f"{name}: compression {proto.compression} is not accepted")
     shape = tuple(proto.size)
-    if len(shape) != ndim:
+    if ndim is not None and len(shape) != ndim:
         raise BadTensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
     expected_bytes = math.prod(shape) * _ITEM_SIZE[proto.dtype]
     if expected_bytes > max_bytes:
