@@ -21,8 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarm tests benchmarks scripts
-	$(VENV)/bin/ruff format --check swarm tests benchmarks scripts
+	$(VENV)/bin/ruff check swarm tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check swarm tests benchmarks scripts examples
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
