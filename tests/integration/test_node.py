@@ -6,6 +6,7 @@ import signal
 import psutil
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -199,3 +200,53 @@ def test_sigterm_announces_offline_and_leaves_no_children(tiny_model, local_swar
         assert servers[process.peer_id].state == swarm_pb2.ServerInfo.OFFLINE
     finally:
         reader.shutdown()
+
+
+def test_bad_backward_requests_get_errors_and_backward_is_exact(node, client, tiny_model):
+    """rpc_backward checks its inputs like forward, and returns exact input (and deep prompt) gradients."""
+    _, process = node
+    loop, _, p2p = client
+    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(process.peer_id))
+    E = swarm_pb2.Error
+    hidden, grad = good_hidden(), torch.randn(2, 5, HIDDEN)
+    prompts = torch.randn(2, 1, 2, HIDDEN) * 0.1
+
+    def backward(*tensors, start=2, end=4):
+        request = swarm_pb2.BackwardRequest(
+            start_block=start, end_block=end, tensors=[serialize(t) for t in tensors]
+        )
+        return loop.run(stub.rpc_backward(request, timeout=TIMEOUT))
+
+    nan_grad = grad.clone()
+    nan_grad[0, 0, 0] = float("nan")
+    cases = [
+        ((hidden,), E.BAD_REQUEST, "grad_outputs"),  # no gradient sent
+        ((hidden, grad[:, :3]), E.BAD_REQUEST, "grad_outputs has shape"),
+        ((hidden, nan_grad), E.BAD_REQUEST, "NaN"),
+        (
+            (hidden, grad, torch.randn(3, 1, 2, HIDDEN)),
+            E.BAD_REQUEST,
+            "prompts have shape",
+        ),  # 3 layers, not 2
+        (
+            (hidden, grad, torch.randn(2, 1, 9, HIDDEN)),
+            E.BAD_REQUEST,
+            "prompts have shape",
+        ),  # longer than input
+    ]
+    for tensors, code, message in cases:
+        reply = backward(*tensors)
+        assert reply.error.code == code and message in reply.error.message, reply.error
+    reply = backward(hidden, grad, start=0, end=2)
+    assert reply.error.code == E.UNKNOWN_BLOCKS
+
+    reply = backward(hidden, grad, prompts)
+    assert not reply.HasField("error"), reply.error
+    span = load_span(resolve_checkpoint(tiny_model), 2, 4)
+    reference_hidden = hidden.clone().requires_grad_(True)
+    reference_prompts = prompts.clone().requires_grad_(True)
+    span(reference_hidden, prompts=reference_prompts).backward(grad)
+    grad_hidden, grad_prompts = (deserialize_torch_tensor(t) for t in reply.tensors)
+    torch.testing.assert_close(grad_hidden, reference_hidden.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_prompts, reference_prompts.grad, rtol=0, atol=1e-5)
+    assert all(not p.requires_grad for p in span.parameters())  # served weights are frozen
