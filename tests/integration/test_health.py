@@ -39,7 +39,10 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
                 "cache_tokens_left": 32768,
             }
         ]
-        text = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "gappy").stdout
+        assert result.returncode == 1  # a model with missing blocks makes the health check fail
+        gappy_text = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "gappy")
+        assert gappy_text.returncode == 1
+        text = gappy_text.stdout
         assert "missing blocks: 2-5" in text and gappy.peer_id in text and "##...." in text
     finally:
         gappy.terminate()
