@@ -1,0 +1,1 @@
+"""Test harnesses that ship with the package (network namespaces for multi-host tests)."""

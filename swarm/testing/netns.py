@@ -1,0 +1,196 @@
+"""A multi-host harness on one machine: each host is a network namespace on a private bridge.
+
+Every host gets a veth pair into the bridge and its own address in 10.231.0.0/24; the machine itself is
+10.231.0.1 on the bridge. Per host: `tc netem` delay, jitter and loss (when the kernel has sch_netem)
+and a bandwidth limit (tbf). Links can be cut and restored. All traffic stays on these addresses.
+Needs root and iproute2 (`ip`, `tc`). Everything is torn down by close(), at exit, and on failure.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarm.local.processes import _READY_RE, ManagedProcess
+
+SUBNET_PREFIX = "10.231.0"
+BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
+
+
+class NetnsUnavailable(RuntimeError):
+    """This machine cannot run the harness (not root, or iproute2 missing)."""
+
+
+def unavailable_reason() -> str | None:
+    """Why the harness cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    return None
+
+
+def netem_available() -> bool:
+    """Whether the kernel can emulate delay/jitter/loss (sch_netem); probed on a throwaway veth pair."""
+    name = f"swp{uuid.uuid4().hex[:6]}"
+    if _run(["ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p"], check=False).returncode:
+        return False
+    try:
+        probe = _run(["tc", "qdisc", "add", "dev", name, "root", "netem", "delay", "1ms"], check=False)
+        return probe.returncode == 0
+    finally:
+        _run(["ip", "link", "del", name], check=False)
+
+
+def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class Host:
+    name: str
+    namespace: str
+    address: str
+    veth: str  # the bridge-side end, which cut()/restore() toggle
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+
+class NetnsHarness:
+    """Hosts in network namespaces on one bridge, and swarm processes running inside them."""
+
+    def __init__(self, workdir: str | os.PathLike | None = None):
+        reason = unavailable_reason()
+        if reason:
+            raise NetnsUnavailable(reason)
+        self.tag = uuid.uuid4().hex[:5]
+        self.bridge = f"swb{self.tag}"
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="swarm-netns-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hosts: dict[str, Host] = {}
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            _run(["ip", "link", "add", self.bridge, "type", "bridge"])
+            _run(["ip", "addr", "add", f"{BRIDGE_ADDRESS}/24", "dev", self.bridge])
+            _run(["ip", "link", "set", self.bridge, "up"])
+        except BaseException:
+            self.close()
+            raise
+
+    def add_host(
+        self,
+        name: str,
+        delay_ms: float = 0.0,
+        jitter_ms: float = 0.0,
+        loss_percent: float = 0.0,
+        rate_mbit: float | None = None,
+    ) -> Host:
+        """A new namespace with its own address; delay/jitter/loss and bandwidth apply to what it sends."""
+        index = len(self.hosts) + 2
+        if index > 250:
+            raise ValueError("at most 249 hosts")
+        namespace, veth = f"sw{self.tag}{index}", f"swv{self.tag}{index}"
+        host = Host(name, namespace, f"{SUBNET_PREFIX}.{index}", veth)
+        self.hosts[name] = host
+        peer = f"{veth}p"
+        _run(["ip", "netns", "add", namespace])
+        _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer])
+        _run(["ip", "link", "set", peer, "netns", namespace])
+        _run(["ip", "link", "set", veth, "master", self.bridge])
+        _run(["ip", "link", "set", veth, "up"])
+        _run(["ip", "-n", namespace, "addr", "add", f"{host.address}/24", "dev", peer])
+        _run(["ip", "-n", namespace, "link", "set", peer, "up"])
+        _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
+        self._shape(namespace, peer, delay_ms, jitter_ms, loss_percent, rate_mbit)
+        return host
+
+    @staticmethod
+    def _shape(namespace, device, delay_ms, jitter_ms, loss_percent, rate_mbit) -> None:
+        tc = ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root"]
+        if delay_ms or jitter_ms or loss_percent:
+            netem = ["netem", "delay", f"{delay_ms}ms"]
+            if jitter_ms:
+                netem += [f"{jitter_ms}ms"]
+            if loss_percent:
+                netem += ["loss", f"{loss_percent}%"]
+            if rate_mbit:
+                netem += ["rate", f"{rate_mbit}mbit"]
+            result = _run(tc + netem, check=False)
+            if result.returncode:
+                raise RuntimeError(
+                    f"tc netem failed (does the kernel have sch_netem?): {result.stderr.strip()}"
+                )
+        elif rate_mbit:
+            _run(tc + ["tbf", "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "100ms"])
+
+    def cut(self, name: str) -> None:
+        """Take a host off the network (its processes keep running)."""
+        _run(["ip", "link", "set", self.hosts[name].veth, "down"])
+
+    def restore(self, name: str) -> None:
+        _run(["ip", "link", "set", self.hosts[name].veth, "up"])
+
+    def spawn(self, name: str, label: str, cli_args: list[str]) -> ManagedProcess:
+        """Run `swarm <cli_args>` inside host `name`."""
+        host = self.hosts[name]
+        args = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "swarm.cli.main", *cli_args]
+        process = ManagedProcess(f"{name}-{label}", args, self.workdir / f"{name}-{label}.log")
+        host.processes.append(process)
+        return process
+
+    def start_bootstrap(self, name: str, timeout: float = 60.0) -> list[str]:
+        """A bootstrap peer inside host `name`; returns its multiaddrs."""
+        host = self.hosts[name]
+        maddr_file = self.workdir / f"{name}-bootstrap.maddrs"
+        process = self.spawn(
+            name, "bootstrap", ["dht", "--host", host.address, "--port", "0", "--maddr-file", str(maddr_file)]
+        )
+        process.wait_for(r"bootstrap peer \S+ is up", timeout)
+        return maddr_file.read_text().split()
+
+    def start_node(self, name: str, model: str, blocks: str, initial_peers: list[str], *extra: str):
+        host = self.hosts[name]
+        args = ["node", "--model", model, "--blocks", blocks, "--host", host.address]
+        return self.spawn(
+            name, f"node{len(host.processes)}", [*args, "--initial-peers", *initial_peers, *extra]
+        )
+
+    @staticmethod
+    def wait_ready(process: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
+        match = process.wait_for(_READY_RE, timeout)
+        process.peer_id = match.group(1)
+        process.span = (int(match.group(2)), int(match.group(3)))
+        return process
+
+    def close(self) -> None:
+        """Stop every process and delete every namespace, veth and the bridge (safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        for host in self.hosts.values():
+            for process in host.processes:
+                process.kill()
+        for host in self.hosts.values():
+            _run(["ip", "netns", "del", host.namespace], check=False)
+            _run(["ip", "link", "del", host.veth], check=False)
+        _run(["ip", "link", "del", self.bridge], check=False)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> NetnsHarness:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
