@@ -67,6 +67,9 @@ class Swarm:
         return self.nodes[(span, rank)].peer_id
 
     def close(self):
+        # SIGKILL: graceful exits (tested elsewhere) would wait on DHT peers these tests killed
+        for process in self.local.processes:
+            process.kill()
         self.local.close()
 
 
