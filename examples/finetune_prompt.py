@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 DATA = Path(__file__).parent / "data" / "sentiment.jsonl"
+INIT_TEXT = "Is the following review positive or negative?"
 
 
 def load_examples(tokenizer) -> list[tuple[list[int], int]]:
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--pre-seq-len", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.003)
     args = parser.parse_args()
 
     from swarm.client import DistributedModelForCausalLM
@@ -92,6 +93,11 @@ def main() -> None:
                 args.model, peers, tuning_mode=args.mode, pre_seq_len=args.pre_seq_len
             )
         )
+        # start the prompt from the embeddings of a task description, a common and stable initialisation
+        hint = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
+        hint = (hint * args.pre_seq_len)[: args.pre_seq_len]
+        with torch.no_grad():
+            model.prompt_embeddings.weight.copy_(model.head.embed(torch.tensor(hint)))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=args.lr)
         print(
