@@ -36,10 +36,11 @@ class SpanRecord:
     inputs: torch.Tensor
 
 
-def batch_chunks(hidden: torch.Tensor, extra_bytes: int = 0) -> list[slice]:
-    """Slices of the batch such that each chunk's request (inputs and grads) fits a unary message."""
+def batch_chunks(hidden: torch.Tensor, extra_bytes: int = 0, tensors_per_row: int = 1) -> list[slice]:
+    """Slices of the batch such that each chunk's request fits a unary message (backward sends two
+    tensors per row: inputs and grad_outputs)."""
     batch = hidden.shape[0]
-    per_row = 2 * hidden[0].numel() * hidden.element_size()  # backward sends inputs and grad_outputs
+    per_row = tensors_per_row * hidden[0].numel() * hidden.element_size()
     budget = max(1, (MAX_UNARY_MESSAGE_BYTES // 2 - extra_bytes) // max(per_row, 1))
     size = max(1, min(MAX_CHUNK_BATCH, budget))
     return [slice(i, min(batch, i + size)) for i in range(0, batch, size)]
@@ -101,7 +102,7 @@ class SwarmBlocks:
                     config.request_timeout,
                     prompts=span_prompts,
                 )
-                for rows in batch_chunks(hidden, extra)
+                for rows in batch_chunks(hidden, extra, tensors_per_row=2)
             ]
             return await asyncio.gather(*calls)
 
