@@ -63,6 +63,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pre_seq_len: int = 0,
     ):
         super().__init__()
+        # checked before the DHT starts, so a bad argument leaves no process behind
+        if tuning_mode not in (None, "ptune", "deep_ptune"):
+            raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
+        if tuning_mode and pre_seq_len < 1:
+            raise ValueError("prompt tuning needs pre_seq_len >= 1")
         self.checkpoint, self.client_config = checkpoint, config
         self.config = checkpoint.config
         self.head = load_client_head(checkpoint, dtype=dtype)
@@ -80,11 +85,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self._rng = random.Random()
         self.blocks = SwarmBlocks(self)
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
-        if tuning_mode not in (None, "ptune", "deep_ptune"):
-            raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
         if tuning_mode:
-            if pre_seq_len < 1:
-                raise ValueError("prompt tuning needs pre_seq_len >= 1")
             hidden_size = self.config.hidden_size
             self.prompt_embeddings = torch.nn.Embedding(pre_seq_len, hidden_size, dtype=dtype)
             torch.nn.init.normal_(self.prompt_embeddings.weight, std=self.config.initializer_range)
