@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     dht, _ = create_dht(args.initial_peers, host=args.host, port=args.port, identity_path=args.identity)
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        if args.maddr_file:  # before printing: whoever reads stdout may look for the file next
+            write_lines_atomically(args.maddr_file, maddrs)
         for maddr in maddrs:
             print(maddr, flush=True)
-        if args.maddr_file:
-            write_lines_atomically(args.maddr_file, maddrs)
         logger.info("bootstrap peer %s is up; join with --initial-peers %s", dht.peer_id, " ".join(maddrs))
         stop.wait()
     finally:
