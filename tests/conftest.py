@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from swarm.local import LocalSwarm
 from swarm.models.tiny import write_tiny_llama
@@ -32,6 +33,14 @@ def swarm_cache(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     """A 6-block random Llama (fp32 safetensors) named tiny-llama."""
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", num_blocks=6)
+
+
+@pytest.fixture(scope="session")
+def local_model(tiny_model):
+    """The tiny Llama in plain transformers (fp32, frozen): the reference the swarm must match."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval().requires_grad_(False)
 
 
 @pytest.fixture

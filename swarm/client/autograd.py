@@ -56,59 +56,56 @@ class SwarmBlocks:
     def __init__(self, model: DistributedModelForCausalLM):
         self.model = model
 
-    def _span_prompts(self, prompts: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
-        return None if prompts is None else prompts[start:end]
+    def _in_chunks(self, span: RemoteSpan, hidden, prompts, tensors_per_row: int, call) -> list:
+        """`call(rows, span_prompts)` for every batch chunk of `hidden`, concurrently; results in order."""
+        timeout = self.model.client_config.request_timeout
+        span_prompts = None if prompts is None else prompts[span.start : span.end]
+        extra = 0 if span_prompts is None else span_prompts.numel() * span_prompts.element_size()
+
+        async def run():
+            chunks = batch_chunks(hidden, extra, tensors_per_row)
+            return await asyncio.gather(*(call(rows, span_prompts) for rows in chunks))
+
+        return self.model.run_async(run(), timeout=timeout + 5)
 
     def forward_span(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
-        config = self.model.client_config
-        span_prompts = self._span_prompts(prompts, span.start, span.end)
-        extra = 0 if span_prompts is None else span_prompts.numel() * span_prompts.element_size()
+        timeout = self.model.client_config.request_timeout
 
-        async def run():
-            calls = [
-                remote_forward(
-                    self.model.p2p,
-                    span.peer_id,
-                    span.start,
-                    span.end,
-                    hidden[rows],
-                    _optional_rows(mask, rows),
-                    _optional_rows(positions, rows),
-                    config.request_timeout,
-                    prompts=span_prompts,
-                )
-                for rows in batch_chunks(hidden, extra)
-            ]
-            return torch.cat(await asyncio.gather(*calls), dim=0)
+        def call(rows, span_prompts):
+            return remote_forward(
+                self.model.p2p,
+                span.peer_id,
+                span.start,
+                span.end,
+                hidden[rows],
+                _optional_rows(mask, rows),
+                _optional_rows(positions, rows),
+                timeout,
+                prompts=span_prompts,
+            )
 
-        return self.model.run_async(run(), timeout=config.request_timeout + 5)
+        return torch.cat(self._in_chunks(span, hidden, prompts, 1, call), dim=0)
 
     def backward_span(self, span: RemoteSpan, hidden, grad_outputs, prompts, mask, positions):
-        config = self.model.client_config
-        span_prompts = self._span_prompts(prompts, span.start, span.end)
-        extra = 0 if span_prompts is None else span_prompts.numel() * span_prompts.element_size()
+        timeout = self.model.client_config.request_timeout
 
-        async def run():
-            calls = [
-                remote_backward(
-                    self.model.p2p,
-                    span.peer_id,
-                    span.start,
-                    span.end,
-                    hidden[rows],
-                    grad_outputs[rows],
-                    _optional_rows(mask, rows),
-                    _optional_rows(positions, rows),
-                    config.request_timeout,
-                    prompts=span_prompts,
-                )
-                for rows in batch_chunks(hidden, extra, tensors_per_row=2)
-            ]
-            return await asyncio.gather(*calls)
+        def call(rows, span_prompts):
+            return remote_backward(
+                self.model.p2p,
+                span.peer_id,
+                span.start,
+                span.end,
+                hidden[rows],
+                grad_outputs[rows],
+                _optional_rows(mask, rows),
+                _optional_rows(positions, rows),
+                timeout,
+                prompts=span_prompts,
+            )
 
-        results = self.model.run_async(run(), timeout=config.request_timeout + 5)
+        results = self._in_chunks(span, hidden, prompts, 2, call)  # inputs and grad_outputs per row
         grad_inputs = torch.cat([grad for grad, _ in results], dim=0)
-        grad_prompts = None if span_prompts is None else sum(gp for _, gp in results)
+        grad_prompts = None if prompts is None else sum(gp for _, gp in results)
         return grad_inputs, grad_prompts
 
     def forward(self, hidden, prompts, mask, positions, start: int = 0, end: int | None = None):

@@ -145,8 +145,6 @@ def _extend(session: InferenceSession, input_ids: torch.Tensor | None, attention
         return
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if session.output_ids is not None and input_ids.shape[0] != session.batch_size:
-        raise ValueError(f"batch size {input_ids.shape[0]} differs from the session's {session.batch_size}")
     _append(session, input_ids, attention_mask)
 
 

@@ -163,16 +163,24 @@ class SpanBackend:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"{name} must be non-negative")
         return tensor
 
+    def _call_span(self, inputs: SpanInputs, hidden, prompts=None, cache=None) -> torch.Tensor:
+        """The span on `hidden` (already on the device) with the request's mask, positions and layers."""
+        mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
+        positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
+        return self.span(
+            hidden,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            layers=inputs.layers,
+            prompts=prompts,
+        )
+
     @torch.inference_mode()
     def _forward_sync(self, inputs: SpanInputs) -> torch.Tensor:
         hidden = inputs.hidden_states.to(self.device, self.dtype)
-        mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
-        positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
         prompts = inputs.prompts.to(self.device, self.dtype) if inputs.prompts is not None else None
-        out = self.span(
-            hidden, attention_mask=mask, position_ids=positions, layers=inputs.layers, prompts=prompts
-        )
-        return out.to("cpu", inputs.wire_dtype)
+        return self._call_span(inputs, hidden, prompts).to("cpu", inputs.wire_dtype)
 
     def _backward_sync(self, inputs: SpanInputs) -> list[torch.Tensor]:
         """Recompute the span's forward from the inputs, then backpropagate grad_outputs to the inputs
@@ -182,11 +190,7 @@ class SpanBackend:
             prompts = None
             if inputs.prompts is not None:
                 prompts = inputs.prompts.to(self.device, self.dtype).requires_grad_(True)
-            mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
-            positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
-            out = self.span(
-                hidden, attention_mask=mask, position_ids=positions, layers=inputs.layers, prompts=prompts
-            )
+            out = self._call_span(inputs, hidden, prompts)
             targets = [hidden] + ([prompts] if prompts is not None else [])
             grads = torch.autograd.grad(
                 out, targets, grad_outputs=inputs.grad_outputs.to(out.device, out.dtype)
@@ -210,15 +214,7 @@ class SpanBackend:
             session.length = position
         try:
             hidden = inputs.hidden_states.to(self.device, self.dtype)
-            mask = inputs.attention_mask.to(self.device) if inputs.attention_mask is not None else None
-            positions = inputs.position_ids.to(self.device) if inputs.position_ids is not None else None
-            out = self.span(
-                hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=session.cache,
-                layers=inputs.layers,
-            )
+            out = self._call_span(inputs, hidden, cache=session.cache)
         except BaseException:
             session.cache.truncate(position)  # a step that fails half-way leaves the cache as it was
             raise

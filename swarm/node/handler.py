@@ -28,7 +28,7 @@ FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED)
 
 
 class NodeServicer(ServicerBase):
-    """rpc_info, rpc_forward (unary, < 4 MiB), rpc_forward_stream (any size) and rpc_inference (sessions)."""
+    """rpc_info; rpc_forward / rpc_backward (unary, < 4 MiB) and their *_stream twins; rpc_inference."""
 
     def __init__(
         self,
@@ -46,69 +46,66 @@ class NodeServicer(ServicerBase):
     async def rpc_forward(
         self, request: swarm_pb2.ForwardRequest, context: P2PContext
     ) -> swarm_pb2.ForwardResponse:
-        started = time.perf_counter()
-        try:
-            outputs = await self._forward(request, list(request.tensors))
-            response = swarm_pb2.ForwardResponse(tensors=[serialize(outputs)])
-            if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
-                raise RequestError(
-                    swarm_pb2.Error.TOO_LARGE,
-                    "response exceeds the unary message limit; use rpc_forward_stream",
-                )
-            return response
-        except Exception as e:
-            return self._error_reply(swarm_pb2.ForwardResponse, e, context, "forward")
-        finally:
-            logger.debug("rpc_forward took %.1f ms", 1000 * (time.perf_counter() - started))
+        return await self._unary(request, context, "forward", swarm_pb2.ForwardResponse)
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext
     ) -> AsyncIterator[swarm_pb2.ForwardResponse]:
-        try:
-            first, parts = await self._receive_stream(requests)
-            outputs = await self._forward(first, parts)
-            for part in split_tensors([serialize(outputs)], STREAM_CHUNK_BYTES):
-                yield swarm_pb2.ForwardResponse(tensors=[part])
-        except Exception as e:
-            yield self._error_reply(swarm_pb2.ForwardResponse, e, context, "forward_stream")
+        async for reply in self._streamed(requests, context, "forward", swarm_pb2.ForwardResponse):
+            yield reply
 
     async def rpc_backward(
         self, request: swarm_pb2.BackwardRequest, context: P2PContext
     ) -> swarm_pb2.BackwardResponse:
-        try:
-            grads = await self._backward(request, list(request.tensors))
-            response = swarm_pb2.BackwardResponse(tensors=[serialize(g) for g in grads])
-            if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
-                raise RequestError(
-                    swarm_pb2.Error.TOO_LARGE,
-                    "response exceeds the unary message limit; use rpc_backward_stream",
-                )
-            return response
-        except Exception as e:
-            return self._error_reply(swarm_pb2.BackwardResponse, e, context, "backward")
+        return await self._unary(request, context, "backward", swarm_pb2.BackwardResponse)
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[swarm_pb2.BackwardRequest], context: P2PContext
     ) -> AsyncIterator[swarm_pb2.BackwardResponse]:
+        async for reply in self._streamed(requests, context, "backward", swarm_pb2.BackwardResponse):
+            yield reply
+
+    async def _unary(self, request, context: P2PContext, kind: str, response_type):
+        """A forward or backward call in one message; the reply must fit one message too."""
+        started = time.perf_counter()
+        try:
+            outputs = await self._run_span(request, list(request.tensors), backward=kind == "backward")
+            response = response_type(tensors=[serialize(t) for t in outputs])
+            if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
+                raise RequestError(
+                    swarm_pb2.Error.TOO_LARGE,
+                    f"response exceeds the unary message limit; use rpc_{kind}_stream",
+                )
+            return response
+        except Exception as e:
+            return self._error_reply(response_type, e, context, kind)
+        finally:
+            logger.debug("rpc_%s took %.1f ms", kind, 1000 * (time.perf_counter() - started))
+
+    async def _streamed(self, requests: AsyncIterator, context: P2PContext, kind: str, response_type):
+        """A forward or backward call whose request and reply come in parts of at most 1 MiB."""
         try:
             first, parts = await self._receive_stream(requests)
-            grads = await self._backward(first, parts)
-            for part in split_tensors([serialize(g) for g in grads], STREAM_CHUNK_BYTES):
-                yield swarm_pb2.BackwardResponse(tensors=[part])
+            outputs = await self._run_span(first, parts, backward=kind == "backward")
+            for part in split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES):
+                yield response_type(tensors=[part])
         except Exception as e:
-            yield self._error_reply(swarm_pb2.BackwardResponse, e, context, "backward_stream")
+            yield self._error_reply(response_type, e, context, f"{kind}_stream")
 
-    async def _backward(self, request, tensors):
-        backend = self.backend
+    async def _run_span(self, request, tensors, backward: bool) -> list:
+        """[outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward."""
+        backend = self.backend  # the node may move to other blocks meanwhile
         inputs = backend.parse_inputs(
             request.start_block,
             request.end_block,
             tensors,
             request.attention_mask if request.HasField("attention_mask") else None,
             request.position_ids if request.HasField("position_ids") else None,
-            backward=True,
+            backward=backward,
         )
-        return await backend.backward(inputs)
+        if backward:
+            return await backend.backward(inputs)
+        return [await backend.forward(inputs)]
 
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0
@@ -136,18 +133,7 @@ class NodeServicer(ServicerBase):
             raise too_large
         if first is None:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, "empty request stream")
-        return first, combine_parts(parts, self.backend.limits.max_request_bytes)
-
-    async def _forward(self, request, tensors):
-        backend = self.backend  # the node may move to other blocks meanwhile
-        inputs = backend.parse_inputs(
-            request.start_block,
-            request.end_block,
-            tensors,
-            request.attention_mask if request.HasField("attention_mask") else None,
-            request.position_ids if request.HasField("position_ids") else None,
-        )
-        return await backend.forward(inputs)
+        return first, combine_parts(parts, limit)
 
     async def rpc_inference(
         self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from swarm.local.processes import _READY_RE, ManagedProcess
+from swarm.local.processes import LocalSwarm, ManagedProcess
 
 SUBNET_PREFIX = "10.231.0"
 BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
@@ -167,12 +167,7 @@ class NetnsHarness:
             name, f"node{len(host.processes)}", [*args, "--initial-peers", *initial_peers, *extra]
         )
 
-    @staticmethod
-    def wait_ready(process: ManagedProcess, timeout: float = 120.0) -> ManagedProcess:
-        match = process.wait_for(_READY_RE, timeout)
-        process.peer_id = match.group(1)
-        process.span = (int(match.group(2)), int(match.group(3)))
-        return process
+    wait_ready = staticmethod(LocalSwarm.wait_ready)
 
     def close(self) -> None:
         """Stop every process and delete every namespace, veth and the bridge (safe to call twice)."""

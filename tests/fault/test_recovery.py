@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.local import LocalSwarm
@@ -18,11 +17,6 @@ pytestmark = pytest.mark.slow
 SPANS = ["0:2", "2:4", "4:6"]
 PROMPT_LEN = 12
 NEW_TOKENS = 64
-
-
-@pytest.fixture(scope="module")
-def local_model(tiny_model):
-    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,11 @@
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.local import LocalSwarm
 
 PRE_SEQ_LEN = 3
-
-
-@pytest.fixture(scope="module")
-def local_model(tiny_model):
-    model = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    return model.requires_grad_(False)
 
 
 def local_logits(local_model, input_ids, prompts, deep_prompts=None, attention_mask=None):

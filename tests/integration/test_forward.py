@@ -2,15 +2,9 @@
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from swarm.client import DistributedModelForCausalLM, MissingBlocksError
 from swarm.models.tiny import write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def local_model(tiny_model):
-    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

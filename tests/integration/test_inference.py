@@ -6,7 +6,6 @@ import time
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from transformers import LlamaForCausalLM
 
 from swarm.client import DistributedModelForCausalLM, RemoteError
 from swarm.client.inference import SpanStream
@@ -21,11 +20,6 @@ from swarm.utils.tensors import serialize
 
 HIDDEN = 64
 E = swarm_pb2.Error
-
-
-@pytest.fixture(scope="module")
-def local_model(tiny_model):
-    return LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
