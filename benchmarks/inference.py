@@ -16,26 +16,7 @@ import time
 
 import torch
 
-
-class Timer:
-    """A generate() streamer recording token arrival times."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, tokens) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-    def per_token(self) -> list[float]:
-        return [b - a for a, b in zip(self.times[1:-1], self.times[2:], strict=True)]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+from swarm.utils.timing import TokenTimer, percentile
 
 
 def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, repeats: int):
@@ -44,7 +25,7 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path, dtype=dtype).to(device).eval()
     runs = []
     for _ in range(repeats + 1):  # the first run warms up
-        timer = Timer()
+        timer = TokenTimer()
         with torch.no_grad():
             model.generate(
                 input_ids.to(device),
@@ -53,7 +34,7 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
                 do_sample=False,
                 streamer=timer,
             )
-        runs.append(timer.per_token())
+        runs.append(timer.gaps())
     del model
     return [t for run in runs[1:] for t in run]
 
@@ -64,13 +45,13 @@ def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, repeat
     with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype) as model:
         runs, hops = [], 0
         for _ in range(repeats + 1):
-            timer = Timer()
+            timer = TokenTimer()
             with model.inference_session(max_length=input_ids.shape[1] + new_tokens) as session:
                 model.generate(
                     input_ids, max_new_tokens=new_tokens, session=session, streamer=timer, eos_token_id=[]
                 )
                 hops = len(session.route)
-            runs.append(timer.per_token())
+            runs.append(timer.gaps())
         rtts = []
         route = model.find_route()
         from swarm.client.remote import get_info

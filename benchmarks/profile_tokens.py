@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import torch
 
+from swarm.utils.timing import TokenTimer
+
 
 def median_ms(values) -> float:
     return round(1000 * statistics.median(values), 3) if values else 0.0
@@ -29,7 +31,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from swarm.client import DistributedModelForCausalLM
-    from swarm.client.inference import SpanStream
     from swarm.local import LocalSwarm, split_blocks
     from swarm.models.checkpoint import resolve_checkpoint
     from swarm.models.span import load_span
@@ -40,46 +41,37 @@ def main(argv=None) -> None:
     spans = split_blocks(checkpoint.num_blocks, args.nodes)
     hidden_size = checkpoint.config.hidden_size
     hop_times: dict[str, list[float]] = defaultdict(list)
-    original_step = SpanStream.step
 
-    async def timed_step(self, hidden, position, attention_mask, position_ids):
-        started = time.perf_counter()
-        try:
-            return await original_step(self, hidden, position, attention_mask, position_ids)
-        finally:
-            if hidden.shape[1] == 1:  # decode steps only, not the prefill
-                hop_times[f"{self.span.start}:{self.span.end}"].append(time.perf_counter() - started)
+    def on_hop(span, new_tokens: int, seconds: float) -> None:
+        if new_tokens == 1:  # decode steps only, not the prefill
+            hop_times[f"{span.start}:{span.end}"].append(seconds)
 
-    SpanStream.step = timed_step  # a benchmark-local wrapper to time each hop; the package is untouched
-    try:
-        input_ids = torch.randint(
-            10, checkpoint.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
-        )
-        with LocalSwarm() as swarm:
-            swarm.start_bootstrap()
-            swarm.start_nodes(args.model, spans)
-            with DistributedModelForCausalLM.from_pretrained(args.model, swarm.initial_peers) as model:
-                token_times = []
-
-                class Timer:
-                    def put(self, tokens):
-                        token_times.append(time.perf_counter())
-
-                    def end(self):
-                        pass
-
-                model.generate(input_ids, max_new_tokens=args.new_tokens, streamer=Timer(), eos_token_id=[])
-                head_times, embed_times = [], []
-                last = torch.randn(1, 1, hidden_size)
-                for _ in range(20):
-                    started = time.perf_counter()
-                    model.head.logits(last)
-                    head_times.append(time.perf_counter() - started)
-                    started = time.perf_counter()
-                    model.head.embed(torch.tensor([[5]]))
-                    embed_times.append(time.perf_counter() - started)
-    finally:
-        SpanStream.step = original_step
+    input_ids = torch.randint(
+        10, checkpoint.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+    )
+    timer = TokenTimer()
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.start_nodes(args.model, spans)
+        with DistributedModelForCausalLM.from_pretrained(args.model, swarm.initial_peers) as model:
+            with model.inference_session(max_length=16 + args.new_tokens) as session:
+                session.on_hop = on_hop
+                model.generate(
+                    input_ids,
+                    max_new_tokens=args.new_tokens,
+                    session=session,
+                    streamer=timer,
+                    eos_token_id=[],
+                )
+            head_times, embed_times = [], []
+            last = torch.randn(1, 1, hidden_size)
+            for _ in range(20):
+                started = time.perf_counter()
+                model.head.logits(last)
+                head_times.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                model.head.embed(torch.tensor([[5]]))
+                embed_times.append(time.perf_counter() - started)
 
     serialize_times = []
     for _ in range(200):
@@ -102,7 +94,7 @@ def main(argv=None) -> None:
                 )
                 times.append(time.perf_counter() - started)
         compute[text] = times
-    per_token = [b - a for a, b in zip(token_times[1:-1], token_times[2:], strict=True)]
+    per_token = timer.gaps()
     hops = {
         name: {
             "round_trip_ms": median_ms(times),

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from swarm.utils.timing import TokenTimer
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
@@ -39,15 +41,8 @@ def main(argv=None) -> None:
         victim = primaries[1]
         with DistributedModelForCausalLM.from_pretrained(args.model, swarm.initial_peers) as model:
             kill_at = args.prompt_tokens + args.new_tokens // 2
-            times: list[float] = []
+            timer = TokenTimer()
             killed_at: list[float] = []
-
-            class Timer:
-                def put(self, tokens):
-                    times.append(time.perf_counter())
-
-                def end(self):
-                    pass
 
             def on_step(position):
                 if position >= kill_at and not killed_at:
@@ -60,14 +55,14 @@ def main(argv=None) -> None:
                     input_ids,
                     max_new_tokens=args.new_tokens,
                     session=session,
-                    streamer=Timer(),
+                    streamer=timer,
                     eos_token_id=[],
                 )
                 recoveries = session.num_recoveries
-    gaps = [b - a for a, b in zip(times[1:-1], times[2:], strict=True)]
+    gaps = timer.gaps()
     # the kill happens right after a step's last block, so the first token after it was already computed;
     # the one after that is the first whose step needed the replacement chain
-    after_kill = sorted(t for t in times if t > killed_at[0])[1]
+    after_kill = sorted(t for t in timer.token_times if t > killed_at[0])[1]
     print(
         json.dumps(
             {

@@ -30,6 +30,17 @@ def add_initial_peers(parser: argparse.ArgumentParser, required: bool = True) ->
     )
 
 
+def add_announce_maddrs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--announce-maddrs",
+        nargs="+",
+        default=[],
+        metavar="MADDR",
+        help="addresses peers should dial instead of --host/--port (port forwarding, NAT, a relay), "
+        "e.g. /ip4/203.0.113.7/tcp/31337",
+    )
+
+
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",

@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 
+from swarm.cli.common import add_announce_maddrs
 from swarm.utils.files import write_lines_atomically
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--initial-peers", nargs="*", default=[], metavar="MADDR", help="other bootstrap peers"
     )
+    add_announce_maddrs(parser)
     parser.add_argument("--maddr-file", default=None, help="write the full multiaddrs here, one per line")
     parser.add_argument(
         "--identity", default=None, help="file with this peer's identity (created if missing)"
@@ -33,7 +35,13 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    dht, _ = create_dht(args.initial_peers, host=args.host, port=args.port, identity_path=args.identity)
+    dht, _ = create_dht(
+        args.initial_peers,
+        host=args.host,
+        port=args.port,
+        identity_path=args.identity,
+        announce_maddrs=args.announce_maddrs,
+    )
     try:
         maddrs = [str(m) for m in dht.get_visible_maddrs()]
         if args.maddr_file:  # before printing: whoever reads stdout may look for the file next

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import statistics
 import threading
 import time
 
 from swarm.cli.common import add_cache_dir
+from swarm.utils.timing import TokenTimer
 
 logger = logging.getLogger(__name__)
 
@@ -108,32 +108,3 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0
     finally:
         swarm.close()
-
-
-class TokenTimer:
-    """A generate() streamer that records when each new token arrives."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._start: float | None = None
-
-    def put(self, tokens) -> None:
-        now = time.perf_counter()
-        if self._start is None:
-            self._start = now  # the prompt comes first
-        else:
-            self.times.append(now)
-
-    def end(self) -> None:
-        pass
-
-    def summary(self) -> str:
-        if not self.times:
-            return "no tokens generated"
-        first = self.times[0] - self._start
-        gaps = [b - a for a, b in zip(self.times[:-1], self.times[1:], strict=True)]
-        per_token = statistics.median(gaps) if gaps else first
-        return (
-            f"{len(self.times)} tokens: first token (prefill) {1000 * first:.0f} ms, "
-            f"then {1000 * per_token:.1f} ms/token median ({1 / per_token:.1f} tokens/s)"
-        )

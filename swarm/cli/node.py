@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
 
@@ -47,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
+    add_announce_maddrs(parser)
     parser.add_argument(
         "--identity", default=None, help="file with this node's identity (created if missing)"
     )
@@ -109,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         dtype=args.dtype,
         host=args.host,
         port=args.port,
+        announce_maddrs=args.announce_maddrs,
         identity_path=args.identity,
         update_period=args.update_period,
         cache_dir=args.cache_dir,

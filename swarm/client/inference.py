@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ class InferenceSession:
         self.num_recoveries = 0
         # called with the new position after every step that reached the last block (tests, progress bars)
         self.on_step: Callable[[int], None] | None = None
+        # called as (span, new tokens, seconds) after every successful round trip to one span (profiling)
+        self.on_hop: Callable[[RemoteSpan, int, float], None] | None = None
 
     @property
     def route(self) -> list[RemoteSpan]:
@@ -196,6 +199,7 @@ class InferenceSession:
         index, failures = 0, 0
         while index < len(self._spans):
             state = self._spans[index]
+            started = time.perf_counter()
             try:
                 output = model.run_async(state.stream.step(hidden, position, mask, position_ids))
             except Exception as e:
@@ -212,6 +216,8 @@ class InferenceSession:
                     raise
                 self._replace_span(index, mask)
                 continue
+            if self.on_hop is not None:
+                self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
             state.inputs.append(hidden)
             hidden = output
             index += 1

@@ -28,12 +28,14 @@ def create_dht(
     port: int = 0,
     identity_path: str | os.PathLike | None = None,
     client_mode: bool = False,
+    announce_maddrs: Sequence[str] = (),
     **kwargs,
 ) -> tuple[DHT, RSASignatureValidator]:
     """Start a DHT peer; returns it with the validator whose key signs this peer's records.
 
     The same RSA key is the libp2p identity (`identity_path`, created if missing; ephemeral if None),
-    so the peer id is bound to the key that signs the peer's records.
+    so the peer id is bound to the key that signs the peer's records. `announce_maddrs` are the
+    addresses others should dial instead of the listening one (port forwarding, NAT, a relay).
     """
     if identity_path is not None:
         key, path, temporary = load_or_create_identity(identity_path), os.fspath(identity_path), False
@@ -48,6 +50,7 @@ def create_dht(
             start=True,
             client_mode=client_mode,
             host_maddrs=[] if client_mode else [f"/ip4/{host}/tcp/{port}"],
+            announce_maddrs=list(announce_maddrs) or None,
             record_validators=validators,
             identity_path=path,
             **kwargs,

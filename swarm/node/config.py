@@ -21,6 +21,7 @@ class NodeConfig:
     dtype: str = "float32"
     host: str = "127.0.0.1"
     port: int = 0
+    announce_maddrs: list[str] = field(default_factory=list)  # what peers dial, if not host:port
     identity_path: str | None = None
     update_period: float = 30.0
     cache_dir: str | None = None

@@ -104,7 +104,11 @@ class Node:
             raise ValueError(f"--num-blocks {config.num_blocks} exceeds the model's {num_blocks} blocks")
         # the DHT forks a process: start it before any weights (or CUDA) are loaded
         dht, signer = create_dht(
-            config.initial_peers, host=config.host, port=config.port, identity_path=config.identity_path
+            config.initial_peers,
+            host=config.host,
+            port=config.port,
+            identity_path=config.identity_path,
+            announce_maddrs=config.announce_maddrs,
         )
         announcer = p2p = servicer = balancer = None
         try:

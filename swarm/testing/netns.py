@@ -1,9 +1,14 @@
 """A multi-host harness on one machine: each host is a network namespace on a private bridge.
 
 Every host gets a veth pair into the bridge and its own address in 10.231.0.0/24; the machine itself is
-10.231.0.1 on the bridge. Per host: `tc netem` delay, jitter and loss (when the kernel has sch_netem)
-and a bandwidth limit (tbf). Links can be cut and restored. All traffic stays on these addresses.
-Needs root and iproute2 (`ip`, `tc`). Everything is torn down by close(), at exit, and on failure.
+10.231.0.1 on the bridge. Per host: a bandwidth limit on what it sends (tbf), latency, and jitter and
+loss (`tc netem`, when the kernel has sch_netem). Links can be cut and restored. All traffic stays on
+these addresses. Needs root and iproute2 (`ip`, `tc`). Everything is torn down by close(), at exit,
+and on failure.
+
+Latency does not need sch_netem: a host with `delay_ms` runs its peers on 127.0.0.1 behind a
+`delay_relay` on its own address, which they announce. Every connection to that host then sees
+`delay_ms` each way (a round trip is 2 x delay_ms), whoever dialed it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from swarm.local.processes import LocalSwarm, ManagedProcess
 
 SUBNET_PREFIX = "10.231.0"
 BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
+RELAYED_PORT_BASE = 41000  # each namespace has its own ports, so fixed ones can't clash with the machine's
 
 
 class NetnsUnavailable(RuntimeError):
@@ -63,7 +69,9 @@ class Host:
     namespace: str
     address: str
     veth: str  # the bridge-side end, which cut()/restore() toggle
+    delay_ms: float = 0.0
     processes: list[ManagedProcess] = field(default_factory=list)
+    next_port: int = RELAYED_PORT_BASE
 
 
 class NetnsHarness:
@@ -97,12 +105,18 @@ class NetnsHarness:
         loss_percent: float = 0.0,
         rate_mbit: float | None = None,
     ) -> Host:
-        """A new namespace with its own address; delay/jitter/loss and bandwidth apply to what it sends."""
+        """A new namespace with its own address.
+
+        `delay_ms` is added each way to every connection to the host's peers (a relay; see the module
+        docstring); jitter and loss (netem) and `rate_mbit` (tbf) apply to what the host sends.
+        """
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
         index = len(self.hosts) + 2
         if index > 250:
             raise ValueError("at most 249 hosts")
         namespace, veth = f"sw{self.tag}{index}", f"swv{self.tag}{index}"
-        host = Host(name, namespace, f"{SUBNET_PREFIX}.{index}", veth)
+        host = Host(name, namespace, f"{SUBNET_PREFIX}.{index}", veth, delay_ms)
         self.hosts[name] = host
         peer = f"{veth}p"
         _run(["ip", "netns", "add", namespace])
@@ -113,14 +127,14 @@ class NetnsHarness:
         _run(["ip", "-n", namespace, "addr", "add", f"{host.address}/24", "dev", peer])
         _run(["ip", "-n", namespace, "link", "set", peer, "up"])
         _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
-        self._shape(namespace, peer, delay_ms, jitter_ms, loss_percent, rate_mbit)
+        self._shape(namespace, peer, jitter_ms, loss_percent, rate_mbit)
         return host
 
     @staticmethod
-    def _shape(namespace, device, delay_ms, jitter_ms, loss_percent, rate_mbit) -> None:
+    def _shape(namespace, device, jitter_ms, loss_percent, rate_mbit) -> None:
         tc = ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root"]
-        if delay_ms or jitter_ms or loss_percent:
-            netem = ["netem", "delay", f"{delay_ms}ms"]
+        if jitter_ms or loss_percent:
+            netem = ["netem", "delay", "0ms"]
             if jitter_ms:
                 netem += [f"{jitter_ms}ms"]
             if loss_percent:
@@ -142,30 +156,56 @@ class NetnsHarness:
     def restore(self, name: str) -> None:
         _run(["ip", "link", "set", self.hosts[name].veth, "up"])
 
-    def spawn(self, name: str, label: str, cli_args: list[str]) -> ManagedProcess:
-        """Run `swarm <cli_args>` inside host `name`."""
+    def spawn(self, name: str, label: str, cli_args: list[str], module: str = "swarm.cli.main"):
+        """Run `python -m <module> <cli_args>` (by default the `swarm` CLI) inside host `name`."""
         host = self.hosts[name]
-        args = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "swarm.cli.main", *cli_args]
+        args = ["ip", "netns", "exec", host.namespace, sys.executable, "-m", module, *cli_args]
         process = ManagedProcess(f"{name}-{label}", args, self.workdir / f"{name}-{label}.log")
         host.processes.append(process)
         return process
 
+    def _listen_args(self, name: str, timeout: float = 30.0) -> list[str]:
+        """Where a new peer on host `name` listens: its address, or 127.0.0.1 behind a delay relay."""
+        host = self.hosts[name]
+        if not host.delay_ms:
+            return ["--host", host.address, "--port", "0"]
+        port, host.next_port = host.next_port, host.next_port + 1
+        relay = self.spawn(
+            name,
+            f"relay{port}",
+            [
+                "--listen",
+                f"{host.address}:{port}",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--delay-ms",
+                str(host.delay_ms),
+            ],
+            module="swarm.testing.delay_relay",
+        )
+        relay.wait_for(r"relaying ", timeout)
+        return [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--announce-maddrs",
+            f"/ip4/{host.address}/tcp/{port}",
+        ]
+
     def start_bootstrap(self, name: str, timeout: float = 60.0) -> list[str]:
         """A bootstrap peer inside host `name`; returns its multiaddrs."""
-        host = self.hosts[name]
         maddr_file = self.workdir / f"{name}-bootstrap.maddrs"
         process = self.spawn(
-            name, "bootstrap", ["dht", "--host", host.address, "--port", "0", "--maddr-file", str(maddr_file)]
+            name, "bootstrap", ["dht", *self._listen_args(name), "--maddr-file", str(maddr_file)]
         )
         process.wait_for(r"bootstrap peer \S+ is up", timeout)
         return maddr_file.read_text().split()
 
     def start_node(self, name: str, model: str, blocks: str, initial_peers: list[str], *extra: str):
-        host = self.hosts[name]
-        args = ["node", "--model", model, "--blocks", blocks, "--host", host.address]
-        return self.spawn(
-            name, f"node{len(host.processes)}", [*args, "--initial-peers", *initial_peers, *extra]
-        )
+        args = ["node", "--model", model, "--blocks", blocks, *self._listen_args(name)]
+        label = f"node{len(self.hosts[name].processes)}"
+        return self.spawn(name, label, [*args, "--initial-peers", *initial_peers, *extra])
 
     wait_ready = staticmethod(LocalSwarm.wait_ready)
 

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from swarm.client import DistributedModelForCausalLM
-from swarm.testing.netns import NetnsHarness, netem_available, unavailable_reason
+from swarm.testing.netns import NetnsHarness, unavailable_reason
 
 pytestmark = [
     pytest.mark.netns,
@@ -44,10 +44,10 @@ def run_swarm(tiny_model, tmp_path, shaping, spans):
         raise
 
 
-def generate(tiny_model, peers, input_ids, on_step=None, **config):
+def generate(tiny_model, peers, input_ids, on_step=None, on_hop=None, **config):
     with DistributedModelForCausalLM.from_pretrained(tiny_model, peers, **config) as model:
         with model.inference_session(max_length=PROMPT_LEN + NEW_TOKENS) as session:
-            session.on_step = on_step
+            session.on_step, session.on_hop = on_step, on_hop
             out = model.generate(input_ids, max_new_tokens=NEW_TOKENS, session=session)
             return out, session.route, session.num_recoveries
 
@@ -64,14 +64,22 @@ def test_generation_across_hosts_with_100_mbit_links(tiny_model, tmp_path, expec
         assert all("/ip4/10.231.0." in peer for peer in peers)
 
 
-@pytest.mark.skipif(not netem_available(), reason="this kernel has no sch_netem: delay cannot be emulated")
 def test_generation_with_50ms_rtt_and_100_mbit(tiny_model, tmp_path, expected):
     input_ids, reference = expected
-    shaping = {"delay_ms": 25, "rate_mbit": 100}  # 25 ms each way out of every host: 50 ms RTT
-    harness, peers, _ = run_swarm(tiny_model, tmp_path, shaping, [("0:2", 10), ("2:4", 10), ("4:6", 10)])
+    shaping = {"delay_ms": 25, "rate_mbit": 100}  # 25 ms each way to every host: 50 ms RTT
+    harness, peers, processes = run_swarm(
+        tiny_model, tmp_path, shaping, [("0:2", 10), ("2:4", 10), ("4:6", 10)]
+    )
     with harness:
-        out, _, _ = generate(tiny_model, peers, input_ids)
+        hops = []
+        out, route, _ = generate(
+            tiny_model, peers, input_ids, on_hop=lambda span, tokens, seconds: hops.append(seconds)
+        )
         assert torch.equal(out, reference)
+        assert {span.peer_id for span in route} == {p.peer_id for p in processes}
+        # peers are reachable only through their relays, so every hop took at least one 50 ms round trip
+        assert all("/ip4/10.231.0." in peer and "/tcp/41000/" in peer for peer in peers)
+        assert len(hops) == 3 * NEW_TOKENS and min(hops) >= 0.050
 
 
 def test_link_cut_mid_generation_fails_over_with_the_same_text(tiny_model, tmp_path, expected):

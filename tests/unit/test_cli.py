@@ -46,6 +46,7 @@ def test_node_cli_defaults_are_the_class_defaults():
         "balance_period",
         "balance_quality",
         "num_blocks",
+        "announce_maddrs",
     ):
         assert getattr(args, name) == getattr(config, name), name
     assert args.max_batch_size == limits.max_batch_size
@@ -54,6 +55,15 @@ def test_node_cli_defaults_are_the_class_defaults():
     assert args.cache_tokens == limits.cache_tokens
     assert args.session_timeout == limits.session_timeout
     assert args.max_request_mb * 2**20 == limits.max_request_bytes
+
+
+def test_announce_maddrs_reach_the_node_config_and_the_bootstrap_peer():
+    from swarm.cli.node import config_from_args
+
+    maddr = "/ip4/203.0.113.7/tcp/31337"
+    args = build_parser().parse_args(["node", "--model", "m", "--blocks", "0:1", "--announce-maddrs", maddr])
+    assert config_from_args(args).announce_maddrs == [maddr]
+    assert build_parser().parse_args(["dht", "--announce-maddrs", maddr]).announce_maddrs == [maddr]
 
 
 def test_swarm_node_script_is_swarm_node():
