@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from benchmarks.common import device_name, release_memory
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
@@ -23,6 +25,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -30,6 +34,10 @@ def main(argv=None) -> None:
     from swarm.client import DistributedModelForCausalLM
     from swarm.local import LocalSwarm, split_blocks
     from swarm.models.checkpoint import resolve_checkpoint
+    from swarm.utils.tensors import FLOAT_DTYPES
+
+    dtype = FLOAT_DTYPES[args.dtype]
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
 
     checkpoint = resolve_checkpoint(args.model)
     input_ids = torch.randint(
@@ -39,21 +47,37 @@ def main(argv=None) -> None:
 
     def best_time(fn) -> float:
         fn()  # warm-up
+        synchronize()
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
             fn()
+            synchronize()
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
-    local = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        local_time = best_time(lambda: local(input_ids))
+    def local_time() -> float:
+        local = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=dtype).to(args.device).eval()
+        local_ids = input_ids.to(args.device)
+        with torch.no_grad():
+            return best_time(lambda: local(local_ids))
+
+    local_seconds = local_time()
+    release_memory(args.device)
     for nodes in args.nodes:
         with LocalSwarm() as swarm:
             swarm.start_bootstrap()
-            swarm.start_nodes(args.model, split_blocks(checkpoint.num_blocks, nodes))
-            with DistributedModelForCausalLM.from_pretrained(args.model, swarm.initial_peers) as model:
+            swarm.start_nodes(
+                args.model,
+                split_blocks(checkpoint.num_blocks, nodes),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+            )
+            with DistributedModelForCausalLM.from_pretrained(
+                args.model, swarm.initial_peers, dtype=dtype, device=args.device
+            ) as model:
                 with torch.no_grad():
                     swarm_time = best_time(lambda model=model: model(input_ids))
         print(
@@ -61,14 +85,15 @@ def main(argv=None) -> None:
                 {
                     "name": "forward",
                     "model": checkpoint.name,
-                    "device": "cpu",
-                    "dtype": "float32",
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "device_name": device_name(args.device),
                     "nodes": nodes,
                     "batch": args.batch,
                     "seq": args.seq,
-                    "local_tokens_per_s": round(tokens / local_time, 1),
+                    "local_tokens_per_s": round(tokens / local_seconds, 1),
                     "swarm_tokens_per_s": round(tokens / swarm_time, 1),
-                    "ratio": round(local_time / swarm_time, 3),
+                    "ratio": round(local_seconds / swarm_time, 3),
                 }
             ),
             flush=True,

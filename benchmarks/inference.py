@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from benchmarks.common import device_name, release_memory
 from swarm.utils.timing import TokenTimer, percentile
 
 
@@ -36,13 +37,14 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
             )
         runs.append(timer.gaps())
     del model
+    release_memory(device)
     return [t for run in runs[1:] for t in run]
 
 
-def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, repeats: int):
+def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int):
     from swarm.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype) as model:
+    with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype, device=device) as model:
         runs, hops = [], 0
         for _ in range(repeats + 1):
             timer = TokenTimer()
@@ -100,7 +102,7 @@ def main(argv=None) -> None:
                 args.device,
             )
             latencies, hops, rtt = swarm_latencies(
-                args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.repeats
+                args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.device, args.repeats
             )
         median = statistics.median(latencies)
         row = {
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
             "model": checkpoint.name,
             "device": args.device,
             "dtype": args.dtype,
+            "device_name": device_name(args.device),
             "nodes": nodes,
             "hops": hops,
             "new_tokens": args.new_tokens,

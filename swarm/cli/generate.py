@@ -17,6 +17,7 @@ def add_model_and_decoding(parser: argparse.ArgumentParser, default_max_new_toke
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
     add_cache_dir(parser)
 
 
@@ -62,7 +63,11 @@ def open_model(args: argparse.Namespace):
 
     tokenizer = load_tokenizer(args.model, args.cache_dir)
     model = DistributedModelForCausalLM.from_pretrained(
-        args.model, args.initial_peers, model_name=args.model_name, cache_dir=args.cache_dir
+        args.model,
+        args.initial_peers,
+        model_name=args.model_name,
+        cache_dir=args.cache_dir,
+        device=args.device,
     )
     return tokenizer, model
 

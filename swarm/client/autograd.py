@@ -1,9 +1,11 @@
 """Forward and backward through the swarm's frozen blocks as one differentiable operation.
 
-Forward runs the route span by span and remembers each span's inputs; backward asks nodes for
-gradients span by span in reverse. Nodes recompute their forward from the inputs sent (they keep no
-state), so when a node fails between forward and backward, another node serves that span instead.
-Batches are split into chunks that fit one message and the chunks run concurrently.
+The batch is split into chunks that fit one message, and every chunk walks the route on its own:
+chunk 2 is at the first span while chunk 1 is already at the second, so the spans work at once
+(pipelining) instead of waiting for the whole batch. Each chunk remembers its inputs to every span;
+backward walks the spans in reverse, again chunk by chunk. Nodes recompute their forward from the
+inputs sent (they keep no state), so when a node fails, in forward or between forward and backward,
+the chunks that needed it ban it and are served by another node from where they stopped.
 """
 
 from __future__ import annotations
@@ -29,21 +31,46 @@ MAX_CHUNK_BATCH = 32
 
 @dataclass
 class SpanRecord:
-    """What backward needs from one span of the forward pass."""
+    """One chunk's input to one span of the forward pass."""
 
-    start: int
-    end: int
+    span: RemoteSpan  # the node that served it, tried first in backward
     inputs: torch.Tensor
 
+    @property
+    def start(self) -> int:
+        return self.span.start
 
-def batch_chunks(hidden: torch.Tensor, extra_bytes: int = 0, tensors_per_row: int = 1) -> list[slice]:
-    """Slices of the batch such that each chunk's request fits a unary message (backward sends two
-    tensors per row: inputs and grad_outputs)."""
+    @property
+    def end(self) -> int:
+        return self.span.end
+
+
+@dataclass
+class ChunkRecord:
+    """What backward needs from one chunk: its rows of the batch and its inputs to every span."""
+
+    rows: slice
+    spans: list[SpanRecord]
+
+
+def batch_chunks(hidden: torch.Tensor, extra_bytes: int = 0, max_rows: int | None = None) -> list[slice]:
+    """Slices of the batch such that each chunk's forward request fits a unary message (and has at most
+    `max_rows` rows): the micro-batches that pipeline through the spans."""
     batch = hidden.shape[0]
-    per_row = tensors_per_row * hidden[0].numel() * hidden.element_size()
+    per_row = hidden[0].numel() * hidden.element_size()
     budget = max(1, (MAX_UNARY_MESSAGE_BYTES // 2 - extra_bytes) // max(per_row, 1))
-    size = max(1, min(MAX_CHUNK_BATCH, budget))
+    size = max(1, min(MAX_CHUNK_BATCH, budget, max_rows or MAX_CHUNK_BATCH))
     return [slice(i, min(batch, i + size)) for i in range(0, batch, size)]
+
+
+async def _all(coroutines) -> list:
+    """Results of all coroutines, in order; if one fails, the others are cancelled (no orphan calls)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except* Exception as failed:  # the first failure, as itself (callers catch e.g. MissingBlocksError)
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def _optional_rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -51,118 +78,144 @@ def _optional_rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | N
 
 
 class SwarmBlocks:
-    """Runs blocks of `model` on the swarm, with retries on other nodes."""
+    """Runs blocks of `model` on the swarm, chunk by chunk, with retries on other nodes."""
 
     def __init__(self, model: DistributedModelForCausalLM):
         self.model = model
+        self._route_lock: asyncio.Lock | None = None
 
-    def _in_chunks(self, span: RemoteSpan, hidden, prompts, tensors_per_row: int, call) -> list:
-        """`call(rows, span_prompts)` for every batch chunk of `hidden`, concurrently; results in order."""
-        timeout = self.model.client_config.request_timeout
-        span_prompts = None if prompts is None else prompts[span.start : span.end]
-        extra = 0 if span_prompts is None else span_prompts.numel() * span_prompts.element_size()
+    async def _route(self, start: int, end: int) -> list[RemoteSpan]:
+        """A fresh forward route, looked up off the event loop (the lookup itself uses the loop)."""
+        if self._route_lock is None:
+            self._route_lock = asyncio.Lock()
+        async with self._route_lock:  # chunks failing together look up one at a time
+            return await asyncio.to_thread(self.model.find_route, start, end, "forward")
 
-        async def run():
-            chunks = batch_chunks(hidden, extra, tensors_per_row)
-            return await asyncio.gather(*(call(rows, span_prompts) for rows in chunks))
+    def _failed(self, span: RemoteSpan, kind: str, error: Exception, failures: int) -> None:
+        logger.warning("node %s failed %s on [%d, %d): %r", span.peer_id, kind, span.start, span.end, error)
+        if failures > self.model.client_config.max_retries:
+            raise error
+        if span.peer_id not in self.model.bans:  # chunks that failed on it together ban it once
+            self.model.ban(span.peer_id)
 
-        return self.model.run_async(run(), timeout=timeout + 5)
+    def _span_prompts(self, prompts, span: RemoteSpan):
+        return None if prompts is None else prompts[span.start : span.end]
 
-    def forward_span(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
-        timeout = self.model.client_config.request_timeout
+    async def _forward_span(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
+        return await remote_forward(
+            self.model.p2p,
+            span.peer_id,
+            span.start,
+            span.end,
+            hidden,
+            mask,
+            positions,
+            self.model.client_config.request_timeout,
+            prompts=self._span_prompts(prompts, span),
+        )
 
-        def call(rows, span_prompts):
-            return remote_forward(
-                self.model.p2p,
-                span.peer_id,
-                span.start,
-                span.end,
-                hidden[rows],
-                _optional_rows(mask, rows),
-                _optional_rows(positions, rows),
-                timeout,
-                prompts=span_prompts,
-            )
+    async def _backward_span(self, span: RemoteSpan, hidden, grad_outputs, prompts, mask, positions):
+        return await remote_backward(
+            self.model.p2p,
+            span.peer_id,
+            span.start,
+            span.end,
+            hidden,
+            grad_outputs,
+            mask,
+            positions,
+            self.model.client_config.request_timeout,
+            prompts=self._span_prompts(prompts, span),
+        )
 
-        return torch.cat(self._in_chunks(span, hidden, prompts, 1, call), dim=0)
-
-    def backward_span(self, span: RemoteSpan, hidden, grad_outputs, prompts, mask, positions):
-        timeout = self.model.client_config.request_timeout
-
-        def call(rows, span_prompts):
-            return remote_backward(
-                self.model.p2p,
-                span.peer_id,
-                span.start,
-                span.end,
-                hidden[rows],
-                grad_outputs[rows],
-                _optional_rows(mask, rows),
-                _optional_rows(positions, rows),
-                timeout,
-                prompts=span_prompts,
-            )
-
-        results = self._in_chunks(span, hidden, prompts, 2, call)  # inputs and grad_outputs per row
-        grad_inputs = torch.cat([grad for grad, _ in results], dim=0)
-        grad_prompts = None if prompts is None else sum(gp for _, gp in results)
-        return grad_inputs, grad_prompts
+    # ---- forward ------------------------------------------------------------------------------------------
 
     def forward(self, hidden, prompts, mask, positions, start: int = 0, end: int | None = None):
-        """Hidden states through blocks [start, end); returns them and one record per span used."""
+        """Hidden states through blocks [start, end); returns them and one record per chunk.
+
+        Results come back on `hidden`'s device; the records and everything sent stay on CPU.
+        """
+        device, hidden = hidden.device, hidden.cpu()
+        prompts = None if prompts is None else prompts.cpu()
         model = self.model
         end = model.num_blocks if end is None else end
-        block, failures, records, used = start, 0, [], []
-        route = model.find_route(start, end, mode="forward")
+        extra = 0 if prompts is None else prompts[0].numel() * prompts.element_size() * (end - start)
+        chunks = batch_chunks(hidden, extra, model.client_config.max_chunk_rows)
+        route = model.find_route(start, end, mode="forward")  # one route for all chunks: they pipeline
+
+        results = model.run_async(
+            _all(
+                self._forward_chunk(rows, hidden[rows], prompts, mask, positions, start, end, route)
+                for rows in chunks
+            )
+        )
+        model.last_route = results[0][2]  # the route the first chunk took
+        outputs = torch.cat([output for output, _, _ in results], dim=0)
+        return outputs.to(device), [record for _, record, _ in results]
+
+    async def _forward_chunk(self, rows, hidden, prompts, mask, positions, start, end, route):
+        mask, positions = _optional_rows(mask, rows), _optional_rows(positions, rows)
+        block, failures, spans, used = start, 0, [], []
         while block < end:
             span = route[0]
             try:
-                outputs = self.forward_span(span, hidden, prompts, mask, positions)
+                outputs = await self._forward_span(span, hidden, prompts, mask, positions)
             except Exception as e:
                 failures += 1
-                logger.warning(
-                    "node %s failed forward on [%d, %d): %r", span.peer_id, span.start, span.end, e
-                )
-                if failures > model.client_config.max_retries:
-                    raise
-                model.ban(span.peer_id)
-                route = model.find_route(block, end, mode="forward")
+                self._failed(span, "forward", e, failures)
+                route = await self._route(block, end)
                 continue
-            records.append(SpanRecord(span.start, span.end, hidden))
+            spans.append(SpanRecord(span, hidden))
             used.append(span)
             hidden, block, route = outputs, span.end, route[1:]
-        model.last_route = used
-        return hidden, records
+        return hidden, ChunkRecord(rows, spans), used
 
-    def backward(self, records: list[SpanRecord], grad_outputs, prompts, mask, positions):
-        """Gradients w.r.t. the first span's inputs and the deep prompts, span by span in reverse."""
-        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-        for record in reversed(records):
-            grad_outputs, span_grad_prompts = self._backward_range(
-                record, grad_outputs, prompts, mask, positions
+    # ---- backward -----------------------------------------------------------------------------------------
+
+    def backward(self, records: list[ChunkRecord], grad_outputs, prompts, mask, positions):
+        """Gradients w.r.t. the inputs and the deep prompts, every chunk through its spans in reverse.
+
+        They come back on `grad_outputs`' device (the device forward's inputs were on).
+        """
+        device, grad_outputs = grad_outputs.device, grad_outputs.cpu()
+        prompts = None if prompts is None else prompts.cpu()
+
+        results = self.model.run_async(
+            _all(
+                self._backward_chunk(record, grad_outputs[record.rows], prompts, mask, positions)
+                for record in records
             )
-            if grad_prompts is not None:
-                grad_prompts[record.start : record.end] += span_grad_prompts
-        return grad_outputs, grad_prompts
+        )
+        grad_inputs = torch.cat([grad for grad, _ in results], dim=0).to(device)
+        if prompts is None:
+            return grad_inputs, None
+        return grad_inputs, sum(grad_prompts for _, grad_prompts in results).to(device)
 
-    def _backward_range(self, record: SpanRecord, grad_outputs, prompts, mask, positions):
-        """Backward through [start, end): on the same kind of route as forward; if a node fails, ban it
-        and cover the range again (recomputing intermediate inputs if the new route has more hops)."""
-        model = self.model
-        failures = 0
+    async def _backward_chunk(self, record: ChunkRecord, grad, prompts, mask, positions):
+        mask, positions = _optional_rows(mask, record.rows), _optional_rows(positions, record.rows)
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        for span_record in reversed(record.spans):
+            grad, span_grad_prompts = await self._backward_range(span_record, grad, prompts, mask, positions)
+            if grad_prompts is not None:
+                grad_prompts[span_record.start : span_record.end] += span_grad_prompts
+        return grad, grad_prompts
+
+    async def _backward_range(self, record: SpanRecord, grad_outputs, prompts, mask, positions):
+        """Backward through [start, end) for one chunk, on the same node unless it failed; then ban it and
+        cover the range again (recomputing intermediate inputs if the new route has more hops)."""
+        failures, route = 0, [record.span]
         while True:
-            route = model.find_route(record.start, record.end, mode="forward")
             current = route[0]
             try:
                 inputs = [record.inputs]
                 for current in route[:-1]:
-                    inputs.append(self.forward_span(current, inputs[-1], prompts, mask, positions))
+                    inputs.append(await self._forward_span(current, inputs[-1], prompts, mask, positions))
                 grad = grad_outputs
                 grad_prompts = (
                     None if prompts is None else torch.zeros_like(prompts[record.start : record.end])
                 )
                 for current, span_inputs in zip(reversed(route), reversed(inputs), strict=True):
-                    grad, span_grad_prompts = self.backward_span(
+                    grad, span_grad_prompts = await self._backward_span(
                         current, span_inputs, grad, prompts, mask, positions
                     )
                     if grad_prompts is not None:
@@ -171,12 +224,8 @@ class SwarmBlocks:
                 return grad, grad_prompts
             except Exception as e:
                 failures += 1
-                logger.warning(
-                    "node %s failed backward on [%d, %d): %r", current.peer_id, current.start, current.end, e
-                )
-                if failures > model.client_config.max_retries:
-                    raise
-                model.ban(current.peer_id)
+                self._failed(current, "backward", e, failures)
+                route = await self._route(record.start, record.end)
 
 
 class RemoteBlocksFunction(torch.autograd.Function):

@@ -30,6 +30,11 @@ class BanList:
             self._until.pop(peer_id, None)
             self._failures.pop(peer_id, None)
 
+    def failures(self, peer_id: str) -> int:
+        """How many times `peer_id` was banned since it was last forgiven."""
+        with self._lock:
+            return self._failures.get(peer_id, 0)
+
     def active(self) -> set[str]:
         """Peers banned right now."""
         now = self.clock()

@@ -107,6 +107,7 @@ def generate(
         )
     if session is not None and input_ids is not None and session.batch_size not in (None, input_ids.shape[0]):
         raise ValueError(f"batch size {input_ids.shape[0]} differs from the session's {session.batch_size}")
+    output_device = torch.device("cpu") if input_ids is None else input_ids.device
     own_session = session is None
     if own_session:
         session = model.inference_session(max_length=prompt_len + max_new_tokens)
@@ -134,7 +135,7 @@ def generate(
                     break
         if streamer is not None:
             streamer.end()
-        return session.output_ids.clone()
+        return session.output_ids.to(output_device, copy=True)
     finally:
         if own_session:
             session.close()
@@ -145,7 +146,7 @@ def _extend(session: InferenceSession, input_ids: torch.Tensor | None, attention
         return
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _append(session, input_ids, attention_mask)
+    _append(session, input_ids.cpu(), attention_mask.cpu())  # the session's bookkeeping lives on CPU
 
 
 def _append(session: InferenceSession, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -162,6 +163,7 @@ def _next_token_logits(model: DistributedModelForCausalLM, session: InferenceSes
     mask = session.attention_mask
     positions = positions_from_mask(mask)[:, session.position :]
     padded = bool((mask == 0).any())
-    hidden = model.head.embed(new_ids)
+    device = getattr(model, "device", torch.device("cpu"))
+    hidden = model.head.embed(new_ids.to(device))
     out = session.step(hidden, position_ids=positions, attention_mask=mask if padded else None)
-    return model.head.logits(out[:, -1:]).float()[:, -1]
+    return model.head.logits(out[:, -1:].to(device)).float()[:, -1].cpu()

@@ -166,6 +166,7 @@ class InferenceSession:
         """New tokens' hidden states through every block; long inputs go in chunks.
 
         `attention_mask` covers the whole session including these tokens: (batch, position + new).
+        The result is on `hidden`'s device; inputs kept for replay stay on CPU.
         """
         if self._closed:
             raise RuntimeError("the inference session is closed")
@@ -175,8 +176,12 @@ class InferenceSession:
                 f"the session's max_length is {self.max_length}: it holds {self.position} tokens "
                 f"and cannot take {new_tokens} more"
             )
+        device, hidden = hidden.device, hidden.cpu()
         if position_ids is None:
             position_ids = torch.arange(self.position, self.position + new_tokens).expand(batch, -1)
+        position_ids = position_ids.cpu()
+        if attention_mask is not None:
+            attention_mask = attention_mask.cpu()
         bytes_per_token = batch * hidden_size * hidden.element_size()
         chunk = self._chunk_tokens(bytes_per_token)
         outputs = []
@@ -186,7 +191,7 @@ class InferenceSession:
             if attention_mask is not None:
                 mask = attention_mask[:, : self.position + end - offset]
             outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
-        return torch.cat(outputs, dim=1)
+        return torch.cat(outputs, dim=1).to(device)
 
     def _chunk_tokens(self, bytes_per_token: int) -> int:
         return max(1, min(self.model.client_config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))

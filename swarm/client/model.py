@@ -46,6 +46,7 @@ class ClientConfig:
     wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
     verify_weights: bool = True  # skip nodes whose weight hashes differ from the model's
     max_step_tokens: int = 1024  # longer prompts are prefilled in chunks of at most this many tokens
+    max_chunk_rows: int | None = None  # forward/backward micro-batch rows (None: as many as fit a message)
     refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
     allowed_servers: list[str] | None = None  # if set, route only through these peer ids
     blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
@@ -61,6 +62,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
+        device: str | torch.device = "cpu",
     ):
         super().__init__()
         # checked before the DHT starts, so a bad argument leaves no process behind
@@ -70,7 +72,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
             raise ValueError("prompt tuning needs pre_seq_len >= 1")
         self.checkpoint, self.client_config = checkpoint, config
         self.config = checkpoint.config
-        self.head = load_client_head(checkpoint, dtype=dtype)
+        # the head computes on `device`; what crosses the network, and the session's bookkeeping, is on CPU
+        self.device = torch.device(device)
+        self.head = load_client_head(checkpoint, dtype=dtype).to(self.device)
         self.generation_config = load_generation_config(checkpoint.path)
         self.num_blocks = checkpoint.num_blocks
         self.bans = BanList()
@@ -87,11 +91,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
         if tuning_mode:
             hidden_size = self.config.hidden_size
-            self.prompt_embeddings = torch.nn.Embedding(pre_seq_len, hidden_size, dtype=dtype)
+            self.prompt_embeddings = torch.nn.Embedding(pre_seq_len, hidden_size, dtype=dtype, device=device)
             torch.nn.init.normal_(self.prompt_embeddings.weight, std=self.config.initializer_range)
             if tuning_mode == "deep_ptune":
                 self.intermediate_prompt_embeddings = torch.nn.Embedding(
-                    pre_seq_len, self.num_blocks * hidden_size, dtype=dtype
+                    pre_seq_len, self.num_blocks * hidden_size, dtype=dtype, device=device
                 )
                 torch.nn.init.zeros_(self.intermediate_prompt_embeddings.weight)
 
@@ -106,12 +110,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
+        device: str | torch.device = "cpu",
         **config_kwargs,
     ) -> DistributedModelForCausalLM:
         """Load the client-side parts of a model (same names and paths as `swarm node`) and join the swarm."""
         checkpoint = resolve_checkpoint(name_or_path, cache_dir, model_name)
         config = ClientConfig(initial_peers=list(initial_peers), **config_kwargs)
-        return cls(checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len)
+        return cls(
+            checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, device=device
+        )
 
     # ---- the swarm ----------------------------------------------------------------------------------------
 
@@ -215,7 +222,10 @@ class DistributedModelForCausalLM(torch.nn.Module):
             position_ids = torch.arange(prefix + seq_len).unsqueeze(0).expand(batch, -1)
         elif prefix:
             position_ids = torch.cat([torch.arange(prefix).expand(batch, -1), position_ids + prefix], dim=1)
-        hidden = self.head.embed(input_ids)
+        if attention_mask is not None:
+            attention_mask = attention_mask.cpu()
+        position_ids = position_ids.cpu()
+        hidden = self.head.embed(input_ids.to(self.device))
         deep_prompts = None
         if self.tuning_mode:
             prompts = self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)

@@ -40,10 +40,10 @@ def local_logits(local_model, input_ids, prompts, deep_prompts=None, attention_m
             hook.remove()
 
 
-def make_client(tiny_model, swarm, mode, seed=0):
+def make_client(tiny_model, swarm, mode, seed=0, **config):
     torch.manual_seed(seed)
     model = DistributedModelForCausalLM.from_pretrained(
-        tiny_model, swarm.initial_peers, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, max_retries=5
+        tiny_model, swarm.initial_peers, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, max_retries=5, **config
     )
     if mode == "deep_ptune":  # start from non-zero deep prompts so their gradients matter
         with torch.no_grad():
@@ -56,9 +56,12 @@ def deep_prompts_of(model):
     return weight.view(PRE_SEQ_LEN, model.num_blocks, -1).permute(1, 0, 2)
 
 
-@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
-def test_logits_and_prompt_gradients_equal_local_autograd(tiny_model, tiny_swarm, local_model, mode):
-    with make_client(tiny_model, tiny_swarm, mode) as model:
+@pytest.mark.parametrize(("mode", "chunk_rows"), [("ptune", None), ("deep_ptune", None), ("deep_ptune", 2)])
+def test_logits_and_prompt_gradients_equal_local_autograd(
+    tiny_model, tiny_swarm, local_model, mode, chunk_rows
+):
+    # chunk_rows=2: the 5 rows go as 3 micro-batches that pipeline through the spans
+    with make_client(tiny_model, tiny_swarm, mode, max_chunk_rows=chunk_rows) as model:
         trainable = [p for p in model.parameters() if p.requires_grad]
         expected_params = [model.prompt_embeddings.weight]
         if mode == "deep_ptune":
@@ -121,7 +124,8 @@ def test_node_killed_between_forward_and_backward(tiny_model, local_model, tmp_p
         swarm.start_bootstrap()
         preferred = swarm.start_nodes(str(tiny_model), ["0:3", "3:6"], "--throughput", "1000")
         swarm.start_nodes(str(tiny_model), ["0:6"], "--throughput", "1")  # a slow spare for both spans
-        with make_client(tiny_model, swarm, "deep_ptune") as model:
+        # one row per micro-batch: three chunks hit the dead node at once, ban it once and move on
+        with make_client(tiny_model, swarm, "deep_ptune", max_chunk_rows=1) as model:
             input_ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(4))
             # throughput-weighted routes: retry until the forward used both preferred nodes
             for _ in range(50):
@@ -131,6 +135,7 @@ def test_node_killed_between_forward_and_backward(tiny_model, local_model, tmp_p
             assert [s.peer_id for s in model.last_route] == [p.peer_id for p in preferred]
             preferred[1].kill()
             logits.log_softmax(-1)[..., 5].mean().backward()
+            assert model.bans.failures(preferred[1].peer_id) == 1
 
             prompts = model.prompt_embeddings.weight.detach().clone().requires_grad_(True)
             deep = deep_prompts_of(model).detach().clone().requires_grad_(True)

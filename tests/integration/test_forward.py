@@ -24,6 +24,17 @@ def test_logits_match_local_transformers(client, local_model):
     assert spans == [(0, 2), (2, 5), (5, 6)]
 
 
+def test_micro_batches_pipelined_through_the_spans_give_the_same_logits(tiny_model, tiny_swarm, local_model):
+    input_ids = torch.randint(0, 256, (5, 13), generator=torch.Generator().manual_seed(3))
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, tiny_swarm.initial_peers, max_chunk_rows=1
+    ) as model:
+        logits = model(input_ids).logits
+    with torch.no_grad():
+        expected = local_model(input_ids).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+
+
 def test_logits_with_padding_mask_match(client, local_model):
     input_ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     attention_mask = torch.ones_like(input_ids)

@@ -1,0 +1,87 @@
+"""Greedy generation over emulated WAN links: every node on its own host (network namespace) with a
+round trip of `--rtt-ms` to it and `--rate-mbit` of bandwidth out of it; the client is on the machine
+itself. Local transformers on the same weights runs in the same process for the ratio. Needs root.
+
+    sudo python -m benchmarks.wan --model smollm2-135m-instruct --nodes 3 --rtt-ms 50 --rate-mbit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from benchmarks.common import device_name
+from benchmarks.inference import local_latencies, swarm_latencies
+from swarm.utils.timing import percentile
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rtt-ms", type=float, default=50.0)
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from swarm.local import split_blocks
+    from swarm.models.checkpoint import resolve_checkpoint
+    from swarm.testing.netns import NetnsHarness, unavailable_reason
+
+    if reason := unavailable_reason():
+        parser.error(f"the netns harness cannot run here: {reason}")
+    checkpoint = resolve_checkpoint(args.model)
+    input_ids = torch.randint(
+        10, checkpoint.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
+    )
+    local = local_latencies(checkpoint.path, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats)
+    shaping = {"delay_ms": args.rtt_ms / 2, "rate_mbit": args.rate_mbit}
+    with NetnsHarness() as harness:
+        harness.add_host("bootstrap", **shaping)
+        peers = harness.start_bootstrap("bootstrap")
+        nodes = []
+        for index, blocks in enumerate(split_blocks(checkpoint.num_blocks, args.nodes)):
+            harness.add_host(f"host{index}", **shaping)
+            nodes.append(harness.start_node(f"host{index}", args.model, blocks, peers))
+        for node in nodes:
+            harness.wait_ready(node)
+        latencies, hops, rtt = swarm_latencies(
+            args.model, peers, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats
+        )
+    local_median, median = statistics.median(local), statistics.median(latencies)
+    print(
+        json.dumps(
+            {
+                "name": "inference_wan",
+                "model": checkpoint.name,
+                "device": "cpu",
+                "dtype": "float32",
+                "device_name": device_name("cpu"),
+                "nodes": args.nodes,
+                "hops": hops,
+                "emulated_rtt_ms": args.rtt_ms,
+                "rate_mbit": args.rate_mbit,
+                "new_tokens": args.new_tokens,
+                "local_tokens_per_s": round(1 / local_median, 2),
+                "swarm_tokens_per_s": round(1 / median, 2),
+                "ratio": round(local_median / median, 3),
+                "local_ms_per_token_median": round(1000 * local_median, 2),
+                "swarm_ms_per_token_median": round(1000 * median, 2),
+                "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
+                "rpc_info_round_trip_ms": round(1000 * rtt, 3),
+                "network_ms_per_token": round(1000 * (median - local_median), 2),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
