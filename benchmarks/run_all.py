@@ -1,10 +1,21 @@
-"""Run every benchmark in turn; each prints JSON lines. `--quick` uses small sizes."""
+"""Run every benchmark in turn; each prints JSON lines. `--quick` uses small sizes.
+
+The WAN benchmark needs the netns harness (root, iproute2) and the GPU benchmark a CUDA device; where
+one can't run, a JSON line says so instead of leaving it out silently.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from benchmarks import finetune, forward, inference, recovery
+import torch
+
+from benchmarks import finetune, forward, gpu, inference, recovery, wan
+
+
+def skipped(name: str, reason: str) -> None:
+    print(json.dumps({"name": name, "skipped": reason}), flush=True)
 
 
 def main(argv=None) -> None:
@@ -23,6 +34,21 @@ def main(argv=None) -> None:
         recovery.main([*model, "--new-tokens", "32"])
         forward.main([*model, "--nodes", "1", "3", "--batch", "8", "--seq", "512"])
         finetune.main([*model, "--steps", "5", "--batch", "8", "--seq", "32"])
+
+    from swarm.testing.netns import unavailable_reason
+
+    if reason := unavailable_reason():
+        skipped("inference_wan", reason)
+    else:
+        wan.main(
+            [*model, "--new-tokens", "8" if args.quick else "32", "--repeats", "1" if args.quick else "2"]
+        )
+    if not torch.cuda.is_available():
+        skipped("gpu", "no CUDA device")
+    elif args.quick:
+        gpu.main(["--nodes", "3", "--new-tokens", "16", "--repeats", "1", "--skip-forward"])
+    else:
+        gpu.main([])
 
 
 if __name__ == "__main__":
