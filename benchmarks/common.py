@@ -19,3 +19,11 @@ def release_memory(device: str) -> None:
     """Give cached GPU memory back after the local baseline, since the nodes share the GPU."""
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def start_split_swarm(swarm, model: str, num_blocks: int, nodes: int, device: str, dtype: str) -> None:
+    """A bootstrap peer and `nodes` nodes that split the model's blocks evenly, on `device` in `dtype`."""
+    from swarm.local import split_blocks
+
+    swarm.start_bootstrap()
+    swarm.start_nodes(model, split_blocks(num_blocks, nodes), "--dtype", dtype, "--device", device)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, release_memory
+from benchmarks.common import device_name, release_memory, start_split_swarm
 
 
 def main(argv=None) -> None:
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM
 
     from swarm.client import DistributedModelForCausalLM
-    from swarm.local import LocalSwarm, split_blocks
+    from swarm.local import LocalSwarm
     from swarm.models.checkpoint import resolve_checkpoint
     from swarm.utils.tensors import FLOAT_DTYPES
 
@@ -66,15 +66,7 @@ def main(argv=None) -> None:
     release_memory(args.device)
     for nodes in args.nodes:
         with LocalSwarm() as swarm:
-            swarm.start_bootstrap()
-            swarm.start_nodes(
-                args.model,
-                split_blocks(checkpoint.num_blocks, nodes),
-                "--dtype",
-                args.dtype,
-                "--device",
-                args.device,
-            )
+            start_split_swarm(swarm, args.model, checkpoint.num_blocks, nodes, args.device, args.dtype)
             with DistributedModelForCausalLM.from_pretrained(
                 args.model, swarm.initial_peers, dtype=dtype, device=args.device
             ) as model:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, release_memory
+from benchmarks.common import device_name, release_memory, start_split_swarm
 from swarm.utils.timing import TokenTimer, percentile
 
 
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    from swarm.local import LocalSwarm, split_blocks
+    from swarm.local import LocalSwarm
     from swarm.models.checkpoint import resolve_checkpoint
     from swarm.utils.tensors import FLOAT_DTYPES
 
@@ -92,15 +92,7 @@ def main(argv=None) -> None:
     rows = []
     for nodes in args.nodes:
         with LocalSwarm() as swarm:
-            swarm.start_bootstrap()
-            swarm.start_nodes(
-                args.model,
-                split_blocks(checkpoint.num_blocks, nodes),
-                "--dtype",
-                args.dtype,
-                "--device",
-                args.device,
-            )
+            start_split_swarm(swarm, args.model, checkpoint.num_blocks, nodes, args.device, args.dtype)
             latencies, hops, rtt = swarm_latencies(
                 args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.device, args.repeats
             )
