@@ -135,6 +135,8 @@ class SwarmBlocks:
 
         Results come back on `hidden`'s device; the records and everything sent stay on CPU.
         """
+        if hidden.shape[0] == 0:
+            raise ValueError("the batch is empty")
         device, hidden = hidden.device, hidden.cpu()
         prompts = None if prompts is None else prompts.cpu()
         model = self.model

@@ -24,6 +24,11 @@ def test_logits_match_local_transformers(client, local_model):
     assert spans == [(0, 2), (2, 5), (5, 6)]
 
 
+def test_an_empty_batch_is_refused_clearly(client):
+    with pytest.raises(ValueError, match="empty"):
+        client(torch.zeros(0, 5, dtype=torch.long))
+
+
 def test_micro_batches_pipelined_through_the_spans_give_the_same_logits(tiny_model, tiny_swarm, local_model):
     input_ids = torch.randint(0, 256, (5, 13), generator=torch.Generator().manual_seed(3))
     with DistributedModelForCausalLM.from_pretrained(
