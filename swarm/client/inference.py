@@ -41,7 +41,9 @@ class SpanStream:
     def __init__(self, p2p: P2P, span: RemoteSpan, session_id: str, max_length: int, timeout: float):
         self.p2p, self.span, self.session_id = p2p, span, session_id
         self.max_length, self.timeout = max_length, timeout
-        self._queue: asyncio.Queue | None = None
+        # requests wait here for the stream, which opens with the first step (libp2p may not finish
+        # opening it earlier); the queue binds to the client's loop on first use
+        self._queue: asyncio.Queue | None = asyncio.Queue()
         self._responses = None
         self._opened = False
 
@@ -51,10 +53,6 @@ class SpanStream:
             if request is None:
                 return
             yield request
-
-    async def open(self) -> None:
-        """Prepare the stream; it opens with the first step (libp2p may not finish opening it earlier)."""
-        self._queue = asyncio.Queue()
 
     async def step(
         self,
@@ -235,18 +233,11 @@ class InferenceSession:
         return hidden
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:
-        states = []
-        for span in route:
-            stream = SpanStream(
-                self.model.p2p,
-                span,
-                self.session_id,
-                self.max_length,
-                self.model.client_config.request_timeout,
-            )
-            self.model.run_async(stream.open())
-            states.append(_SpanState(span, stream))
-        return states
+        timeout = self.model.client_config.request_timeout
+        return [
+            _SpanState(span, SpanStream(self.model.p2p, span, self.session_id, self.max_length, timeout))
+            for span in route
+        ]
 
     def _replace_span(self, index: int, mask: torch.Tensor | None) -> None:
         """Ban the failed node, route its blocks through others and replay its inputs there."""
@@ -270,7 +261,7 @@ class InferenceSession:
             failed.span.start,
             failed.span.end,
             failed.span.peer_id,
-            replacement,
+            [state.span.peer_id for state in replacement],
             self.position,
         )
         self._spans[index : index + 1] = replacement

@@ -171,9 +171,7 @@ def session_node(tiny_model, tmp_path_factory):
 
 def open_stream(model, process, max_length, start=0, end=6):
     span = RemoteSpan(process.peer_id, start, end, swarm_pb2.ServerInfo())
-    stream = SpanStream(model.p2p, span, f"test-{time.monotonic_ns()}", max_length, timeout=30)
-    model.run_async(stream.open())
-    return stream
+    return SpanStream(model.p2p, span, f"test-{time.monotonic_ns()}", max_length, timeout=30)
 
 
 def step(model, stream, hidden, position):
