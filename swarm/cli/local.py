@@ -9,6 +9,7 @@ import threading
 import time
 
 from swarm.cli.common import add_cache_dir
+from swarm.node.config import DTYPE_NAMES
 from swarm.utils.timing import TokenTimer
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def add_parsers(subparsers) -> None:
 
 
 def add_node_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=None, help="where node logs go (default: a temporary folder)")
     add_cache_dir(parser)

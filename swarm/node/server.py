@@ -126,8 +126,8 @@ class Node:
                 store_node_records, dht, self.owner_key, self.server_info(), None, self.expiration
             )
 
-            dtype = FLOAT_DTYPES[config.dtype]
-            span = await asyncio.to_thread(load_span, self.checkpoint, start, end, dtype, config.device)
+            self.backend = await asyncio.to_thread(self._load_backend, start, end)
+            span, dtype = self.backend.span, self.backend.dtype
             if config.throughput is None:
                 self.forward_rps, self.inference_rps = await asyncio.to_thread(
                     cached_rps,
@@ -140,7 +140,6 @@ class Node:
                 )
             else:  # told, not measured
                 self.forward_rps = self.inference_rps = config.throughput
-            self.backend = SpanBackend(span, config.limits, config.device, dtype)
 
             p2p = await dht.replicate_p2p()
             servicer = self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
@@ -179,6 +178,13 @@ class Node:
             if self.backend is not None:
                 self.backend.shutdown()
             dht.shutdown()
+
+    def _load_backend(self, start: int, end: int) -> SpanBackend:
+        """Blocks [start, end) loaded on the configured device and dtype, ready to serve."""
+        config = self.config
+        dtype = FLOAT_DTYPES[config.dtype]
+        span = load_span(self.checkpoint, start, end, dtype, config.device)
+        return SpanBackend(span, config.limits, config.device, dtype)
 
     # ---- placement and rebalancing ----------------------------------------------------------------------
 
@@ -225,9 +231,7 @@ class Node:
         old_start, old_end = self.blocks
         new_end = new_start + config.num_blocks
         logger.info("moving from blocks [%d, %d) to [%d, %d)", old_start, old_end, new_start, new_end)
-        dtype = FLOAT_DTYPES[config.dtype]
-        span = await asyncio.to_thread(load_span, self.checkpoint, new_start, new_end, dtype, config.device)
-        new_backend = SpanBackend(span, config.limits, config.device, dtype)
+        new_backend = await asyncio.to_thread(self._load_backend, new_start, new_end)
         old_backend, self.backend = self.backend, new_backend
         self.servicer.backend = new_backend
         self.blocks = (new_start, new_end)
