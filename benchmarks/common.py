@@ -15,6 +15,12 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def random_token_ids(checkpoint, batch: int, length: int) -> torch.Tensor:
+    """The same seeded random prompt in every run, avoiding the lowest (special) token ids."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(10, checkpoint.config.vocab_size, (batch, length), generator=generator)
+
+
 def release_memory(device: str) -> None:
     """Give cached GPU memory back after the local baseline, since the nodes share the GPU."""
     if device.startswith("cuda"):

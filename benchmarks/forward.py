@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, release_memory, start_split_swarm
+from benchmarks.common import device_name, random_token_ids, release_memory, start_split_swarm
 
 
 def main(argv=None) -> None:
@@ -40,9 +40,7 @@ def main(argv=None) -> None:
     synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
 
     checkpoint = resolve_checkpoint(args.model)
-    input_ids = torch.randint(
-        10, checkpoint.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
-    )
+    input_ids = random_token_ids(checkpoint, args.batch, args.seq)
     tokens = args.batch * args.seq
 
     def best_time(fn) -> float:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, release_memory, start_split_swarm
+from benchmarks.common import device_name, random_token_ids, release_memory, start_split_swarm
 from swarm.utils.timing import TokenTimer, percentile
 
 
@@ -84,9 +84,7 @@ def main(argv=None) -> None:
 
     dtype = FLOAT_DTYPES[args.dtype]
     checkpoint = resolve_checkpoint(args.model)
-    input_ids = torch.randint(
-        10, checkpoint.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    input_ids = random_token_ids(checkpoint, 1, args.prompt_tokens)
     local = local_latencies(checkpoint.path, input_ids, args.new_tokens, dtype, args.device, args.repeats)
     local_median = statistics.median(local)
     rows = []

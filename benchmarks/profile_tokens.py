@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.common import random_token_ids
 from swarm.utils.timing import TokenTimer
 
 
@@ -46,9 +47,7 @@ def main(argv=None) -> None:
         if new_tokens == 1:  # decode steps only, not the prefill
             hop_times[f"{span.start}:{span.end}"].append(seconds)
 
-    input_ids = torch.randint(
-        10, checkpoint.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
-    )
+    input_ids = random_token_ids(checkpoint, 1, 16)
     timer = TokenTimer()
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()

@@ -11,8 +11,7 @@ import json
 import statistics
 import time
 
-import torch
-
+from benchmarks.common import random_token_ids
 from swarm.utils.timing import TokenTimer
 
 
@@ -31,9 +30,7 @@ def main(argv=None) -> None:
 
     checkpoint = resolve_checkpoint(args.model)
     spans = split_blocks(checkpoint.num_blocks, 3)
-    input_ids = torch.randint(
-        10, checkpoint.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    input_ids = random_token_ids(checkpoint, 1, args.prompt_tokens)
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         primaries = swarm.start_nodes(args.model, spans, "--throughput", "100")

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, random_token_ids
 from benchmarks.inference import local_latencies, swarm_latencies
 from swarm.utils.timing import percentile
 
@@ -38,9 +38,7 @@ def main(argv=None) -> None:
     if reason := unavailable_reason():
         parser.error(f"the netns harness cannot run here: {reason}")
     checkpoint = resolve_checkpoint(args.model)
-    input_ids = torch.randint(
-        10, checkpoint.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    input_ids = random_token_ids(checkpoint, 1, args.prompt_tokens)
     local = local_latencies(checkpoint.path, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats)
     shaping = {"delay_ms": args.rtt_ms / 2, "rate_mbit": args.rate_mbit}
     with NetnsHarness() as harness:
