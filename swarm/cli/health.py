@@ -24,8 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.client.health import format_map, list_models, model_map
     from swarm.dht.factory import create_dht
+    from swarm.dht.swarm_map import format_map, list_models, model_map
 
     dht, _ = create_dht(args.initial_peers, client_mode=True)
     try:

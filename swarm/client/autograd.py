@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from swarm.client.remote import remote_backward, remote_forward
-from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES
+from swarm.protocol import MAX_UNARY_MESSAGE_BYTES
 
 if TYPE_CHECKING:
-    from swarm.client.model import DistributedModelForCausalLM
-    from swarm.client.swarm_view import RemoteSpan
+    from swarm.client.routing import RemoteSpan
+    from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +78,11 @@ def _optional_rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | N
 
 
 class SwarmBlocks:
-    """Runs blocks of `model` on the swarm, chunk by chunk, with retries on other nodes."""
+    """Runs blocks on the swarm, chunk by chunk, with retries on other nodes."""
 
-    def __init__(self, model: DistributedModelForCausalLM):
-        self.model = model
+    def __init__(self, client: SwarmClient):
+        self.client = client
+        self.last_route: list[RemoteSpan] = []  # the route the first chunk of the last forward took
         self._route_lock: asyncio.Lock | None = None
 
     async def _route(self, start: int, end: int) -> list[RemoteSpan]:
@@ -89,34 +90,34 @@ class SwarmBlocks:
         if self._route_lock is None:
             self._route_lock = asyncio.Lock()
         async with self._route_lock:  # chunks failing together look up one at a time
-            return await asyncio.to_thread(self.model.find_route, start, end, "forward")
+            return await asyncio.to_thread(self.client.find_route, start, end, "forward")
 
     def _failed(self, span: RemoteSpan, kind: str, error: Exception, failures: int) -> None:
         logger.warning("node %s failed %s on [%d, %d): %r", span.peer_id, kind, span.start, span.end, error)
-        if failures > self.model.client_config.max_retries:
+        if failures > self.client.config.max_retries:
             raise error
-        if span.peer_id not in self.model.bans:  # chunks that failed on it together ban it once
-            self.model.ban(span.peer_id)
+        if span.peer_id not in self.client.bans:  # chunks that failed on it together ban it once
+            self.client.ban(span.peer_id)
 
     def _span_prompts(self, prompts, span: RemoteSpan):
         return None if prompts is None else prompts[span.start : span.end]
 
     async def _forward_span(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
         return await remote_forward(
-            self.model.p2p,
+            self.client.p2p,
             span.peer_id,
             span.start,
             span.end,
             hidden,
             mask,
             positions,
-            self.model.client_config.request_timeout,
+            self.client.config.request_timeout,
             prompts=self._span_prompts(prompts, span),
         )
 
     async def _backward_span(self, span: RemoteSpan, hidden, grad_outputs, prompts, mask, positions):
         return await remote_backward(
-            self.model.p2p,
+            self.client.p2p,
             span.peer_id,
             span.start,
             span.end,
@@ -124,7 +125,7 @@ class SwarmBlocks:
             grad_outputs,
             mask,
             positions,
-            self.model.client_config.request_timeout,
+            self.client.config.request_timeout,
             prompts=self._span_prompts(prompts, span),
         )
 
@@ -139,19 +140,19 @@ class SwarmBlocks:
             raise ValueError("the batch is empty")
         device, hidden = hidden.device, hidden.cpu()
         prompts = None if prompts is None else prompts.cpu()
-        model = self.model
-        end = model.num_blocks if end is None else end
+        client = self.client
+        end = client.num_blocks if end is None else end
         extra = 0 if prompts is None else prompts[0].numel() * prompts.element_size() * (end - start)
-        chunks = batch_chunks(hidden, extra, model.client_config.max_chunk_rows)
-        route = model.find_route(start, end, mode="forward")  # one route for all chunks: they pipeline
+        chunks = batch_chunks(hidden, extra, client.config.max_chunk_rows)
+        route = client.find_route(start, end, mode="forward")  # one route for all chunks: they pipeline
 
-        results = model.run_async(
+        results = client.run_async(
             _all(
                 self._forward_chunk(rows, hidden[rows], prompts, mask, positions, start, end, route)
                 for rows in chunks
             )
         )
-        model.last_route = results[0][2]  # the route the first chunk took
+        self.last_route = results[0][2]
         outputs = torch.cat([output for output, _, _ in results], dim=0)
         return outputs.to(device), [record for _, record, _ in results]
 
@@ -182,7 +183,7 @@ class SwarmBlocks:
         device, grad_outputs = grad_outputs.device, grad_outputs.cpu()
         prompts = None if prompts is None else prompts.cpu()
 
-        results = self.model.run_async(
+        results = self.client.run_async(
             _all(
                 self._backward_chunk(record, grad_outputs[record.rows], prompts, mask, positions)
                 for record in records

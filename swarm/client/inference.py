@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm.client.errors import RemoteError
-from swarm.client.swarm_view import RemoteSpan
-from swarm.node.handler import NodeServicer
+from swarm.client.routing import RemoteSpan
 from swarm.proto import swarm_pb2
+from swarm.protocol import NodeProtocol
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
 
 if TYPE_CHECKING:
-    from swarm.client.model import DistributedModelForCausalLM
+    from swarm.client.swarm_client import SwarmClient
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class SpanStream:
             self._opened = True
         self._queue.put_nowait(request)
         if self._responses is None:
-            stub = NodeServicer.get_stub(self.p2p, PeerID.from_base58(self.span.peer_id))
+            stub = NodeProtocol.stub(self.p2p, self.span.peer_id)
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
         try:
             response = await asyncio.wait_for(anext(self._responses), self.timeout)
@@ -130,10 +130,10 @@ class InferenceSession:
     so `model.generate(None, session=session)` continues where the last call stopped.
     """
 
-    def __init__(self, model: DistributedModelForCausalLM, max_length: int):
+    def __init__(self, client: SwarmClient, max_length: int):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        self.model, self.max_length = model, max_length
+        self.client, self.max_length = client, max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens whose keys and values the nodes hold
         self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
@@ -192,19 +192,19 @@ class InferenceSession:
         return torch.cat(outputs, dim=1).to(device)
 
     def _chunk_tokens(self, bytes_per_token: int) -> int:
-        return max(1, min(self.model.client_config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))
+        return max(1, min(self.client.config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))
 
     def _step_chunk(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
-        model = self.model
+        client = self.client
         if not self._spans:
-            self._spans = self._open_chain(model.find_route())
+            self._spans = self._open_chain(client.find_route())
         position = self.position
         index, failures = 0, 0
         while index < len(self._spans):
             state = self._spans[index]
             started = time.perf_counter()
             try:
-                output = model.run_async(state.stream.step(hidden, position, mask, position_ids))
+                output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
             except Exception as e:
                 failures += 1
                 logger.warning(
@@ -215,7 +215,7 @@ class InferenceSession:
                     position,
                     e,
                 )
-                if failures > model.client_config.max_retries:
+                if failures > client.config.max_retries:
                     raise
                 self._replace_span(index, mask)
                 continue
@@ -233,20 +233,20 @@ class InferenceSession:
         return hidden
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:
-        timeout = self.model.client_config.request_timeout
+        timeout = self.client.config.request_timeout
         return [
-            _SpanState(span, SpanStream(self.model.p2p, span, self.session_id, self.max_length, timeout))
+            _SpanState(span, SpanStream(self.client.p2p, span, self.session_id, self.max_length, timeout))
             for span in route
         ]
 
     def _replace_span(self, index: int, mask: torch.Tensor | None) -> None:
         """Ban the failed node, route its blocks through others and replay its inputs there."""
         failed = self._spans[index]
-        self.model.ban(failed.span.peer_id)
-        self.model.run_async(failed.stream.close())
+        self.client.ban(failed.span.peer_id)
+        self.client.run_async(failed.stream.close())
         self.num_recoveries += 1
         while True:
-            replacement = self._open_chain(self.model.find_route(failed.span.start, failed.span.end))
+            replacement = self._open_chain(self.client.find_route(failed.span.start, failed.span.end))
             if not failed.inputs:
                 break
             try:
@@ -255,7 +255,7 @@ class InferenceSession:
             except Exception as e:
                 logger.warning("replay on a replacement chain failed: %r", e)
                 for state in replacement:
-                    self.model.run_async(state.stream.close())
+                    self.client.run_async(state.stream.close())
         logger.info(
             "blocks [%d, %d) moved from %s to %s; replayed %d tokens",
             failed.span.start,
@@ -278,11 +278,11 @@ class InferenceSession:
                 part = history[:, offset:end]
                 step_mask = None if full_mask is None else full_mask[:, :end]
                 try:
-                    out = self.model.run_async(
+                    out = self.client.run_async(
                         state.stream.step(part, offset, step_mask, position_ids[:, offset:end])
                     )
                 except Exception:
-                    self.model.ban(state.span.peer_id)
+                    self.client.ban(state.span.peer_id)
                     raise
                 state.inputs.append(part)
                 outputs.append(out)
@@ -295,7 +295,7 @@ class InferenceSession:
         self._closed = True
         for state in self._spans:
             try:
-                self.model.run_async(state.stream.close())
+                self.client.run_async(state.stream.close())
             except Exception as e:
                 logger.debug("closing %s: %r", state.span, e)
         self._spans = []

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import random
-import time
-from dataclasses import dataclass, field
 
 import torch
 from hivemind.p2p import P2P
@@ -15,41 +10,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.client.autograd import RemoteBlocksFunction, SwarmBlocks
 from swarm.client.bans import BanList
-from swarm.client.errors import MissingBlocksError
+from swarm.client.config import ClientConfig
 from swarm.client.generation import generate
 from swarm.client.inference import InferenceSession
-from swarm.client.remote import get_info
-from swarm.client.routing import min_latency_route, throughput_weighted_route
-from swarm.client.swarm_view import RemoteSpan, consensus_hashes, read_swarm, usable_servers
-from swarm.dht.factory import create_dht
+from swarm.client.routing import RemoteSpan
+from swarm.client.swarm_client import SwarmClient
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.head import load_client_head, load_generation_config
-from swarm.proto import swarm_pb2
-from swarm.utils.aio import BackgroundLoop
-
-logger = logging.getLogger(__name__)
-
-RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
-MAX_PINGS = 64  # nodes pinged at once when routing
-PING_TIMEOUT = 2.0
-UNREACHABLE_RTT = 10.0  # what a node that does not answer a ping costs a route
-
-
-@dataclass
-class ClientConfig:
-    """How the client talks to the swarm."""
-
-    initial_peers: list[str] = field(default_factory=list)
-    request_timeout: float = 60.0
-    dht_timeout: float = 10.0
-    max_retries: int = 3
-    wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
-    verify_weights: bool = True  # skip nodes whose weight hashes differ from the model's
-    max_step_tokens: int = 1024  # longer prompts are prefilled in chunks of at most this many tokens
-    max_chunk_rows: int | None = None  # forward/backward micro-batch rows (None: as many as fit a message)
-    refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
-    allowed_servers: list[str] | None = None  # if set, route only through these peer ids
-    blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
@@ -70,24 +37,15 @@ class DistributedModelForCausalLM(torch.nn.Module):
             raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
         if tuning_mode and pre_seq_len < 1:
             raise ValueError("prompt tuning needs pre_seq_len >= 1")
-        self.checkpoint, self.client_config = checkpoint, config
+        self.checkpoint = checkpoint
         self.config = checkpoint.config
         # the head computes on `device`; what crosses the network, and the session's bookkeeping, is on CPU
         self.device = torch.device(device)
         self.head = load_client_head(checkpoint, dtype=dtype).to(self.device)
         self.generation_config = load_generation_config(checkpoint.path)
         self.num_blocks = checkpoint.num_blocks
-        self.bans = BanList()
-        self._expected_hashes: list[str] | None = None
-        self._loop = BackgroundLoop()
-        self.dht, _ = create_dht(config.initial_peers, client_mode=True)
-        self.p2p: P2P = self._loop.run(self.dht.replicate_p2p(), timeout=config.dht_timeout)
-        self.last_route: list[RemoteSpan] = []
-        self._view = None
-        self._view_time = 0.0
-        self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
-        self._rng = random.Random()
-        self.blocks = SwarmBlocks(self)
+        self.swarm = SwarmClient(checkpoint.name, self.num_blocks, config, self._local_block_hashes)
+        self.blocks = SwarmBlocks(self.swarm)
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
         if tuning_mode:
             hidden_size = self.config.hidden_size
@@ -120,83 +78,36 @@ class DistributedModelForCausalLM(torch.nn.Module):
             checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, device=device
         )
 
-    # ---- the swarm ----------------------------------------------------------------------------------------
+    # ---- the swarm (delegated to the SwarmClient) -------------------------------------------------------
 
-    def expected_hashes(self, model_infos) -> list[str] | None:
-        """Trust the local checkpoint's block hashes when it holds the blocks, else the DHT's consensus."""
-        if not self.client_config.verify_weights:
-            return None
-        if self._expected_hashes is None and self.checkpoint.block_tensor_names(0):
-            self._expected_hashes = all_block_hashes(self.checkpoint)
-        return self._expected_hashes or consensus_hashes(model_infos)
+    def _local_block_hashes(self) -> list[str] | None:
+        """Hashes of this checkpoint's blocks when it holds them (it may hold only the head)."""
+        return all_block_hashes(self.checkpoint) if self.checkpoint.block_tensor_names(0) else None
 
-    def usable_servers(self, refresh: bool = False) -> list[swarm_pb2.ServerInfo]:
-        """ONLINE nodes with the right weights that are neither banned nor filtered out.
+    @property
+    def client_config(self) -> ClientConfig:
+        return self.swarm.config
 
-        The view of the swarm is re-read from the DHT every `refresh_period` seconds, or at once on request.
-        """
-        config = self.client_config
-        stale = time.monotonic() - self._view_time > config.refresh_period
-        if refresh or stale or self._view is None:
-            self._view = read_swarm(self.dht, self.checkpoint.name, self.num_blocks, config.dht_timeout)
-            self._view_time = time.monotonic()
-        servers, model_infos = self._view
-        usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
-        if config.allowed_servers is not None:
-            usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
-        return [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+    @property
+    def p2p(self) -> P2P:
+        return self.swarm.p2p
+
+    @property
+    def bans(self) -> BanList:
+        return self.swarm.bans
+
+    @property
+    def last_route(self) -> list[RemoteSpan]:
+        """The route the first chunk of the last forward pass took."""
+        return self.blocks.last_route
 
     def find_route(self, start: int = 0, end: int | None = None, mode: str = "inference") -> list[RemoteSpan]:
-        """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks.
-
-        `inference`: the lowest-latency chain (measured RTTs, announced throughput, fewer hops);
-        `forward`: a throughput-weighted random chain, which spreads batches over replicas.
-        """
-        end = self.num_blocks if end is None else end
-        deadline = time.monotonic() + self.client_config.wait_for_blocks
-        refresh = False
-        while True:
-            usable = self.usable_servers(refresh=refresh)
-            try:
-                if mode == "inference":
-                    return min_latency_route(usable, start, end, self.measure_rtts(usable))
-                return throughput_weighted_route(usable, start, end, self._rng)
-            except MissingBlocksError:
-                if time.monotonic() >= deadline:
-                    raise
-                refresh = True  # a block ran out of nodes: look again now, not at the next refresh
-                time.sleep(0.5)
-
-    def measure_rtts(self, servers: list[swarm_pb2.ServerInfo]) -> dict[str, float]:
-        """Round-trip times to nodes (pinged with rpc_info when unknown or older than a minute)."""
-        now = time.monotonic()
-        todo = [s.peer_id for s in servers if now - self._rtts.get(s.peer_id, (0.0, -1e9))[1] > RTT_MAX_AGE][
-            :MAX_PINGS
-        ]
-        if todo:
-
-            async def ping(peer_id: str) -> float:
-                started = time.perf_counter()
-                try:
-                    await get_info(self.p2p, peer_id, PING_TIMEOUT)
-                    return time.perf_counter() - started
-                except Exception:
-                    return UNREACHABLE_RTT
-
-            async def ping_all():
-                return await asyncio.gather(*(ping(peer) for peer in todo))
-
-            for peer, rtt in zip(todo, self.run_async(ping_all()), strict=True):
-                self._rtts[peer] = (rtt, now)
-        return {peer: rtt for peer, (rtt, _) in self._rtts.items()}
-
-    def ban(self, peer_id: str) -> None:
-        """Stop routing through a node for a while; each repeated failure doubles the wait."""
-        self.bans.ban(peer_id)
+        """A chain of nodes covering blocks [start, end) (see SwarmClient.find_route)."""
+        return self.swarm.find_route(start, end, mode)
 
     def run_async(self, coro, timeout: float | None = None):
         """Run a coroutine on the client's event loop thread and wait for its result."""
-        return self._loop.run(coro, timeout=timeout)
+        return self.swarm.run_async(coro, timeout)
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -254,7 +165,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def inference_session(self, max_length: int) -> InferenceSession:
         """A session with a KV cache for up to `max_length` tokens on every node of its route."""
-        return InferenceSession(self, max_length)
+        return InferenceSession(self.swarm, max_length)
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Like transformers' generate(): greedy or sampled, EOS, batches with attention_mask, sessions.
@@ -267,15 +178,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P replica, the DHT process and the event loop."""
-        if getattr(self, "_closed", False):
-            return
-        self._closed = True
-        try:
-            self._loop.run(self.p2p.shutdown(), timeout=5)
-        except Exception as e:
-            logger.debug("p2p shutdown: %r", e)
-        self.dht.shutdown()
-        self._loop.close()
+        self.swarm.close()
 
     def __enter__(self) -> DistributedModelForCausalLM:
         return self

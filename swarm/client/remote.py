@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 
 from swarm.client.errors import RemoteError
-from swarm.node.handler import NodeServicer
-from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES
 from swarm.proto import swarm_pb2
+from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
 from swarm.utils.streaming import combine_parts, split_tensors
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
 
@@ -22,7 +21,7 @@ def _optional(tensor: torch.Tensor | None):
 
 
 async def get_info(p2p: P2P, peer_id: str, timeout: float) -> swarm_pb2.InfoResponse:
-    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    stub = NodeProtocol.stub(p2p, peer_id)
     return await stub.rpc_info(swarm_pb2.InfoRequest(), timeout=timeout)
 
 
@@ -68,7 +67,7 @@ async def _call(
     p2p, peer_id, kind, start, end, tensors, attention_mask, position_ids, timeout
 ) -> list[torch.Tensor]:
     """A forward or backward call: unary when the request fits one message, streamed otherwise."""
-    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    stub = NodeProtocol.stub(p2p, peer_id)
     request_type = swarm_pb2.ForwardRequest if kind == "forward" else swarm_pb2.BackwardRequest
     protos = [serialize(t) for t in tensors]
     request = request_type(

@@ -3,14 +3,50 @@
 from __future__ import annotations
 
 import heapq
+import logging
 import random
+from dataclasses import dataclass
 
 from swarm.client.errors import MissingBlocksError
-from swarm.client.swarm_view import RemoteSpan
 from swarm.proto import swarm_pb2
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RTT = 0.05  # seconds assumed for a node not pinged yet: a typical internet round trip
 HOP_PENALTY = 0.002  # seconds added per hop so that, all else equal, fewer hops win
+
+
+@dataclass(frozen=True)
+class RemoteSpan:
+    """A node and the part of its span a route uses."""
+
+    peer_id: str
+    start: int
+    end: int
+    info: swarm_pb2.ServerInfo
+
+    def __repr__(self) -> str:
+        return f"RemoteSpan({self.peer_id[-8:]}, [{self.start}, {self.end}))"
+
+
+def usable_servers(
+    servers: dict[str, swarm_pb2.ServerInfo],
+    expected_hashes: list[str] | None,
+    banned: set[str] = frozenset(),
+) -> list[swarm_pb2.ServerInfo]:
+    """ONLINE servers that are not banned and whose weights hash to the model's."""
+    usable = []
+    for info in servers.values():
+        if info.state != swarm_pb2.ServerInfo.ONLINE or info.peer_id in banned:
+            continue
+        if (
+            expected_hashes is not None
+            and list(info.block_hashes) != expected_hashes[info.start_block : info.end_block]
+        ):
+            logger.warning("skipping node %s: its weights differ from the model's", info.peer_id)
+            continue
+        usable.append(info)
+    return usable
 
 
 def missing_blocks(servers: list[swarm_pb2.ServerInfo], start: int, end: int) -> list[int]:

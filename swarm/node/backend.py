@@ -33,6 +33,7 @@ class SpanInputs:
     wire_dtype: torch.dtype
     prompts: torch.Tensor | None = None  # deep prompts (layers, batch or 1, prefix, hidden)
     grad_outputs: torch.Tensor | None = None  # for backward: d(loss)/d(outputs)
+    step: int = 0  # set by trainable backends: the optimizer step of the weights that ran this request
 
 
 class SpanBackend:
@@ -53,6 +54,9 @@ class SpanBackend:
     @property
     def end(self) -> int:
         return self.span.end
+
+    def check_inference(self) -> None:
+        """Refuse inference sessions if this backend can't serve them (trainable spans can't)."""
 
     def check_blocks(self, start: int, end: int) -> slice:
         """The local layer slice for blocks [start, end), which must lie inside this node's span."""

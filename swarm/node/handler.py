@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext
 
 from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, to_error_proto
-from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES
 from swarm.node.sessions import Session, check_step_shapes
 from swarm.proto import swarm_pb2
+from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
 from swarm.utils.streaming import combine_parts, split_tensors
 from swarm.utils.tensors import serialize
 
@@ -27,21 +27,26 @@ MAX_SESSION_ID_LENGTH = 128
 FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED)
 
 
-class NodeServicer(ServicerBase):
-    """rpc_info; rpc_forward / rpc_backward (unary, < 4 MiB) and their *_stream twins; rpc_inference."""
+class NodeServicer(NodeProtocol):
+    """The node's side of NodeProtocol, over its span backend."""
 
     def __init__(
         self,
         backend: SpanBackend,
         get_server_info: Callable[[], swarm_pb2.ServerInfo],
         model_info: swarm_pb2.ModelInfo,
+        get_stage_info: Callable[[], swarm_pb2.StageInfo] | None = None,
     ):
         self.backend, self.get_server_info, self.model_info = backend, get_server_info, model_info
+        self.get_stage_info = get_stage_info  # training nodes: their stage record
 
     async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
-        return swarm_pb2.InfoResponse(
+        response = swarm_pb2.InfoResponse(
             server=self.get_server_info(), limits=self.backend.limits.to_proto(), model=self.model_info
         )
+        if self.get_stage_info is not None:
+            response.stage.CopyFrom(self.get_stage_info())
+        return response
 
     async def rpc_forward(
         self, request: swarm_pb2.ForwardRequest, context: P2PContext
@@ -69,8 +74,8 @@ class NodeServicer(ServicerBase):
         """A forward or backward call in one message; the reply must fit one message too."""
         started = time.perf_counter()
         try:
-            outputs = await self._run_span(request, list(request.tensors), backward=kind == "backward")
-            response = response_type(tensors=[serialize(t) for t in outputs])
+            outputs, step = await self._run_span(request, list(request.tensors), backward=kind == "backward")
+            response = response_type(tensors=[serialize(t) for t in outputs], step=step)
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(
                     swarm_pb2.Error.TOO_LARGE,
@@ -86,14 +91,14 @@ class NodeServicer(ServicerBase):
         """A forward or backward call whose request and reply come in parts of at most 1 MiB."""
         try:
             first, parts = await self._receive_stream(requests)
-            outputs = await self._run_span(first, parts, backward=kind == "backward")
+            outputs, step = await self._run_span(first, parts, backward=kind == "backward")
             for part in split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES):
-                yield response_type(tensors=[part])
+                yield response_type(tensors=[part], step=step)
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
 
-    async def _run_span(self, request, tensors, backward: bool) -> list:
-        """[outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward."""
+    async def _run_span(self, request, tensors, backward: bool) -> tuple[list, int]:
+        """([outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward), and the weights' step."""
         backend = self.backend  # the node may move to other blocks meanwhile
         inputs = backend.parse_inputs(
             request.start_block,
@@ -104,8 +109,8 @@ class NodeServicer(ServicerBase):
             backward=backward,
         )
         if backward:
-            return await backend.backward(inputs)
-        return [await backend.forward(inputs)]
+            return await backend.backward(inputs), inputs.step
+        return [await backend.forward(inputs)], inputs.step
 
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0
@@ -185,6 +190,7 @@ class NodeServicer(ServicerBase):
                 sessions.release(session)
 
     def _open_session(self, backend: SpanBackend, request: swarm_pb2.InferenceRequest) -> Session:
+        backend.check_inference()
         layers = backend.check_blocks(request.start_block, request.end_block)
         if not 0 < len(request.session_id) <= MAX_SESSION_ID_LENGTH:
             raise RequestError(

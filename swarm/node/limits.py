@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# hivemind's daemon caps one unary message at 4 MiB; stay below it with room for the envelope
-MAX_UNARY_MESSAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
-STREAM_CHUNK_BYTES = 1024 * 1024
-
 
 @dataclass(frozen=True)
 class NodeLimits:
@@ -22,7 +18,9 @@ class NodeLimits:
 
     def to_proto(self):
         """The limits as advertised in rpc_info."""
-        from swarm.proto import swarm_pb2  # the proto pulls in hivemind; keep `swarm --help` fast
+        # the proto pulls in hivemind; keep `swarm --help` fast
+        from swarm.proto import swarm_pb2
+        from swarm.protocol import MAX_UNARY_MESSAGE_BYTES
 
         return swarm_pb2.Limits(
             max_batch_size=self.max_batch_size,

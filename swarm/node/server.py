@@ -11,9 +11,9 @@ from functools import partial
 import torch
 
 import swarm
-from swarm.client.swarm_view import read_swarm
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
+from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.node.backend import SpanBackend
@@ -35,10 +35,7 @@ class Node:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(FLOAT_DTYPES)}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {config.device} requested but CUDA is not available")
-        if (config.blocks is None) == (config.num_blocks is None):
-            raise ValueError("a node needs either --blocks START:END or --num-blocks N")
-        if config.num_blocks is not None and config.num_blocks < 1:
-            raise ValueError(f"--num-blocks must be positive, got {config.num_blocks}")
+        self._check_placement(config)
         self.config = config
         self.blocks: tuple[int, int] | None = config.blocks
         self.stop_event: asyncio.Event | None = None
@@ -47,6 +44,13 @@ class Node:
         self.backend: SpanBackend | None = None
         self.block_hashes: list[str] = []
         self.forward_rps = self.inference_rps = 0.0
+
+    @staticmethod
+    def _check_placement(config: NodeConfig) -> None:
+        if (config.blocks is None) == (config.num_blocks is None):
+            raise ValueError("a node needs either --blocks START:END or --num-blocks N")
+        if config.num_blocks is not None and config.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be positive, got {config.num_blocks}")
 
     def server_info(self, state: int | None = None) -> swarm_pb2.ServerInfo:
         start, end = self.blocks
@@ -110,74 +114,94 @@ class Node:
             identity_path=config.identity_path,
             announce_maddrs=config.announce_maddrs,
         )
-        announcer = p2p = servicer = balancer = None
+        self.p2p = None
+        self._servicers: list = []  # (servicer) registered on p2p, removed on shutdown
+        self._tasks: list[asyncio.Task] = []
+        self.announcer = None
         try:
             self.peer_id = dht.peer_id.to_base58()
             self.dht, self.owner_key = dht, signer.local_public_key
             self.expiration = max(2 * config.update_period, 3.0)
             self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
-            if self.blocks is None:
-                self.planned_throughput = await asyncio.to_thread(self._estimate_throughput)
-                start = await asyncio.to_thread(self._choose_start)
-                self.blocks = (start, start + config.num_blocks)
-                logger.info("chose blocks [%d, %d) to raise the swarm's bottleneck", *self.blocks)
-            start, end = self.blocks
-            await asyncio.to_thread(
-                store_node_records, dht, self.owner_key, self.server_info(), None, self.expiration
-            )
-
-            self.backend = await asyncio.to_thread(self._load_backend, start, end)
-            span, dtype = self.backend.span, self.backend.dtype
-            if config.throughput is None:
-                self.forward_rps, self.inference_rps = await asyncio.to_thread(
-                    cached_rps,
-                    self.checkpoint,
-                    end - start,
-                    config.device,
-                    config.dtype,
-                    config.cache_dir,
-                    partial(measure_span_rps, span, config.device, dtype),
-                )
-            else:  # told, not measured
-                self.forward_rps = self.inference_rps = config.throughput
-
-            p2p = await dht.replicate_p2p()
-            servicer = self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
-            await servicer.add_p2p_handlers(p2p)
-            self.state = swarm_pb2.ServerInfo.ONLINE
-            announcer = Announcer(
-                dht, self.owner_key, self.server_info, self.model_info(), config.update_period
-            )
-            announcer.start()
-            maddrs = " ".join(str(m) for m in dht.get_visible_maddrs())
-            logger.info(
-                "node %s serving blocks [%d, %d) of %s on %s (%s, %s) at %s",
-                self.peer_id,
-                start,
-                end,
-                self.checkpoint.name,
-                config.device,
-                config.dtype,
-                f"{self.inference_rps:.1f} steps/s",
-                maddrs,
-            )
-            if config.num_blocks is not None and config.balance_quality > 0:
-                balancer = asyncio.create_task(self._balance_loop())
+            self.p2p = await dht.replicate_p2p()
+            await self._join()
+            await self._start_serving()
             await self.stop_event.wait()
             logger.info("node %s shutting down", self.peer_id)
         finally:
             self.state = swarm_pb2.ServerInfo.OFFLINE
-            if balancer is not None:
-                balancer.cancel()
-            if announcer is not None:
-                await asyncio.to_thread(announcer.stop, self.server_info())
-            if servicer is not None and p2p is not None:
-                await servicer.remove_p2p_handlers(p2p)
-            if p2p is not None:
-                await p2p.shutdown()
+            for task in self._tasks:
+                task.cancel()
+            if self.announcer is not None:
+                await asyncio.to_thread(self._stop_announcer)
+            if self.p2p is not None:
+                for servicer in self._servicers:
+                    await servicer.remove_p2p_handlers(self.p2p)
+                await self.p2p.shutdown()
             if self.backend is not None:
                 self.backend.shutdown()
             dht.shutdown()
+
+    async def _add_servicer(self, servicer) -> None:
+        await servicer.add_p2p_handlers(self.p2p)
+        self._servicers.append(servicer)
+
+    async def _join(self) -> None:
+        """Pick the span (announcing JOINING), load it and measure its throughput."""
+        config, dht = self.config, self.dht
+        if self.blocks is None:
+            self.planned_throughput = await asyncio.to_thread(self._estimate_throughput)
+            start = await asyncio.to_thread(self._choose_start)
+            self.blocks = (start, start + config.num_blocks)
+            logger.info("chose blocks [%d, %d) to raise the swarm's bottleneck", *self.blocks)
+        start, end = self.blocks
+        await asyncio.to_thread(
+            store_node_records, dht, self.owner_key, self.server_info(), None, self.expiration
+        )
+
+        self.backend = await asyncio.to_thread(self._load_backend, start, end)
+        span, dtype = self.backend.span, self.backend.dtype
+        if config.throughput is None:
+            self.forward_rps, self.inference_rps = await asyncio.to_thread(
+                cached_rps,
+                self.checkpoint,
+                end - start,
+                config.device,
+                config.dtype,
+                config.cache_dir,
+                partial(measure_span_rps, span, config.device, dtype),
+            )
+        else:  # told, not measured
+            self.forward_rps = self.inference_rps = config.throughput
+
+    async def _start_serving(self) -> None:
+        """Register the handlers, go ONLINE, start announcing (and rebalancing)."""
+        config, dht = self.config, self.dht
+        start, end = self.blocks
+        self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
+        await self._add_servicer(self.servicer)
+        self.state = swarm_pb2.ServerInfo.ONLINE
+        self.announcer = Announcer(
+            dht, self.owner_key, self.server_info, self.model_info(), config.update_period
+        )
+        self.announcer.start()
+        maddrs = " ".join(str(m) for m in dht.get_visible_maddrs())
+        logger.info(
+            "node %s serving blocks [%d, %d) of %s on %s (%s, %s) at %s",
+            self.peer_id,
+            start,
+            end,
+            self.checkpoint.name,
+            config.device,
+            config.dtype,
+            f"{self.inference_rps:.1f} steps/s",
+            maddrs,
+        )
+        if config.num_blocks is not None and config.balance_quality > 0:
+            self._tasks.append(asyncio.create_task(self._balance_loop()))
+
+    def _stop_announcer(self) -> None:
+        self.announcer.stop(self.server_info())
 
     def _load_backend(self, start: int, end: int) -> SpanBackend:
         """Blocks [start, end) loaded on the configured device and dtype, ready to serve."""

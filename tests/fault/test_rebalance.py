@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from swarm.client.health import model_map
 from swarm.dht.factory import create_dht
+from swarm.dht.swarm_map import model_map
 from swarm.local import LocalSwarm
 from swarm.models.tiny import write_tiny_llama
 

@@ -8,12 +8,12 @@ import time
 import pytest
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarm.client.swarm_view import read_swarm
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
 from swarm.dht.identity import load_or_create_identity, peer_id_of
 from swarm.dht.keys import block_key, owner_subkey
 from swarm.dht.records import encode_record
+from swarm.dht.swarm_view import read_swarm
 from swarm.proto import swarm_pb2
 
 MODEL = "signed-model"

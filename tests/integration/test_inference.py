@@ -10,12 +10,12 @@ from hivemind.p2p import PeerID
 from swarm.client import DistributedModelForCausalLM, RemoteError
 from swarm.client.inference import SpanStream
 from swarm.client.remote import get_info
-from swarm.client.swarm_view import RemoteSpan
+from swarm.client.routing import RemoteSpan
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
-from swarm.node.handler import NodeServicer
 from swarm.node.sessions import SpanCache
 from swarm.proto import swarm_pb2
+from swarm.protocol import NodeProtocol
 from swarm.utils.tensors import serialize
 
 HIDDEN = 64
@@ -281,7 +281,7 @@ def test_sessions_are_isolated_from_a_client_sending_garbage(session_node, tiny_
 
 def test_malformed_session_openings_are_refused(session_node):
     model, process = session_node
-    stub = NodeServicer.get_stub(model.p2p, PeerID.from_base58(process.peer_id))
+    stub = NodeProtocol.get_stub(model.p2p, PeerID.from_base58(process.peer_id))
     hidden = serialize(torch.randn(1, 1, HIDDEN))
 
     async def first_reply(request):

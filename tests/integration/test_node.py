@@ -13,13 +13,12 @@ from hivemind.proto import runtime_pb2
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.errors import RemoteError
 from swarm.client.remote import get_info, remote_forward
-from swarm.client.swarm_view import read_swarm
 from swarm.dht.factory import create_dht
+from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
-from swarm.node.handler import NodeServicer
-from swarm.node.limits import MAX_UNARY_MESSAGE_BYTES
 from swarm.proto import swarm_pb2
+from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, NodeProtocol
 from swarm.utils.aio import BackgroundLoop
 from swarm.utils.tensors import serialize
 
@@ -62,7 +61,7 @@ def forward(client, peer_id, hidden, start=2, end=4, **kwargs):
 
 def expect_error(client, peer_id, code, request: swarm_pb2.ForwardRequest):
     loop, _, p2p = client
-    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(peer_id))
+    stub = NodeProtocol.get_stub(p2p, PeerID.from_base58(peer_id))
     response = loop.run(stub.rpc_forward(request, timeout=TIMEOUT))
     assert response.HasField("error"), response
     assert response.error.code == code, response.error
@@ -148,7 +147,7 @@ def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model
         def SerializeToString(self):
             return request(serialize(good_hidden())).SerializeToString()[:-100]
 
-    handle = NodeServicer._get_handle_name(None, "rpc_forward")
+    handle = NodeProtocol._get_handle_name(None, "rpc_forward")
     with pytest.raises(P2PHandlerError):
         loop.run(
             p2p.call_protobuf_handler(
@@ -206,7 +205,7 @@ def test_bad_backward_requests_get_errors_and_backward_is_exact(node, client, ti
     """rpc_backward checks its inputs like forward, and returns exact input (and deep prompt) gradients."""
     _, process = node
     loop, _, p2p = client
-    stub = NodeServicer.get_stub(p2p, PeerID.from_base58(process.peer_id))
+    stub = NodeProtocol.get_stub(p2p, PeerID.from_base58(process.peer_id))
     E = swarm_pb2.Error
     hidden, grad = good_hidden(), torch.randn(2, 5, HIDDEN)
     prompts = torch.randn(2, 1, 2, HIDDEN) * 0.1

@@ -1,32 +1,15 @@
-"""What the client knows of the swarm: which node serves which blocks, read from the DHT."""
+"""Reading the swarm's records back from the DHT: which node serves which blocks, and the model's metadata."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 
 from hivemind.dht import DHT
 
-from swarm.dht.keys import block_key, model_info_key, split_owner_subkey
+from swarm.dht.keys import block_key, model_info_key, split_owner_subkey, stage_key, trainers_key
 from swarm.dht.records import RecordError, decode_record
 from swarm.proto import swarm_pb2
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RemoteSpan:
-    """A node and the part of its span a route uses."""
-
-    peer_id: str
-    start: int
-    end: int
-    info: swarm_pb2.ServerInfo
-
-    def __repr__(self) -> str:
-        return f"RemoteSpan({self.peer_id[-8:]}, [{self.start}, {self.end}))"
 
 
 async def _get_many(_dht, node, keys: list[str]):
@@ -71,29 +54,52 @@ def read_swarm(dht: DHT, model: str, num_blocks: int, timeout: float = 10.0):
     return servers, model_infos
 
 
+async def _get_latest(_dht, node, key: str):
+    return await node.get(key, latest=True)
+
+
+def read_model_infos(dht: DHT, key: str, timeout: float = 10.0) -> list[swarm_pb2.ModelInfo]:
+    """The ModelInfo records stored under `key` (a model's info key, or the list of all models)."""
+    found = dht.run_coroutine(partial(_get_latest, key=key), return_future=True).result(timeout)
+    infos = []
+    for value in _entries(found).values():
+        try:
+            record = decode_record(value)
+        except RecordError:
+            continue
+        if isinstance(record, swarm_pb2.ModelInfo):
+            infos.append(record)
+    return infos
+
+
+def _read_owned(dht: DHT, key: str, message_type, timeout: float) -> dict:
+    """Records of `message_type` under `key`, by peer id; a record must name the peer that signed it."""
+    found = dht.run_coroutine(partial(_get_latest, key=key), return_future=True).result(timeout)
+    records = {}
+    for subkey, value in _entries(found).items():
+        owner = split_owner_subkey(subkey)
+        try:
+            record = decode_record(value)
+        except RecordError:
+            continue
+        if owner is not None and isinstance(record, message_type) and record.peer_id == owner[0]:
+            records[record.peer_id] = record
+    return records
+
+
+def read_stage(dht: DHT, run_id: str, stage: int, timeout: float = 10.0) -> dict[str, swarm_pb2.StageInfo]:
+    """The peers of one training stage, by peer id (every state, every run file: callers filter)."""
+    return _read_owned(dht, stage_key(run_id, stage), swarm_pb2.StageInfo, timeout)
+
+
+def read_trainers(dht: DHT, run_id: str, timeout: float = 10.0) -> dict[str, swarm_pb2.TrainerInfo]:
+    """The trainers of a run, by peer id."""
+    return _read_owned(dht, trainers_key(run_id), swarm_pb2.TrainerInfo, timeout)
+
+
 def consensus_hashes(model_infos: list[swarm_pb2.ModelInfo]) -> list[str] | None:
     """The block hashes most announcers agree on (None if nobody announced the model)."""
     if not model_infos:
         return None
     votes = Counter(tuple(info.block_hashes) for info in model_infos)
     return list(votes.most_common(1)[0][0])
-
-
-def usable_servers(
-    servers: dict[str, swarm_pb2.ServerInfo],
-    expected_hashes: list[str] | None,
-    banned: set[str] = frozenset(),
-) -> list[swarm_pb2.ServerInfo]:
-    """ONLINE servers that are not banned and whose weights hash to the model's."""
-    usable = []
-    for info in servers.values():
-        if info.state != swarm_pb2.ServerInfo.ONLINE or info.peer_id in banned:
-            continue
-        if (
-            expected_hashes is not None
-            and list(info.block_hashes) != expected_hashes[info.start_block : info.end_block]
-        ):
-            logger.warning("skipping node %s: its weights differ from the model's", info.peer_id)
-            continue
-        usable.append(info)
-    return usable

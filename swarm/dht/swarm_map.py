@@ -3,45 +3,24 @@
 from __future__ import annotations
 
 from collections import Counter
-from functools import partial
 
 from hivemind.dht import DHT
 
-from swarm.client.swarm_view import read_swarm
 from swarm.dht.keys import MODELS_KEY, model_info_key
-from swarm.dht.records import RecordError, decode_record
+from swarm.dht.swarm_view import read_model_infos, read_swarm
 from swarm.proto import swarm_pb2
 
 STATE_NAMES = {v: k for k, v in swarm_pb2.ServerInfo.State.items()}
 
 
-async def _get(_dht, node, key: str):
-    return await node.get(key, latest=True)
-
-
-def _model_infos(dht: DHT, key: str, timeout: float) -> list[swarm_pb2.ModelInfo]:
-    found = dht.run_coroutine(partial(_get, key=key), return_future=True).result(timeout)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    infos = []
-    for item in found.value.values():
-        try:
-            record = decode_record(item.value)
-        except RecordError:
-            continue
-        if isinstance(record, swarm_pb2.ModelInfo):
-            infos.append(record)
-    return infos
-
-
 def list_models(dht: DHT, timeout: float = 10.0) -> list[str]:
     """Names of the models that nodes announce."""
-    return sorted({info.model for info in _model_infos(dht, MODELS_KEY, timeout)})
+    return sorted({info.model for info in read_model_infos(dht, MODELS_KEY, timeout)})
 
 
 def model_map(dht: DHT, model: str, timeout: float = 10.0) -> dict:
     """One model's map: {"model", "num_blocks", "nodes", "blocks", "missing"} (the `--json` schema)."""
-    infos = _model_infos(dht, model_info_key(model), timeout)
+    infos = read_model_infos(dht, model_info_key(model), timeout)
     if not infos:
         return {"model": model, "num_blocks": 0, "nodes": [], "blocks": [], "missing": []}
     num_blocks = Counter(info.num_blocks for info in infos).most_common(1)[0][0]

@@ -1,0 +1,22 @@
+"""How a client talks to the swarm: timeouts, retries, routing filters and message sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientConfig:
+    """How the client talks to the swarm."""
+
+    initial_peers: list[str] = field(default_factory=list)
+    request_timeout: float = 60.0
+    dht_timeout: float = 10.0
+    max_retries: int = 3
+    wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
+    verify_weights: bool = True  # skip nodes whose weight hashes differ from the model's
+    max_step_tokens: int = 1024  # longer prompts are prefilled in chunks of at most this many tokens
+    max_chunk_rows: int | None = None  # forward/backward micro-batch rows (None: as many as fit a message)
+    refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
+    allowed_servers: list[str] | None = None  # if set, route only through these peer ids
+    blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids

@@ -1,0 +1,162 @@
+"""A client's connection to one model's swarm: DHT, P2P, event loop, view of the swarm, routing, bans.
+
+The Hugging Face-style model, inference sessions and the remote autograd function all share one
+SwarmClient; none of them owns the machinery, so a trainer can use it without a model around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from hivemind.p2p import P2P
+
+from swarm.client.bans import BanList
+from swarm.client.config import ClientConfig
+from swarm.client.errors import MissingBlocksError
+from swarm.client.remote import get_info
+from swarm.client.routing import RemoteSpan, min_latency_route, throughput_weighted_route, usable_servers
+from swarm.dht.factory import create_dht
+from swarm.dht.swarm_view import consensus_hashes, read_swarm
+from swarm.proto import swarm_pb2
+from swarm.utils.aio import BackgroundLoop
+
+logger = logging.getLogger(__name__)
+
+RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
+MAX_PINGS = 64  # nodes pinged at once when routing
+PING_TIMEOUT = 2.0
+UNREACHABLE_RTT = 10.0  # what a node that does not answer a ping costs a route
+
+
+class SwarmClient:
+    """Joins the swarm as a DHT client and finds routes through the nodes serving `model_name`.
+
+    `local_hashes` returns the block hashes of the caller's own copy of the weights (or None when it
+    has no blocks); nodes whose weights differ are never routed through. A participant that others must
+    reach (a trainer, which averages and serves its state) passes client_mode=False and where to listen
+    (`dht_options`: host, port, announce_maddrs, identity_path).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        num_blocks: int,
+        config: ClientConfig,
+        local_hashes: Callable[[], list[str] | None] = lambda: None,
+        client_mode: bool = True,
+        **dht_options,
+    ):
+        self.model_name, self.num_blocks, self.config = model_name, num_blocks, config
+        self.bans = BanList()
+        self._local_hashes = local_hashes
+        self._expected_hashes: list[str] | None = None
+        self._loop = BackgroundLoop()
+        self._closed = False
+        try:
+            self.dht, self.signer = create_dht(config.initial_peers, client_mode=client_mode, **dht_options)
+            self.p2p: P2P = self._loop.run(self.dht.replicate_p2p(), timeout=config.dht_timeout)
+        except BaseException:
+            self._loop.close()
+            raise
+        self._view = None
+        self._view_time = 0.0
+        self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
+        self._rng = random.Random()
+
+    def expected_hashes(self, model_infos) -> list[str] | None:
+        """Trust the local checkpoint's block hashes when it holds the blocks, else the DHT's consensus."""
+        if not self.config.verify_weights:
+            return None
+        if self._expected_hashes is None:
+            self._expected_hashes = self._local_hashes()
+        return self._expected_hashes or consensus_hashes(model_infos)
+
+    def usable_servers(self, refresh: bool = False) -> list[swarm_pb2.ServerInfo]:
+        """ONLINE nodes with the right weights that are neither banned nor filtered out.
+
+        The view of the swarm is re-read from the DHT every `refresh_period` seconds, or at once on request.
+        """
+        config = self.config
+        stale = time.monotonic() - self._view_time > config.refresh_period
+        if refresh or stale or self._view is None:
+            self._view = read_swarm(self.dht, self.model_name, self.num_blocks, config.dht_timeout)
+            self._view_time = time.monotonic()
+        servers, model_infos = self._view
+        usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
+        if config.allowed_servers is not None:
+            usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
+        return [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+
+    def find_route(self, start: int = 0, end: int | None = None, mode: str = "inference") -> list[RemoteSpan]:
+        """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks.
+
+        `inference`: the lowest-latency chain (measured RTTs, announced throughput, fewer hops);
+        `forward`: a throughput-weighted random chain, which spreads batches over replicas.
+        """
+        end = self.num_blocks if end is None else end
+        deadline = time.monotonic() + self.config.wait_for_blocks
+        refresh = False
+        while True:
+            usable = self.usable_servers(refresh=refresh)
+            try:
+                if mode == "inference":
+                    return min_latency_route(usable, start, end, self.measure_rtts(usable))
+                return throughput_weighted_route(usable, start, end, self._rng)
+            except MissingBlocksError:
+                if time.monotonic() >= deadline:
+                    raise
+                refresh = True  # a block ran out of nodes: look again now, not at the next refresh
+                time.sleep(0.5)
+
+    def measure_rtts(self, servers: list[swarm_pb2.ServerInfo]) -> dict[str, float]:
+        """Round-trip times to nodes (pinged with rpc_info when unknown or older than a minute)."""
+        now = time.monotonic()
+        todo = [s.peer_id for s in servers if now - self._rtts.get(s.peer_id, (0.0, -1e9))[1] > RTT_MAX_AGE][
+            :MAX_PINGS
+        ]
+        if todo:
+
+            async def ping(peer_id: str) -> float:
+                started = time.perf_counter()
+                try:
+                    await get_info(self.p2p, peer_id, PING_TIMEOUT)
+                    return time.perf_counter() - started
+                except Exception:
+                    return UNREACHABLE_RTT
+
+            async def ping_all():
+                return await asyncio.gather(*(ping(peer) for peer in todo))
+
+            for peer, rtt in zip(todo, self.run_async(ping_all()), strict=True):
+                self._rtts[peer] = (rtt, now)
+        return {peer: rtt for peer, (rtt, _) in self._rtts.items()}
+
+    def ban(self, peer_id: str) -> None:
+        """Stop routing through a node for a while; each repeated failure doubles the wait."""
+        self.bans.ban(peer_id)
+
+    def run_async(self, coro, timeout: float | None = None):
+        """Run a coroutine on the client's event loop thread and wait for its result."""
+        return self._loop.run(coro, timeout=timeout)
+
+    def close(self) -> None:
+        """Leave the swarm: stop the P2P replica, the DHT process and the event loop."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self.p2p.shutdown(), timeout=5)
+        except Exception as e:
+            logger.debug("p2p shutdown: %r", e)
+        self.dht.shutdown()
+        self._loop.close()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,23 @@
+"""RPCs of training participants beyond forward and backward: downloading a peer's training state."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
+
+from hivemind.p2p import P2PContext
+
+from swarm.proto import swarm_pb2
+from swarm.protocol.base import Protocol
+
+
+class TrainStateProtocol(Protocol):
+    """Served by stage peers (their blocks) and trainers (embeddings, norm, head)."""
+
+    SERVICE_NAME = "TrainState"
+
+    async def rpc_train_state(
+        self, request: swarm_pb2.TrainStateRequest, context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.TrainStateResponse]:
+        """Parameters (and optimizer state) with the step they are at, in parts."""
+        raise NotImplementedError
+        yield
