@@ -1,0 +1,353 @@
+"""Average a fixed list of tensors with the other members of one named group over hivemind.
+
+`GroupAverager` knows nothing about models: tensors in, tensors out. It drives one hivemind
+`DecentralizedAverager` (a background process) per group and adds what a training step needs from it:
+
+- a round starts as soon as the group is full (`target_group_size` is set per call to the number of
+  peers the caller expects), instead of waiting for the whole matchmaking window;
+- the whole round, matchmaking and all-reduce, is bounded by the call's `timeout`;
+- results are all-or-nothing: hivemind keeps a peer's own values for any part whose reducer failed and
+  still reports success; here such a round counts as failed and the inputs come back unchanged;
+- a failed round never raises: it returns copies of the inputs with ok=False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.averaging.control import StepControl
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.dht import DHT
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+# hivemind's group keys are "{prefix}.0b{bits}" and its RPC namespaces are the prefix: no dots, no spaces
+_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "centered_clip")
+
+
+@dataclass
+class AveragingOutcome:
+    """What one `GroupAverager.average` call produced."""
+
+    tensors: list[torch.Tensor]  # the group's weighted average, or copies of the inputs when the round failed
+    group_size: int  # peers that took part (1 when it failed or nobody else came)
+    ok: bool  # True when an all-reduce with at least one other peer completed
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return `prefix` if hivemind accepts it as an averager prefix, else raise ValueError."""
+    if not isinstance(prefix, str) or not _PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(
+            f"averaging prefix {prefix!r} must be a non-empty string of letters, digits, '_' and '-' "
+            "(hivemind builds group keys as '<prefix>.0b<bits>', so no dots; e.g. 'myrun_stage0')"
+        )
+    return prefix
+
+
+class SwarmDecentralizedAverager(DecentralizedAverager):
+    """hivemind's averager with per-round settings and all-or-nothing results.
+
+    Differences from `DecentralizedAverager` (the all-reduce itself is hivemind's, via `runner_class`):
+    - `configure_round(target_group_size)` changes the group size that ends matchmaking early, per round;
+    - the all-reduce of a round must finish by the step's deadline (at least `min_allreduce_time` seconds
+      once a group has formed), so `step(timeout=...)` bounds the whole round, not only matchmaking;
+    - results are applied only when every part was reduced: hivemind's runner substitutes the local part
+      for a failed reducer's part (partition.py `register_failed_reducer`) and the step still succeeds.
+    """
+
+    runner_class: type[AllReduceRunner] = AllReduceRunner
+
+    def __init__(self, *args: Any, min_allreduce_time: float = 2.0, **kwargs: Any):
+        self.min_allreduce_time = float(min_allreduce_time)
+        self._round_deadline = float("inf")  # only read and written in the averager process
+        super().__init__(*args, **kwargs)
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start the averager process, leaving the caller's SIGINT handler as it was.
+
+        hivemind sets SIGINT to "ignore" in the *calling* process so that the forked child inherits it
+        (averager.py, run_in_background) and never restores it: Ctrl+C would then stop working in the
+        caller, and the call raises ValueError outside the main thread. Here the handler is restored
+        right after the fork; off the main thread the child simply inherits the current handler.
+        """
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child must leave Ctrl+C to its parent
+            try:
+                self.start()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        else:
+            self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def configure_round(self, target_group_size: int | None, timeout: float | None = 10.0) -> None:
+        """Set the group size at which the next rounds' matchmaking stops waiting (None: wait it out)."""
+        future = MPFuture()
+        self._outer_pipe.send(
+            ("_configure_round", [], dict(target_group_size=target_group_size, future=future))
+        )
+        future.result(timeout=timeout)
+
+    async def _configure_round(self, *, target_group_size: int | None, future: MPFuture) -> None:
+        try:
+            self._matchmaking.target_group_size = target_group_size
+            self._matchmaking.potential_leaders.target_group_size = target_group_size
+            # The key manager uses target_group_size only to re-bucket group bits after a round, and its
+            # rng.sample(range(target), group_size) raises when a leader with a larger target put us in a
+            # bigger group; with no group bits (our case) the bucket is irrelevant: let it use the group size.
+            self._matchmaking.group_key_manager.target_group_size = None
+            future.set_result(None)
+        except Exception as e:  # surfaced to the caller of configure_round
+            future.set_exception(e)
+
+    async def _step(self, *, step: StepControl, future_for_init: MPFuture) -> None:
+        self._round_deadline = step.deadline  # GroupAverager runs one step at a time
+        await super()._step(step=step, future_for_init=future_for_init)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        budget = max(self._round_deadline - get_dht_time(), self.min_allreduce_time)
+        try:
+            return await asyncio.wait_for(
+                super()._aggregate_with_group(group_info, min_vector_size, **kwargs), budget
+            )
+        except TimeoutError:
+            # _step retries (or gives up) on AllreduceException, but lets a TimeoutError escape as a crash
+            raise AllreduceException(f"all-reduce did not finish within {budget:.1f} s") from None
+
+    def _make_runner(self, **kwargs: Any) -> AllReduceRunner:
+        """Build the runner for one all-reduce (subclasses swap the reducer here)."""
+        return self.runner_class(**kwargs)
+
+    async def _run_allreduce_inplace_(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group_info: GroupInfo,
+        group_id: bytes | None = None,
+        **kwargs: Any,
+    ) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = self._make_runner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("auxiliary peers should not receive averaged tensors")
+            return
+
+        # drained to the end (hivemind stops at the last tensor): the runner then finalizes itself normally
+        deltas = [delta async for delta in runner]
+        failed = runner.tensor_part_container.failed_size
+        if failed or len(deltas) != len(tensors):
+            # all-or-nothing: a half-averaged update is worse than none; a retry must start from the inputs
+            raise AllreduceException(
+                f"{failed} of {runner.tensor_part_container.total_size} values were not reduced by their peer"
+            )
+        for tensor, delta in zip(tensors, deltas, strict=True):
+            tensor.add_(delta, alpha=self._averaging_alpha)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+
+class GroupAverager:
+    """Averages a fixed list of tensors with the other members of one named group.
+
+    :param dht: a running hivemind DHT (in this project, from `swarm.dht.factory.create_dht`)
+    :param prefix: the group's name, shared by all members, e.g. "myrun_stage0" (no dots)
+    :param templates: tensors whose shapes and dtypes every later `average` call must match; they are
+      copied (the caller's tensors are never shared with the averager process)
+    :param aggregator: "mean" (hivemind's weighted mean) or a robust rule from `swarm.averaging.reducers`
+      ("median", "trimmed_mean", "centered_clip"); robust rules ignore the weights peers report and run
+      per all-reduce chunk of 2^19 bytes (see `swarm.averaging.robust`)
+    :param tau: CenteredClip's clipping radius (only for aggregator="centered_clip")
+    :param min_matchmaking_time: how long a round waits for peers when the group does not fill up
+    :param request_timeout: how long to wait for a potential leader's reply (< min_matchmaking_time)
+    :param next_chunk_timeout: during an all-reduce, a peer that sends nothing for this long is dropped
+    :param min_allreduce_time: an all-reduce that starts close to the round's deadline still gets this long
+    :param reducer_options: extra keyword options for the robust reducer (e.g. trim_fraction, max_iter)
+    :param averager_kwargs: extra keyword arguments for hivemind's `DecentralizedAverager`
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        templates: Sequence[torch.Tensor],
+        *,
+        aggregator: str = "mean",
+        tau: float = 1.0,
+        min_matchmaking_time: float = 1.0,
+        request_timeout: float = 0.5,
+        next_chunk_timeout: float | None = None,
+        min_allreduce_time: float = 2.0,
+        reducer_options: dict[str, Any] | None = None,
+        averager_kwargs: dict[str, Any] | None = None,
+    ):
+        validate_prefix(prefix)
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}; known: {', '.join(AGGREGATORS)}")
+        if not templates:
+            raise ValueError("GroupAverager needs at least one template tensor")
+        if not request_timeout < min_matchmaking_time:
+            # hivemind only warns; matchmaking can deadlock otherwise (matchmaking.py, Matchmaking docstring)
+            raise ValueError("request_timeout must be smaller than min_matchmaking_time")
+        self.prefix, self.aggregator = prefix, aggregator
+        self.min_matchmaking_time = float(min_matchmaking_time)
+        self._shapes = [tuple(t.shape) for t in templates]
+        self._lock = threading.Lock()
+        self._closed = False
+
+        kwargs: dict[str, Any] = dict(
+            start=True,
+            prefix=prefix,
+            min_group_size=2,
+            initial_group_bits="",  # one bucket: every member of the group meets every other
+            min_matchmaking_time=min_matchmaking_time,
+            request_timeout=request_timeout,
+            next_chunk_timeout=next_chunk_timeout,
+            min_allreduce_time=min_allreduce_time,
+            # hivemind defaults to dht.client_mode too, but hivemind.Optimizer gets it backwards: be explicit
+            client_mode=dht.client_mode,
+            allow_state_sharing=False,  # state download is not this class's job; saves periodic DHT stores
+        )
+        kwargs.update(averager_kwargs or {})
+        averager_class: Callable[..., SwarmDecentralizedAverager] = SwarmDecentralizedAverager
+        if aggregator != "mean":
+            from hivemind.compression import NoCompression
+
+            from swarm.averaging.reducers import get_reducer
+            from swarm.averaging.robust import RobustDecentralizedAverager
+
+            options = dict(reducer_options or {})
+            if aggregator == "centered_clip":
+                options.setdefault("tau", tau)
+            if not isinstance(kwargs.get("compression", NoCompression()), NoCompression):
+                # robust reducers refuse compressed parts: every round of this peer would fail
+                raise ValueError(f"aggregator {aggregator!r} needs uncompressed parts (no compression)")
+            reducer = get_reducer(aggregator, **options)
+            averager_class = RobustDecentralizedAverager
+            kwargs["reducer"] = reducer
+        local = [t.detach().to("cpu", copy=True) for t in templates]
+        self._averager = averager_class(local, dht, **kwargs)
+
+    @property
+    def peer_id(self) -> Any:
+        """This averager's libp2p peer id (the DHT's)."""
+        return self._averager.peer_id
+
+    def average(
+        self, tensors: Sequence[torch.Tensor], weight: float, expected_group_size: int, timeout: float
+    ) -> AveragingOutcome:
+        """Average `tensors` with the group in one round; blocks, never raises on a failed round.
+
+        :param tensors: same shapes as the templates; not modified
+        :param weight: the number of samples behind `tensors` (the mean is weighted by it; robust
+          aggregators ignore it)
+        :param expected_group_size: how many peers the caller believes are in the group now, itself
+          included; the round starts as soon as that many have met. <= 1 returns the inputs at once.
+        :param timeout: seconds for the whole round (matchmaking plus all-reduce); an all-reduce that starts
+          just before the deadline may overrun it by up to `min_allreduce_time`
+        :raises ValueError: on arguments that could never work (wrong shapes, bad weight or timeout)
+        """
+        inputs = self._check_inputs(tensors)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight}")
+        if expected_group_size <= 1:
+            return AveragingOutcome([t.clone() for t in inputs], 1, False)
+        if not timeout > self.min_matchmaking_time:
+            # hivemind asserts scheduled_time (now + min_matchmaking_time) < deadline (now + timeout)
+            raise ValueError(
+                f"timeout ({timeout}) must exceed min_matchmaking_time ({self.min_matchmaking_time})"
+            )
+        if self._closed:
+            raise RuntimeError("GroupAverager is shut down")
+
+        with self._lock:
+            return self._run_round(inputs, float(weight), int(expected_group_size), float(timeout))
+
+    def _run_round(
+        self, inputs: list[torch.Tensor], weight: float, expected_group_size: int, timeout: float
+    ) -> AveragingOutcome:
+        averager = self._averager
+        control = None
+        try:
+            averager.configure_round(expected_group_size)
+            with averager.get_tensors() as local:
+                for dst, src in zip(local, inputs, strict=True):
+                    dst.copy_(src)
+            control = averager.step(weight=weight, timeout=timeout, wait=False)
+            # the averager process ends the round by itself (deadline + min_allreduce_time): a backstop
+            gathered = control.result(timeout=timeout + averager.min_allreduce_time + 5.0)
+        except BaseException as e:
+            if control is not None and not control.done():
+                control.cancel()
+            if not isinstance(e, Exception):
+                raise
+            logger.warning("averaging round in group %s failed: %r", self.prefix, e)
+            return AveragingOutcome([t.clone() for t in inputs], 1, False)
+
+        group_size = len(gathered) if isinstance(gathered, dict) else 1
+        if group_size < 2:
+            logger.warning("averaging round in group %s found no other peer", self.prefix)
+            return AveragingOutcome([t.clone() for t in inputs], 1, False)
+        with averager.get_tensors() as local:
+            results = [t.clone() for t in local]
+        if not all(bool(torch.isfinite(r).all()) for r in results if r.is_floating_point()):
+            # a peer's NaN (or all-zero weights) poisons a plain mean: don't hand that to an optimizer
+            logger.warning(
+                "averaging round in group %s produced non-finite values; keeping the inputs", self.prefix
+            )
+            return AveragingOutcome([t.clone() for t in inputs], 1, False)
+        results = [r.to(device=x.device, dtype=x.dtype) for r, x in zip(results, inputs, strict=True)]
+        return AveragingOutcome(results, group_size, True)
+
+    def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(tensors) != len(self._shapes):
+            raise ValueError(f"expected {len(self._shapes)} tensors, got {len(tensors)}")
+        inputs = []
+        for i, (tensor, shape) in enumerate(zip(tensors, self._shapes, strict=True)):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"tensor {i} has shape {tuple(tensor.shape)}, expected {shape}")
+            inputs.append(tensor.detach())
+        return inputs
+
+    def shutdown(self) -> None:
+        """Stop the averager process (idempotent). The DHT is the caller's and stays up."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            averager = self._averager
+            if averager.is_alive():
+                averager.shutdown()
+            averager.join(timeout=averager.shutdown_timeout)
+
+    def __enter__(self) -> GroupAverager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()

@@ -1,0 +1,222 @@
+"""Aggregation rules over the tensors of several senders: mean, median, trimmed mean and CenteredClip.
+
+Every reducer takes `x` of shape (n_senders, ...) (or a sequence of equally shaped tensors, stacked here)
+and optional per-sender `weights` of shape (n_senders,), and returns one tensor of shape `x.shape[1:]`
+in `x`'s dtype. Bad inputs (no senders, NaN/inf, mismatched shapes, negative or all-zero weights) raise
+ValueError: a reducer must never quietly turn garbage into an average.
+
+CenteredClip is the robust rule of BTARD (Gorbunov et al., "Secure Distributed Training at Scale"):
+the result moves toward each sender by at most `tau` per iteration, so b attackers out of n can shift it
+from the honest mean by at most about b * tau / (n - b) however large their vectors are.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+Reducer = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """How a CenteredClip run ended."""
+
+    iterations: int  # update steps taken
+    step_norm: float  # norm of the last step (<= eps when converged)
+    converged: bool  # True when the last step's norm was <= eps (False: stopped at max_iter)
+
+
+def stack_inputs(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Return senders' tensors stacked as (n_senders, ...), checking that there is something to reduce."""
+    if not isinstance(x, torch.Tensor):
+        parts = list(x)
+        if not parts:
+            raise ValueError("nothing to reduce: no senders")
+        shapes = {tuple(p.shape) for p in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"senders' tensors have mismatched shapes: {sorted(shapes)}")
+        x = torch.stack([p.detach() for p in parts])
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"nothing to reduce: input of shape {tuple(x.shape)} has no senders")
+    if x.ndim == 1:
+        x = x.unsqueeze(1)  # one scalar per sender
+    if not x.is_floating_point():
+        raise ValueError(f"reducers need floating-point tensors, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("input contains NaN or inf")
+    return x.detach()
+
+
+def _check_weights(weights: torch.Tensor | Sequence[float] | None, n: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+    if w.shape != (n,):
+        raise ValueError(f"expected {n} weights (one per sender), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and >= 0")
+    if float(w.sum()) <= 0:
+        raise ValueError("weights must not all be zero")
+    return w
+
+
+def _broadcast(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return w.to(device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def mean(x: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted (or plain) coordinate-wise mean."""
+    x = stack_inputs(x)
+    w = _check_weights(weights, x.shape[0])
+    if w is None:
+        return x.mean(dim=0)
+    x64 = x.double()
+    return ((x64 * _broadcast(w, x64)).sum(dim=0) / w.sum()).to(x.dtype)
+
+
+def median(x: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Coordinate-wise (weighted) median; for an even count of equal weights, the lower of the two middles.
+
+    With weights, it is the smallest value whose cumulative weight reaches half the total, which for equal
+    weights is exactly `torch.median`'s lower median.
+    """
+    x = stack_inputs(x)
+    w = _check_weights(weights, x.shape[0])
+    if w is None:
+        return x.median(dim=0).values
+    values, order = x.sort(dim=0)
+    cum = _broadcast(w, values).expand_as(values).gather(0, order).cumsum(dim=0)
+    # first sorted position whose cumulative weight reaches half of the total
+    reached = cum >= float(w.sum()) / 2 - 1e-12 * float(w.sum())
+    index = reached.to(torch.uint8).argmax(dim=0, keepdim=True)
+    return values.gather(0, index).squeeze(0)
+
+
+def _trim_count(n: int, trim_fraction: float | None, count: int | None) -> int:
+    if (trim_fraction is None) == (count is None):
+        raise ValueError("give exactly one of trim_fraction and count")
+    if count is None:
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        count = math.floor(trim_fraction * n)
+    if count < 0 or n - 2 * count < 1:
+        raise ValueError(f"cannot drop {count} values from each end of {n} senders")
+    return count
+
+
+def trimmed_mean(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    *,
+    trim_fraction: float | None = None,
+    count: int | None = None,
+) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the `count` smallest and largest values of each coordinate.
+
+    `trim_fraction` sets count = floor(trim_fraction * n_senders) instead. With weights, the kept values
+    are averaged with their senders' weights (the dropping itself is by count, not by weight).
+    """
+    x = stack_inputs(x)
+    n = x.shape[0]
+    k = _trim_count(n, trim_fraction, count)
+    w = _check_weights(weights, n)
+    values, order = x.sort(dim=0)
+    kept = values[k : n - k].double()
+    if w is None:
+        return kept.mean(dim=0).to(x.dtype)
+    kept_w = _broadcast(w, values).expand_as(values).gather(0, order)[k : n - k]
+    total = kept_w.sum(dim=0)
+    if bool((total <= 0).any()):
+        raise ValueError("every kept value of some coordinate has zero weight")
+    return ((kept * kept_w).sum(dim=0) / total).to(x.dtype)
+
+
+def centered_clip(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    tau: float = 1.0,
+    eps: float = 1e-6,
+    max_iter: int = 500,
+) -> tuple[torch.Tensor, ClipInfo]:
+    """CenteredClip (BTARD): returns (result, ClipInfo).
+
+    Starts at the coordinate-wise (weighted) median v and repeats
+    c_i = w_i * min(1, tau / ||x_i - v||);  v += sum_i c_i (x_i - v) / sum_i w_i
+    until the step's norm is <= eps or after max_iter steps. Norms are over all of a sender's values
+    (everything but dim 0). Computed in float64 so that eps = 1e-6 is reachable for large vectors; the
+    result is cast back to x's dtype.
+    """
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau}")
+    if not eps >= 0 or max_iter < 0:
+        raise ValueError("eps must be >= 0 and max_iter >= 0")
+    x = stack_inputs(x)
+    n = x.shape[0]
+    w = _check_weights(weights, n)
+    w64 = torch.ones(n, dtype=torch.float64) if w is None else w
+    flat = x.reshape(n, -1).double()
+    w64 = w64.to(flat.device)
+    total = w64.sum()
+    v = median(x, weights).reshape(-1).double()
+
+    step_norm, iterations = float("inf"), 0
+    while iterations < max_iter:
+        diff = flat - v
+        dist = diff.norm(dim=1)
+        # a sender exactly at v gets weight w_i (tau / 0 = inf, clamped to 1); tau > 0 rules out 0 / 0
+        c = w64 * torch.clamp(tau / dist, max=1.0)
+        step = (c.unsqueeze(1) * diff).sum(dim=0) / total
+        v = v + step
+        iterations += 1
+        step_norm = float(step.norm())
+        if step_norm <= eps:
+            break
+    converged = step_norm <= eps
+    if max_iter == 0:
+        step_norm, converged = float("nan"), False
+    return v.reshape(x.shape[1:]).to(x.dtype), ClipInfo(iterations, step_norm, converged)
+
+
+def _centered_clip_tensor(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    tau: float = 1.0,
+    eps: float = 1e-6,
+    max_iter: int = 500,
+) -> torch.Tensor:
+    return centered_clip(x, weights, tau=tau, eps=eps, max_iter=max_iter)[0]
+
+
+REDUCERS: dict[str, Reducer] = {
+    "mean": mean,
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+    "centered_clip": _centered_clip_tensor,
+}
+
+
+def get_reducer(name: str, **options: object) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A reducer `f(x, weights=None) -> tensor` by name, with its options bound.
+
+    E.g. get_reducer("centered_clip", tau=1.0, max_iter=100) or get_reducer("trimmed_mean", count=1).
+    For centered_clip the returned function gives the tensor only; call `centered_clip` for ClipInfo.
+    """
+    if name not in REDUCERS:
+        raise ValueError(f"unknown reducer {name!r}; known reducers: {', '.join(sorted(REDUCERS))}")
+    reducer = REDUCERS[name]
+    if name == "trimmed_mean" and "trim_fraction" not in options and "count" not in options:
+        options = dict(options, trim_fraction=0.1)  # 10% from each end unless told otherwise
+    try:  # fail on a misspelt option now, not in the middle of an all-reduce
+        inspect.signature(reducer).bind(None, None, **options)
+    except TypeError as e:
+        raise ValueError(f"bad options for reducer {name!r}: {e}") from None
+    tau = options.get("tau", 1.0)
+    if name == "centered_clip" and not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    return partial(reducer, **options) if options else reducer
