@@ -39,3 +39,58 @@ def write_tiny_llama(path: str | os.PathLike, num_blocks: int = 6, seed: int = 0
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2 match tiny_llama_config's pad/bos/eos
+# UTF-8 never uses these byte values, so a vocabulary can leave them out and still encode any text
+_NON_UTF8_BYTES = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
+
+
+def _byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which tokenizers' ByteLevel pre-tokenizer applies."""
+    chars = {b: chr(b) for b in (*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100))}
+    for offset, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + offset)
+    return chars
+
+
+def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> Path:
+    """Save a byte-level tokenizer for the tiny Llama into `path` (no download, no training data).
+
+    Ids: 0 <pad>, 1 <s>, 2 </s>, 3 <unk>, then one token per byte, printable ASCII first, then the rest of
+    ASCII, then the bytes UTF-8 uses. All ids are < vocab_size. ASCII text always round-trips exactly
+    (vocab_size >= 132); any UTF-8 text does once vocab_size >= 247, and below that the non-ASCII bytes
+    left without an id encode as <unk>. Nothing is added around the text (no automatic <s>), and the
+    special tokens' own strings in a text encode as those tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    whitespace = [0x09, 0x0A, 0x0D]
+    controls = [b for b in (*range(0x20), 0x7F) if b not in whitespace]
+    ascii_bytes = [*range(0x20, 0x7F), *whitespace, *controls]
+    other_bytes = [b for b in range(0x80, 0x100) if b not in _NON_UTF8_BYTES]
+    minimum = len(TINY_SPECIAL_TOKENS) + len(ascii_bytes)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be >= {minimum} (special tokens and ASCII), got {vocab_size}")
+    chars = _byte_level_chars()
+    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS)}
+    for b in (ascii_bytes + other_bytes)[: vocab_size - len(vocab)]:
+        vocab[chars[b]] = len(vocab)
+
+    # BPE without merges is a plain byte -> id lookup that maps what it lacks to <unk>
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,  # its cleanup rewrites " ." to "." and would break round trips
+        model_max_length=tiny_llama_config().max_position_embeddings,
+    )
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path
