@@ -39,6 +39,9 @@ _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "centered_clip")
 
 
+ROUND_KEY_BITS = 16  # group-key bits that carry a round key (a step modulo 2**16)
+
+
 @dataclass
 class AveragingOutcome:
     """What one `GroupAverager.average` call produced."""
@@ -96,16 +99,26 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
         if await_ready:
             self.wait_until_ready(timeout)
 
-    def configure_round(self, target_group_size: int | None, timeout: float | None = 10.0) -> None:
-        """Set the group size at which the next rounds' matchmaking stops waiting (None: wait it out)."""
+    def configure_round(
+        self, target_group_size: int | None, timeout: float | None = 10.0, group_bits: str = ""
+    ) -> None:
+        """Set the group size at which the next rounds' matchmaking stops waiting (None: wait it out),
+        and the group key's bits: peers whose bits differ never meet (e.g. members at different steps)."""
         future = MPFuture()
         self._outer_pipe.send(
-            ("_configure_round", [], dict(target_group_size=target_group_size, future=future))
+            (
+                "_configure_round",
+                [],
+                dict(target_group_size=target_group_size, group_bits=group_bits, future=future),
+            )
         )
         future.result(timeout=timeout)
 
-    async def _configure_round(self, *, target_group_size: int | None, future: MPFuture) -> None:
+    async def _configure_round(
+        self, *, target_group_size: int | None, group_bits: str, future: MPFuture
+    ) -> None:
         try:
+            self._matchmaking.group_key_manager.group_bits = group_bits
             self._matchmaking.target_group_size = target_group_size
             self._matchmaking.potential_leaders.target_group_size = target_group_size
             # The key manager uses target_group_size only to re-bucket group bits after a round, and its
@@ -260,7 +273,12 @@ class GroupAverager:
         return self._averager.peer_id
 
     def average(
-        self, tensors: Sequence[torch.Tensor], weight: float, expected_group_size: int, timeout: float
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: float,
+        expected_group_size: int,
+        timeout: float,
+        round_key: int | None = None,
     ) -> AveragingOutcome:
         """Average `tensors` with the group in one round; blocks, never raises on a failed round.
 
@@ -271,6 +289,8 @@ class GroupAverager:
           included; the round starts as soon as that many have met. <= 1 returns the inputs at once.
         :param timeout: seconds for the whole round (matchmaking plus all-reduce); an all-reduce that starts
           just before the deadline may overrun it by up to `min_allreduce_time`
+        :param round_key: only peers that pass the same key meet in this round (e.g. their optimizer step,
+          so that members at different steps never average their gradients together)
         :raises ValueError: on arguments that could never work (wrong shapes, bad weight or timeout)
         """
         inputs = self._check_inputs(tensors)
@@ -287,15 +307,16 @@ class GroupAverager:
             raise RuntimeError("GroupAverager is shut down")
 
         with self._lock:
-            return self._run_round(inputs, float(weight), int(expected_group_size), float(timeout))
+            bits = "" if round_key is None else format(round_key % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b")
+            return self._run_round(inputs, float(weight), int(expected_group_size), float(timeout), bits)
 
     def _run_round(
-        self, inputs: list[torch.Tensor], weight: float, expected_group_size: int, timeout: float
+        self, inputs: list[torch.Tensor], weight: float, expected_group_size: int, timeout: float, bits: str
     ) -> AveragingOutcome:
         averager = self._averager
         control = None
         try:
-            averager.configure_round(expected_group_size)
+            averager.configure_round(expected_group_size, group_bits=bits)
             with averager.get_tensors() as local:
                 for dst, src in zip(local, inputs, strict=True):
                     dst.copy_(src)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import dht, generate, health, local, models, node, run
+from swarm.cli import dht, generate, health, local, models, node, run, train
 from swarm.cli.common import not_implemented, setup_logging
 
 PENDING: dict[str, tuple[str, str]] = {}  # subcommand -> (help, title of the issue that adds it)
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_parsers(sub)
     health.add_parser(sub)
     run.add_parser(sub)
+    train.add_parser(sub)
     for name, (help_text, issue) in PENDING.items():
         pending = sub.add_parser(name, help=help_text, add_help=True)
         pending.add_argument("rest", nargs=argparse.REMAINDER)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
@@ -19,7 +20,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="built-in name, HF checkpoint folder or .gguf file")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="built-in name, HF checkpoint folder or .gguf file (with --train: the run file's model)",
+    )
     parser.add_argument(
         "--model-name", default=None, help="name in the DHT (default: built-in name or folder name)"
     )
@@ -27,9 +32,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--blocks", type=_blocks, help="span of blocks to serve, START:END")
     where.add_argument(
+        "--train",
+        metavar="RUN_FILE",
+        help="train a stage of the run described by this file (from `swarm run init`) instead of serving",
+    )
+    where.add_argument(
         "--num-blocks",
         type=int,
         help="serve this many blocks where the swarm needs them most (and rebalance)",
+    )
+    parser.add_argument(
+        "--stage",
+        type=int,
+        default=None,
+        help="with --train: the stage to serve (default: the stage with the least throughput)",
     )
     parser.add_argument(
         "--balance-period",
@@ -122,7 +138,24 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     )
 
 
+def _usage_error(message: str) -> None:
+    print(f"swarm node: error: {message}", file=sys.stderr)
+    raise SystemExit(2)  # as argparse exits on a usage error
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.stage is not None and args.train is None:
+        _usage_error("--stage needs --train RUN_FILE")
+    if args.train is not None:
+        from swarm.training.node import TrainingNode
+        from swarm.training.run import load_run
+
+        run = load_run(args.train)
+        args.model = args.model or run.config.model.source
+        TrainingNode(config_from_args(args), run, args.stage).run()
+        return 0
+    if args.model is None:
+        _usage_error("--model is required (unless --train gives the run's model)")
     from swarm.node.server import Node
 
     Node(config_from_args(args)).run()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
-from swarm.cli.common import add_cache_dir
+from swarm.cli.common import add_cache_dir, add_initial_peers
 from swarm.training.run import (
     DATA_ORDERS,
     AveragingSettings,
@@ -30,12 +31,14 @@ _RUN = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "run",
-        help="create training-run files",
+        help="create, inspect and export training runs",
         description="A training run is a file: every stage node and trainer is given the same TOML file, "
         "and only peers whose files have the same sha256 train together.",
     )
     sub = parser.add_subparsers(dest="run_command", required=True, metavar="RUN_COMMAND")
     add_init_parser(sub)
+    add_export_parser(sub)
+    add_status_parser(sub)
     return parser
 
 
@@ -166,4 +169,162 @@ def run_init(args: argparse.Namespace) -> int:
     except OSError as e:
         return fail("init", e)
     print(f"{sha256}  {out}")
+    return 0
+
+
+def add_run_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", required=True, metavar="RUN_FILE", help="the run file (from `swarm run init`)"
+    )
+
+
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "export",
+        help="download a run's trained model into a Hugging Face folder",
+        description="Join the swarm as a client, download every stage's blocks from its live peer with the "
+        "highest step and the embeddings, norm and LM head from a live trainer, and write a Hugging Face "
+        "folder that `swarm node --model DIR` and transformers load.",
+    )
+    add_run_file(parser)
+    add_initial_peers(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for one peer's state (default: 120)"
+    )
+    add_cache_dir(parser)
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from swarm.training.export import export_run
+    from swarm.training.run import load_run
+
+    try:
+        run = load_run(args.run)
+    except (ValueError, OSError) as e:
+        return fail("export", e)
+    out = Path(args.out)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        return fail("export", f"{out} exists; pass --force to replace it")
+    try:
+        summary = export_run(
+            run, args.initial_peers, out, args.cache_dir, timeout=args.timeout, overwrite=args.force
+        )
+    except RuntimeError as e:  # a stage or the trainers did not answer: nothing was written
+        print(f"swarm run export: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError) as e:  # unreadable checkpoint, state that does not fit the model
+        return fail("export", e)
+    for stage in summary["stages"]:
+        start, end = run.config.stages[stage["stage"]]
+        print(f"stage {stage['stage']} (blocks {start}:{end}): {stage['peer_id']} at step {stage['step']}")
+    trainer = summary["trainer"]
+    print(f"head: {trainer['peer_id']} at step {trainer['step']}")
+    print(f"wrote {summary['out_dir']}")
+    return 0
+
+
+def add_status_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "status",
+        help="show the stage peers and trainers of a run",
+        description="Read the run's records from the DHT: every stage's peers (state, step, samples "
+        "toward the next step, throughput, queue) and the trainers. Only records of this run file's sha256 "
+        "are shown.",
+    )
+    add_run_file(parser)
+    add_initial_peers(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the DHT")
+    parser.set_defaults(func=run_status)
+    return parser
+
+
+def _state_name(state: int) -> str:
+    from swarm.proto import swarm_pb2
+
+    try:
+        return swarm_pb2.ServerInfo.State.Name(state)
+    except ValueError:  # a peer running newer code may announce a state this one does not know
+        return str(state)
+
+
+def run_status_dict(dht, run, timeout: float = 10.0) -> dict:
+    """The run's stage peers and trainers from the DHT, as printed by `swarm run status --json`."""
+    from swarm.dht.swarm_view import read_stage, read_trainers
+
+    config = run.config
+    stages = []
+    for stage, (start, end) in enumerate(config.stages):
+        records = read_stage(dht, config.run_id, stage, timeout)
+        peers = [
+            {
+                "peer_id": info.peer_id,
+                "state": _state_name(info.state),
+                "step": info.step,
+                "samples": info.samples,
+                "throughput": info.throughput,
+                "queue_length": info.queue_length,
+            }
+            for info in records.values()
+            if info.run_hash == run.sha256
+        ]
+        peers.sort(key=lambda peer: (-peer["step"], peer["peer_id"]))
+        stages.append({"stage": stage, "start": start, "end": end, "peers": peers})
+    trainers = [
+        {
+            "peer_id": info.peer_id,
+            "state": _state_name(info.state),
+            "step": info.step,
+            "samples": info.samples,
+            "samples_per_s": info.samples_per_s,
+        }
+        for info in read_trainers(dht, config.run_id, timeout).values()
+        if info.run_hash == run.sha256
+    ]
+    trainers.sort(key=lambda trainer: (-trainer["step"], trainer["peer_id"]))
+    return {"run_id": config.run_id, "run_hash": run.sha256, "stages": stages, "trainers": trainers}
+
+
+def format_status(status: dict) -> str:
+    """`swarm run status` as text."""
+    lines = [f"run {status['run_id']} ({status['run_hash'][:12]})"]
+    for stage in status["stages"]:
+        online = sum(peer["state"] == "ONLINE" for peer in stage["peers"])
+        lines.append(f"stage {stage['stage']} (blocks {stage['start']}:{stage['end']}): {online} online")
+        if not stage["peers"]:
+            lines.append("  no peers")
+        for peer in stage["peers"]:
+            lines.append(
+                f"  {peer['peer_id']}  {peer['state']:<7}  step {peer['step']}  {peer['samples']} samples  "
+                f"{peer['throughput']:.1f} samples/s  queue {peer['queue_length']}"
+            )
+    lines.append(f"trainers: {sum(t['state'] == 'ONLINE' for t in status['trainers'])} online")
+    if not status["trainers"]:
+        lines.append("  no trainers")
+    for trainer in status["trainers"]:
+        lines.append(
+            f"  {trainer['peer_id']}  {trainer['state']:<7}  step {trainer['step']}  "
+            f"{trainer['samples']} samples  {trainer['samples_per_s']:.1f} samples/s"
+        )
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from swarm.dht.factory import create_dht
+    from swarm.training.run import load_run
+
+    try:
+        run = load_run(args.run)
+    except (ValueError, OSError) as e:
+        return fail("status", e)
+    dht, _ = create_dht(args.initial_peers, client_mode=True)
+    try:
+        status = run_status_dict(dht, run, args.timeout)
+    finally:
+        dht.shutdown()
+    print(json.dumps(status) if args.json else format_status(status))
     return 0

@@ -24,6 +24,26 @@ def model_info_key(model: str) -> str:
     return f"{check_model_name(model)}.info"
 
 
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Return a training run id, or raise ValueError (no dots: hivemind's averaging prefixes forbid them)."""
+    if not _RUN_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r} (1 to 64 letters, digits, '_' or '-')")
+    return run_id
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    """Key of one training stage: maps its peers' subkeys to StageInfo."""
+    return f"{check_run_id(run_id)}.stage{int(stage)}"
+
+
+def trainers_key(run_id: str) -> str:
+    """Key of a run's trainers: maps their subkeys to TrainerInfo."""
+    return f"{check_run_id(run_id)}.trainers"
+
+
 # every node also lists its model here, so tools can find the models a swarm serves
 MODELS_KEY = "_swarm.models"
 

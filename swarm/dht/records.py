@@ -28,23 +28,34 @@ _HEX = set("0123456789abcdef")
 class RecordKind(enum.StrEnum):
     SERVER_INFO = "server_info"
     MODEL_INFO = "model_info"
+    STAGE_INFO = "stage_info"
+    TRAINER_INFO = "trainer_info"
 
 
-_MESSAGES = {RecordKind.SERVER_INFO: swarm_pb2.ServerInfo, RecordKind.MODEL_INFO: swarm_pb2.ModelInfo}
+_MESSAGES = {
+    RecordKind.SERVER_INFO: swarm_pb2.ServerInfo,
+    RecordKind.MODEL_INFO: swarm_pb2.ModelInfo,
+    RecordKind.STAGE_INFO: swarm_pb2.StageInfo,
+    RecordKind.TRAINER_INFO: swarm_pb2.TrainerInfo,
+}
+_KINDS = {message: kind for kind, message in _MESSAGES.items()}
+# records that name their owner: the signing peer must be the peer they describe
+_OWNED = (swarm_pb2.ServerInfo, swarm_pb2.StageInfo, swarm_pb2.TrainerInfo)
+Record = swarm_pb2.ServerInfo | swarm_pb2.ModelInfo | swarm_pb2.StageInfo | swarm_pb2.TrainerInfo
 
 
 class RecordError(ValueError):
     """A swarm DHT record that breaks the schema."""
 
 
-def encode_record(message: swarm_pb2.ServerInfo | swarm_pb2.ModelInfo) -> dict[str, Any]:
-    """Wrap a ServerInfo or ModelInfo into the DHT value envelope (after checking it)."""
-    kind = RecordKind.SERVER_INFO if isinstance(message, swarm_pb2.ServerInfo) else RecordKind.MODEL_INFO
+def encode_record(message: Record) -> dict[str, Any]:
+    """Wrap a record message into the DHT value envelope (after checking it)."""
+    kind = _KINDS[type(message)]
     check_message(message)
     return {ENVELOPE_TAG: kind.value, "data": message.SerializeToString()}
 
 
-def decode_record(value: Any) -> swarm_pb2.ServerInfo | swarm_pb2.ModelInfo:
+def decode_record(value: Any) -> Record:
     """Parse and check an envelope; raise RecordError on anything malformed."""
     if not isinstance(value, dict) or set(value) != {ENVELOPE_TAG, "data"}:
         raise RecordError("not a swarm record envelope")
@@ -81,9 +92,26 @@ def _check_rate(value: float, name: str) -> None:
         raise RecordError(f"{name} must be a finite non-negative number, got {value}")
 
 
-def check_message(message: swarm_pb2.ServerInfo | swarm_pb2.ModelInfo) -> None:
+def _check_training(message: swarm_pb2.StageInfo | swarm_pb2.TrainerInfo) -> None:
+    if not message.peer_id or not message.run_id:
+        raise RecordError("training records need peer_id and run_id")
+    if message.state not in swarm_pb2.ServerInfo.State.values():
+        raise RecordError(f"unknown state {message.state}")
+    if len(message.run_hash) != 64 or not set(message.run_hash) <= _HEX:
+        raise RecordError("run_hash must be a sha256 hex digest")
+    if isinstance(message, swarm_pb2.StageInfo):
+        if message.end_block <= message.start_block:
+            raise RecordError(f"empty stage [{message.start_block}, {message.end_block})")
+        _check_rate(message.throughput, "throughput")
+    else:
+        _check_rate(message.samples_per_s, "samples_per_s")
+
+
+def check_message(message: Record) -> None:
     """Schema rules the protobuf types alone can't express."""
-    if isinstance(message, swarm_pb2.ServerInfo):
+    if isinstance(message, swarm_pb2.StageInfo | swarm_pb2.TrainerInfo):
+        _check_training(message)
+    elif isinstance(message, swarm_pb2.ServerInfo):
         if not message.peer_id or not message.model:
             raise RecordError("server info needs peer_id and model")
         if message.state not in swarm_pb2.ServerInfo.State.values():
@@ -126,7 +154,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         peer_id, marker = owner
         if peer_id_from_owner_marker(marker) != peer_id:
             return False  # the subkey's peer id must be the signing key's own
-        return peer_id == message.peer_id if isinstance(message, swarm_pb2.ServerInfo) else True
+        return peer_id == message.peer_id if isinstance(message, _OWNED) else True
 
     @property
     def priority(self) -> int:

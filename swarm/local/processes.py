@@ -162,6 +162,24 @@ class LocalSwarm:
             self.wait_ready(process, timeout)
         return process
 
+    def start_training_node(
+        self,
+        run_file: str | os.PathLike,
+        stage: int | None,
+        *extra: str,
+        wait: bool = True,
+        timeout: float = 120.0,
+    ) -> ManagedProcess:
+        """Start `swarm node --train RUN_FILE [--stage I]`; wait until it serves its stage."""
+        name = f"stage{stage if stage is not None else 'X'}-{len(self.processes)}"
+        run = str(run_file)
+        where = ["--stage", str(stage)] if stage is not None else []
+        args = ["node", "--train", run, *where, "--initial-peers", *self.initial_peers, *extra]
+        process = self._spawn(name, args)
+        if wait:
+            self.wait_ready(process, timeout)
+        return process
+
     def start_nodes(self, model: str, spans: list[str], *extra: str, timeout: float = 300.0):
         """Start several nodes at once (they load in parallel), then wait for each."""
         processes = [self.start_node(model, span, *extra, wait=False) for span in spans]

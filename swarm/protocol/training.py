@@ -15,6 +15,12 @@ class TrainStateProtocol(Protocol):
 
     SERVICE_NAME = "TrainState"
 
+    async def rpc_train_progress(
+        self, request: swarm_pb2.TrainProgressRequest, context: P2PContext
+    ) -> swarm_pb2.TrainProgressResponse:
+        """The step, the samples toward the next one and the parameters' fingerprint, right now."""
+        raise NotImplementedError
+
     async def rpc_train_state(
         self, request: swarm_pb2.TrainStateRequest, context: P2PContext
     ) -> AsyncIterator[swarm_pb2.TrainStateResponse]:

@@ -7,7 +7,7 @@ from swarm.cli.main import PENDING, build_parser
 from swarm.node.config import NodeConfig
 from swarm.node.limits import NodeLimits
 
-SUBCOMMANDS = ["node", "dht", "generate", "chat", "local", "demo", "health", "models"]
+SUBCOMMANDS = ["node", "dht", "generate", "chat", "local", "demo", "health", "models", "run", "train"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

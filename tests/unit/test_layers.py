@@ -44,7 +44,8 @@ def test_importing_the_client_loads_no_node_code():
         "import json, sys; import swarm.client; "
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('swarm.'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    command = [sys.executable, "-c", code]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert "swarm.client.model" in loaded and "swarm.protocol.node" in loaded  # the check sees real imports
     assert [m for m in loaded if m.startswith("swarm.node")] == []
@@ -60,9 +61,7 @@ def test_node_servicer_implements_exactly_the_protocol():
 
     def signatures(cls, own_only: bool):
         members = vars(cls) if own_only else {n: getattr(cls, n) for n in dir(cls)}
-        return {
-            name: typing.get_type_hints(fn) for name, fn in members.items() if name.startswith("rpc_")
-        }
+        return {name: typing.get_type_hints(fn) for name, fn in members.items() if name.startswith("rpc_")}
 
     served, declared = signatures(NodeServicer, own_only=True), signatures(NodeProtocol, own_only=True)
     assert set(served) == set(declared)

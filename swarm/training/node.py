@@ -1,0 +1,251 @@
+"""A training node: `swarm node --train run.toml` serves one stage of a run with trainable blocks.
+
+It is the same Node (DHT, P2P, handlers, limits, announcer, clean shutdown) with a trainable backend,
+a stage record instead of block records, a state servicer for joiners and exports, and the loop that
+steps the stage's optimizer together with the stage's other peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from swarm.averaging import GroupAverager
+from swarm.dht.announcer import RecordAnnouncer, store_records
+from swarm.dht.keys import stage_key
+from swarm.dht.swarm_view import read_stage
+from swarm.models.span import load_span
+from swarm.node.config import NodeConfig
+from swarm.node.handler import NodeServicer
+from swarm.node.server import Node
+from swarm.proto import swarm_pb2
+from swarm.training.collaboration import Collaboration, MemberView, poll_members
+from swarm.training.run import LoadedRun
+from swarm.training.stage import TrainableSpanBackend
+from swarm.training.state import TrainState, TrainStateServicer, fetch_state
+
+logger = logging.getLogger(__name__)
+
+STEP_CHECK_PERIOD = 0.1  # seconds between checks whether the stage reached its target batch
+VIEW_REFRESH_PERIOD = 0.3  # seconds between re-reads of the stage's records
+PROGRESS_INTERVAL = 0.2  # the stage record is re-published at most this often while samples come in
+STATE_TIMEOUT = 120.0
+MEMBER_KEEP_FOR = 3.0  # seconds a stage peer that stopped answering still counts as a member
+
+
+def live_stage_peers(records: dict[str, swarm_pb2.StageInfo], run_hash: str) -> list[swarm_pb2.StageInfo]:
+    """ONLINE peers of the same run file."""
+    return [
+        info
+        for info in records.values()
+        if info.state == swarm_pb2.ServerInfo.ONLINE and info.run_hash == run_hash
+    ]
+
+
+class TrainingNode(Node):
+    """Serves stage `stage` of a run (or the stage with the least throughput when None)."""
+
+    def __init__(self, config: NodeConfig, run: LoadedRun, stage: int | None = None):
+        super().__init__(config)
+        if config.dtype != "float32":
+            raise ValueError("training nodes keep fp32 weights: use --dtype float32")
+        if stage is not None and not 0 <= stage < run.config.num_stages:
+            raise ValueError(f"--stage {stage} is outside the run's {run.config.num_stages} stages")
+        self.training_run, self.stage = run, stage
+        self.collaboration: Collaboration | None = None
+        self.averager: GroupAverager | None = None
+        self._members = MemberView(keep_for=MEMBER_KEEP_FOR)
+        self._member_ids: list[str] = []
+
+    @staticmethod
+    def _check_placement(config: NodeConfig) -> None:
+        if config.blocks is not None or config.num_blocks is not None:
+            raise ValueError("a training node serves its run's stage: no --blocks or --num-blocks")
+
+    @property
+    def run_config(self):
+        return self.training_run.config
+
+    # ---- joining ------------------------------------------------------------------------------------------
+
+    def _read_stage(self, stage: int, records: dict | None = None) -> list[swarm_pb2.StageInfo]:
+        records = read_stage(self.dht, self.run_config.run_id, stage) if records is None else records
+        return [
+            info
+            for info in live_stage_peers(records, self.training_run.sha256)
+            if info.peer_id != self.peer_id
+        ]
+
+    def _choose_stage(self) -> int:
+        """The stage with the least total throughput (then the fewest peers, then the lowest index)."""
+        totals = []
+        for stage in range(self.run_config.num_stages):
+            peers = self._read_stage(stage)
+            totals.append((sum(p.throughput for p in peers), len(peers), stage))
+        return min(totals)[2]
+
+    async def _join(self) -> None:
+        run = self.run_config
+        if self.block_hashes != list(run.model.block_hashes):
+            raise ValueError(
+                f"the checkpoint's block hashes differ from the run file's: {self.config.model} is not the "
+                "model this run starts from"
+            )
+        if self.stage is None:
+            self.stage = await asyncio.to_thread(self._choose_stage)
+            logger.info("joining stage %d, the one with the least throughput", self.stage)
+        self.blocks = tuple(run.stages[self.stage])
+        donors = await asyncio.to_thread(self._read_stage, self.stage)
+        self.backend = await asyncio.to_thread(self._load_trainable_backend)
+        if donors:
+            await self._load_state_from(donors)
+        else:
+            logger.info("no live peer in stage %d: starting from the checkpoint's weights", self.stage)
+
+    def _load_trainable_backend(self) -> TrainableSpanBackend:
+        start, end = self.blocks
+        span = load_span(self.checkpoint, start, end, dtype=torch.float32, device=self.config.device)
+        return TrainableSpanBackend(span, self.config.limits, self.config.device, self.run_config.optimizer)
+
+    async def _load_state_from(self, donors: list[swarm_pb2.StageInfo]) -> None:
+        """Take parameters, optimizer state and step from a live peer; refuse to train if none answers."""
+        errors = []
+        for donor in sorted(donors, key=lambda d: -d.step):
+            try:
+                state = await fetch_state(
+                    self.p2p, donor.peer_id, self.training_run.sha256, True, STATE_TIMEOUT
+                )
+                await self.backend.run_on_compute_thread(self.backend.trainable.load, state)
+                loaded = await self.backend.run_on_compute_thread(self.backend.trainable.state, True)
+                if loaded.hash() != state.hash():
+                    raise RuntimeError("the loaded state's hash differs from the donor's")
+                logger.info("loaded stage %d at step %d from %s", self.stage, state.step, donor.peer_id)
+                return
+            except Exception as e:
+                logger.warning("loading state from %s failed: %r", donor.peer_id, e)
+                errors.append(f"{donor.peer_id}: {e}")
+        raise RuntimeError(
+            f"stage {self.stage} has live peers but none sent its state ({'; '.join(errors)}); "
+            "refusing to train from this node's own weights"
+        )
+
+    # ---- serving ------------------------------------------------------------------------------------------
+
+    def stage_info(self, state: int | None = None) -> swarm_pb2.StageInfo:
+        start, end = self.blocks
+        backend: TrainableSpanBackend | None = self.backend
+        return swarm_pb2.StageInfo(
+            state=self.state if state is None else state,
+            peer_id=self.peer_id,
+            run_id=self.run_config.run_id,
+            run_hash=self.training_run.sha256,
+            stage=self.stage,
+            start_block=start,
+            end_block=end,
+            throughput=backend.throughput if backend else 0.0,
+            queue_length=backend.queue_length if backend else 0,
+            step=backend.trainable.step if backend else 0,
+            samples=backend.trainable.announced_samples if backend else 0,
+            state_hash=backend.trainable.params_hash if backend else "",
+            fingerprint=backend.trainable.fingerprint if backend else [],
+        )
+
+    def _publish(self, expiration: float, final: bool) -> None:
+        info = self.stage_info()
+        key = stage_key(self.run_config.run_id, self.stage)
+        store_records(
+            self.dht, self.owner_key, self.peer_id, [(key, info)], expiration, await_all_replicas=final
+        )
+
+    def _progress(self) -> tuple[int, int, list[float]]:
+        trainable = self.backend.trainable
+        return trainable.step, trainable.announced_samples, trainable.fingerprint
+
+    async def _get_state(self, with_optimizer: bool) -> TrainState:
+        return await self.backend.run_on_compute_thread(self.backend.trainable.state, with_optimizer)
+
+    async def _start_serving(self) -> None:
+        config, run = self.config, self.run_config
+        self.servicer = NodeServicer(self.backend, self.server_info, self.model_info(), self.stage_info)
+        await self._add_servicer(self.servicer)
+        await self._add_servicer(
+            TrainStateServicer(self.training_run.sha256, self._get_state, self._progress)
+        )
+        averaging = run.averaging
+        self.averager = await asyncio.to_thread(
+            GroupAverager,
+            self.dht,
+            f"{run.run_id}_stage{self.stage}",
+            [p.detach() for p in self.backend.trainable.params],
+            aggregator=averaging.aggregator,
+            tau=averaging.tau,
+            min_matchmaking_time=averaging.matchmaking_time,
+            request_timeout=averaging.request_timeout,
+        )
+        trainable = self.backend.trainable
+        self.collaboration = Collaboration(
+            f"stage {self.stage}",
+            self.peer_id,
+            run.batch.target_batch_size,
+            progress=lambda: (self.backend.trainable.step, self.backend.trainable.samples),
+            members=self._members,
+            take=lambda: self.backend.run_on_compute_thread(self.backend.trainable.take_mean_gradients),
+            apply=lambda grads: self.backend.run_on_compute_thread(self.backend.trainable.apply, grads),
+            averager=self.averager,
+            averaging_timeout=averaging.averaging_timeout,
+            own_fingerprint=lambda: trainable.fingerprint,
+            resync=self._resync,
+        )
+        self.state = swarm_pb2.ServerInfo.ONLINE
+        self.announcer = RecordAnnouncer(self._publish, config.update_period, min_interval=PROGRESS_INTERVAL)
+        self.backend.on_accumulate = self.announcer.announce_now
+        self.announcer.start()
+        self._tasks.append(asyncio.create_task(self._watch_stage()))
+        self._tasks.append(asyncio.create_task(self._step_loop()))
+        self._tasks.append(
+            asyncio.create_task(
+                poll_members(self._members, self.p2p, self.training_run.sha256, lambda: self._member_ids)
+            )
+        )
+        logger.info(
+            "training node %s serving blocks [%d, %d) as stage %d of run %s at step %d on %s",
+            self.peer_id,
+            *self.blocks,
+            self.stage,
+            run.run_id,
+            self.backend.trainable.step,
+            " ".join(str(m) for m in self.dht.get_visible_maddrs()),
+        )
+
+    async def _watch_stage(self) -> None:
+        """Keep the other peers' progress fresh for the step decision."""
+        while True:
+            try:
+                records = await asyncio.to_thread(read_stage, self.dht, self.run_config.run_id, self.stage)
+                self._member_ids = [p.peer_id for p in self._read_stage(self.stage, records)]
+            except Exception as e:
+                logger.debug("reading stage %d failed: %r", self.stage, e)
+            await asyncio.sleep(VIEW_REFRESH_PERIOD)
+
+    async def _step_loop(self) -> None:
+        while True:
+            try:
+                report = await self.collaboration.maybe_step()
+                if report is not None:
+                    self.announcer.announce_now()
+            except Exception as e:
+                logger.warning("stage %d step failed: %r", self.stage, e, exc_info=True)
+            await asyncio.sleep(STEP_CHECK_PERIOD)
+
+    async def _resync(self, peer_id: str) -> None:
+        """Replace this peer's parameters, optimizer state and step with another stage peer's."""
+        state = await fetch_state(self.p2p, peer_id, self.training_run.sha256, True, STATE_TIMEOUT)
+        await self.backend.run_on_compute_thread(self.backend.trainable.load, state)
+        self.announcer.announce_now()
+
+    def _stop_announcer(self) -> None:
+        self.announcer.stop(final=True)
+        if self.averager is not None:
+            self.averager.shutdown()

@@ -1,0 +1,143 @@
+"""A participant's training state on the wire: named tensors with the optimizer step they are at.
+
+Stage peers serve their blocks' parameters and AdamW moments (a joiner loads them before it trains);
+trainers serve their embeddings, norm and head (an export collects them). The state hash covers every
+name, dtype, shape and byte plus the step, so a joiner can prove it holds exactly what the donor has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+
+from swarm.proto import swarm_pb2
+from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
+from swarm.utils.streaming import combine_parts, split_tensors
+from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
+
+logger = logging.getLogger(__name__)
+
+MAX_STATE_BYTES = 64 * 1024**3
+STATE_DTYPES = {**FLOAT_DTYPES, **INDEX_DTYPES}
+
+
+@dataclass
+class TrainState:
+    """Named tensors at an optimizer step."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+
+    def hash(self) -> str:
+        return state_hash(self.step, self.tensors)
+
+
+def state_hash(step: int, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the step and every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256(f"step={step}".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class RemoteStateError(RuntimeError):
+    """A peer refused to send its state, or sent one that does not check out."""
+
+
+class TrainStateServicer(TrainStateProtocol):
+    """Serves `get_state(with_optimizer)` and `get_progress()` -> (step, samples, fingerprint) to peers of
+    the same run (same run-file hash)."""
+
+    def __init__(
+        self,
+        run_hash: str,
+        get_state: Callable[[bool], Awaitable[TrainState]],
+        get_progress: Callable[[], tuple[int, int, list[float]]],
+    ):
+        self.run_hash, self.get_state, self.get_progress = run_hash, get_state, get_progress
+
+    async def rpc_train_progress(
+        self, request: swarm_pb2.TrainProgressRequest, context: P2PContext
+    ) -> swarm_pb2.TrainProgressResponse:
+        if request.run_hash != self.run_hash:
+            error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
+            return swarm_pb2.TrainProgressResponse(error=error)
+        step, samples, fingerprint = self.get_progress()
+        return swarm_pb2.TrainProgressResponse(step=step, samples=samples, fingerprint=fingerprint)
+
+    async def rpc_train_state(
+        self, request: swarm_pb2.TrainStateRequest, context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.TrainStateResponse]:
+        if request.run_hash != self.run_hash:
+            error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
+            yield swarm_pb2.TrainStateResponse(error=error)
+            return
+        try:
+            state = await self.get_state(request.with_optimizer)
+        except Exception as e:
+            logger.warning("state for %s failed: %r", context.remote_id, e, exc_info=True)
+            error = swarm_pb2.Error(code=swarm_pb2.Error.INTERNAL, message=f"{type(e).__name__}: {e}")
+            yield swarm_pb2.TrainStateResponse(error=error)
+            return
+        names = sorted(state.tensors)
+        parts = split_tensors([serialize(state.tensors[name]) for name in names], STREAM_CHUNK_BYTES)
+        yield swarm_pb2.TrainStateResponse(step=state.step, state_hash=state.hash(), names=names)
+        for part in parts:
+            yield swarm_pb2.TrainStateResponse(tensors=[part])
+
+
+async def fetch_progress(
+    p2p: P2P, peer_id: str, run_hash: str, timeout: float
+) -> tuple[int, int, list[float]]:
+    """A peer's (step, samples toward the next step, fingerprint), asked directly."""
+    stub = TrainStateProtocol.stub(p2p, peer_id)
+    response = await stub.rpc_train_progress(
+        swarm_pb2.TrainProgressRequest(run_hash=run_hash), timeout=timeout
+    )
+    if response.HasField("error"):
+        raise RemoteStateError(f"{peer_id} refused its progress: {response.error.message}")
+    return int(response.step), int(response.samples), list(response.fingerprint)
+
+
+async def fetch_state(
+    p2p: P2P, peer_id: str, run_hash: str, with_optimizer: bool, timeout: float
+) -> TrainState:
+    """Download a peer's training state and check it against the hash the peer sent with it."""
+    import asyncio
+
+    async def collect():
+        stub = TrainStateProtocol.stub(p2p, peer_id)
+        request = swarm_pb2.TrainStateRequest(run_hash=run_hash, with_optimizer=with_optimizer)
+        header, parts = None, []
+        async for response in await stub.rpc_train_state(request):
+            if response.HasField("error"):
+                raise RemoteStateError(f"{peer_id} refused its state: {response.error.message}")
+            if header is None:
+                header = response
+            parts.extend(response.tensors)
+        return header, parts
+
+    header, parts = await asyncio.wait_for(collect(), timeout)
+    if header is None:
+        raise RemoteStateError(f"{peer_id} sent no state")
+    protos = combine_parts(parts, MAX_STATE_BYTES)
+    if len(protos) != len(header.names):
+        raise RemoteStateError(f"{peer_id} sent {len(protos)} tensors for {len(header.names)} names")
+    tensors = {
+        name: deserialize_checked(
+            proto, name=name, allowed_dtypes=STATE_DTYPES, ndim=None, max_bytes=MAX_STATE_BYTES
+        )
+        for name, proto in zip(header.names, protos, strict=True)
+    }
+    state = TrainState(int(header.step), tensors)
+    if state.hash() != header.state_hash:
+        raise RemoteStateError(f"{peer_id}'s state does not match the hash it sent")
+    return state

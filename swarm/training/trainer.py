@@ -1,0 +1,518 @@
+"""A SWARM trainer: holds the embeddings, final norm and LM head, and drives microbatches through the stages.
+
+Each microbatch is embedded here, sent through every stage (to the peer of each stage that is expected
+to be free first), scored here (the loss is the sum over its samples of the mean token cross-entropy),
+and its gradient is sent back through the stages in reverse; the stage peers add the weight gradients
+to their stage's sums, the trainer adds the head's to its own. Trainers step their head together, like
+the peers of a stage, whenever the trainers have processed the run's target batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swarm.averaging import GroupAverager
+from swarm.client.config import ClientConfig
+from swarm.client.remote import remote_backward, remote_forward
+from swarm.client.swarm_client import SwarmClient
+from swarm.dht.announcer import RecordAnnouncer, store_records
+from swarm.dht.keys import trainers_key
+from swarm.dht.swarm_view import read_stage, read_trainers
+from swarm.models.checkpoint import resolve_checkpoint
+from swarm.models.head import load_client_head
+from swarm.proto import swarm_pb2
+from swarm.training.collaboration import Collaboration, MemberView, poll_members
+from swarm.training.data import MicrobatchSampler, TextSequences
+from swarm.training.run import LoadedRun, load_run
+from swarm.training.state import TrainState, TrainStateServicer, fetch_state
+from swarm.training.trainable import TrainableParameters
+from swarm.training.wiring import StageWiring
+
+logger = logging.getLogger(__name__)
+
+VIEW_REFRESH_PERIOD = 0.3
+MEMBER_KEEP_FOR = 3.0  # seconds a trainer that stopped answering still counts as a member
+STEP_CHECK_PERIOD = 0.05
+HEAD_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+class StageUnavailableError(RuntimeError):
+    """No live peer of a stage answered within the retries."""
+
+
+@dataclass
+class TrainStep:
+    """One optimizer step of this trainer (the `--json` line)."""
+
+    step: int
+    loss: float  # mean token cross-entropy over this trainer's samples of the step
+    samples: int
+    samples_per_s: float
+
+    def as_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "samples": self.samples,
+            "samples_per_s": self.samples_per_s,
+        }
+
+
+class SwarmTrainer:
+    """Trains a run's model with the swarm's stage peers: `train(max_steps)`, then `close()`."""
+
+    def __init__(
+        self,
+        run: LoadedRun | str | os.PathLike,
+        initial_peers: list[str] | tuple[str, ...] = (),
+        *,
+        data: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        announce_maddrs: tuple[str, ...] = (),
+        identity_path: str | None = None,
+        update_period: float = 5.0,
+        concurrency: int | None = None,
+        forward_timeout: float = 30.0,
+        backward_timeout: float = 75.0,
+        max_retries: int = 8,
+        wait_for_stages: float = 60.0,
+    ):
+        self.run = run if isinstance(run, LoadedRun) else load_run(run)
+        config = self.run.config
+        self.checkpoint = resolve_checkpoint(config.model.source, cache_dir, config.model.name)
+        self.head = load_client_head(self.checkpoint, dtype=torch.float32)
+        optimizer = config.optimizer
+        self.trainable = TrainableParameters(
+            [
+                (HEAD_NAMES[0], self.head.embed_tokens.weight),
+                (HEAD_NAMES[1], self.head.norm.weight),
+                (HEAD_NAMES[2], self.head.lm_head.weight),
+            ],
+            lr=optimizer.lr,
+            betas=tuple(optimizer.betas),
+            eps=optimizer.eps,
+            weight_decay=optimizer.weight_decay,
+            clip_grad_norm=optimizer.clip_grad_norm,
+        )
+        self.data_path = data
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self.max_retries, self.wait_for_stages = max_retries, wait_for_stages
+        self.concurrency = concurrency
+        self.update_period = update_period
+        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
+        self._loss_sum = 0.0  # behind the samples accumulated toward the next step
+        self._stage_views: list[dict[str, swarm_pb2.StageInfo]] = [{} for _ in config.stages]
+        self._members = MemberView(keep_for=MEMBER_KEEP_FOR)
+        self._trainer_ids: list[str] = []
+        self._wiring = [StageWiring() for _ in config.stages]
+        self._steps: list[TrainStep] = []
+        self._step_time = time.perf_counter()
+        self._closed = False
+        self._tasks: list = []
+        self._max_steps: int | None = 0  # steps stop here (0: not training yet)
+        self.announcer = self.averager = None
+        self.client = SwarmClient(
+            config.model.name,
+            config.model.num_blocks,
+            ClientConfig(initial_peers=list(initial_peers), request_timeout=forward_timeout),
+            client_mode=False,
+            host=host,
+            port=port,
+            announce_maddrs=announce_maddrs,
+            identity_path=identity_path,
+        )
+        try:
+            self.peer_id = self.client.dht.peer_id.to_base58()
+            self._state_servicer = TrainStateServicer(self.run.sha256, self._get_state, self._progress)
+            self.client.run_async(self._state_servicer.add_p2p_handlers(self.client.p2p))
+            averaging = config.averaging
+            self.averager = GroupAverager(
+                self.client.dht,
+                f"{config.run_id}_trainers",
+                [p.detach() for p in self.trainable.params],
+                aggregator=averaging.aggregator,
+                tau=averaging.tau,
+                min_matchmaking_time=averaging.matchmaking_time,
+                request_timeout=averaging.request_timeout,
+            )
+            self.collaboration = Collaboration(
+                "trainers",
+                self.peer_id,
+                config.batch.target_batch_size,
+                progress=lambda: (self.trainable.step, self.trainable.samples),
+                members=self._members,
+                take=lambda: self._on_compute(self._take),
+                apply=lambda grads: self._on_compute(self.trainable.apply, grads),
+                averager=self.averager,
+                averaging_timeout=averaging.averaging_timeout,
+                own_fingerprint=lambda: self.trainable.fingerprint,
+                resync=self._resync,
+            )
+            self.announcer = RecordAnnouncer(self._publish, update_period, min_interval=0.2)
+            self.announcer.start()
+            self._tasks = [
+                self.client.run_async(self._spawn(self._watch())),
+                self.client.run_async(self._spawn(self._step_loop())),
+                self.client.run_async(
+                    self._spawn(
+                        poll_members(
+                            self._members, self.client.p2p, self.run.sha256, lambda: self._trainer_ids
+                        )
+                    )
+                ),
+            ]
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- background work on the client's loop --------------------------------------------------------------
+
+    @staticmethod
+    async def _spawn(coro) -> asyncio.Task:
+        return asyncio.create_task(coro)
+
+    async def _on_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+    def _read_views(self) -> None:
+        config = self.run.config
+        banned = self.client.bans.active()
+        for stage in range(config.num_stages):
+            records = read_stage(self.client.dht, config.run_id, stage)
+            self._stage_views[stage] = {
+                peer: info
+                for peer, info in records.items()
+                if info.state == swarm_pb2.ServerInfo.ONLINE
+                and info.run_hash == self.run.sha256
+                and peer not in banned
+            }
+        trainers = read_trainers(self.client.dht, config.run_id)
+        self._trainer_ids = [
+            info.peer_id
+            for info in trainers.values()
+            if info.peer_id != self.peer_id
+            and info.state == swarm_pb2.ServerInfo.ONLINE
+            and info.run_hash == self.run.sha256
+        ]
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self._read_views)
+            except Exception as e:
+                logger.debug("reading the run's records failed: %r", e)
+            await asyncio.sleep(VIEW_REFRESH_PERIOD)
+
+    async def _step_loop(self) -> None:
+        while True:
+            try:
+                report = None
+                if self._max_steps is None or self.trainable.step < self._max_steps:
+                    report = await self.collaboration.maybe_step()
+                if report is not None:
+                    self.announcer.announce_now()
+            except Exception as e:
+                logger.warning("trainer step failed: %r", e, exc_info=True)
+            await asyncio.sleep(STEP_CHECK_PERIOD)
+
+    def trainer_info(self, state: int = swarm_pb2.ServerInfo.ONLINE) -> swarm_pb2.TrainerInfo:
+        last = self._steps[-1].samples_per_s if self._steps else 0.0
+        return swarm_pb2.TrainerInfo(
+            state=state,
+            peer_id=self.peer_id,
+            run_id=self.run.config.run_id,
+            run_hash=self.run.sha256,
+            step=self.trainable.step,
+            samples=self.trainable.announced_samples,
+            samples_per_s=last,
+            state_hash=self.trainable.params_hash,
+            fingerprint=self.trainable.fingerprint,
+        )
+
+    def _publish(self, expiration: float, final: bool) -> None:
+        state = swarm_pb2.ServerInfo.OFFLINE if final else swarm_pb2.ServerInfo.ONLINE
+        key = trainers_key(self.run.config.run_id)
+        store_records(
+            self.client.dht,
+            self.client.signer.local_public_key,
+            self.peer_id,
+            [(key, self.trainer_info(state))],
+            expiration,
+            await_all_replicas=final,
+        )
+
+    async def _resync(self, peer_id: str) -> None:
+        """Replace this trainer's head, optimizer state and step with another trainer's."""
+        state = await fetch_state(self.client.p2p, peer_id, self.run.sha256, True, self.backward_timeout)
+        await self._on_compute(self._load_head, state)
+        self.announcer.announce_now()
+
+    def _load_head(self, state: TrainState) -> None:
+        self.trainable.load(state)
+        self._loss_sum = 0.0  # the samples behind it were dropped with the gradients
+
+    def _progress(self) -> tuple[int, int, list[float]]:
+        return self.trainable.step, self.trainable.announced_samples, self.trainable.fingerprint
+
+    async def _get_state(self, with_optimizer: bool) -> TrainState:
+        return await self._on_compute(self.trainable.state, with_optimizer)
+
+    # ---- the head's compute (on its own thread) ---------------------------------------------------------
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head.embed(ids).detach()
+
+    def _loss_and_grad(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Sum over samples of the mean token cross-entropy; adds the norm's and head's gradients."""
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_(True)
+            logits = self.head.logits(hidden)[:, :-1].float()
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(ids.shape[0], -1)
+            loss = losses.mean(dim=1).sum()
+            params = self.trainable.params
+            grads = torch.autograd.grad(loss, [hidden, *params], allow_unused=True)
+        param_grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[1:], strict=True)
+        ]
+        self.trainable.accumulate(param_grads, 0)
+        return float(loss.detach()), grads[0]
+
+    def _embedding_backward(self, ids: torch.Tensor, grad: torch.Tensor, loss_sum: float) -> None:
+        """Add the embeddings' gradient; the microbatch's samples count from here on."""
+        with torch.enable_grad():
+            embedded = self.head.embed(ids)
+            (grad_embed,) = torch.autograd.grad(embedded, [self.head.embed_tokens.weight], grad_outputs=grad)
+        grads = [
+            grad_embed if p is self.head.embed_tokens.weight else torch.zeros_like(p)
+            for p in self.trainable.params
+        ]
+        self.trainable.accumulate(grads, ids.shape[0])
+        self._loss_sum += loss_sum
+
+    def _take(self) -> tuple[list[torch.Tensor], int]:
+        loss_sum, self._loss_sum = self._loss_sum, 0.0
+        grads, samples = self.trainable.take_mean_gradients()
+        now = time.perf_counter()
+        elapsed, self._step_time = now - self._step_time, now
+        self._steps.append(
+            TrainStep(
+                self.trainable.step + 1, loss_sum / max(samples, 1), samples, samples / max(elapsed, 1e-9)
+            )
+        )
+        return grads, samples
+
+    # ---- one microbatch through the stages ---------------------------------------------------------------
+
+    async def _call_stage(self, stage: int, ids_rows: int, hidden, grad=None) -> torch.Tensor:
+        """Forward (or backward, given `grad`) through a stage on its least busy peer; retries elsewhere."""
+        start, end = self.run.config.stages[stage]
+        backward = grad is not None
+        deadline = time.monotonic() + self.wait_for_stages
+        failures = 0
+        while True:
+            peers = {
+                p: i.throughput for p, i in self._stage_views[stage].items() if p not in self.client.bans
+            }
+            if not peers:
+                if time.monotonic() > deadline:
+                    raise StageUnavailableError(f"no live peer serves stage {stage}")
+                await asyncio.sleep(VIEW_REFRESH_PERIOD)
+                continue
+            peer = self._wiring[stage].choose(peers, ids_rows, backward)
+            started = time.perf_counter()
+            try:
+                if backward:
+                    result, _ = await remote_backward(
+                        self.client.p2p, peer, start, end, hidden, grad, None, None, self.backward_timeout
+                    )
+                else:
+                    result = await remote_forward(
+                        self.client.p2p, peer, start, end, hidden, None, None, self.forward_timeout
+                    )
+                self._wiring[stage].measured(peer, ids_rows, time.perf_counter() - started, backward)
+                return result
+            except Exception as e:
+                failures += 1
+                logger.warning(
+                    "stage %d peer %s failed %s: %r", stage, peer, "backward" if backward else "forward", e
+                )
+                self.client.ban(peer)
+                self._wiring[stage].forget(peer)
+                self._stage_views[stage].pop(peer, None)
+                if failures > self.max_retries:
+                    raise
+
+    async def _microbatch(self, ids: torch.Tensor) -> None:
+        hidden = await self._on_compute(self._embed, ids)
+        inputs = []
+        for stage in range(self.run.config.num_stages):
+            inputs.append(hidden)
+            hidden = await self._call_stage(stage, ids.shape[0], hidden)
+        loss_sum, grad = await self._on_compute(self._loss_and_grad, ids, hidden)
+        for stage in reversed(range(self.run.config.num_stages)):
+            grad = await self._call_stage(stage, ids.shape[0], inputs[stage], grad)
+        await self._on_compute(self._embedding_backward, ids, grad, loss_sum)
+        self.announcer.announce_now()
+
+    # ---- the training loop ------------------------------------------------------------------------------
+
+    def wait_for_stages_ready(self, timeout: float | None = None) -> None:
+        """Block until every stage has a live peer."""
+        deadline = time.monotonic() + (self.wait_for_stages if timeout is None else timeout)
+        while not all(self._stage_views):
+            if time.monotonic() > deadline:
+                missing = [i for i, view in enumerate(self._stage_views) if not view]
+                raise StageUnavailableError(f"no live peer serves stages {missing}")
+            time.sleep(VIEW_REFRESH_PERIOD)
+
+    def train(
+        self, max_steps: int | None = None, on_step: Callable[[TrainStep], None] | None = None
+    ) -> list[TrainStep]:
+        """Train until this trainer took `max_steps` steps (default: the run's max_steps, else forever)."""
+        config = self.run.config
+        max_steps = max_steps or config.batch.max_steps
+        if self.data_path is None:
+            raise ValueError("the trainer was given no data")
+        from swarm.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.checkpoint.path)
+        data = TextSequences(self.data_path, tokenizer, config.batch.seq_len)
+        sampler = MicrobatchSampler(
+            data, config.batch.microbatch_size, config.data_order, config.seed, self.peer_id
+        )
+        self.wait_for_stages_ready()
+        self._step_time = time.perf_counter()
+        self._max_steps = max_steps
+        reported = len(self._steps)
+        coroutine = (
+            self._train_sync(sampler, max_steps) if config.sync else self._train_async(sampler, max_steps)
+        )
+
+        async def watch_reports():
+            nonlocal reported
+            task = asyncio.create_task(coroutine)
+            try:
+                while not task.done():
+                    await asyncio.sleep(STEP_CHECK_PERIOD)
+                    reported = self._report(reported, on_step)
+                await task
+            finally:
+                task.cancel()
+            self._report(reported, on_step)
+
+        self.client.run_async(watch_reports())
+        return list(self._steps)
+
+    def _report(self, reported: int, on_step) -> int:
+        while reported < len(self._steps) and reported < len(self.collaboration.history):
+            step = self._steps[reported]
+            logger.info(
+                "step %d: loss %.4f, %d samples, %.1f samples/s",
+                step.step,
+                step.loss,
+                step.samples,
+                step.samples_per_s,
+            )
+            if on_step is not None:
+                on_step(step)
+            reported += 1
+        return reported
+
+    async def _train_async(self, sampler: MicrobatchSampler, max_steps: int | None) -> None:
+        """SWARM: microbatches flow continuously; stages and trainers step whenever they reach the target."""
+        concurrency = self.concurrency or 2 * max(len(view) for view in self._stage_views)
+
+        async def worker():
+            while max_steps is None or self.trainable.step < max_steps:
+                await self._microbatch(sampler.take())
+
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        try:
+            while max_steps is None or self.trainable.step < max_steps:
+                done = [w for w in workers if w.done()]
+                for w in done:
+                    w.result()  # a worker that gave up ends training with its error
+                if len(done) == len(workers):
+                    break
+                await asyncio.sleep(STEP_CHECK_PERIOD)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _train_sync(self, sampler: MicrobatchSampler, max_steps: int | None) -> None:
+        """Every step is one global batch: send this trainer's share, then wait for every stage to step."""
+        config = self.run.config
+        step = self.trainable.step
+        while max_steps is None or step < max_steps:
+            trainers = 1 + len([m for m in self._members() if m.step == step])
+            share = math.ceil(config.batch.target_batch_size / trainers)
+            count = math.ceil(share / config.batch.microbatch_size)
+            await asyncio.gather(*(self._microbatch(sampler.take()) for _ in range(count)))
+            while self.trainable.step <= step:
+                await asyncio.sleep(STEP_CHECK_PERIOD)
+            step = self.trainable.step
+            await self._wait_for_stage_step(step)
+
+    async def _wait_for_stage_step(self, step: int) -> None:
+        """Until every live stage peer announces `step` (they step on the same global batch)."""
+        from swarm.client.remote import get_info
+
+        deadline = time.monotonic() + self.wait_for_stages + self.run.config.averaging.averaging_timeout
+        for stage, view in enumerate(self._stage_views):
+            for peer in list(view):
+                while True:
+                    try:
+                        info = await get_info(self.client.p2p, peer, self.forward_timeout)
+                        if info.stage.step >= step:
+                            break
+                    except Exception as e:
+                        logger.warning("stage %d peer %s did not answer: %r", stage, peer, e)
+                        break
+                    if time.monotonic() > deadline:
+                        raise StageUnavailableError(f"stage {stage} did not reach step {step}")
+                    await asyncio.sleep(STEP_CHECK_PERIOD)
+
+    # ---- export and lifecycle ----------------------------------------------------------------------------
+
+    def head_state(self) -> TrainState:
+        return self._compute.submit(self.trainable.state, False).result()
+
+    def close(self) -> None:
+        """Announce OFFLINE, stop averaging and leave the swarm."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            self.client.run_async(self._cancel(task))
+        if self.announcer is not None:
+            self.announcer.stop(final=True)
+        if self.averager is not None:
+            self.averager.shutdown()
+        self.client.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task) -> None:
+        task.cancel()
+
+    def __enter__(self) -> SwarmTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
