@@ -22,6 +22,7 @@ from swarm.proto import swarm_pb2
 
 ENVELOPE_TAG = "swarm"
 MAX_RECORD_BYTES = 64 * 1024
+MAX_FINGERPRINT = 16
 _HEX = set("0123456789abcdef")
 
 
@@ -99,6 +100,8 @@ def _check_training(message: swarm_pb2.StageInfo | swarm_pb2.TrainerInfo) -> Non
         raise RecordError(f"unknown state {message.state}")
     if len(message.run_hash) != 64 or not set(message.run_hash) <= _HEX:
         raise RecordError("run_hash must be a sha256 hex digest")
+    if len(message.fingerprint) > MAX_FINGERPRINT or not all(math.isfinite(v) for v in message.fingerprint):
+        raise RecordError(f"fingerprint must hold at most {MAX_FINGERPRINT} finite numbers")
     if isinstance(message, swarm_pb2.StageInfo):
         if message.end_block <= message.start_block:
             raise RecordError(f"empty stage [{message.start_block}, {message.end_block})")

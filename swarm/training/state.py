@@ -90,8 +90,17 @@ class TrainStateServicer(TrainStateProtocol):
         names = sorted(state.tensors)
         parts = split_tensors([serialize(state.tensors[name]) for name in names], STREAM_CHUNK_BYTES)
         yield swarm_pb2.TrainStateResponse(step=state.step, state_hash=state.hash(), names=names)
+        # small tensors share a message: many tiny stream messages through a P2P replica were seen to
+        # arrive incomplete, and fewer messages cost less anyway
+        batch, size = [], 0
         for part in parts:
-            yield swarm_pb2.TrainStateResponse(tensors=[part])
+            if batch and size + len(part.buffer) > STREAM_CHUNK_BYTES:
+                yield swarm_pb2.TrainStateResponse(tensors=batch)
+                batch, size = [], 0
+            batch.append(part)
+            size += len(part.buffer)
+        if batch:
+            yield swarm_pb2.TrainStateResponse(tensors=batch)
 
 
 async def fetch_progress(

@@ -13,8 +13,9 @@ class StageWiring:
     """Expected busy time per peer of one stage; the least busy peer gets the next task.
 
     A task adds samples / throughput (x2.5 for backward) to its peer's key; throughput is an EMA of
-    what the trainer measured, seeded by what the peer announced; a peer seen for the first time enters
-    at the current minimum, so it neither floods nor starves.
+    what the trainer measured, seeded by what the peer announced (or, when it announced nothing yet, by
+    the stage's other peers); a peer seen for the first time enters at the current minimum, so it
+    neither floods nor starves.
     """
 
     def __init__(self):
@@ -28,10 +29,13 @@ class StageWiring:
             raise LookupError("no peer to choose from")
         with self._lock:
             floor = min((self._busy[p] for p in peers if p in self._busy), default=0.0)
+            known = [self._throughput[p] for p in peers if p in self._throughput]
+            typical = sum(known) / len(known) if known else DEFAULT_THROUGHPUT
             for peer, announced in peers.items():
                 if peer not in self._busy:
                     self._busy[peer] = floor
-                    self._throughput[peer] = announced if announced > 0 else DEFAULT_THROUGHPUT
+                    # a newcomer that announced nothing yet is assumed as fast as its stage's others
+                    self._throughput[peer] = announced if announced > 0 else typical
             chosen = min(peers, key=lambda p: (self._busy[p], p))
             cost = samples / self._throughput[chosen] * (BACKWARD_COST if backward else 1.0)
             self._busy[chosen] += cost

@@ -90,3 +90,34 @@ def test_keys():
     assert split_owner_subkey(b"peer") is None
     with pytest.raises(ValueError):
         block_key("bad name/with slash", 0)
+
+
+def test_training_records_round_trip_and_refuse_bad_values():
+    from swarm.dht.records import RecordError, decode_record, encode_record
+    from swarm.proto import swarm_pb2
+
+    stage = swarm_pb2.StageInfo(
+        state=swarm_pb2.ServerInfo.ONLINE,
+        peer_id="QmPeer",
+        run_id="run",
+        run_hash="a" * 64,
+        stage=1,
+        start_block=2,
+        end_block=4,
+        step=3,
+        fingerprint=[0.1, 0.2, 0.3],
+    )
+    assert decode_record(encode_record(stage)) == stage
+    trainer = swarm_pb2.TrainerInfo(peer_id="QmT", run_id="run", run_hash="b" * 64, samples_per_s=2.0)
+    assert decode_record(encode_record(trainer)) == trainer
+    for bad in (
+        swarm_pb2.StageInfo(peer_id="QmPeer", run_id="run", run_hash="short", start_block=0, end_block=1),
+        swarm_pb2.StageInfo(peer_id="QmPeer", run_id="run", run_hash="a" * 64, start_block=2, end_block=2),
+        swarm_pb2.StageInfo(
+            peer_id="QmPeer", run_id="run", run_hash="a" * 64, end_block=1, fingerprint=[float("nan")]
+        ),
+        swarm_pb2.TrainerInfo(peer_id="QmT", run_id="run", run_hash="b" * 64, samples_per_s=-1.0),
+        swarm_pb2.TrainerInfo(run_id="run", run_hash="b" * 64),
+    ):
+        with pytest.raises(RecordError):
+            encode_record(bad)

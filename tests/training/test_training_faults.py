@@ -1,0 +1,118 @@
+"""Training under faults: a stage peer killed mid-run, a peer joining a live stage, bad requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from training_helpers import CORPUS, write_test_run
+
+from swarm.client.errors import RemoteError
+from swarm.client.remote import get_info, remote_backward, remote_forward
+from swarm.proto import swarm_pb2
+from swarm.training.state import fetch_progress, fetch_state
+from swarm.training.trainer import SwarmTrainer
+
+UPDATE = ("--update-period", "1")
+
+
+def start(swarm, run_file, stages: list[int]):
+    processes = [swarm.start_training_node(run_file, stage, *UPDATE, wait=False) for stage in stages]
+    for process in processes:
+        swarm.wait_ready(process)
+    return processes
+
+
+@pytest.mark.slow
+def test_stage_peer_killed_mid_run_costs_no_step(train_model, local_swarm, tmp_path):
+    run = write_test_run(tmp_path / "run.toml", train_model, "killtest", lr=3e-3)
+    local_swarm.start_bootstrap()
+    victim, survivor, last = start(local_swarm, run.path, [0, 0, 1])
+    trainer = SwarmTrainer(run, local_swarm.initial_peers, data=CORPUS, update_period=1.0, concurrency=2)
+    try:
+        steps = 8
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(steps=trainer.train(steps)))
+        thread.start()
+        deadline = time.monotonic() + 120
+        while trainer.trainable.step < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert trainer.trainable.step >= 2
+        client = trainer.client
+        at_kill, _, _ = client.run_async(fetch_progress(client.p2p, survivor.peer_id, run.sha256, 10))
+        victim.kill()  # SIGKILL to its whole process group, mid-run
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        assert [s.step for s in result["steps"]] == list(range(1, steps + 1))  # train() raised nothing
+        assert victim.peer_id in client.bans  # the dead peer was dropped after failing
+        # the other peer of the stage carries on: it steps (alone, once its round with the dead peer times
+        # out) on the samples it received meanwhile
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            step, _, _ = client.run_async(fetch_progress(client.p2p, survivor.peer_id, run.sha256, 10))
+            if step >= at_kill + 2:
+                break
+            time.sleep(0.5)
+        assert step >= at_kill + 2, (at_kill, step)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_joiner_loads_the_stage_state_and_gets_traffic(train_model, local_swarm, tmp_path):
+    run = write_test_run(tmp_path / "run.toml", train_model, "jointest", sync=True, data_order="sequential")
+    local_swarm.start_bootstrap()
+    donor, _ = start(local_swarm, run.path, [0, 1])
+    trainer = SwarmTrainer(run, local_swarm.initial_peers, data=CORPUS, update_period=1.0)
+    client = trainer.client
+    try:
+        before = client.run_async(fetch_state(client.p2p, donor.peer_id, run.sha256, True, 60))
+        check_bad_requests(client, donor.peer_id, run)
+        after = client.run_async(fetch_state(client.p2p, donor.peer_id, run.sha256, True, 60))
+        assert after.hash() == before.hash()  # refused requests changed no weight
+
+        assert [s.step for s in trainer.train(3)] == [1, 2, 3]
+        joiner = local_swarm.start_training_node(run.path, 0, *UPDATE)
+        assert "loaded stage 0 at step 3 from " + donor.peer_id in joiner.log()
+        states = [
+            client.run_async(fetch_state(client.p2p, p, run.sha256, True, 60))
+            for p in (donor.peer_id, joiner.peer_id)
+        ]
+        assert states[0].step == states[1].step == 3
+        assert states[0].hash() == states[1].hash()  # parameters, AdamW moments and step
+
+        trainer._read_views()  # see the joiner now rather than at the next refresh
+        assert [s.step for s in trainer.train(6)] == [1, 2, 3, 4, 5, 6]
+        info = client.run_async(get_info(client.p2p, joiner.peer_id, 10))
+        assert info.stage.step == 6 and info.stage.throughput > 0  # it stepped with the stage and served
+    finally:
+        trainer.close()
+
+
+def check_bad_requests(client, peer_id: str, run) -> None:
+    """Malformed training requests get error replies; the node keeps serving."""
+    start, end = run.config.stages[0]
+    hidden = torch.randn(2, 8, 64)
+
+    def call(coro):
+        return client.run_async(coro)
+
+    with pytest.raises(RemoteError) as nan:
+        call(remote_backward(client.p2p, peer_id, start, end, hidden, hidden * float("nan"), None, None, 30))
+    assert nan.value.code == swarm_pb2.Error.BAD_REQUEST
+    with pytest.raises(RemoteError) as shape:
+        call(remote_backward(client.p2p, peer_id, start, end, hidden, hidden[:, :4], None, None, 30))
+    assert shape.value.code == swarm_pb2.Error.BAD_REQUEST
+    with pytest.raises(RemoteError) as partial:  # a stage runs its whole span
+        call(remote_forward(client.p2p, peer_id, start, end - 1, hidden, None, None, 30))
+    assert partial.value.code == swarm_pb2.Error.UNKNOWN_BLOCKS
+    with pytest.raises(RemoteError) as huge:  # gradients that overflow are refused, not accumulated
+        call(
+            remote_backward(
+                client.p2p, peer_id, start, end, hidden, torch.full_like(hidden, 3e38), None, None, 30
+            )
+        )
+    assert huge.value.code == swarm_pb2.Error.BAD_REQUEST
+    assert call(remote_forward(client.p2p, peer_id, start, end, hidden, None, None, 30)).shape == hidden.shape
