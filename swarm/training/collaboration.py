@@ -129,6 +129,7 @@ class Collaboration:
         self.averager, self.averaging_timeout = averager, averaging_timeout
         self._lock = asyncio.Lock()
         self.history: list[StepReport] = []
+        self._last_step_time = 0.0
 
     def peers_at_step(self) -> tuple[int, list[MemberProgress]]:
         """Our step and the other members at it."""
@@ -242,12 +243,16 @@ class Collaboration:
         step, _ = self.progress()
         report = StepReport(step, samples, group_samples, group_size, averaging_s)
         self.history.append(report)
+        now = time.monotonic()
+        rate = samples / max(now - self._last_step_time, 1e-9) if self._last_step_time else 0.0
+        self._last_step_time = now
         logger.info(
-            "%s: step %d (%d of the group's %d samples here, averaged over %d peers in %.2f s)",
+            "%s: step %d (%d of the group's %d samples here, %.1f samples/s; %d peers averaged in %.2f s)",
             self.name,
             step,
             samples,
             group_samples,
+            rate,
             group_size,
             averaging_s,
         )
