@@ -21,6 +21,7 @@ from swarm.node.config import NodeConfig
 from swarm.node.handler import NodeServicer
 from swarm.node.server import Node
 from swarm.proto import swarm_pb2
+from swarm.testing.faults import Fault
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.run import LoadedRun
 from swarm.training.stage import TrainableSpanBackend
@@ -47,8 +48,11 @@ def live_stage_peers(records: dict[str, swarm_pb2.StageInfo], run_hash: str) -> 
 class TrainingNode(Node):
     """Serves stage `stage` of a run (or the stage with the least throughput when None)."""
 
-    def __init__(self, config: NodeConfig, run: LoadedRun, stage: int | None = None):
+    def __init__(
+        self, config: NodeConfig, run: LoadedRun, stage: int | None = None, fault: Fault | None = None
+    ):
         super().__init__(config)
+        self.fault = fault
         if config.dtype != "float32":
             raise ValueError("training nodes keep fp32 weights: use --dtype float32")
         if stage is not None and not 0 <= stage < run.config.num_stages:
@@ -177,7 +181,7 @@ class TrainingNode(Node):
         self.averager = await asyncio.to_thread(
             GroupAverager,
             self.dht,
-            f"{run.run_id}_stage{self.stage}",
+            f"{run.run_id}_{self.training_run.sha256[:16]}_stage{self.stage}",  # other run files never meet
             [p.detach() for p in self.backend.trainable.params],
             aggregator=averaging.aggregator,
             tau=averaging.tau,
@@ -197,6 +201,7 @@ class TrainingNode(Node):
             averaging_timeout=averaging.averaging_timeout,
             own_fingerprint=lambda: trainable.fingerprint,
             resync=self._resync,
+            corrupt=self.fault.corrupt_gradients if self.fault is not None else None,
         )
         self.state = swarm_pb2.ServerInfo.ONLINE
         self.announcer = RecordAnnouncer(self._publish, config.update_period, min_interval=PROGRESS_INTERVAL)

@@ -31,6 +31,7 @@ from swarm.dht.swarm_view import read_stage, read_trainers
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.head import load_client_head
 from swarm.proto import swarm_pb2
+from swarm.testing.faults import Fault
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.data import MicrobatchSampler, TextSequences
 from swarm.training.run import LoadedRun, load_run
@@ -88,6 +89,7 @@ class SwarmTrainer:
         backward_timeout: float = 75.0,
         max_retries: int = 8,
         wait_for_stages: float = 60.0,
+        fault: Fault | None = None,
     ):
         self.run = run if isinstance(run, LoadedRun) else load_run(run)
         config = self.run.config
@@ -140,7 +142,7 @@ class SwarmTrainer:
             averaging = config.averaging
             self.averager = GroupAverager(
                 self.client.dht,
-                f"{config.run_id}_trainers",
+                f"{config.run_id}_{self.run.sha256[:16]}_trainers",  # other run files never meet
                 [p.detach() for p in self.trainable.params],
                 aggregator=averaging.aggregator,
                 tau=averaging.tau,
@@ -159,6 +161,7 @@ class SwarmTrainer:
                 averaging_timeout=averaging.averaging_timeout,
                 own_fingerprint=lambda: self.trainable.fingerprint,
                 resync=self._resync,
+                corrupt=fault.corrupt_gradients if fault is not None else None,
             )
             self.announcer = RecordAnnouncer(self._publish, update_period, min_interval=0.2)
             self.announcer.start()
