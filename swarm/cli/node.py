@@ -8,6 +8,7 @@ import sys
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
+from swarm.testing.faults import add_fault_argument
 
 _DEFAULTS = NodeConfig(model="")
 _LIMITS = NodeLimits()
@@ -98,6 +99,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="seconds an inference session may stay idle before its cache is freed",
     )
     add_cache_dir(parser)
+    add_fault_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -147,13 +149,17 @@ def run(args: argparse.Namespace) -> int:
     if args.stage is not None and args.train is None:
         _usage_error("--stage needs --train RUN_FILE")
     if args.train is not None:
+        from swarm.testing.faults import parse_fault
         from swarm.training.node import TrainingNode
         from swarm.training.run import load_run
 
         run = load_run(args.train)
         args.model = args.model or run.config.model.source
-        TrainingNode(config_from_args(args), run, args.stage).run()
+        fault = parse_fault(args.fault) if args.fault else None
+        TrainingNode(config_from_args(args), run, args.stage, fault).run()
         return 0
+    if args.fault is not None:
+        _usage_error(f"--fault {args.fault} applies to training nodes (--train) only")
     if args.model is None:
         _usage_error("--model is required (unless --train gives the run's model)")
     from swarm.node.server import Node

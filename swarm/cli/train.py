@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
+from swarm.testing.faults import add_fault_argument, parse_fault
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--identity", default=None, help="file with this trainer's identity (created if missing)"
     )
     add_cache_dir(parser)
+    add_fault_argument(parser)
     parser.add_argument(
         "--export", default=None, metavar="DIR", help="at the end, write the whole model to this HF folder"
     )
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity,
             update_period=args.update_period,
+            fault=parse_fault(args.fault) if args.fault else None,
         )
         printer = StepPrinter(
             args.json, args.max_steps or loaded.config.batch.max_steps, getattr(args, "verbose", False)

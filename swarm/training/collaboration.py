@@ -121,10 +121,12 @@ class Collaboration:
         averaging_timeout: float,
         own_fingerprint: Callable[[], list[float]] = list,
         resync: Callable[[str], Awaitable[None]] | None = None,
+        corrupt: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
     ):
         self.name, self.own_id, self.target = name, own_id, target_batch_size
         self.progress, self.members, self.take, self.apply = progress, members, take, apply
         self.own_fingerprint, self.resync = own_fingerprint, resync
+        self.corrupt = corrupt  # a --fault's hook: what this member sends instead of its gradients
         self.resyncs = 0
         self.averager, self.averaging_timeout = averager, averaging_timeout
         self._lock = asyncio.Lock()
@@ -213,6 +215,8 @@ class Collaboration:
         group_samples = self.group_samples()
         peers = self.expected_peers()
         grads, samples = await self.take()
+        if self.corrupt is not None:
+            grads = self.corrupt(grads, self.progress()[0])
         started = time.perf_counter()
         group_size = 1
         for attempt in range(1, MAX_ROUNDS + 1):
