@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from benchmarks import finetune, forward, gpu, inference, recovery, wan
+from benchmarks import finetune, forward, gpu, inference, recovery, training, wan
 
 
 def skipped(name: str, reason: str) -> None:
@@ -29,11 +29,13 @@ def main(argv=None) -> None:
         recovery.main([*model, "--new-tokens", "12"])
         forward.main([*model, "--batch", "2", "--seq", "128", "--repeats", "1"])
         finetune.main([*model, "--steps", "2", "--batch", "4", "--seq", "16"])
+        training.main(["--quick"])  # its own tiny random Llama, not --model
     else:
         inference.main([*model, "--nodes", "1", "2", "3", "--new-tokens", "32", "--repeats", "2"])
         recovery.main([*model, "--new-tokens", "32"])
         forward.main([*model, "--nodes", "1", "3", "--batch", "8", "--seq", "512"])
         finetune.main([*model, "--steps", "5", "--batch", "8", "--seq", "32"])
+        training.main(["--steps", "8"])
 
     from swarm.testing.netns import unavailable_reason
 

@@ -56,3 +56,51 @@ def test_gpu_benchmark_path_runs_on_cpu_with_a_tiny_random_llama(tmp_path):
 def test_gpu_benchmark_refuses_cuda_without_a_gpu():
     result = run_benchmark("benchmarks.gpu", "--nodes", "1", timeout=120)
     assert result.returncode == 2 and "--device cuda needs a GPU" in result.stderr
+
+
+TRAINING_KEYS = {
+    "name",
+    "model",
+    "device",
+    "device_name",
+    "stages",
+    "peers_per_stage",
+    "trainers",
+    "steps",
+    "batch",
+    "microbatch",
+    "seq_len",
+}
+
+
+def test_training_benchmark_runs_at_the_smallest_size():
+    result = run_benchmark(
+        "benchmarks.training",
+        "--steps",
+        "1",
+        "--hidden",
+        "64",
+        "--seq-len",
+        "32",
+        "--configs",
+        "1x1",
+        "--averaging-peers",
+        "2",
+        "--rounds",
+        "1",
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["name"] for row in rows] == ["training", "averaging_round"]
+    training, averaging = rows
+    for row in rows:
+        assert TRAINING_KEYS <= row.keys() and row["device"] == "cpu" and row["stages"] == 2
+    assert (training["peers_per_stage"], training["trainers"], training["steps"]) == (1, 1, 1)
+    assert training["seq_len"] == 32 and training["samples"] >= training["batch"] == 16
+    for key in ("swarm_samples_per_s", "local_samples_per_s", "ratio"):
+        assert training[key] > 0, key
+    assert {"mean_averaging_s_trainers", "mean_averaging_s_stages", "final_loss"} <= training.keys()
+    assert averaging["peers_per_stage"] == [2] and averaging["numel"] > 0
+    # a round may fail on a loaded machine: then it is counted, not timed
+    assert averaging["failed_rounds"] == [1] or averaging["median_round_s"][0] > 0
