@@ -35,10 +35,15 @@ def store_records(
     await_all_replicas: bool = False,
 ) -> bool:
     """Store records in `peer_id`'s name: each (key, message) under the peer's signed owner subkey."""
+    # one encoded value per distinct message, shared by its keys: pickle then sends it once. hivemind's
+    # DHT process reads its pipe non-blocking and breaks on a message above the pipe buffer (64 KiB);
+    # a ServerInfo copied under each of 30 blocks used to exceed it
+    encoded: dict[int, dict] = {}
+    values = [encoded.setdefault(id(message), encode_record(message)) for _, message in entries]
     store = partial(
         _store_many,
         keys=[key for key, _ in entries],
-        values=[encode_record(message) for _, message in entries],
+        values=values,
         expiration_time=get_dht_time() + expiration,
         subkey=owner_subkey(peer_id, owner_public_key),
         await_all_replicas=await_all_replicas,

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -151,3 +152,29 @@ def test_bootstrap_cli_prints_and_writes_maddrs(tmp_path):
         assert process.wait(20) == 0
     assert identity.exists()
     assert first_line.endswith(peer_id_of(load_or_create_identity(identity)))
+
+
+def test_a_node_spanning_many_blocks_announces_without_breaking_the_dht_process(peers):
+    """A ServerInfo stored under each of 60 blocks: hivemind's DHT process breaks on a pipe message above
+    64 KiB, so the record must travel once, not once per block."""
+    (a, a_signer), _, c = peers
+    a_id = a.peer_id.to_base58()
+    wide = info(a_id, 0, 60)
+    assert len(encode_record(wide)["data"]) * 60 > 64 * 1024  # copied per block, it would not fit
+    stop = threading.Event()
+
+    def hold_the_gil():  # a busy parent (a node hashing its weights) writes the pipe in slow pieces
+        while not stop.is_set():
+            sum(range(10_000))
+
+    busy = threading.Thread(target=hold_the_gil)
+    busy.start()
+    try:
+        for _ in range(5):
+            assert store_node_records(a, a_signer.local_public_key, wide, None, expiration=30)
+    finally:
+        stop.set()
+        busy.join()
+    assert a.is_alive()
+    servers, _ = read_swarm(c, MODEL, 60)
+    assert servers[a_id].end_block == 60
