@@ -67,26 +67,19 @@ def local_training(model_path: Path, run, data, steps: int, warmup: int) -> tupl
     run's target batch size. Returns (samples per second, last loss)."""
     from transformers import LlamaForCausalLM
 
+    from swarm.training.reference import local_optimizer, local_step
+
     model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
-    opt = run.optimizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
-    )
+    optimizer = local_optimizer(model, run.optimizer)
     generator = torch.Generator().manual_seed(0)
     batch_size = run.batch.target_batch_size
     loss, times = None, []
     for _ in range(warmup + steps):
         started = time.perf_counter()
         rows = torch.randint(len(data), (batch_size,), generator=generator)
-        batch = data.sequences[rows]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        if opt.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad_norm)
-        optimizer.step()
+        loss = local_step(model, optimizer, data.sequences[rows], run.optimizer.clip_grad_norm)
         times.append(time.perf_counter() - started)
-    return batch_size * steps / sum(times[warmup:]), float(loss.detach())
+    return batch_size * steps / sum(times[warmup:]), loss
 
 
 def stage_rounds(processes, first: int) -> list[tuple[int, float]]:

@@ -97,6 +97,15 @@ def read_trainers(dht: DHT, run_id: str, timeout: float = 10.0) -> dict[str, swa
     return _read_owned(dht, trainers_key(run_id), swarm_pb2.TrainerInfo, timeout)
 
 
+def live_records(records: dict, run_hash: str) -> list:
+    """The ONLINE StageInfo or TrainerInfo records of one run file (by its sha256)."""
+    return [
+        info
+        for info in records.values()
+        if info.state == swarm_pb2.ServerInfo.ONLINE and info.run_hash == run_hash
+    ]
+
+
 def consensus_hashes(model_infos: list[swarm_pb2.ModelInfo]) -> list[str] | None:
     """The block hashes most announcers agree on (None if nobody announced the model)."""
     if not model_infos:

@@ -20,8 +20,8 @@ from hivemind.p2p import P2P
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from swarm.dht.swarm_view import live_records
 from swarm.models.checkpoint import BLOCK_PREFIX, Checkpoint, resolve_checkpoint
-from swarm.proto import swarm_pb2
 from swarm.training.run import LoadedRun
 from swarm.training.state import TrainState, fetch_state
 
@@ -198,12 +198,7 @@ def _occupied(path: Path) -> bool:
 
 def _live(records: dict, run: LoadedRun) -> list:
     """ONLINE records of this run file, highest step first."""
-    live = [
-        info
-        for info in records.values()
-        if info.state == swarm_pb2.ServerInfo.ONLINE and info.run_hash == run.sha256
-    ]
-    return sorted(live, key=lambda info: info.step, reverse=True)
+    return sorted(live_records(records, run.sha256), key=lambda info: info.step, reverse=True)
 
 
 def _fetch_first(

@@ -15,7 +15,7 @@ import torch
 from swarm.averaging import GroupAverager
 from swarm.dht.announcer import RecordAnnouncer, store_records
 from swarm.dht.keys import stage_key
-from swarm.dht.swarm_view import read_stage
+from swarm.dht.swarm_view import live_records, read_stage
 from swarm.models.span import load_span
 from swarm.node.config import NodeConfig
 from swarm.node.handler import NodeServicer
@@ -34,15 +34,6 @@ VIEW_REFRESH_PERIOD = 0.3  # seconds between re-reads of the stage's records
 PROGRESS_INTERVAL = 0.2  # the stage record is re-published at most this often while samples come in
 STATE_TIMEOUT = 120.0
 MEMBER_KEEP_FOR = 3.0  # seconds a stage peer that stopped answering still counts as a member
-
-
-def live_stage_peers(records: dict[str, swarm_pb2.StageInfo], run_hash: str) -> list[swarm_pb2.StageInfo]:
-    """ONLINE peers of the same run file."""
-    return [
-        info
-        for info in records.values()
-        if info.state == swarm_pb2.ServerInfo.ONLINE and info.run_hash == run_hash
-    ]
 
 
 class TrainingNode(Node):
@@ -77,9 +68,7 @@ class TrainingNode(Node):
     def _read_stage(self, stage: int, records: dict | None = None) -> list[swarm_pb2.StageInfo]:
         records = read_stage(self.dht, self.run_config.run_id, stage) if records is None else records
         return [
-            info
-            for info in live_stage_peers(records, self.training_run.sha256)
-            if info.peer_id != self.peer_id
+            info for info in live_records(records, self.training_run.sha256) if info.peer_id != self.peer_id
         ]
 
     def _choose_stage(self) -> int:

@@ -27,7 +27,7 @@ from swarm.client.remote import remote_backward, remote_forward
 from swarm.client.swarm_client import SwarmClient
 from swarm.dht.announcer import RecordAnnouncer, store_records
 from swarm.dht.keys import trainers_key
-from swarm.dht.swarm_view import read_stage, read_trainers
+from swarm.dht.swarm_view import live_records, read_stage, read_trainers
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.head import load_client_head
 from swarm.proto import swarm_pb2
@@ -194,21 +194,10 @@ class SwarmTrainer:
         banned = self.client.bans.active()
         for stage in range(config.num_stages):
             records = read_stage(self.client.dht, config.run_id, stage)
-            self._stage_views[stage] = {
-                peer: info
-                for peer, info in records.items()
-                if info.state == swarm_pb2.ServerInfo.ONLINE
-                and info.run_hash == self.run.sha256
-                and peer not in banned
-            }
-        trainers = read_trainers(self.client.dht, config.run_id)
-        self._trainer_ids = [
-            info.peer_id
-            for info in trainers.values()
-            if info.peer_id != self.peer_id
-            and info.state == swarm_pb2.ServerInfo.ONLINE
-            and info.run_hash == self.run.sha256
-        ]
+            live = live_records(records, self.run.sha256)
+            self._stage_views[stage] = {info.peer_id: info for info in live if info.peer_id not in banned}
+        trainers = live_records(read_trainers(self.client.dht, config.run_id), self.run.sha256)
+        self._trainer_ids = [info.peer_id for info in trainers if info.peer_id != self.peer_id]
 
     async def _watch(self) -> None:
         while True:

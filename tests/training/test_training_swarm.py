@@ -9,6 +9,7 @@ import torch
 from training_helpers import assemble_model, heldout_loss, write_test_run
 
 from swarm.training.data import TextSequences
+from swarm.training.reference import local_optimizer, local_step
 from swarm.training.state import fetch_progress, fetch_state
 from swarm.training.trainer import SwarmTrainer
 
@@ -44,20 +45,11 @@ def local_shuffled_training(model_path, run, data: TextSequences, steps: int, se
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    opt = run.optimizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
-    )
+    optimizer = local_optimizer(model, run.optimizer)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         rows = torch.randint(len(data), (run.batch.target_batch_size,), generator=generator)
-        batch = data.sequences[rows]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        if opt.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_grad_norm)
-        optimizer.step()
+        local_step(model, optimizer, data.sequences[rows], run.optimizer.clip_grad_norm)
     return model.eval()
 
 

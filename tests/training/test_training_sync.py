@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM
 
 from swarm.dht.swarm_view import read_stage
 from swarm.training.data import TextSequences
+from swarm.training.reference import local_optimizer, local_step
 from swarm.training.run import load_run, make_run, write_run
 from swarm.training.state import fetch_state
 from swarm.training.trainer import SwarmTrainer
@@ -26,21 +27,13 @@ def local_training(model_path: Path, run, steps: int):
 
     model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.train()
-    opt = run.optimizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
-    )
+    optimizer = local_optimizer(model, run.optimizer)
     data = TextSequences(CORPUS, AutoTokenizer.from_pretrained(model_path), run.batch.seq_len)
     size = run.batch.target_batch_size
     losses = []
     for step in range(steps):
         rows = [(step * size + k) % len(data) for k in range(size)]
-        batch = data.sequences[rows]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(local_step(model, optimizer, data.sequences[rows], run.optimizer.clip_grad_norm))
     return model, losses
 
 
