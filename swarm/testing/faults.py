@@ -3,13 +3,28 @@
 Off unless named: `swarm node ... --fault byzantine:sign_flip:start=3` or `swarm train ... --fault ...`.
 A fault is a set of hooks the honest code calls at fixed points; the honest path never checks names.
 Listed under a "testing" heading in `--help`.
+
+The hooks (`Fault`'s defaults are honest: each returns its input) and where the honest code calls them:
+
+- `corrupt_gradients(grads, step)`: on the gradients a member sends, before its group's averaging round.
+  Used by sign_flip, random_direction, delayed, ipm and alie.
+- `corrupt_labels(labels, step, vocab_size)`: on the labels of the trainer's loss. Used by label_flip
+  (its gradients are then honest for the flipped labels).
+- `tamper_part(part, chunk, step)`: in the all-reduce sender, on each part it sends, after it committed
+  to its gradients. Used by equivocate (its commitment covers the honest bytes, the part sent differs).
+- `tamper_aggregate(aggregate, chunk, step)`: in the all-reduce reducer, on each aggregate it computed,
+  before it signs the result. Used by bad_reducer.
+
+Every byzantine attack is active only from step `start` on (default 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI builds --help from this module: keep torch out of its import
@@ -31,25 +46,88 @@ class Fault:
         """The gradients this member sends to its group's averaging round at `step`."""
         return grads
 
+    def corrupt_labels(self, labels: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+        """The labels a trainer computes its loss on at `step` (negative values are ignore-indices)."""
+        return labels
+
+    def tamper_part(self, part: torch.Tensor, chunk: int, step: int) -> torch.Tensor:
+        """The bytes an all-reduce sender sends for `chunk` at `step`, after committing to its gradients."""
+        return part
+
+    def tamper_aggregate(self, aggregate: torch.Tensor, chunk: int, step: int) -> torch.Tensor:
+        """The aggregate an all-reduce reducer computed for `chunk` at `step`, before signing it."""
+        return aggregate
+
+
+def alie_z(n: int, b: int) -> float:
+    """ALIE's z for `n` peers of which `b` attack: s = floor(n/2 + 1) - b, z = Phi^-1((n - s) / n)."""
+    s = math.floor(n / 2 + 1) - b
+    if not 0 < (n - s) / n < 1:
+        raise FaultError(f"alie needs 0 <= b < n/2 + 1 and n > 1 (got n={n}, b={b})")
+    return NormalDist().inv_cdf((n - s) / n)
+
 
 @dataclass
 class ByzantineGradients(Fault):
-    """Sends poisoned gradients to its group's averaging rounds from step `start` on (BTARD's attacks)."""
+    """Commits one of BTARD's attacks from step `start` on (see ATTACKS for what each does).
+
+    :param n, b: alie's swarm size and attacker count, which set its z (see `alie_z`)
+    :param scale: bad_reducer's perturbation norm, relative to the aggregate's norm
+    """
 
     attack: str
     start: int = 0
-    history: list[list[torch.Tensor]] = field(default_factory=list)
+    n: int = 16
+    b: int = 7
+    scale: float = 0.05
+    history: list[list[torch.Tensor]] = field(default_factory=list)  # own gradients, newest last
     name = "byzantine"
 
+    @property
+    def z(self) -> float:
+        return alie_z(self.n, self.b)
+
     def corrupt_gradients(self, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-        self.history.append([g.clone() for g in grads])
-        del self.history[:-DELAY_KEPT]
+        kept = HISTORY_KEPT.get(self.attack, 0)
+        if kept:
+            self.history.append([g.clone() for g in grads])
+            del self.history[: max(len(self.history) - kept, 0)]
         if step < self.start:
             return grads
-        return ATTACKS[self.attack](grads, self)
+        return ATTACKS[self.attack][0](grads, self)
+
+    def corrupt_labels(self, labels: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+        if self.attack != "label_flip" or step < self.start:
+            return labels
+        import torch
+
+        return torch.where(labels >= 0, vocab_size - 1 - labels, labels)
+
+    def tamper_part(self, part: torch.Tensor, chunk: int, step: int) -> torch.Tensor:
+        if self.attack != "equivocate" or step < self.start:
+            return part
+        return part * -1000.0
+
+    def tamper_aggregate(self, aggregate: torch.Tensor, chunk: int, step: int) -> torch.Tensor:
+        if self.attack != "bad_reducer" or step < self.start or aggregate.numel() == 0:
+            return aggregate
+        import torch
+
+        generator = torch.Generator().manual_seed(ATTACK_SEED + chunk + step)
+        direction = torch.randn(aggregate.shape, generator=generator, dtype=torch.float64)
+        norm = float(torch.linalg.vector_norm(aggregate.double()))
+        target = self.scale * (norm if norm > 0 else 1.0)
+        noise = direction * (target / float(torch.linalg.vector_norm(direction)))
+        return (aggregate.double() + noise.to(aggregate.device)).to(aggregate.dtype)
 
 
 DELAY_KEPT = 1000  # `delayed` sends the gradient from this many steps ago, or the oldest kept
+ALIE_KEPT = 8  # `alie` estimates the honest mean and std from this many of its own latest gradients
+HISTORY_KEPT = {"delayed": DELAY_KEPT, "alie": ALIE_KEPT}  # the others keep no history
+
+
+def _honest(grads, fault):
+    return grads
 
 
 def _sign_flip(grads, fault):
@@ -75,36 +153,86 @@ def _ipm(grads, fault):
     return [g * -0.1 for g in grads]
 
 
-ATTACKS: dict[str, Callable] = {
-    "sign_flip": _sign_flip,
-    "random_direction": _random_direction,
-    "delayed": _delayed,
-    "ipm": _ipm,
+def _alie(grads, fault):
+    """mean - z * std, coordinate-wise, over this member's own last (up to) ALIE_KEPT gradients.
+
+    A real attacker cannot see the honest gradients, so it estimates their mean and std from its own
+    recent ones (population std); with one gradient kept the std is 0 and it sends that gradient.
+    """
+    import torch
+
+    z = fault.z
+    sent = []
+    for i, g in enumerate(grads):
+        stacked = torch.stack([kept[i].double() for kept in fault.history])
+        mean, std = stacked.mean(dim=0), stacked.std(dim=0, correction=0)
+        sent.append((mean - z * std).to(g.dtype))
+    return sent
+
+
+# name -> (what it does to the gradients it sends, its options beyond start, its help)
+ATTACKS: dict[str, tuple[Callable, dict[str, type], str]] = {
+    "sign_flip": (_sign_flip, {}, "sends -1000 x its gradient"),
+    "random_direction": (_random_direction, {}, "sends a shared random direction of 1000 x its norm"),
+    "delayed": (_delayed, {}, f"sends its oldest kept gradient, up to {DELAY_KEPT} steps old"),
+    "ipm": (_ipm, {}, "sends -0.1 x its gradient"),
+    "label_flip": (_honest, {}, "trains on labels vocab-1-label"),
+    "alie": (
+        _alie,
+        {"n": int, "b": int},
+        f"sends mean - z std of its own last {ALIE_KEPT} gradients, z for n peers of which b attack",
+    ),
+    "equivocate": (_honest, {}, "commits to its gradient but sends -1000 x it"),
+    "bad_reducer": (_honest, {"scale": float}, "as a reducer, adds noise of scale x the norm to aggregates"),
 }
 
 
 def _parse_byzantine(args: list[str]) -> Fault:
     if not args or args[0] not in ATTACKS:
         raise FaultError(f"byzantine needs an attack: one of {', '.join(ATTACKS)}")
-    options = _options(args[1:], {"start"})
-    return ByzantineGradients(args[0], start=int(options.get("start", 0)))
+    attack = args[0]
+    types = {"start": int, **ATTACKS[attack][1]}
+    options = _options(args[1:], set(types), f"byzantine:{attack}")
+    values = {}
+    for key, text in options.items():
+        try:
+            values[key] = types[key](text)
+        except ValueError:
+            kind = "an integer" if types[key] is int else "a number"
+            raise FaultError(f"byzantine:{attack} option {key}={text!r} is not {kind}") from None
+    fault = ByzantineGradients(attack, **values)
+    if fault.start < 0:
+        raise FaultError(f"byzantine:{attack} needs start >= 0 (got {fault.start})")
+    if attack == "alie":
+        alie_z(fault.n, fault.b)  # raises FaultError for an n, b that give no z
+    if attack == "bad_reducer" and not (math.isfinite(fault.scale) and fault.scale >= 0):
+        raise FaultError(f"byzantine:bad_reducer needs a finite scale >= 0 (got {fault.scale})")
+    return fault
 
 
-def _options(args: list[str], allowed: set[str]) -> dict[str, str]:
+def _options(args: list[str], allowed: set[str], where: str) -> dict[str, str]:
     options = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in allowed:
-            raise FaultError(f"unknown fault option {arg!r} (expected one of {sorted(allowed)} as KEY=VALUE)")
+            raise FaultError(
+                f"unknown option {arg!r} for {where} (expected KEY=VALUE with KEY one of {sorted(allowed)})"
+            )
         options[key] = value
     return options
 
 
-# name -> (help, parser of the ":"-separated arguments)
+_DEFAULTS = {f.name: f.default for f in fields(ByzantineGradients)}
+
+# name -> (help, parser of the ":"-separated arguments); no "%" in help (argparse formats it)
 FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
     "byzantine": (
-        "byzantine:ATTACK[:start=STEP] sends poisoned gradients to averaging rounds; ATTACK is one of "
-        + ", ".join(ATTACKS),
+        "byzantine:ATTACK[:KEY=VALUE...] attacks training from step start=STEP on (default 0); "
+        "ATTACK is one of: "
+        + ", ".join(
+            f"{name}{''.join(f'[:{key}={_DEFAULTS[key]}]' for key in options)} ({description})"
+            for name, (_, options, description) in ATTACKS.items()
+        ),
         _parse_byzantine,
     ),
 }

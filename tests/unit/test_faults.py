@@ -1,12 +1,24 @@
-"""The --fault registry: parsing, the CLI's testing heading, and what each gradient attack sends."""
+"""The --fault registry: parsing, the CLI's testing heading, what each attack sends, and the honest hooks."""
 
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import pytest
 import torch
 
 from swarm.cli.main import build_parser
-from swarm.testing.faults import ATTACKS, ByzantineGradients, FaultError, parse_fault
+from swarm.testing.faults import (
+    ALIE_KEPT,
+    ATTACK_SEED,
+    ATTACKS,
+    FAULTS,
+    ByzantineGradients,
+    Fault,
+    FaultError,
+    alie_z,
+    parse_fault,
+)
 
 
 def test_faults_parse_and_bad_ones_are_refused():
@@ -53,4 +65,150 @@ def test_attacks_send_what_btard_describes():
     first = delayed.corrupt_gradients([g.clone() for g in grads], 0)
     later = delayed.corrupt_gradients([g * 7 for g in grads], 1)
     assert all(torch.equal(a, b) for a, b in zip(first, later, strict=True))  # the oldest kept gradient
-    assert set(ATTACKS) == {"sign_flip", "random_direction", "delayed", "ipm"}
+    assert set(ATTACKS) == {
+        "sign_flip",
+        "random_direction",
+        "delayed",
+        "ipm",
+        "label_flip",
+        "alie",
+        "equivocate",
+        "bad_reducer",
+    }
+
+
+def test_every_attack_and_option_parses_where_it_applies():
+    for attack in ATTACKS:
+        fault = parse_fault(f"byzantine:{attack}")
+        assert fault.attack == attack and fault.start == 0
+        assert parse_fault(f"byzantine:{attack}:start=4").start == 4
+        assert attack in FAULTS["byzantine"][0]  # listed in --help
+    alie = parse_fault("byzantine:alie:n=16:b=3:start=2")
+    assert (alie.n, alie.b, alie.start) == (16, 3, 2)
+    assert (parse_fault("byzantine:alie").n, parse_fault("byzantine:alie").b) == (16, 7)
+    assert parse_fault("byzantine:bad_reducer:scale=0.1").scale == 0.1
+    assert parse_fault("byzantine:bad_reducer").scale == 0.05
+    bad = [
+        "byzantine:sign_flip:n=16",  # alie's option on another attack
+        "byzantine:alie:scale=0.1",  # bad_reducer's option on another attack
+        "byzantine:bad_reducer:b=3",
+        "byzantine:label_flip:scale=1",
+        "byzantine:equivocate:start",  # no value
+        "byzantine:alie:n=sixteen",
+        "byzantine:alie:n=16:b=9",  # s = 0: no z
+        "byzantine:alie:n=1:b=0",
+        "byzantine:bad_reducer:scale=nan",
+        "byzantine:bad_reducer:scale=-1",
+        "byzantine:ipm:start=-1",
+        "byzantine:ipm:start=1.5",
+    ]
+    for text in bad:
+        with pytest.raises(FaultError):
+            parse_fault(text)
+    with pytest.raises(FaultError, match="scale=0.1.*byzantine:alie"):
+        parse_fault("byzantine:alie:scale=0.1")
+
+
+def test_honest_hooks_are_identity():
+    fault, tensor = Fault(), torch.tensor([1.0, -2.0])
+    grads = [tensor]
+    assert fault.corrupt_gradients(grads, 3) is grads
+    labels = torch.tensor([0, 5, -100])
+    assert fault.corrupt_labels(labels, 3, 10) is labels
+    assert fault.tamper_part(tensor, 0, 3) is tensor
+    assert fault.tamper_aggregate(tensor, 0, 3) is tensor
+    for attack in ATTACKS:  # an attack leaves the hooks it does not use honest, even once started
+        byzantine = ByzantineGradients(attack)
+        if attack != "label_flip":
+            assert torch.equal(byzantine.corrupt_labels(labels, 3, 10), labels)
+        if attack != "equivocate":
+            assert torch.equal(byzantine.tamper_part(tensor, 0, 3), tensor)
+        if attack != "bad_reducer":
+            assert torch.equal(byzantine.tamper_aggregate(tensor, 0, 3), tensor)
+
+
+def test_label_flip_flips_labels_but_not_gradients():
+    fault = parse_fault("byzantine:label_flip:start=2")
+    labels = torch.tensor([[0, 3, -100], [9, -100, 1]])
+    assert torch.equal(fault.corrupt_labels(labels, 1, 10), labels)  # not yet
+    flipped = fault.corrupt_labels(labels, 2, 10)
+    assert torch.equal(flipped, torch.tensor([[9, 6, -100], [0, -100, 8]]))
+    grads = [torch.tensor([1.0, 2.0])]
+    assert torch.equal(fault.corrupt_gradients(grads, 5)[0], grads[0])
+
+
+def test_alie_sends_mean_minus_z_std_of_its_own_history():
+    assert alie_z(16, 7) == pytest.approx(1.1503, abs=1e-3)
+    assert parse_fault("byzantine:alie").z == pytest.approx(1.1503, abs=1e-3)
+    assert alie_z(16, 3) == pytest.approx(NormalDist().inv_cdf(10 / 16))  # s = 9 - 3 = 6
+    assert alie_z(10, 2) == pytest.approx(NormalDist().inv_cdf(6 / 10))  # s = 6 - 2 = 4
+    fault = ByzantineGradients("alie", start=2)
+    first = [torch.tensor([1.0, -2.0]), torch.tensor([[3.0]])]
+    assert all(torch.equal(a, g) for a, g in zip(fault.corrupt_gradients(first, 0), first, strict=True))
+    generator = torch.Generator().manual_seed(0)
+    seen = [first]
+    for step in range(1, 12):
+        grads = [torch.randn(2, generator=generator), torch.randn(1, 1, generator=generator)]
+        seen.append(grads)
+        sent = fault.corrupt_gradients([g.clone() for g in grads], step)
+        if step < 2:
+            assert all(torch.equal(a, g) for a, g in zip(sent, grads, strict=True))
+            continue
+        recent = seen[-ALIE_KEPT:]
+        for i, g in enumerate(grads):
+            stacked = torch.stack([kept[i] for kept in recent]).double()
+            mean = stacked.mean(0)
+            std = (stacked - mean).pow(2).mean(0).sqrt()
+            expected = mean - alie_z(16, 7) * std
+            assert torch.allclose(sent[i].double(), expected, atol=1e-6)
+            assert not torch.allclose(sent[i], g)
+    assert len(fault.history) == ALIE_KEPT
+
+    alone = ByzantineGradients("alie")  # one gradient kept: std is 0, it sends its own gradient
+    assert all(torch.equal(a, g) for a, g in zip(alone.corrupt_gradients(first, 0), first, strict=True))
+
+
+def test_equivocate_tampers_sent_parts_from_start_and_keeps_gradients_honest():
+    fault = parse_fault("byzantine:equivocate:start=3")
+    part = torch.tensor([0.5, -1.0, 2.0])
+    assert torch.equal(fault.tamper_part(part, 0, 2), part)
+    assert torch.equal(fault.tamper_part(part, 4, 3), -1000 * part)
+    assert torch.equal(fault.tamper_part(part, 0, 7), -1000 * part)
+    grads = [part.clone()]
+    assert torch.equal(fault.corrupt_gradients(grads, 5)[0], part)
+    assert torch.equal(fault.tamper_aggregate(part, 0, 5), part)
+
+
+def test_bad_reducer_adds_noise_of_scale_times_the_aggregate_norm():
+    fault = parse_fault("byzantine:bad_reducer:scale=0.1:start=1")
+    aggregate = torch.tensor([3.0, 4.0, 0.0, 12.0])  # norm 13
+    assert torch.equal(fault.tamper_aggregate(aggregate, 2, 0), aggregate)  # not yet
+    tampered = fault.tamper_aggregate(aggregate, 2, 5)
+    assert tampered.dtype == aggregate.dtype and tampered.shape == aggregate.shape
+    assert float((tampered - aggregate).norm()) == pytest.approx(1.3, rel=1e-5)
+    assert torch.equal(tampered, fault.tamper_aggregate(aggregate, 2, 5))  # deterministic per (chunk, step)
+    assert torch.equal(
+        tampered, ByzantineGradients("bad_reducer", scale=0.1).tamper_aggregate(aggregate, 2, 5)
+    )
+    assert not torch.equal(tampered, fault.tamper_aggregate(aggregate, 3, 5))
+    assert not torch.equal(tampered, fault.tamper_aggregate(aggregate, 2, 6))
+    generator = torch.Generator().manual_seed(ATTACK_SEED + 2 + 5)
+    direction = torch.randn(4, generator=generator, dtype=torch.float64)
+    assert torch.allclose((tampered - aggregate).double(), 1.3 * direction / direction.norm(), atol=1e-5)
+    zeros = torch.zeros(3)
+    assert float(fault.tamper_aggregate(zeros, 0, 5).norm()) == pytest.approx(0.1, rel=1e-5)
+    default = parse_fault("byzantine:bad_reducer")
+    assert float((default.tamper_aggregate(aggregate, 0, 0) - aggregate).norm()) == pytest.approx(
+        0.65, rel=1e-5
+    )
+    grads = [aggregate.clone()]
+    assert torch.equal(fault.corrupt_gradients(grads, 5)[0], aggregate)
+    assert torch.equal(fault.tamper_part(aggregate, 0, 5), aggregate)
+
+
+def test_faults_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, swarm.testing.faults; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
