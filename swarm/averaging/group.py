@@ -19,8 +19,9 @@ import math
 import re
 import signal
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +30,11 @@ from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.dht import DHT
+from hivemind.proto import averaging_pb2
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
+
+from swarm.averaging.commitments import DEFAULT_PART_SIZE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ class AveragingOutcome:
     tensors: list[torch.Tensor]  # the group's weighted average, or copies of the inputs when the round failed
     group_size: int  # peers that took part (1 when it failed or nobody else came)
     ok: bool  # True when an all-reduce with at least one other peer completed
+    excluded: list[str] = field(
+        default_factory=list
+    )  # robust rounds: members left out (banned, no commitment)
 
 
 def validate_prefix(prefix: str) -> str:
@@ -77,6 +84,7 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
     def __init__(self, *args: Any, min_allreduce_time: float = 2.0, **kwargs: Any):
         self.min_allreduce_time = float(min_allreduce_time)
         self._round_deadline = float("inf")  # only read and written in the averager process
+        self._banned: frozenset[str] = frozenset()  # likewise
         super().__init__(*args, **kwargs)
 
     def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
@@ -100,24 +108,36 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
             self.wait_until_ready(timeout)
 
     def configure_round(
-        self, target_group_size: int | None, timeout: float | None = 10.0, group_bits: str = ""
+        self,
+        target_group_size: int | None,
+        timeout: float | None = 10.0,
+        group_bits: str = "",
+        banned: Collection[str] = (),
     ) -> None:
         """Set the group size at which the next rounds' matchmaking stops waiting (None: wait it out),
-        and the group key's bits: peers whose bits differ never meet (e.g. members at different steps)."""
+        the group key's bits (peers whose bits differ never meet, e.g. members at different steps) and
+        the peers this averager refuses to group with (banned: neither leader nor follower)."""
         future = MPFuture()
         self._outer_pipe.send(
             (
                 "_configure_round",
                 [],
-                dict(target_group_size=target_group_size, group_bits=group_bits, future=future),
+                dict(
+                    target_group_size=target_group_size,
+                    group_bits=group_bits,
+                    banned=frozenset(map(str, banned)),
+                    future=future,
+                ),
             )
         )
         future.result(timeout=timeout)
 
     async def _configure_round(
-        self, *, target_group_size: int | None, group_bits: str, future: MPFuture
+        self, *, target_group_size: int | None, group_bits: str, banned: frozenset[str], future: MPFuture
     ) -> None:
         try:
+            self._banned = banned
+            self._refuse_banned_peers()
             self._matchmaking.group_key_manager.group_bits = group_bits
             self._matchmaking.target_group_size = target_group_size
             self._matchmaking.potential_leaders.target_group_size = target_group_size
@@ -129,6 +149,31 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
         except Exception as e:  # surfaced to the caller of configure_round
             future.set_exception(e)
 
+    def _refuse_banned_peers(self) -> None:
+        """Make matchmaking skip banned leaders and turn away banned followers.
+
+        hivemind builds its Matchmaking inside the averager's own loop with no hook for this, so the two
+        methods are wrapped on that instance, once.
+        """
+        matchmaking = self._matchmaking
+        if getattr(matchmaking, "_swarm_refuses_banned", False):
+            return
+        check_request, request_join = matchmaking._check_reasons_to_reject, matchmaking._request_join_group
+
+        def check_reasons_to_reject(request, context):
+            if context.remote_id.to_base58() in self._banned:
+                return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return check_request(request, context)
+
+        async def request_join_group(leader):
+            if leader.to_base58() in self._banned:
+                return None  # try the next potential leader
+            return await request_join(leader)
+
+        matchmaking._check_reasons_to_reject = check_reasons_to_reject
+        matchmaking._request_join_group = request_join_group
+        matchmaking._swarm_refuses_banned = True
+
     async def _step(self, *, step: StepControl, future_for_init: MPFuture) -> None:
         self._round_deadline = step.deadline  # GroupAverager runs one step at a time
         await super()._step(step=step, future_for_init=future_for_init)
@@ -137,11 +182,15 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
         budget = max(self._round_deadline - get_dht_time(), self.min_allreduce_time)
         try:
             return await asyncio.wait_for(
-                super()._aggregate_with_group(group_info, min_vector_size, **kwargs), budget
+                self._aggregate_in_group(group_info, min_vector_size, **kwargs), budget
             )
         except TimeoutError:
             # _step retries (or gives up) on AllreduceException, but lets a TimeoutError escape as a crash
             raise AllreduceException(f"all-reduce did not finish within {budget:.1f} s") from None
+
+    async def _aggregate_in_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        """One all-reduce in an assembled group (hivemind's; subclasses decide who sends and reduces)."""
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
     def _make_runner(self, **kwargs: Any) -> AllReduceRunner:
         """Build the runner for one all-reduce (subclasses swap the reducer here)."""
@@ -153,7 +202,8 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
         group_info: GroupInfo,
         group_id: bytes | None = None,
         **kwargs: Any,
-    ) -> None:
+    ) -> AllReduceRunner:
+        """Run one all-reduce and write its results into `tensors` (all or nothing); returns the runner."""
         group_id = group_info.group_id if group_id is None else group_id
         runner = self._make_runner(
             p2p=self._p2p,
@@ -170,7 +220,7 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             async for _ in runner:
                 raise ValueError("auxiliary peers should not receive averaged tensors")
-            return
+            return runner
 
         # drained to the end (hivemind stops at the last tensor): the runner then finalizes itself normally
         deltas = [delta async for delta in runner]
@@ -180,10 +230,26 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
             raise AllreduceException(
                 f"{failed} of {runner.tensor_part_container.total_size} values were not reduced by their peer"
             )
-        for tensor, delta in zip(tensors, deltas, strict=True):
-            tensor.add_(delta, alpha=self._averaging_alpha)
+        for tensor, output in zip(tensors, deltas, strict=True):
+            if getattr(runner, "returns_aggregates", False):
+                tensor.copy_(output)  # bit for bit what the reducers signed
+            else:
+                tensor.add_(output, alpha=self._averaging_alpha)
         self.last_updated = get_dht_time()
         self._state_updated.set()
+        return runner
+
+
+MAX_PENDING_CHECKS = 2  # rounds whose checks may wait behind a running one (each takes seconds at most)
+MIN_ROBUST_CHUNKS = 64  # robust rounds cut small models finer, so that every reducer gets chunks to check
+
+
+def robust_part_size(templates: Sequence[torch.Tensor]) -> int:
+    """Chunk size for robust rounds: hivemind's 2^19 bytes, or less for a small model so that it has at
+    least MIN_ROBUST_CHUNKS chunks (every member reduces some, and a check's verdict is finer-grained).
+    Depends on the tensors' sizes only, so every member computes the same before it knows its group."""
+    total = sum(t.numel() * t.element_size() for t in templates)
+    return max(4096, min(DEFAULT_PART_SIZE_BYTES, total // MIN_ROBUST_CHUNKS // 64 * 64))
 
 
 class GroupAverager:
@@ -202,6 +268,14 @@ class GroupAverager:
     :param next_chunk_timeout: during an all-reduce, a peer that sends nothing for this long is dropped
     :param min_allreduce_time: an all-reduce that starts close to the round's deadline still gets this long
     :param reducer_options: extra keyword options for the robust reducer (e.g. trim_fraction, max_iter)
+    :param signing_key: this peer's identity key (the DHT's, see `statements.signing_key_of`); robust
+      aggregators need it: members sign their commitments, parts and results (BTARD)
+    :param accusations_key: where robust rounds file accusations (the run's key); None: no checks after
+      rounds (commitments are still enforced during them)
+    :param check_timeout: how long the checks after a robust round wait for each phase's statements
+    :param on_accusations: called (from the checks' thread) with the accusations a round's checks filed,
+      e.g. to judge them at once rather than at the next periodic read
+    :param fault: a --fault whose `tamper_part` / `tamper_aggregate` hooks run inside the all-reduce
     :param averager_kwargs: extra keyword arguments for hivemind's `DecentralizedAverager`
     """
 
@@ -218,6 +292,11 @@ class GroupAverager:
         next_chunk_timeout: float | None = None,
         min_allreduce_time: float = 2.0,
         reducer_options: dict[str, Any] | None = None,
+        signing_key: Any = None,
+        accusations_key: str | None = None,
+        check_timeout: float = 5.0,
+        on_accusations: Callable[[list[bytes]], None] | None = None,
+        fault: Any = None,
         averager_kwargs: dict[str, Any] | None = None,
     ):
         validate_prefix(prefix)
@@ -233,6 +312,15 @@ class GroupAverager:
         self._shapes = [tuple(t.shape) for t in templates]
         self._lock = threading.Lock()
         self._closed = False
+        self._signing_key: Any = None
+        self._checker: Any = None
+        self._part_size_bytes = DEFAULT_PART_SIZE_BYTES
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{prefix}-checks")
+        # checks submitted (by rounds, under self._lock) and finished (by the checks' thread): each counter
+        # has one writer, so their difference is the backlog without another lock
+        self._checks_submitted = self._checks_finished = 0
+        self.on_accusations = on_accusations
+        self.last_check: Future | None = None  # the checks after the last robust round: its accusations
 
         kwargs: dict[str, Any] = dict(
             start=True,
@@ -261,9 +349,29 @@ class GroupAverager:
             if not isinstance(kwargs.get("compression", NoCompression()), NoCompression):
                 # robust reducers refuse compressed parts: every round of this peer would fail
                 raise ValueError(f"aggregator {aggregator!r} needs uncompressed parts (no compression)")
+            if signing_key is None:
+                raise ValueError(
+                    f"aggregator {aggregator!r} needs this peer's signing_key (BTARD signs every part)"
+                )
             reducer = get_reducer(aggregator, **options)
             averager_class = RobustDecentralizedAverager
-            kwargs["reducer"] = reducer
+            kwargs.update(reducer=reducer, signing_key=signing_key)
+            if fault is not None:
+                kwargs.update(tamper_part=fault.tamper_part, tamper_aggregate=fault.tamper_aggregate)
+            self._signing_key = signing_key
+            kwargs.setdefault("part_size_bytes", robust_part_size(templates))
+            self._part_size_bytes = int(kwargs["part_size_bytes"])
+            if accusations_key is not None:
+                from swarm.averaging.btard import RoundChecker
+
+                self._checker = RoundChecker(
+                    dht,
+                    signing_key,
+                    accusations_key,
+                    float(options["tau"]) if aggregator == "centered_clip" else None,
+                    self._part_size_bytes,
+                    timeout=check_timeout,
+                )
         local = [t.detach().to("cpu", copy=True) for t in templates]
         self._averager = averager_class(local, dht, **kwargs)
 
@@ -279,6 +387,7 @@ class GroupAverager:
         expected_group_size: int,
         timeout: float,
         round_key: int | None = None,
+        banned: Collection[str] = (),
     ) -> AveragingOutcome:
         """Average `tensors` with the group in one round; blocks, never raises on a failed round.
 
@@ -290,7 +399,9 @@ class GroupAverager:
         :param timeout: seconds for the whole round (matchmaking plus all-reduce); an all-reduce that starts
           just before the deadline may overrun it by up to `min_allreduce_time`
         :param round_key: only peers that pass the same key meet in this round (e.g. their optimizer step,
-          so that members at different steps never average their gradients together)
+          so that members at different steps never average their gradients together); robust rounds
+          commit to it
+        :param banned: peers this averager refuses to group with, and excludes if they come anyway
         :raises ValueError: on arguments that could never work (wrong shapes, bad weight or timeout)
         """
         inputs = self._check_inputs(tensors)
@@ -308,19 +419,35 @@ class GroupAverager:
 
         with self._lock:
             bits = "" if round_key is None else format(round_key % 2**ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b")
-            return self._run_round(inputs, float(weight), int(expected_group_size), float(timeout), bits)
+            return self._run_round(
+                inputs, float(weight), int(expected_group_size), float(timeout), bits, round_key or 0, banned
+            )
 
     def _run_round(
-        self, inputs: list[torch.Tensor], weight: float, expected_group_size: int, timeout: float, bits: str
+        self,
+        inputs: list[torch.Tensor],
+        weight: float,
+        expected_group_size: int,
+        timeout: float,
+        bits: str,
+        step: int,
+        banned: Collection[str],
     ) -> AveragingOutcome:
         averager = self._averager
         control = None
+        gather, secret = None, b""
         try:
-            averager.configure_round(expected_group_size, group_bits=bits)
+            if self._signing_key is not None:
+                from swarm.averaging.btard import commit_round
+
+                gather, secret = commit_round(
+                    self._signing_key, self.prefix, step, inputs, self._part_size_bytes
+                )
+            averager.configure_round(expected_group_size, group_bits=bits, banned=banned)
             with averager.get_tensors() as local:
                 for dst, src in zip(local, inputs, strict=True):
                     dst.copy_(src)
-            control = averager.step(weight=weight, timeout=timeout, wait=False)
+            control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
             # the averager process ends the round by itself (deadline + min_allreduce_time): a backstop
             gathered = control.result(timeout=timeout + averager.min_allreduce_time + 5.0)
         except BaseException as e:
@@ -331,7 +458,11 @@ class GroupAverager:
             logger.warning("averaging round in group %s failed: %r", self.prefix, e)
             return AveragingOutcome([t.clone() for t in inputs], 1, False)
 
-        group_size = len(gathered) if isinstance(gathered, dict) else 1
+        transcript = gathered if self._signing_key is not None else None
+        if transcript is not None:
+            group_size = len(transcript.senders)
+        else:
+            group_size = len(gathered) if isinstance(gathered, dict) else 1
         if group_size < 2:
             logger.warning("averaging round in group %s found no other peer", self.prefix)
             return AveragingOutcome([t.clone() for t in inputs], 1, False)
@@ -344,7 +475,31 @@ class GroupAverager:
             )
             return AveragingOutcome([t.clone() for t in inputs], 1, False)
         results = [r.to(device=x.device, dtype=x.dtype) for r, x in zip(results, inputs, strict=True)]
-        return AveragingOutcome(results, group_size, True)
+        if transcript is not None and self._checker is not None:
+            from swarm.averaging.btard import RoundRecord
+
+            record = RoundRecord(
+                self.prefix, transcript, [t.clone() for t in inputs], [r.clone() for r in results], secret
+            )
+            if self._checks_submitted - self._checks_finished > MAX_PENDING_CHECKS:
+                logger.warning(
+                    "BTARD checks of group %s fall behind: skipping those of step %d", self.prefix, step
+                )
+            else:
+                self._checks_submitted += 1
+                self.last_check = self._checks.submit(self._check_round, record)
+                self.last_check.add_done_callback(self._check_done)
+        excluded = list(transcript.excluded) if transcript is not None else []
+        return AveragingOutcome(results, group_size, True, excluded)
+
+    def _check_round(self, record: Any) -> list[bytes]:
+        accusations = self._checker(record)
+        if accusations and self.on_accusations is not None:
+            self.on_accusations(accusations)
+        return accusations
+
+    def _check_done(self, _: Future) -> None:
+        self._checks_finished += 1
 
     def _check_inputs(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(tensors) != len(self._shapes):
@@ -363,6 +518,7 @@ class GroupAverager:
                 return
             self._closed = True
             averager = self._averager
+            self._checks.shutdown(wait=False, cancel_futures=True)
             if averager.is_alive():
                 averager.shutdown()
             averager.join(timeout=averager.shutdown_timeout)

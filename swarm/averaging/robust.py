@@ -27,15 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished, enter_asynchronously
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.averaging.commitments import part_bytes, part_payload, result_payload
 from swarm.averaging.group import SwarmDecentralizedAverager
+from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +67,8 @@ class RobustTensorPartReducer(TensorPartReducer):
         self._parts: dict[int, torch.Tensor] = {}
         self._reducing = False
         self._reduce_task: asyncio.Task | None = None
+        # part index -> {sender index: part} that went into its reduction (the round's evidence)
+        self.reduced_inputs: dict[int, dict[int, torch.Tensor]] = {}
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -119,6 +133,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from < self.num_current_senders:
             return
         self._reducing = True
+        self.reduced_inputs[self.current_part_index] = dict(sorted(self._parts.items()))
         parts = [self._parts[i] for i in sorted(self._parts)]  # sender order: same input, same result
         self._reduce_task = asyncio.create_task(self._reduce_and_advance(parts, self.current_part_future))
 
@@ -148,34 +163,305 @@ class RobustTensorPartReducer(TensorPartReducer):
         super().finalize()
 
 
+@dataclass
+class Finding:
+    """Misbehaviour this peer saw during an all-reduce and can prove with the statements in `evidence`."""
+
+    reason: str  # "equivocation" (a sender's part differs from its commitment)
+    accused: str
+    chunk: int
+    evidence: list[bytes]
+
+
+@dataclass
+class ChunkEvidence:
+    """What a reducer keeps about one chunk it reduced, to show anyone who re-checks it."""
+
+    commits: dict[str, bytes]  # sender -> its commit statement
+    parts: list[tuple[str, torch.Tensor, bytes]]  # (sender, part, its part statement), in reduction order
+    result: bytes  # this reducer's result statement
+    aggregate: torch.Tensor
+
+
+@dataclass
+class RoundTranscript:
+    """What one robust all-reduce looked like from this peer (returned by the averager's step)."""
+
+    step: int
+    group_id: bytes
+    peers: list[str]  # the group, in hivemind's order
+    senders: list[str]  # peers whose parts were reduced (the group minus excluded peers)
+    chunk_reducers: list[str]  # chunk -> the peer that reduced it
+    commits: dict[str, bytes]  # sender -> its commit statement
+    results: dict[int, bytes]  # chunk -> the result statement this peer received for it
+    findings: list[Finding] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # banned, or without a valid commitment
+
+
 class RobustAllReduceRunner(AllReduceRunner):
-    """hivemind's butterfly all-reduce with `RobustTensorPartReducer` that refuses compressed parts.
+    """hivemind's butterfly all-reduce with `RobustTensorPartReducer`, signed parts and signed results.
+
+    - Every part a sender sends carries its signed part statement (hash of the bytes, in the message's
+      otherwise unused `peer_id` field); a reducer refuses a part that is unsigned, does not match its own
+      signature, or differs from the sender's commitment (the last is an equivocation, proven by the two
+      statements; the sender is dropped from this all-reduce).
+    - A reducer sends back the aggregate itself (not hivemind's delta), with its signed result statement;
+      a sender refuses a result whose bytes do not match it, or that left its own part out.
+    - Compressed parts are refused: a lossy codec would make sent bytes differ from committed bytes.
 
     :param reducer: f(stacked parts) -> reduced part, e.g. `get_reducer("centered_clip", tau=1.0)`
+    :param signing_key: this peer's identity key (its peer id is derived from it)
+    :param step: the round key every member committed to
+    :param round_prefix: the averaging group's name (in every statement)
+    :param commits: sender peer id -> (commit statement, its opened payload), for every sender
+    :param tamper_part, tamper_aggregate: --fault hooks (see swarm.testing.faults); None when honest
     Other parameters are AllReduceRunner's.
     """
 
-    def __init__(self, *, reducer: RobustReducer, **kwargs: Any):
+    returns_aggregates = True  # outputs are the signed aggregates, copied into the tensors as they are
+
+    def __init__(
+        self,
+        *,
+        reducer: RobustReducer,
+        signing_key: RSAPrivateKey,
+        step: int,
+        round_prefix: str,
+        commits: dict[str, tuple[bytes, dict]],
+        tamper_part: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+        tamper_aggregate: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         plain = self.tensor_part_reducer
         plain.finished.set()  # discarded unused: keep its finalize from warning "received 0% of inputs"
         self.tensor_part_reducer = RobustTensorPartReducer(
             plain.part_shapes, plain.num_senders, reducer=_ignore_weights(reducer)
         )
+        self.signing_key, self.step, self.round_prefix = signing_key, step, round_prefix
+        self.commits = commits
+        self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
+        self.own_id = self.peer_id.to_base58()
+        self.sender_ids = [peer.to_base58() for peer in self.sender_peer_ids]
+        counts = self.tensor_part_container.num_parts_by_peer
+        # parts are assigned to reducers in chunk order, so reducer j holds a contiguous range of chunks
+        self.chunk_offsets = [sum(counts[:j]) for j in range(len(counts))]
+        self.own_index = self.ordered_peer_ids.index(self.peer_id)
+        self.results: dict[int, bytes] = {}
+        self.findings: list[Finding] = []
+        self.evidence: dict[int, ChunkEvidence] = {}
+        self._part_statements: dict[int, dict[int, bytes]] = {}  # own part index -> sender index -> stmt
+        self._signed_results: dict[int, asyncio.Future] = {}
+
+    @property
+    def chunk_reducers(self) -> list[str]:
+        counts = self.tensor_part_container.num_parts_by_peer
+        return [
+            peer.to_base58()
+            for peer, count in zip(self.ordered_peer_ids, counts, strict=True)
+            for _ in range(count)
+        ]
+
+    # ---- sending parts ------------------------------------------------------------------------------------
+
+    def _signed_part(self, part: torch.Tensor, chunk: int) -> tuple[runtime_pb2.Tensor, bytes]:
+        if self.tamper_part is not None:
+            part = self.tamper_part(part, chunk, self.step)
+        serialized = serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
+        payload = part_payload(self.round_prefix, self.step, chunk, digest(serialized.buffer))
+        return serialized, sign_statement(self.signing_key, payload)
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        loop = asyncio.get_running_loop()
+        parts = self.tensor_part_container.get_raw_input_parts(peer_index)
+        for part_index, part in enumerate(parts):
+            chunk = self.chunk_offsets[peer_index] + part_index
+            serialized, statement = await loop.run_in_executor(None, self._signed_part, part, chunk)
+            message = averaging_pb2.AveragingData(
+                tensor_part=serialized, weight=self.weight, peer_id=statement
+            )
+            if part_index == 0:
+                message.code, message.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+            yield message
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            await self._reduce_own_parts(peer_index)
+            return
+        reducer_id = peer_id.to_base58()
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+            async for message in aiter_with_timeout(stream, self.reducer_timeout):
+                chunk = self.chunk_offsets[peer_index] + part_index
+                aggregate = await asyncio.get_running_loop().run_in_executor(
+                    None, self._check_result, message, reducer_id, chunk
+                )
+                self.results[chunk] = message.peer_id
+                self.tensor_part_container.register_processed_part(peer_index, part_index, aggregate)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"{reducer_id} sent {part_index} results, expected more")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("robust all-reduce with reducer %s failed: %r", reducer_id, e)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    def _check_result(
+        self, message: averaging_pb2.AveragingData, reducer_id: str, chunk: int
+    ) -> torch.Tensor:
+        if message.code != averaging_pb2.AVERAGED_PART:
+            raise AllreduceException(f"{reducer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
+        try:
+            result = expect(
+                message.peer_id,
+                signer=reducer_id,
+                kind="result",
+                prefix=self.round_prefix,
+                step=self.step,
+                group=self.group_id,
+                chunk=chunk,
+            )
+        except InvalidStatement as e:
+            raise AllreduceException(f"{reducer_id}'s result for chunk {chunk} is not signed: {e}") from None
+        if result["hash"] != digest(message.tensor_part.buffer):
+            raise AllreduceException(f"{reducer_id}'s result for chunk {chunk} differs from its signed hash")
+        if self.own_id not in result.get("senders", ()):
+            raise AllreduceException(f"{reducer_id} left this peer's part of chunk {chunk} out")
+        return deserialize_torch_tensor(message.tensor_part)
+
+    # ---- reducing ------------------------------------------------------------------------------------------
+
+    async def _reduce_own_parts(self, peer_index: int) -> None:
+        sender_index = self.sender_peer_ids.index(self.peer_id)
+        for part_index, part in enumerate(self.parts_for_local_averaging):
+            chunk = self.chunk_offsets[peer_index] + part_index
+            payload = part_payload(self.round_prefix, self.step, chunk, digest(part_bytes(part)))
+            self._part_statements.setdefault(part_index, {})[sender_index] = sign_statement(
+                self.signing_key, payload
+            )
+            reduced = await self.tensor_part_reducer.accumulate_part(
+                sender_index, part_index, part, weight=1.0
+            )
+            _, statement, aggregate = await self._signed_result(part_index, reduced)
+            self.results[chunk] = statement
+            self.tensor_part_container.register_processed_part(peer_index, part_index, aggregate)
+
+    def _check_part(
+        self, message: averaging_pb2.AveragingData, sender_index: int, part_index: int
+    ) -> torch.Tensor:
+        sender = self.sender_ids[sender_index]
+        chunk = self.chunk_offsets[self.own_index] + part_index
+        if message.tensor_part.compression != runtime_pb2.CompressionType.NONE:
+            name = runtime_pb2.CompressionType.Name(message.tensor_part.compression)
+            raise AllreduceException(f"sender {sender} sent a {name}-compressed part")
+        try:
+            part = expect(
+                message.peer_id,
+                signer=sender,
+                kind="part",
+                prefix=self.round_prefix,
+                step=self.step,
+                chunk=chunk,
+            )
+        except InvalidStatement as e:
+            raise AllreduceException(f"sender {sender}'s part {chunk} is not signed: {e}") from None
+        if part["hash"] != digest(message.tensor_part.buffer):
+            raise AllreduceException(f"sender {sender}'s part {chunk} differs from its own signature")
+        commit_blob, commit = self.commits[sender]
+        if part["hash"] != commit["chunks"][chunk]:
+            self.findings.append(Finding("equivocation", sender, chunk, [commit_blob, message.peer_id]))
+            raise AllreduceException(f"sender {sender} equivocated: part {chunk} differs from its commitment")
+        self._part_statements.setdefault(part_index, {})[sender_index] = message.peer_id
+        return deserialize_torch_tensor(message.tensor_part)
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        async def uncompressed_only() -> AsyncIterator[averaging_pb2.AveragingData]:
+        loop = asyncio.get_running_loop()
+        part_index = 0
+        try:
             async for message in stream:
-                if message.tensor_part.compression != runtime_pb2.CompressionType.NONE:
-                    # raising here bans the sender for the rest of this all-reduce (AllReduceRunner)
-                    name = runtime_pb2.CompressionType.Name(message.tensor_part.compression)
-                    raise AllreduceException(f"sender {sender_index} sent a {name}-compressed part")
-                yield message
+                # raising bans the sender for the rest of this all-reduce (AllReduceRunner.rpc_aggregate_part)
+                part = await loop.run_in_executor(None, self._check_part, message, sender_index, part_index)
+                try:
+                    reduced = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
+                except BannedException:
+                    break
+                serialized, statement, _ = await self._signed_result(part_index, reduced)
+                part_index += 1
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, peer_id=statement
+                )
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
 
-        async for reply in super()._accumulate_parts_streaming(uncompressed_only(), sender_index):
-            yield reply
+    async def _signed_result(
+        self, part_index: int, reduced: torch.Tensor
+    ) -> tuple[runtime_pb2.Tensor, bytes, torch.Tensor]:
+        """Sign (once) the aggregate of one of this reducer's parts; every sender gets the same bytes."""
+        if part_index not in self._signed_results:
+            future = self._signed_results[part_index] = asyncio.get_running_loop().create_future()
+            try:
+                signed = await asyncio.get_running_loop().run_in_executor(
+                    None, self._sign_result, part_index, reduced
+                )
+                future.set_result(signed)
+            except BaseException as e:
+                future.set_exception(e)
+                raise
+        return await asyncio.shield(self._signed_results[part_index])
+
+    def _sign_result(
+        self, part_index: int, reduced: torch.Tensor
+    ) -> tuple[runtime_pb2.Tensor, bytes, torch.Tensor]:
+        chunk = self.chunk_offsets[self.own_index] + part_index
+        inputs = self.tensor_part_reducer.reduced_inputs.pop(part_index, {})
+        aggregate = reduced.detach().contiguous()
+        if self.tamper_aggregate is not None:
+            aggregate = self.tamper_aggregate(aggregate, chunk, self.step).contiguous()
+        serialized = serialize_torch_tensor(aggregate, runtime_pb2.CompressionType.NONE)
+        senders = [self.sender_ids[i] for i in inputs]
+        payload = result_payload(
+            self.round_prefix, self.step, self.group_id, chunk, digest(serialized.buffer), senders
+        )
+        statement = sign_statement(self.signing_key, payload)
+        statements = self._part_statements.get(part_index, {})
+        self.evidence[chunk] = ChunkEvidence(
+            commits={sender: self.commits[sender][0] for sender in senders},
+            # this peer's own part is a view of the averager's tensors, which the next round overwrites
+            parts=[
+                (
+                    self.sender_ids[i],
+                    tensor.clone() if self.sender_ids[i] == self.own_id else tensor,
+                    statements.get(i, b""),
+                )
+                for i, tensor in inputs.items()
+            ],
+            result=statement,
+            aggregate=aggregate,
+        )
+        return serialized, statement, aggregate
+
+    def transcript(self, excluded: list[str]) -> RoundTranscript:
+        return RoundTranscript(
+            step=self.step,
+            group_id=self.group_id,
+            peers=[peer.to_base58() for peer in self.ordered_peer_ids],
+            senders=list(self.sender_ids),
+            chunk_reducers=self.chunk_reducers,
+            commits={sender: blob for sender, (blob, _) in self.commits.items()},
+            results=dict(self.results),
+            findings=list(self.findings),
+            excluded=excluded,
+        )
 
 
 def _ignore_weights(reducer: Callable[..., torch.Tensor]) -> RobustReducer:
@@ -186,20 +472,155 @@ def _ignore_weights(reducer: Callable[..., torch.Tensor]) -> RobustReducer:
     return reduce_equal_weights
 
 
+EVIDENCE_ROUNDS = 4  # rounds whose chunks a reducer keeps for re-checks (memory: about that many models)
+
+
 class RobustDecentralizedAverager(SwarmDecentralizedAverager):
-    """A `DecentralizedAverager` (with GroupAverager's per-round settings) whose all-reduce is robust.
+    """A `DecentralizedAverager` (with GroupAverager's per-round settings) whose all-reduce is robust and
+    accountable: members commit to their chunks before the round (the commit statement is their gathered
+    data), banned members and members without a valid commitment neither send nor reduce, and each
+    reducer keeps what it reduced so that anyone can re-check it (`rpc_btard_evidence`).
 
     :param reducer: f(x of shape (n_senders, ...), weights=None) -> tensor, e.g. from `get_reducer`; it is
       called with weights=None (reported weights are ignored)
+    :param signing_key: this peer's identity key (the DHT's): it signs parts and results
+    :param tamper_part, tamper_aggregate: --fault hooks, None when honest
     Other parameters are DecentralizedAverager's; `compression` must stay NoCompression (peers refuse
     compressed parts).
     """
 
     runner_class = RobustAllReduceRunner
+    _rpc_handlers = None  # collect this class's own handlers (hivemind caches them per class, inherited)
 
-    def __init__(self, *args: Any, reducer: Callable[..., torch.Tensor], **kwargs: Any):
-        self.reducer = reducer
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        # hivemind names handlers after the class: a subclass (another runner, a test's cheater) must still
+        # reach and be reached by the members of its group
+        name = f"RobustDecentralizedAverager.{method_name}"
+        return name if namespace is None else f"{namespace}::{name}"
+
+    def __init__(
+        self,
+        *args: Any,
+        reducer: Callable[..., torch.Tensor],
+        signing_key: RSAPrivateKey,
+        tamper_part: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+        tamper_aggregate: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ):
+        self.reducer, self.signing_key = reducer, signing_key
+        self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
+        self._evidence: OrderedDict[tuple[int, bytes], dict[int, ChunkEvidence]] = OrderedDict()
         super().__init__(*args, **kwargs)
 
     def _make_runner(self, **kwargs: Any) -> AllReduceRunner:
-        return RobustAllReduceRunner(reducer=self.reducer, **kwargs)
+        return RobustAllReduceRunner(
+            reducer=self.reducer,
+            signing_key=self.signing_key,
+            round_prefix=self.prefix,
+            tamper_part=self.tamper_part,
+            tamper_aggregate=self.tamper_aggregate,
+            **kwargs,
+        )
+
+    async def _aggregate_in_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        bandwidths, mode_ids, gathered = zip(*map(self.serializer.loads, group_info.gathered), strict=True)
+        peers = [peer.to_base58() for peer in group_info.peer_ids]
+        modes = [AveragingMode(mode) for mode in mode_ids]
+        own = self.serializer.loads(gathered[peers.index(self.peer_id.to_base58())])
+        _, own_commit = open_statement(own)
+        step, num_chunks = int(own_commit["step"]), len(own_commit["chunks"])
+
+        commits: dict[str, tuple[bytes, dict]] = {}
+        excluded: list[str] = []
+        for index, (peer, data) in enumerate(zip(peers, gathered, strict=True)):
+            commit = None
+            try:
+                blob = self.serializer.loads(data)
+                commit = expect(blob, signer=peer, kind="commit", prefix=self.prefix, step=step)
+                if len(commit["chunks"]) != num_chunks or not all(
+                    isinstance(h, bytes) and len(h) == 32 for h in commit["chunks"]
+                ):
+                    commit = None
+            except Exception:
+                commit = None
+            if commit is None or peer in self._banned:
+                # every honest member excludes the same peers, so they all compute the same partition
+                excluded.append(peer)
+                modes[index] = AveragingMode.AUX
+            else:
+                commits[peer] = (blob, commit)
+        if len(commits) < 2:
+            raise AllreduceException(f"only {len(commits)} members of the group may average")
+
+        bandwidths = [
+            bw if mode == AveragingMode.NODE else 0.0 for bw, mode in zip(bandwidths, modes, strict=True)
+        ]
+        peer_fractions = await asyncio.get_running_loop().run_in_executor(
+            None, load_balance_peers, self.total_size, bandwidths, min_vector_size
+        )
+        async with enter_asynchronously(self.get_tensors()) as local_tensors:
+            runner = await self._run_allreduce_inplace_(
+                local_tensors,
+                group_info,
+                peer_fractions=peer_fractions,
+                modes=tuple(modes),
+                step=step,
+                commits=commits,
+                **kwargs,
+            )
+        self._evidence[(step, group_info.group_id)] = runner.evidence
+        while len(self._evidence) > EVIDENCE_ROUNDS:
+            self._evidence.popitem(last=False)
+        return runner.transcript(excluded)
+
+    async def rpc_btard_evidence(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:  # hivemind knows typing's only
+        """What this reducer reduced for one chunk: first its result statement, the senders' commitments and
+        the aggregate; then each sender's part with its part statement. Empty when it kept nothing."""
+        try:
+            query = msgpack.unpackb(request.peer_id, raw=False)
+            evidence = self._evidence.get((int(query["step"]), request.group_id), {}).get(int(query["chunk"]))
+        except Exception:
+            evidence = None
+        if evidence is None:
+            return
+        head = {"result": evidence.result, "commits": evidence.commits}
+        yield averaging_pb2.DownloadData(
+            metadata=msgpack.packb(head, use_bin_type=True),
+            tensor_part=serialize_torch_tensor(evidence.aggregate, runtime_pb2.CompressionType.NONE),
+        )
+        for sender, part, statement in evidence.parts:
+            yield averaging_pb2.DownloadData(
+                metadata=msgpack.packb({"sender": sender, "part": statement}, use_bin_type=True),
+                tensor_part=serialize_torch_tensor(part, runtime_pb2.CompressionType.NONE),
+            )
+
+
+async def fetch_evidence(
+    p2p: P2P, reducer: str, prefix: str, step: int, group: bytes, chunk: int, timeout: float
+) -> ChunkEvidence | None:
+    """Ask a reducer for what it reduced for one chunk (None when it sent nothing)."""
+    stub = RobustDecentralizedAverager.get_stub(p2p, PeerID.from_base58(reducer), namespace=prefix)
+    request = averaging_pb2.AveragingData(
+        group_id=group, peer_id=msgpack.packb({"step": step, "chunk": chunk}, use_bin_type=True)
+    )
+
+    async def collect() -> ChunkEvidence | None:
+        head, parts = None, []
+        async for message in await stub.rpc_btard_evidence(request):
+            meta = msgpack.unpackb(message.metadata, raw=False)
+            tensor = deserialize_torch_tensor(message.tensor_part)
+            if head is None:
+                head = (meta, tensor)
+            else:
+                parts.append((str(meta["sender"]), tensor, bytes(meta["part"])))
+        if head is None:
+            return None
+        meta, aggregate = head
+        return ChunkEvidence(
+            commits=dict(meta["commits"]), parts=parts, result=bytes(meta["result"]), aggregate=aggregate
+        )
+
+    return await asyncio.wait_for(collect(), timeout)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from swarm.cli.common import add_cache_dir, add_initial_peers
 from swarm.training.run import (
+    AGGREGATORS,
     DATA_ORDERS,
     AveragingSettings,
     BatchSettings,
@@ -119,9 +120,15 @@ def add_init_parser(sub) -> argparse.ArgumentParser:
         default=_AVERAGING.request_timeout,
         help="seconds to wait for a peer during matchmaking",
     )
-    averaging.add_argument("--aggregator", default=_AVERAGING.aggregator)
     averaging.add_argument(
-        "--tau", type=float, default=_AVERAGING.tau, help="how far to move towards the average (1: all)"
+        "--aggregator",
+        default=_AVERAGING.aggregator,
+        choices=AGGREGATORS,
+        help="how a group combines its gradients: centered_clip is BTARD's robust rule, with commitments, "
+        "checks and bans; mean trusts every peer",
+    )
+    averaging.add_argument(
+        "--tau", type=float, default=_AVERAGING.tau, help="CenteredClip's clipping radius per chunk"
     )
     parser.set_defaults(func=run_init)
     return parser
@@ -232,8 +239,8 @@ def add_status_parser(sub) -> argparse.ArgumentParser:
         "status",
         help="show the stage peers and trainers of a run",
         description="Read the run's records from the DHT: every stage's peers (state, step, samples "
-        "toward the next step, throughput, queue) and the trainers. Only records of this run file's sha256 "
-        "are shown.",
+        "toward the next step, throughput, queue), the trainers and the peers banned from the run (each "
+        "accusation re-checked here). Only records of this run file's sha256 are shown.",
     )
     add_run_file(parser)
     add_initial_peers(parser)
@@ -252,8 +259,9 @@ def _state_name(state: int) -> str:
         return str(state)
 
 
-def run_status_dict(dht, run, timeout: float = 10.0) -> dict:
-    """The run's stage peers and trainers from the DHT, as printed by `swarm run status --json`."""
+def run_status_dict(dht, run, timeout: float = 10.0, banned: list[dict] | None = None) -> dict:
+    """The run's stage peers and trainers from the DHT, and its bans (see `judge_bans`), as printed by
+    `swarm run status --json`."""
     from swarm.dht.swarm_view import read_stage, read_trainers
 
     config = run.config
@@ -286,7 +294,27 @@ def run_status_dict(dht, run, timeout: float = 10.0) -> dict:
         if info.run_hash == run.sha256
     ]
     trainers.sort(key=lambda trainer: (-trainer["step"], trainer["peer_id"]))
-    return {"run_id": config.run_id, "run_hash": run.sha256, "stages": stages, "trainers": trainers}
+    return {
+        "run_id": config.run_id,
+        "run_hash": run.sha256,
+        "stages": stages,
+        "trainers": trainers,
+        "banned": list(banned or []),
+    }
+
+
+def judge_bans(dht, run) -> list[dict]:
+    """The run's bans, judged here from its accusations as every member judges them."""
+    import asyncio
+
+    from swarm.training.bans import RunBans
+
+    async def judge() -> list[dict]:
+        bans = RunBans(dht, await dht.replicate_p2p(), run)
+        await bans.refresh()
+        return bans.as_json()
+
+    return asyncio.run(judge())
 
 
 def format_status(status: dict) -> str:
@@ -310,6 +338,9 @@ def format_status(status: dict) -> str:
             f"  {trainer['peer_id']}  {trainer['state']:<7}  step {trainer['step']}  "
             f"{trainer['samples']} samples  {trainer['samples_per_s']:.1f} samples/s"
         )
+    lines.append(f"banned: {len(status['banned'])}")
+    for ban in status["banned"]:
+        lines.append(f"  {ban['peer_id']}  at step {ban['round']}: {ban['reason']}")
     return "\n".join(lines)
 
 
@@ -323,7 +354,7 @@ def run_status(args: argparse.Namespace) -> int:
         return fail("status", e)
     dht, _ = create_dht(args.initial_peers, client_mode=True)
     try:
-        status = run_status_dict(dht, run, args.timeout)
+        status = run_status_dict(dht, run, args.timeout, judge_bans(dht, run))
     finally:
         dht.shutdown()
     print(json.dumps(status) if args.json else format_status(status))

@@ -39,6 +39,13 @@ class NodeServicer(NodeProtocol):
     ):
         self.backend, self.get_server_info, self.model_info = backend, get_server_info, model_info
         self.get_stage_info = get_stage_info  # training nodes: their stage record
+        # training nodes: why a peer may not call forward/backward (e.g. banned from the run), or None
+        self.refuse_peer: Callable[[str], str | None] | None = None
+
+    def _check_caller(self, context: P2PContext) -> None:
+        reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
+        if reason is not None:
+            raise RequestError(swarm_pb2.Error.FORBIDDEN, reason)
 
     async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
         response = swarm_pb2.InfoResponse(
@@ -74,6 +81,7 @@ class NodeServicer(NodeProtocol):
         """A forward or backward call in one message; the reply must fit one message too."""
         started = time.perf_counter()
         try:
+            self._check_caller(context)
             outputs, step = await self._run_span(request, list(request.tensors), backward=kind == "backward")
             response = response_type(tensors=[serialize(t) for t in outputs], step=step)
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
@@ -91,6 +99,7 @@ class NodeServicer(NodeProtocol):
         """A forward or backward call whose request and reply come in parts of at most 1 MiB."""
         try:
             first, parts = await self._receive_stream(requests)
+            self._check_caller(context)  # after reading: replying mid-stream would reset the connection
             outputs, step = await self._run_span(first, parts, backward=kind == "backward")
             for part in split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES):
                 yield response_type(tensors=[part], step=step)

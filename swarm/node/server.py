@@ -11,6 +11,7 @@ from functools import partial
 import torch
 
 import swarm
+from swarm.averaging.statements import signing_key_of
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
 from swarm.dht.swarm_view import read_swarm
@@ -121,6 +122,7 @@ class Node:
         try:
             self.peer_id = dht.peer_id.to_base58()
             self.dht, self.owner_key = dht, signer.local_public_key
+            self.signing_key = signing_key_of(signer)  # signs what this node says in robust averaging
             self.expiration = max(2 * config.update_period, 3.0)
             self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
             self.p2p = await dht.replicate_p2p()

@@ -122,9 +122,12 @@ class Collaboration:
         own_fingerprint: Callable[[], list[float]] = list,
         resync: Callable[[str], Awaitable[None]] | None = None,
         corrupt: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
+        banned: Callable[[], set[str]] = set,
     ):
         self.name, self.own_id, self.target = name, own_id, target_batch_size
-        self.progress, self.members, self.take, self.apply = progress, members, take, apply
+        self.banned = banned  # peers banned from the run: never counted, waited for or averaged with
+        self.progress, self.take, self.apply = progress, take, apply
+        self.members = lambda: [m for m in members() if m.peer_id not in banned()]
         self.own_fingerprint, self.resync = own_fingerprint, resync
         self.corrupt = corrupt  # a --fault's hook: what this member sends instead of its gradients
         self.resyncs = 0
@@ -229,6 +232,7 @@ class Collaboration:
                 len(peers) + 1,
                 self.averaging_timeout,
                 self.progress()[0],  # members at other steps never join this round
+                self.banned(),
             )
             if outcome.ok:
                 grads, group_size = outcome.tensors, outcome.group_size

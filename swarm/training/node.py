@@ -22,6 +22,7 @@ from swarm.node.handler import NodeServicer
 from swarm.node.server import Node
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
+from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.run import LoadedRun
 from swarm.training.stage import TrainableSpanBackend
@@ -161,11 +162,13 @@ class TrainingNode(Node):
 
     async def _start_serving(self) -> None:
         config, run = self.config, self.run_config
+        self.bans = RunBans(self.dht, self.p2p, self.training_run, self.peer_id)
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info(), self.stage_info)
+        self.servicer.refuse_peer = self.bans.refusal
         await self._add_servicer(self.servicer)
-        await self._add_servicer(
-            TrainStateServicer(self.training_run.sha256, self._get_state, self._progress)
-        )
+        state_servicer = TrainStateServicer(self.training_run.sha256, self._get_state, self._progress)
+        state_servicer.refuse_peer = self.bans.refusal
+        await self._add_servicer(state_servicer)
         averaging = run.averaging
         self.averager = await asyncio.to_thread(
             GroupAverager,
@@ -176,6 +179,10 @@ class TrainingNode(Node):
             tau=averaging.tau,
             min_matchmaking_time=averaging.matchmaking_time,
             request_timeout=averaging.request_timeout,
+            signing_key=self.signing_key,
+            accusations_key=accusations_key(self.training_run),
+            on_accusations=self.bans.wake,
+            fault=self.fault,
         )
         trainable = self.backend.trainable
         self.collaboration = Collaboration(
@@ -191,6 +198,7 @@ class TrainingNode(Node):
             own_fingerprint=lambda: trainable.fingerprint,
             resync=self._resync,
             corrupt=self.fault.corrupt_gradients if self.fault is not None else None,
+            banned=self.bans.banned,
         )
         self.state = swarm_pb2.ServerInfo.ONLINE
         self.announcer = RecordAnnouncer(self._publish, config.update_period, min_interval=PROGRESS_INTERVAL)
@@ -198,6 +206,7 @@ class TrainingNode(Node):
         self.announcer.start()
         self._tasks.append(asyncio.create_task(self._watch_stage()))
         self._tasks.append(asyncio.create_task(self._step_loop()))
+        self._tasks.append(asyncio.create_task(self.bans.run()))
         self._tasks.append(
             asyncio.create_task(
                 poll_members(self._members, self.p2p, self.training_run.sha256, lambda: self._member_ids)
@@ -218,7 +227,10 @@ class TrainingNode(Node):
         while True:
             try:
                 records = await asyncio.to_thread(read_stage, self.dht, self.run_config.run_id, self.stage)
-                self._member_ids = [p.peer_id for p in self._read_stage(self.stage, records)]
+                banned = self.bans.banned()
+                self._member_ids = [
+                    p.peer_id for p in self._read_stage(self.stage, records) if p.peer_id not in banned
+                ]
             except Exception as e:
                 logger.debug("reading stage %d failed: %r", self.stage, e)
             await asyncio.sleep(VIEW_REFRESH_PERIOD)

@@ -171,6 +171,10 @@ class BatchSettings:
             _integer("batch.max_steps", self.max_steps, minimum=1)
 
 
+# the aggregators swarm.averaging.group.GroupAverager knows (kept here: the CLI reads run files without torch)
+AGGREGATORS = ("centered_clip", "median", "trimmed_mean", "mean")
+
+
 @dataclass(frozen=True)
 class AveragingSettings:
     """How the peers of one stage average their parameters (hivemind matchmaking and all-reduce)."""
@@ -178,14 +182,22 @@ class AveragingSettings:
     matchmaking_time: float = 1.0  # seconds to gather a group
     averaging_timeout: float = 10.0  # seconds one averaging round may take
     request_timeout: float = 0.5  # seconds to wait for a peer's answer during matchmaking
-    aggregator: str = "mean"  # how a group combines its tensors
-    tau: float = 1.0  # how far towards the group's average a peer moves (1: all the way)
+    # how a group combines its tensors: "centered_clip" (BTARD: robust, with commitments, checks and bans),
+    # "median", "trimmed_mean" (robust, commitments only) or "mean" (hivemind's weighted mean: trusts peers)
+    aggregator: str = "centered_clip"
+    tau: float = (
+        1.0  # CenteredClip's clipping radius: how far one peer can pull a chunk's result per iteration
+    )
 
     def __post_init__(self) -> None:
         _set(self, "matchmaking_time", _positive("averaging.matchmaking_time", self.matchmaking_time))
         _set(self, "averaging_timeout", _positive("averaging.averaging_timeout", self.averaging_timeout))
         _set(self, "request_timeout", _positive("averaging.request_timeout", self.request_timeout))
         _string("averaging.aggregator", self.aggregator)
+        if self.aggregator not in AGGREGATORS:
+            raise RunFileError(
+                "averaging.aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}"
+            )
         _set(self, "tau", _positive("averaging.tau", self.tau))
 
 

@@ -63,6 +63,11 @@ class TrainStateServicer(TrainStateProtocol):
         get_progress: Callable[[], tuple[int, int, list[float]]],
     ):
         self.run_hash, self.get_state, self.get_progress = run_hash, get_state, get_progress
+        self.refuse_peer: Callable[[str], str | None] | None = None  # e.g. peers banned from the run
+
+    def _refusal(self, context: P2PContext) -> swarm_pb2.Error | None:
+        reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
+        return None if reason is None else swarm_pb2.Error(code=swarm_pb2.Error.FORBIDDEN, message=reason)
 
     async def rpc_train_progress(
         self, request: swarm_pb2.TrainProgressRequest, context: P2PContext
@@ -70,6 +75,8 @@ class TrainStateServicer(TrainStateProtocol):
         if request.run_hash != self.run_hash:
             error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
             return swarm_pb2.TrainProgressResponse(error=error)
+        if (refusal := self._refusal(context)) is not None:
+            return swarm_pb2.TrainProgressResponse(error=refusal)
         step, samples, fingerprint = self.get_progress()
         return swarm_pb2.TrainProgressResponse(step=step, samples=samples, fingerprint=fingerprint)
 
@@ -79,6 +86,9 @@ class TrainStateServicer(TrainStateProtocol):
         if request.run_hash != self.run_hash:
             error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
             yield swarm_pb2.TrainStateResponse(error=error)
+            return
+        if (refusal := self._refusal(context)) is not None:
+            yield swarm_pb2.TrainStateResponse(error=refusal)
             return
         try:
             state = await self.get_state(request.with_optimizer)

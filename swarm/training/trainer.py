@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from swarm.averaging import GroupAverager
+from swarm.averaging.statements import signing_key_of
 from swarm.client.config import ClientConfig
 from swarm.client.remote import remote_backward, remote_forward
 from swarm.client.swarm_client import SwarmClient
@@ -32,6 +33,7 @@ from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.head import load_client_head
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
+from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.data import MicrobatchSampler, TextSequences
 from swarm.training.run import LoadedRun, load_run
@@ -109,6 +111,7 @@ class SwarmTrainer:
             clip_grad_norm=optimizer.clip_grad_norm,
         )
         self.data_path = data
+        self.fault = fault
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.max_retries, self.wait_for_stages = max_retries, wait_for_stages
         self.concurrency = concurrency
@@ -139,6 +142,8 @@ class SwarmTrainer:
             self.peer_id = self.client.dht.peer_id.to_base58()
             self._state_servicer = TrainStateServicer(self.run.sha256, self._get_state, self._progress)
             self.client.run_async(self._state_servicer.add_p2p_handlers(self.client.p2p))
+            self.run_bans = RunBans(self.client.dht, self.client.p2p, self.run, self.peer_id)
+            self._state_servicer.refuse_peer = self.run_bans.refusal
             averaging = config.averaging
             self.averager = GroupAverager(
                 self.client.dht,
@@ -148,6 +153,10 @@ class SwarmTrainer:
                 tau=averaging.tau,
                 min_matchmaking_time=averaging.matchmaking_time,
                 request_timeout=averaging.request_timeout,
+                signing_key=signing_key_of(self.client.signer),
+                accusations_key=accusations_key(self.run),
+                on_accusations=self.run_bans.wake,
+                fault=fault,
             )
             self.collaboration = Collaboration(
                 "trainers",
@@ -162,12 +171,14 @@ class SwarmTrainer:
                 own_fingerprint=lambda: self.trainable.fingerprint,
                 resync=self._resync,
                 corrupt=fault.corrupt_gradients if fault is not None else None,
+                banned=self.run_bans.banned,
             )
             self.announcer = RecordAnnouncer(self._publish, update_period, min_interval=0.2)
             self.announcer.start()
             self._tasks = [
                 self.client.run_async(self._spawn(self._watch())),
                 self.client.run_async(self._spawn(self._step_loop())),
+                self.client.run_async(self._spawn(self.run_bans.run())),
                 self.client.run_async(
                     self._spawn(
                         poll_members(
@@ -191,13 +202,15 @@ class SwarmTrainer:
 
     def _read_views(self) -> None:
         config = self.run.config
-        banned = self.client.bans.active()
+        banned = set(self.client.bans.active()) | self.run_bans.banned()
         for stage in range(config.num_stages):
             records = read_stage(self.client.dht, config.run_id, stage)
             live = live_records(records, self.run.sha256)
             self._stage_views[stage] = {info.peer_id: info for info in live if info.peer_id not in banned}
         trainers = live_records(read_trainers(self.client.dht, config.run_id), self.run.sha256)
-        self._trainer_ids = [info.peer_id for info in trainers if info.peer_id != self.peer_id]
+        self._trainer_ids = [
+            info.peer_id for info in trainers if info.peer_id != self.peer_id and info.peer_id not in banned
+        ]
 
     async def _watch(self) -> None:
         while True:
@@ -272,8 +285,11 @@ class SwarmTrainer:
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_(True)
             logits = self.head.logits(hidden)[:, :-1].float()
+            labels = ids[:, 1:]
+            if self.fault is not None:
+                labels = self.fault.corrupt_labels(labels, self.trainable.step, logits.shape[-1])
             losses = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
             ).view(ids.shape[0], -1)
             loss = losses.mean(dim=1).sum()
             params = self.trainable.params

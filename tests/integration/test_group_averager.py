@@ -11,14 +11,19 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import torch
-from hivemind.compression import Float16Compression
+from hivemind.compression import Float16Compression, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
 
+from swarm.averaging.btard import commit_round
+from swarm.averaging.commitments import part_payload
 from swarm.averaging.group import AveragingOutcome, GroupAverager
 from swarm.averaging.reducers import get_reducer
-from swarm.averaging.robust import RobustDecentralizedAverager
+from swarm.averaging.robust import RobustAllReduceRunner, RobustDecentralizedAverager
+from swarm.averaging.statements import digest, sign_statement, signing_key_of
 from swarm.dht.factory import create_dht
 
 NUM_DHTS = 4
+KEYS: dict[int, object] = {}  # id(dht) -> its identity key (robust rounds sign with it)
 FAST = dict(min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=2.0)
 
 
@@ -34,11 +39,14 @@ def dhts():
     before = _descendants()
     peers = []
     try:
-        first, _ = create_dht()
+        first, signer = create_dht()
         peers.append(first)
+        KEYS[id(first)] = signing_key_of(signer)
         maddrs = [str(m) for m in first.get_visible_maddrs()]
         for _ in range(NUM_DHTS - 1):
-            peers.append(create_dht(maddrs)[0])
+            dht, signer = create_dht(maddrs)
+            peers.append(dht)
+            KEYS[id(dht)] = signing_key_of(signer)
         _wait_until_connected(peers)
         yield peers
     finally:
@@ -70,7 +78,14 @@ def _prefix(name: str) -> str:
 
 def _averagers(dhts, n: int, templates, **kwargs) -> list[GroupAverager]:
     prefix = _prefix(kwargs.pop("name", "group"))
-    return [GroupAverager(dht, prefix, templates, **{**FAST, **kwargs}) for dht in dhts[:n]]
+    return [GroupAverager(dht, prefix, templates, **{**FAST, **_signed(dht, kwargs)}) for dht in dhts[:n]]
+
+
+def _signed(dht, options: dict) -> dict:
+    """`options` plus the peer's signing key when its aggregator is robust."""
+    if options.get("aggregator", "mean") == "mean":
+        return options
+    return {**options, "signing_key": KEYS[id(dht)]}
 
 
 def _run_parallel(calls) -> tuple[list[AveragingOutcome], list[float]]:
@@ -266,6 +281,22 @@ def test_mean_is_dragged_by_the_attacker(dhts):
             assert float(t.mean()) == pytest.approx(-249.25, abs=0.01)
 
 
+class _CompressingRunner(RobustAllReduceRunner):
+    """Signs float16-compressed parts (a cheater's modified code: honest runners never compress)."""
+
+    def _signed_part(self, part, chunk):
+        serialized = serialize_torch_tensor(part, runtime_pb2.CompressionType.FLOAT16)
+        payload = part_payload(self.round_prefix, self.step, chunk, digest(serialized.buffer))
+        return serialized, sign_statement(self.signing_key, payload)
+
+
+class _CompressingAverager(RobustDecentralizedAverager):
+    def _make_runner(self, **kwargs):
+        return _CompressingRunner(
+            reducer=self.reducer, signing_key=self.signing_key, round_prefix=self.prefix, **kwargs
+        )
+
+
 def test_robust_peers_refuse_compressed_parts(dhts):
     """A peer sending float16-compressed parts is banned by every robust reducer; the others still finish."""
     prefix = _prefix("compressed")
@@ -274,10 +305,10 @@ def test_robust_peers_refuse_compressed_parts(dhts):
     options = dict(FAST, aggregator="median")
     compressed = {"compression": Float16Compression()}
     with pytest.raises(ValueError, match="compress"):  # GroupAverager won't build a peer that always fails
-        GroupAverager(dhts[3], prefix, templates, **options, averager_kwargs=compressed)
-    honest = [GroupAverager(dht, prefix, templates, **options) for dht in dhts[:3]]
-    # the cheater skips GroupAverager's check and drives a robust averager directly
-    cheater = RobustDecentralizedAverager(
+        GroupAverager(dhts[3], prefix, templates, **_signed(dhts[3], options), averager_kwargs=compressed)
+    honest = [GroupAverager(dht, prefix, templates, **_signed(dht, options)) for dht in dhts[:3]]
+    # the cheater skips GroupAverager's check and drives a robust averager that compresses what it sends
+    cheater = _CompressingAverager(
         [torch.full(s, 4.0) for s in shapes],
         dhts[3],
         start=True,
@@ -286,11 +317,12 @@ def test_robust_peers_refuse_compressed_parts(dhts):
         request_timeout=0.5,
         next_chunk_timeout=2.0,
         reducer=get_reducer("median"),
-        compression=Float16Compression(),
+        signing_key=KEYS[id(dhts[3])],
     )
     try:
         cheater.configure_round(4)
-        cheater_round = cheater.step(weight=1.0, timeout=4.0, wait=False)
+        commit, _ = commit_round(KEYS[id(dhts[3])], prefix, 0, [torch.full(s, 4.0) for s in shapes], 2**19)
+        cheater_round = cheater.step(gather=commit, weight=1.0, timeout=4.0, wait=False)
         inputs = [[torch.full(s, float(peer + 1)) for s in shapes] for peer in range(3)]
         # the cheater's failed round is retried until its deadline: keep the timeout short
         calls = [(a, x, 1.0, 4, 4.0) for a, x in zip(honest, inputs, strict=True)]
@@ -310,3 +342,76 @@ def test_robust_peers_refuse_compressed_parts(dhts):
     finally:
         _shutdown(honest)
         cheater.shutdown()
+
+
+def _btard_round(dhts, attack: str, step: int = 3):
+    """4 centered_clip peers, the last one attacking; one round, the checks after it, and every accusation
+    judged by a fresh BanList (re-checks go to the real peers). Returns (outcomes, bans, attacker id)."""
+    import asyncio
+
+    from swarm.averaging.accusations import BanList
+    from swarm.averaging.btard import read_accusations, recheck_aggregate
+    from swarm.testing.faults import parse_fault
+
+    prefix = _prefix(attack)
+    key = f"{prefix}_accusations"
+    shapes = [(64, 32), (100,)]
+    options = dict(FAST, aggregator="centered_clip", tau=1.0, accusations_key=key, check_timeout=5.0)
+    faults = [None, None, None, parse_fault(f"byzantine:{attack}")]
+    averagers = [
+        GroupAverager(dht, prefix, [torch.zeros(s) for s in shapes], **_signed(dht, options), fault=fault)
+        for dht, fault in zip(dhts, faults, strict=True)
+    ]
+    try:
+        gen = torch.Generator().manual_seed(2)
+        inputs = [[0.5 + 0.1 * torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+        outcomes = _run_parallel_keyed(
+            [(a, x, 1.0, 4, 10.0, step) for a, x in zip(averagers, inputs, strict=True)]
+        )
+        filed = [averager.last_check.result(timeout=30) for averager in averagers[:3] if averager.last_check]
+        blobs = read_accusations(dhts[0], key)
+        assert sorted(blobs) == sorted(b for accusations in filed for b in accusations)
+
+        async def judge_all():
+            p2p = await dhts[0].replicate_p2p()
+            reduce = get_reducer("centered_clip", tau=1.0)
+            bans = BanList(
+                recheck=lambda a: recheck_aggregate(p2p, dhts[0], a, lambda x: reduce(x, None), 1.0)
+            )
+            for blob in blobs:
+                await bans.consider(blob)
+            return bans
+
+        bans = asyncio.run(judge_all())
+        return outcomes, bans, dhts[3].peer_id.to_base58()
+    finally:
+        _shutdown(averagers)
+
+
+def _run_parallel_keyed(calls) -> list[AveragingOutcome]:
+    def one(call):
+        averager, tensors, weight, expected, timeout, key = call
+        return averager.average(tensors, weight, expected, timeout, round_key=key)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(one, calls))
+
+
+def test_btard_catches_an_equivocating_sender(dhts):
+    """Its parts differ from its commitment: every honest reducer refuses them and can prove it."""
+    outcomes, bans, attacker = _btard_round(dhts, "equivocate")
+    for outcome in outcomes[:3]:
+        assert outcome.ok and outcome.group_size == 4
+    assert not outcomes[3].ok  # its round failed: its parts were refused
+    _assert_close(outcomes[0].tensors, outcomes[1].tensors, tol=0)
+    assert bans.banned() == {attacker}
+    assert "equivocated" in bans.bans()[0].reason
+
+
+def test_btard_catches_a_bad_reducer(dhts):
+    """It perturbs the chunks it reduces: the projection check fails, the re-check from its own evidence
+    convicts it, and no honest peer is banned."""
+    outcomes, bans, attacker = _btard_round(dhts, "bad_reducer")
+    assert all(outcome.ok for outcome in outcomes)
+    assert bans.banned() == {attacker}
+    assert "bad aggregate" in bans.bans()[0].reason

@@ -412,8 +412,13 @@ def test_status_lists_only_this_runs_records(fake_swarm):
         {"peer_id": "t0", "state": "ONLINE", "step": 3, "samples": 5, "samples_per_s": 0.0},
         {"peer_id": "t1", "state": "ONLINE", "step": 2, "samples": 5, "samples_per_s": 0.0},
     ]
+    assert status["banned"] == []
     text = format_status(status)
     assert "stage 0 (blocks 0:2): 2 online" in text and "p2" not in text and "trainers: 2 online" in text
+    assert "banned: 0" in text
+    banned = [{"peer_id": "p9", "reason": "equivocated on chunk 3 at step 12", "round": 12}]
+    text = format_status(run_status_dict(None, make_run(), banned=banned))
+    assert "banned: 1" in text and "p9  at step 12: equivocated on chunk 3" in text
 
 
 def test_commands_refuse_bad_input_before_joining_the_swarm(checkpoint, tmp_path, capsys):

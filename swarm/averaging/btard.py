@@ -1,0 +1,311 @@
+"""BTARD's checks around a robust all-reduce: commit before, reveal and verify after, accuse on proof.
+
+Before a round every member signs a commitment to its chunks and to a secret (`commit_round`); it travels
+as the member's gathered data, so every reducer can check each part it receives against it. After the
+all-reduce (`RoundChecker`, run in the background while training goes on):
+
+1. each sender publishes an `after` statement: its secret and the hashes of the results it signed as a
+   reducer. A reducer that sent a result other than the one it published is caught by the sender that
+   received it (two signed statements: proof of equivocation);
+2. the secrets of a chunk's senders give that chunk's random seed, which no single peer chose (each
+   secret was committed before anyone revealed); from it, a random direction z;
+3. each sender publishes <z, x_i - v> and ||x_i - v|| for every chunk (x_i: its part, v: the aggregate);
+   at CenteredClip's fixed point sum_i min(1, tau/||x_i - v||) (x_i - v) = 0, so the published values must
+   cancel out (`swarm.averaging.projection`). A reducer whose chunk fails is accused; anyone re-checks the
+   accusation from the parts the reducer kept (`swarm.averaging.accusations`).
+
+Accusations are signed statements stored under the run's accusation key; `BanList` judges them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from swarm.averaging.accusations import make_accusation
+from swarm.averaging.commitments import (
+    after_payload,
+    chunk_digests,
+    commit_payload,
+    projections_payload,
+    round_key,
+    split_chunks,
+)
+from swarm.averaging.projection import check_chunk, check_reveals, combine_seed, project, projection_vector
+from swarm.averaging.robust import RoundTranscript
+from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
+from swarm.dht.identity import owner_marker, peer_id_of
+
+logger = logging.getLogger(__name__)
+
+ROUND_RECORD_TTL = 600.0  # seconds a round's after/projections records stay readable (for re-checks)
+ACCUSATION_TTL = 24 * 3600.0  # seconds an accusation stays in the DHT (bans are kept in memory for good)
+
+
+@dataclass
+class RoundRecord:
+    """One robust round as this member saw it: what the checks after it need."""
+
+    prefix: str
+    transcript: RoundTranscript
+    sent: list[torch.Tensor]  # what this member committed to and sent
+    results: list[torch.Tensor]  # the aggregates it received
+    secret: bytes
+
+
+def commit_round(
+    key: RSAPrivateKey, prefix: str, step: int, tensors: Sequence[torch.Tensor], part_size_bytes: int
+) -> tuple[bytes, bytes]:
+    """Sign this member's commitment for a round; returns (commit statement, the secret it commits to)."""
+    secret = os.urandom(32)
+    chunks = chunk_digests(tensors, part_size_bytes)
+    return sign_statement(key, commit_payload(prefix, step, chunks, digest(secret))), secret
+
+
+def store_statement(dht: DHT, key: str, tag: str, signer: RSAPrivateKey, blob: bytes, ttl: float) -> bool:
+    """Store a statement under `key`, in a subkey only `signer` may write (the DHT checks the marker)."""
+    subkey = f"{tag}:{peer_id_of(signer)}".encode() + owner_marker(signer)
+    return bool(dht.store(key, blob, get_dht_time() + ttl, subkey=subkey))
+
+
+def read_statements(dht: DHT, key: str, tag: str) -> dict[str, bytes]:
+    """Statements stored with `store_statement` under `key` and `tag`: peer id -> statement."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    prefix = f"{tag}:".encode()
+    statements = {}
+    for subkey, item in found.value.items():
+        if isinstance(subkey, bytes) and subkey.startswith(prefix) and isinstance(item.value, bytes):
+            peer = subkey[len(prefix) :].split(b"[owner:")[0].decode(errors="replace")
+            statements[peer] = item.value
+    return statements
+
+
+def chunk_seed(senders: Sequence[str], commits: dict[str, bytes], afters: dict[str, dict]) -> bytes | None:
+    """The random seed of a chunk: its senders' revealed secrets, each checked against its commitment.
+    None when a sender has not revealed (or revealed something it did not commit to)."""
+    seed_commits = {}
+    for sender in senders:
+        try:
+            seed_commits[sender] = open_statement(commits[sender])[1]["seed_commit"]
+        except (KeyError, InvalidStatement):
+            return None
+    reveals = {s: afters[s].get("seed") for s in senders if s in afters}
+    if check_reveals(seed_commits, reveals):
+        return None
+    return combine_seed([reveals[s] for s in senders])
+
+
+class RoundChecker:
+    """Runs BTARD's checks after a robust round and files the accusations it can prove.
+
+    :param dht: this member's DHT
+    :param signing_key: this member's identity key
+    :param accusations_key: the run's DHT key for accusations
+    :param tau: CenteredClip's tau for the projection check; None skips that check (median and trimmed
+      mean have no fixed point to test)
+    :param timeout: how long to wait for the other members' statements in each phase
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        signing_key: RSAPrivateKey,
+        accusations_key: str,
+        tau: float | None,
+        part_size_bytes: int,
+        timeout: float = 5.0,
+        poll_period: float = 0.1,
+    ):
+        self.dht, self.key, self.accusations_key = dht, signing_key, accusations_key
+        self.tau, self.part_size_bytes = tau, part_size_bytes
+        self.timeout, self.poll_period = timeout, poll_period
+        self.own_id = peer_id_of(signing_key)
+        self.filed: list[bytes] = []
+
+    def __call__(self, record: RoundRecord) -> list[bytes]:
+        """Check one round; returns the accusations filed."""
+        try:
+            accusations = self._check(record)
+        except Exception as e:  # a check that breaks must never take training down with it
+            logger.warning("BTARD checks of step %d failed: %r", record.transcript.step, e, exc_info=True)
+            return []
+        for blob in accusations:
+            store_statement(
+                self.dht,
+                self.accusations_key,
+                f"accuse-{digest(blob).hex()[:16]}",
+                self.key,
+                blob,
+                ACCUSATION_TTL,
+            )
+        self.filed.extend(accusations)
+        return accusations
+
+    def _accuse(
+        self, record: RoundRecord, reason: str, accused: str, chunk: int, evidence: list[bytes]
+    ) -> bytes:
+        t = record.transcript
+        logger.warning("accusing %s of %s (chunk %d, step %d)", accused, reason, chunk, t.step)
+        return make_accusation(self.key, reason, accused, record.prefix, t.step, t.group_id, chunk, evidence)
+
+    def _gather(
+        self, key: str, tag: str, senders: Sequence[str], **fields
+    ) -> tuple[dict[str, bytes], dict[str, dict]]:
+        deadline = time.monotonic() + self.timeout
+        blobs: dict[str, bytes] = {}
+        payloads: dict[str, dict] = {}
+        while True:
+            for peer, blob in read_statements(self.dht, key, tag).items():
+                if peer in senders and peer not in payloads:
+                    try:
+                        payloads[peer] = expect(blob, signer=peer, **fields)
+                        blobs[peer] = blob
+                    except InvalidStatement:
+                        pass
+            if len(payloads) == len(senders) or time.monotonic() > deadline:
+                return blobs, payloads
+            time.sleep(self.poll_period)
+
+    def _check(self, record: RoundRecord) -> list[bytes]:
+        t = record.transcript
+        key = round_key(record.prefix, t.step, t.group_id)
+        fields = dict(prefix=record.prefix, step=t.step, group=t.group_id)
+        accusations = [self._accuse(record, f.reason, f.accused, f.chunk, f.evidence) for f in t.findings]
+
+        received = {chunk: expect(blob) for chunk, blob in t.results.items()}
+        own_results = {c: r["hash"] for c, r in received.items() if t.chunk_reducers[c] == self.own_id}
+        after = sign_statement(
+            self.key, after_payload(record.prefix, t.step, t.group_id, record.secret, own_results)
+        )
+        store_statement(self.dht, key, "after", self.key, after, ROUND_RECORD_TTL)
+        # members whose parts were reduced; one whose round failed (e.g. its parts were refused) won't come
+        senders = sorted({s for r in received.values() for s in r["senders"]})
+        after_blobs, afters = self._gather(key, "after", senders, kind="after", **fields)
+        missing = sorted(set(senders) - set(afters))
+        if missing:
+            logger.warning("step %d: %s published no after-round statement", t.step, ", ".join(missing))
+
+        accused_reducers = set()
+        for chunk, result in received.items():
+            reducer = t.chunk_reducers[chunk]
+            if reducer == self.own_id or reducer not in afters or reducer in accused_reducers:
+                continue
+            if afters[reducer]["results"].get(chunk) != result["hash"]:
+                evidence = [t.results[chunk], after_blobs[reducer]]
+                accusations.append(self._accuse(record, "reducer_equivocation", reducer, chunk, evidence))
+                accused_reducers.add(reducer)
+
+        sent = split_chunks(record.sent, self.part_size_bytes)
+        results = split_chunks(record.results, self.part_size_bytes)
+        seeds = {c: chunk_seed(r["senders"], t.commits, afters) for c, r in received.items()}
+        values = {}
+        for chunk, seed in seeds.items():
+            if seed is not None:
+                z = projection_vector(seed, chunk, sent[chunk].numel())
+                values[chunk] = project(sent[chunk], results[chunk], z)
+        projections = sign_statement(self.key, projections_payload(record.prefix, t.step, t.group_id, values))
+        store_statement(self.dht, key, "projections", self.key, projections, ROUND_RECORD_TTL)
+        if self.tau is None:
+            return accusations
+
+        _, published = self._gather(key, "projections", sorted(afters), kind="projections", **fields)
+        for chunk, result in received.items():
+            reducer = t.chunk_reducers[chunk]
+            if reducer == self.own_id or reducer in accused_reducers or seeds.get(chunk) is None:
+                continue
+            chunk_values = [published.get(s, {}).get("values", {}).get(chunk) for s in result["senders"]]
+            if any(v is None for v in chunk_values):
+                continue  # someone did not publish: no verdict either way
+            if not check_chunk([tuple(v) for v in chunk_values], self.tau):
+                accusations.append(self._accuse(record, "bad_aggregate", reducer, chunk, [t.results[chunk]]))
+                accused_reducers.add(reducer)
+        return accusations
+
+
+ACCUSATION_TAG = "accuse"
+
+
+def read_accusations(dht: DHT, key: str) -> list[bytes]:
+    """Every accusation stored under the run's accusation key."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [
+        item.value
+        for subkey, item in found.value.items()
+        if isinstance(subkey, bytes)
+        and subkey.startswith(f"{ACCUSATION_TAG}-".encode())
+        and isinstance(item.value, bytes)
+    ]
+
+
+class EvidenceUnavailable(RuntimeError):
+    """The data to re-check an accusation could not be read now (try again later)."""
+
+
+async def recheck_aggregate(
+    p2p, dht: DHT, accusation: dict, reduce, tau: float | None, timeout: float = 10.0
+) -> tuple[str | None, str]:
+    """Re-check a "bad_aggregate" accusation from the parts the accused reducer kept and the senders'
+    published statements; returns (the guilty peer or None if all statements are consistent, why).
+
+    :raises EvidenceUnavailable: when the reducer could not be reached or the round's statements are gone
+    """
+    import asyncio
+
+    from swarm.averaging.accusations import judge_aggregate
+    from swarm.averaging.robust import fetch_evidence
+
+    accused, prefix, step = accusation["accused"], accusation["prefix"], int(accusation["step"])
+    group, chunk = bytes(accusation["group"]), int(accusation["chunk"])
+    try:
+        evidence = await fetch_evidence(p2p, accused, prefix, step, group, chunk, timeout)
+    except Exception as e:
+        raise EvidenceUnavailable(f"{accused} did not answer for its evidence: {e!r}") from e
+    if evidence is None:
+        return accused, f"kept no evidence of chunk {chunk} it reduced at step {step}"
+    key = round_key(prefix, step, group)
+    after_blobs = await asyncio.to_thread(read_statements, dht, key, "after")
+    projection_blobs = await asyncio.to_thread(read_statements, dht, key, "projections")
+    fields = dict(prefix=prefix, step=step, group=group)
+    afters, projections = {}, {}
+    for peer, blob in after_blobs.items():
+        try:
+            afters[peer] = expect(blob, signer=peer, kind="after", **fields)
+        except InvalidStatement:
+            pass
+    for peer, blob in projection_blobs.items():
+        try:
+            values = expect(blob, signer=peer, kind="projections", **fields)["values"]
+            if chunk in values:
+                projections[peer] = tuple(values[chunk])
+        except (InvalidStatement, KeyError, TypeError):
+            pass
+    try:
+        senders = expect(evidence.result, signer=accused, kind="result")["senders"]
+    except InvalidStatement:
+        return accused, f"its result statement for chunk {chunk} is not valid"
+    seed = chunk_seed(senders, evidence.commits, afters)
+    if seed is None:
+        raise EvidenceUnavailable(f"the seed of chunk {chunk} at step {step} can no longer be rebuilt")
+    return judge_aggregate(
+        evidence.result,
+        accused,
+        evidence.commits,
+        evidence.parts,
+        evidence.aggregate,
+        projections,
+        seed,
+        reduce,
+        tau,
+    )

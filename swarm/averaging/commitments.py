@@ -1,0 +1,100 @@
+"""What the peers of a robust averaging round sign, and the chunks their hashes cover.
+
+The flattened tensors of a round are cut into chunks exactly as hivemind's all-reduce cuts them (each
+tensor on its own, `part_size_bytes` at a time), numbered across all tensors: chunk `g`. The layout does
+not depend on the group, so a peer can commit to its chunks before it knows who it will meet; the group
+then only decides which peer reduces which chunk (a contiguous range of chunks per reducer).
+
+Statements of one round (all signed, see `swarm.averaging.statements`; `prefix` is the averaging group's
+name, `step` the round key the members agreed on, `group` hivemind's group id):
+- commit   {prefix, step, chunks: [sha256 of chunk g], seed_commit: sha256(secret)}  before the round,
+           carried in hivemind's gathered data
+- part     {prefix, step, chunk, hash}  with every part a sender sends
+- result   {prefix, step, group, chunk, hash, senders: [peer ids whose parts were reduced]}  with every
+           reduced part a reducer sends back
+- after    {prefix, step, group, seed: secret, results: {chunk: hash}}  published by every sender after
+           the all-reduce: its share of the random seed and the results of the chunks it reduced
+- projections {prefix, step, group, values: {chunk: [<z, x_i - v>, ||x_i - v||]}}  published once the
+           seed is known (see `swarm.averaging.projection`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from hivemind.compression import serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from swarm.averaging.statements import digest
+
+DEFAULT_PART_SIZE_BYTES = 2**19  # hivemind's all-reduce default
+
+
+def chunk_values(element_size: int, part_size_bytes: int = DEFAULT_PART_SIZE_BYTES) -> int:
+    """How many values of `element_size` bytes one chunk holds (hivemind's rule, uncompressed)."""
+    return int(part_size_bytes / element_size)
+
+
+def split_chunks(
+    tensors: Sequence[torch.Tensor], part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+) -> list[torch.Tensor]:
+    """The round's chunks, in order: each tensor flattened and cut into pieces of `chunk_values`."""
+    chunks: list[torch.Tensor] = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        chunks.extend(flat.split(chunk_values(tensor.element_size(), part_size_bytes)))
+    return chunks
+
+
+def part_bytes(part: torch.Tensor) -> bytes:
+    """The bytes a part travels as (uncompressed hivemind serialization): what its hash covers."""
+    return serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE).buffer
+
+
+def chunk_digests(
+    tensors: Sequence[torch.Tensor], part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+) -> list[bytes]:
+    """sha256 of every chunk's bytes, in chunk order."""
+    return [digest(part_bytes(chunk)) for chunk in split_chunks(tensors, part_size_bytes)]
+
+
+def commit_payload(prefix: str, step: int, chunks: list[bytes], seed_commit: bytes) -> dict:
+    return {"kind": "commit", "prefix": prefix, "step": step, "chunks": chunks, "seed_commit": seed_commit}
+
+
+def part_payload(prefix: str, step: int, chunk: int, hash_: bytes) -> dict:
+    return {"kind": "part", "prefix": prefix, "step": step, "chunk": chunk, "hash": hash_}
+
+
+def result_payload(
+    prefix: str, step: int, group: bytes, chunk: int, hash_: bytes, senders: list[str]
+) -> dict:
+    return {
+        "kind": "result",
+        "prefix": prefix,
+        "step": step,
+        "group": group,
+        "chunk": chunk,
+        "hash": hash_,
+        "senders": senders,
+    }
+
+
+def after_payload(prefix: str, step: int, group: bytes, seed: bytes, results: dict[int, bytes]) -> dict:
+    return {"kind": "after", "prefix": prefix, "step": step, "group": group, "seed": seed, "results": results}
+
+
+def projections_payload(prefix: str, step: int, group: bytes, values: dict[int, tuple[float, float]]) -> dict:
+    return {
+        "kind": "projections",
+        "prefix": prefix,
+        "step": step,
+        "group": group,
+        "values": {chunk: [float(s), float(n)] for chunk, (s, n) in values.items()},
+    }
+
+
+def round_key(prefix: str, step: int, group: bytes) -> str:
+    """The DHT key under which the members of one round publish their `after` and `projections`."""
+    return f"{prefix}_btard_{step}_{group.hex()[:32]}"

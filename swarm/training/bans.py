@@ -1,0 +1,118 @@
+"""The run's bans: accusations that robust averaging rounds file, judged by every member for itself.
+
+Every stage peer, trainer and `swarm run status` reads the run's accusations from the DHT and re-checks
+each one before honouring it (`swarm.averaging.accusations`): a proven accusation bans the accused, a
+false one bans the accuser. A banned peer is left out of averaging, its calls are refused and trainers
+stop routing to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hivemind.dht import DHT
+
+from swarm.averaging.accusations import BanList, Verdict
+from swarm.averaging.btard import EvidenceUnavailable, read_accusations, recheck_aggregate
+from swarm.averaging.reducers import get_reducer
+from swarm.training.run import LoadedRun
+
+logger = logging.getLogger(__name__)
+
+REFRESH_PERIOD = 2.0  # seconds between reads of the run's accusations
+MAX_RECHECK_ATTEMPTS = 5  # an accused reducer that can't show its evidence this many times is guilty
+
+
+def accusations_key(run: LoadedRun) -> str:
+    """The DHT key of a run's accusations (one per run file: other runs' quarrels are not ours)."""
+    return f"{run.config.run_id}_{run.sha256[:16]}_accusations"
+
+
+class RunBans:
+    """Judges the run's accusations and keeps the resulting bans (for as long as this process lives).
+
+    :param p2p: a hivemind P2P of this process (re-checks ask the accused reducer for its evidence)
+    """
+
+    def __init__(self, dht: DHT, p2p, run: LoadedRun, own_id: str = ""):
+        self.dht, self.p2p, self.key, self.own_id = dht, p2p, accusations_key(run), own_id
+        averaging = run.config.averaging
+        self.tau = float(averaging.tau) if averaging.aggregator == "centered_clip" else None
+        options = {"tau": averaging.tau} if averaging.aggregator == "centered_clip" else {}
+        reducer = get_reducer(averaging.aggregator, **options) if averaging.aggregator != "mean" else None
+        self._reduce = (lambda x: reducer(x, None)) if reducer is not None else None
+        self.list = BanList(recheck=self._recheck)
+        self._attempts: dict[tuple, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    async def _recheck(self, accusation: dict) -> tuple[str | None, str]:
+        if self._reduce is None:
+            raise EvidenceUnavailable("this run averages with the plain mean: nothing to re-check")
+        attempt_key = (
+            accusation.get("accuser"),
+            accusation["accused"],
+            accusation["step"],
+            accusation["chunk"],
+        )
+        attempt = self._attempts.get(attempt_key, 0) + 1
+        self._attempts[attempt_key] = attempt
+        try:
+            return await recheck_aggregate(self.p2p, self.dht, accusation, self._reduce, self.tau)
+        except EvidenceUnavailable as e:
+            if attempt >= MAX_RECHECK_ATTEMPTS and "did not answer" in str(e):
+                return accusation["accused"], f"did not show the evidence of chunk {accusation['chunk']}"
+            raise
+
+    async def refresh(self) -> list[Verdict]:
+        """Judge accusations not judged yet; returns the new bans."""
+        try:
+            blobs = await asyncio.to_thread(read_accusations, self.dht, self.key)
+        except Exception as e:
+            logger.debug("reading accusations failed: %r", e)
+            return []
+        verdicts = []
+        for blob in blobs:
+            try:
+                verdict = await self.list.consider(blob)
+            except EvidenceUnavailable as e:
+                logger.info("accusation not judged yet: %s", e)
+                continue
+            except Exception as e:
+                logger.warning("judging an accusation failed: %r", e)
+                continue
+            if verdict is not None:
+                verdicts.append(verdict)
+                if verdict.guilty == self.own_id:
+                    logger.error("this peer was banned from the run: %s", verdict.reason)
+        return verdicts
+
+    async def run(self, period: float = REFRESH_PERIOD) -> None:
+        """Refresh forever (a background task): every `period` seconds, or at once after `wake()`."""
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            self._wake.clear()
+            await self.refresh()
+            try:
+                await asyncio.wait_for(self._wake.wait(), period)
+            except TimeoutError:
+                pass
+
+    def wake(self, *_: object) -> None:
+        """Judge new accusations now (thread-safe; e.g. right after this member filed some)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def banned(self) -> set[str]:
+        return self.list.banned()
+
+    def refusal(self, peer_id: str) -> str | None:
+        """Why `peer_id` may not talk to this member (None: it may)."""
+        if not self.list.is_banned(peer_id):
+            return None
+        return f"{peer_id} is banned from this run"
+
+    def as_json(self) -> list[dict]:
+        """The bans as `swarm run status --json` shows them."""
+        return [{"peer_id": v.guilty, "reason": v.reason, "round": v.step} for v in self.list.bans()]

@@ -1,0 +1,134 @@
+"""BTARD in a real swarm: a stage of 3 peers (one of them attacking) and 2 trainers, all real processes.
+
+Each attack must be caught and its author banned by every honest member, no honest peer may ever be
+banned, and training must end within 10% of the held-out loss of the same run without an attacker.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from training_helpers import assemble_model, heldout_loss, write_test_run
+
+from swarm.local.processes import LocalSwarm
+from swarm.training.data import TextSequences
+from swarm.training.state import fetch_state
+from swarm.training.trainer import SwarmTrainer
+
+UPDATE = ("--update-period", "1")
+STEPS = 8
+SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5)
+
+
+def train(swarm: LocalSwarm, run, train_file, fault: str | None) -> dict:
+    """3 peers of the run's one stage (the last one with `fault`) and 2 trainers, STEPS steps."""
+    swarm.start_bootstrap()
+    extras = [UPDATE, UPDATE, (*UPDATE, "--fault", fault) if fault else UPDATE]
+    peers = [swarm.start_training_node(run.path, 0, *extra, wait=False) for extra in extras]
+    for peer in peers:
+        swarm.wait_ready(peer)
+    trainers = [
+        SwarmTrainer(run, swarm.initial_peers, data=train_file, update_period=1.0, concurrency=2)
+        for _ in range(2)
+    ]
+    try:
+        results: dict[int, list] = {}
+        threads = [
+            threading.Thread(target=lambda i=i: results.update({i: trainers[i].train(STEPS)}))
+            for i in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        assert sorted(results) == [0, 1], "a trainer did not finish"
+        attacker = peers[-1].peer_id if fault else None
+        if attacker is not None:  # every honest member judges the accusations itself; give them a moment
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and attacker not in trainers[0].run_bans.banned():
+                time.sleep(0.5)
+        trainers[0]._read_views()  # the routing view as of now, bans included
+        client = trainers[0].client
+        state = client.run_async(fetch_state(client.p2p, peers[0].peer_id, run.sha256, False, 60))
+        return {
+            "tensors": {**state.tensors, **trainers[0].head_state().tensors},
+            "bans": trainers[0].run_bans.as_json(),
+            "peers": [p.peer_id for p in peers],
+            "logs": [p.log() for p in peers],
+            "attacker": attacker,
+            "routed": set(trainers[0]._stage_views[0]),
+        }
+    finally:
+        for trainer in trainers:
+            trainer.close()
+
+
+def final_loss(model_path, run, heldout_file, tensors) -> float:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    heldout = TextSequences(heldout_file, tokenizer, run.config.batch.seq_len).sequences[:32]
+    return heldout_loss(assemble_model(model_path, tensors), heldout)
+
+
+@pytest.fixture(scope="module")
+def honest_loss(train_model, corpus_split, tmp_path_factory) -> float:
+    """The held-out loss of the same run with three honest peers."""
+    folder = tmp_path_factory.mktemp("honest")
+    run = write_test_run(folder / "run.toml", train_model, "byzhonest", **SETTINGS)
+    swarm = LocalSwarm(workdir=folder / "swarm")
+    try:
+        outcome = train(swarm, run, corpus_split[0], None)
+    finally:
+        swarm.close()
+    assert outcome["bans"] == []  # honest peers never accuse each other
+    return final_loss(train_model, run, corpus_split[1], outcome["tensors"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["equivocate", "bad_reducer"])
+def test_attacker_is_banned_and_training_holds(
+    attack, honest_loss, train_model, corpus_split, local_swarm, tmp_path
+):
+    run = write_test_run(tmp_path / "run.toml", train_model, f"byz{attack.replace('_', '')}", **SETTINGS)
+    outcome = train(local_swarm, run, corpus_split[0], f"byzantine:{attack}")
+    attacker = outcome["attacker"]
+    banned = {ban["peer_id"]: ban for ban in outcome["bans"]}
+    assert attacker in banned, (outcome["bans"], outcome["logs"][0][-3000:])
+    assert set(banned) == {attacker}, "an honest peer was banned"
+    assert attacker not in outcome["routed"]  # the trainer no longer routes to it
+    for log in outcome["logs"][:2]:  # both honest stage peers banned it too, for themselves
+        assert f"banned {attacker}" in log
+    loss = final_loss(train_model, run, corpus_split[1], outcome["tensors"])
+    print(
+        f"{attack}: held-out loss {loss:.4f} vs {honest_loss:.4f} without an attacker; bans {outcome['bans']}"
+    )
+    assert loss <= 1.1 * honest_loss
+
+    if attack == "equivocate":  # the CLI judges the same accusations and shows the ban
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "swarm.cli.main",
+                "run",
+                "status",
+                "--run",
+                str(run.path),
+                "--json",
+                "--initial-peers",
+                *local_swarm.initial_peers,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        shown = json.loads(status.stdout)["banned"]
+        assert [ban["peer_id"] for ban in shown] == [attacker], shown
+        assert shown[0]["reason"] and shown[0]["round"] >= 0
