@@ -41,6 +41,7 @@ EQUIVOCATION = "equivocation"
 REDUCER_EQUIVOCATION = "reducer_equivocation"
 BAD_AGGREGATE = "bad_aggregate"
 REASONS = (EQUIVOCATION, REDUCER_EQUIVOCATION, BAD_AGGREGATE)
+GOOD_FAITH = ""  # a re-check's "guilty" when the accusation was justified but nobody cheated
 
 Recheck = Callable[[dict], Awaitable[tuple[str | None, str]]]
 
@@ -95,6 +96,9 @@ def _equivocated(payload: dict[str, Any], evidence: list[bytes]) -> bool:
     chunks = commit.get("chunks")
     if not isinstance(chunks, list) or not 0 <= chunk < len(chunks):
         raise _Malformed(f"the commitment has no chunk {chunk}")
+    if part.get("commit") != digest(evidence[0]):
+        # the part was sent under another commitment (e.g. an earlier round of the same step): no proof
+        raise _Malformed("the part statement belongs to another commitment")
     return chunks[chunk] != part.get("hash")
 
 
@@ -121,7 +125,10 @@ def _check_bad_aggregate_evidence(payload: dict[str, Any], evidence: list[bytes]
         # optionally, the senders' projections statements the accuser saw (so that a sender can't
         # overwrite a false one in the DHT once the accusation is filed)
         for blob in evidence[1:]:
-            expect(blob, kind="projections", **fields)
+            _, statement = open_statement(blob)
+            if statement.get("kind") not in ("projections", "after"):
+                raise InvalidStatement(f"unexpected {statement.get('kind')!r} statement")
+            expect(blob, **fields)
     except InvalidStatement as e:
         raise _Malformed(f"bad evidence: {e}") from None
 
@@ -180,6 +187,9 @@ async def judge(blob: bytes, recheck: Recheck | None) -> Verdict | None:
             if recheck is None:
                 return None
             guilty, explanation = await recheck(dict(payload, accuser=accuser))
+            if guilty == GOOD_FAITH:
+                logger.info("accusation against %s settled without a ban: %s", accused, explanation)
+                return None
             if guilty is None:
                 return verdict(accuser, f"false accusation against {accused}: {explanation}")
             return verdict(guilty, f"bad aggregate of chunk {chunk} at step {step}: {explanation}")
@@ -304,9 +314,10 @@ def judge_aggregate(
         f"the aggregate of chunk {chunk} is the reduction of the committed parts and every published "
         f"projection is true (true residual {residual:.2e})"
     )
-    if not check_chunk(true_values, tau):
-        # nobody lied, yet the chunk fails: the reduction stopped short of its fixed point
-        explanation += ": the reducer did not converge, which no accusation can blame on it"
+    if not check_chunk(true_values, tau, aggregate_norm=float(aggregate.detach().double().norm())):
+        # nobody lied, yet the chunk fails on the true values: the reduction stopped short of its fixed
+        # point. The accuser saw a real failure: nobody is to blame (GOOD_FAITH), nobody is banned
+        return GOOD_FAITH, explanation + ": the reduction did not converge, which is nobody's fault"
     return None, explanation
 
 

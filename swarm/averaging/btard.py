@@ -212,22 +212,32 @@ class RoundChecker:
         for chunk, seed in seeds.items():
             if seed is not None:
                 z = projection_vector(seed, chunk, sent[chunk].numel())
-                values[chunk] = project(sent[chunk], results[chunk], z)
+                norm = float(results[chunk].detach().double().norm())
+                values[chunk] = (*project(sent[chunk], results[chunk], z), norm)
         projections = sign_statement(self.key, projections_payload(record.prefix, t.step, t.group_id, values))
         store_statement(self.dht, key, "projections", self.key, projections, ROUND_RECORD_TTL)
         if self.tau is None:
             return accusations
 
-        _, published = self._gather(key, "projections", sorted(afters), kind="projections", **fields)
+        projection_blobs, published = self._gather(
+            key, "projections", sorted(afters), kind="projections", **fields
+        )
         for chunk, result in received.items():
             reducer = t.chunk_reducers[chunk]
             if reducer == self.own_id or reducer in accused_reducers or seeds.get(chunk) is None:
                 continue
-            chunk_values = [published.get(s, {}).get("values", {}).get(chunk) for s in result["senders"]]
-            if any(v is None for v in chunk_values):
+            senders = result["senders"]
+            chunk_values = [published.get(s, {}).get("values", {}).get(chunk) for s in senders]
+            if any(not isinstance(v, list) or len(v) != 3 for v in chunk_values):
                 continue  # someone did not publish: no verdict either way
-            if not check_chunk([tuple(v) for v in chunk_values], self.tau):
-                accusations.append(self._accuse(record, "bad_aggregate", reducer, chunk, [t.results[chunk]]))
+            # every honest sender got the same aggregate: the median of the published norms is its norm
+            norm = sorted(v[2] for v in chunk_values)[len(chunk_values) // 2]
+            if not check_chunk([(v[0], v[1]) for v in chunk_values], self.tau, aggregate_norm=norm):
+                # the statements the verdict rests on travel with the accusation: a sender can't change
+                # its published projection (or reveal) afterwards, and the DHT records may expire
+                evidence = [t.results[chunk]]
+                evidence += [after_blobs[s] for s in senders] + [projection_blobs[s] for s in senders]
+                accusations.append(self._accuse(record, "bad_aggregate", reducer, chunk, evidence))
                 accused_reducers.add(reducer)
         return accusations
 
@@ -259,11 +269,9 @@ async def recheck_aggregate(
     """Re-check a "bad_aggregate" accusation from the parts the accused reducer kept and the senders'
     published statements; returns (the guilty peer or None if all statements are consistent, why).
 
-    :raises EvidenceUnavailable: when the reducer could not be reached or the round's statements are gone
+    :raises EvidenceUnavailable: when the reducer could not be reached
     """
-    import asyncio
-
-    from swarm.averaging.accusations import judge_aggregate
+    from swarm.averaging.accusations import GOOD_FAITH, judge_aggregate
     from swarm.averaging.robust import fetch_evidence
 
     accused, prefix, step = accusation["accused"], accusation["prefix"], int(accusation["step"])
@@ -274,30 +282,27 @@ async def recheck_aggregate(
         raise EvidenceUnavailable(f"{accused} did not answer for its evidence: {e!r}") from e
     if evidence is None:
         return accused, f"kept no evidence of chunk {chunk} it reduced at step {step}"
-    key = round_key(prefix, step, group)
-    after_blobs = await asyncio.to_thread(read_statements, dht, key, "after")
-    projection_blobs = await asyncio.to_thread(read_statements, dht, key, "projections")
     fields = dict(prefix=prefix, step=step, group=group)
     afters, projections = {}, {}
-    for peer, blob in after_blobs.items():
+    for blob in accusation["evidence"][1:]:  # the senders' statements the accuser checked
         try:
-            afters[peer] = expect(blob, signer=peer, kind="after", **fields)
+            signer, statement = open_statement(blob)
+            expect(blob, **fields)
         except InvalidStatement:
-            pass
-    for peer, blob in projection_blobs.items():
-        try:
-            values = expect(blob, signer=peer, kind="projections", **fields)["values"]
-            if chunk in values:
-                projections[peer] = tuple(values[chunk])
-        except (InvalidStatement, KeyError, TypeError):
-            pass
+            continue
+        if statement.get("kind") == "after":
+            afters.setdefault(signer, statement)
+        elif statement.get("kind") == "projections":
+            value = statement.get("values", {}).get(chunk)
+            if isinstance(value, list) and len(value) == 3:
+                projections.setdefault(signer, (value[0], value[1]))
     try:
         senders = expect(evidence.result, signer=accused, kind="result")["senders"]
     except InvalidStatement:
         return accused, f"its result statement for chunk {chunk} is not valid"
     seed = chunk_seed(senders, evidence.commits, afters)
-    if seed is None:
-        raise EvidenceUnavailable(f"the seed of chunk {chunk} at step {step} can no longer be rebuilt")
+    if seed is None:  # the accusation lacks a sender's valid reveal: it can't be judged, nor blamed on anyone
+        return GOOD_FAITH, f"the seed of chunk {chunk} at step {step} can't be rebuilt from the accusation"
     return judge_aggregate(
         evidence.result,
         accused,
@@ -308,4 +313,5 @@ async def recheck_aggregate(
         seed,
         reduce,
         tau,
+        accused_result=bytes(accusation["evidence"][0]),
     )

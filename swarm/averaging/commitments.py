@@ -9,12 +9,12 @@ Statements of one round (all signed, see `swarm.averaging.statements`; `prefix` 
 name, `step` the round key the members agreed on, `group` hivemind's group id):
 - commit   {prefix, step, chunks: [sha256 of chunk g], seed_commit: sha256(secret)}  before the round,
            carried in hivemind's gathered data
-- part     {prefix, step, chunk, hash}  with every part a sender sends
+- part     {prefix, step, chunk, hash, commit: sha256 of the sender's commit}  with every part it sends
 - result   {prefix, step, group, chunk, hash, senders: [peer ids whose parts were reduced]}  with every
            reduced part a reducer sends back
 - after    {prefix, step, group, seed: secret, results: {chunk: hash}}  published by every sender after
            the all-reduce: its share of the random seed and the results of the chunks it reduced
-- projections {prefix, step, group, values: {chunk: [<z, x_i - v>, ||x_i - v||]}}  published once the
+- projections {prefix, step, group, values: {chunk: [<z, x_i - v>, ||x_i - v||, ||v||]}}  published once the
            seed is known (see `swarm.averaging.projection`)
 """
 
@@ -63,8 +63,10 @@ def commit_payload(prefix: str, step: int, chunks: list[bytes], seed_commit: byt
     return {"kind": "commit", "prefix": prefix, "step": step, "chunks": chunks, "seed_commit": seed_commit}
 
 
-def part_payload(prefix: str, step: int, chunk: int, hash_: bytes) -> dict:
-    return {"kind": "part", "prefix": prefix, "step": step, "chunk": chunk, "hash": hash_}
+def part_payload(prefix: str, step: int, chunk: int, hash_: bytes, commit: bytes) -> dict:
+    """`commit` is the sha256 of the sender's commit statement: a part of one round can't be paired with
+    the commitment of another round of the same step as false proof of equivocation."""
+    return {"kind": "part", "prefix": prefix, "step": step, "chunk": chunk, "hash": hash_, "commit": commit}
 
 
 def result_payload(
@@ -85,13 +87,14 @@ def after_payload(prefix: str, step: int, group: bytes, seed: bytes, results: di
     return {"kind": "after", "prefix": prefix, "step": step, "group": group, "seed": seed, "results": results}
 
 
-def projections_payload(prefix: str, step: int, group: bytes, values: dict[int, tuple[float, float]]) -> dict:
+def projections_payload(prefix: str, step: int, group: bytes, values: dict[int, tuple[float, ...]]) -> dict:
+    """`values`: chunk -> (<z, x_i - v>, ||x_i - v||, ||v||); ||v|| lets checkers allow for its rounding."""
     return {
         "kind": "projections",
         "prefix": prefix,
         "step": step,
         "group": group,
-        "values": {chunk: [float(s), float(n)] for chunk, (s, n) in values.items()},
+        "values": {chunk: [float(x) for x in value] for chunk, value in values.items()},
     }
 
 

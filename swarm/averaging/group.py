@@ -35,6 +35,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.averaging.commitments import DEFAULT_PART_SIZE_BYTES
+from swarm.utils.pipes import BlockingReads
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,11 @@ class SwarmDecentralizedAverager(DecentralizedAverager):
             self.start()
         if await_ready:
             self.wait_until_ready(timeout)
+
+    def run(self) -> None:
+        # the background process reads whole messages from its command pipe (see swarm.utils.pipes)
+        self._inner_pipe = BlockingReads(self._inner_pipe)
+        super().run()
 
     def configure_round(
         self,

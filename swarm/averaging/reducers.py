@@ -28,8 +28,8 @@ class ClipInfo:
     """How a CenteredClip run ended."""
 
     iterations: int  # update steps taken
-    step_norm: float  # norm of the last step (<= eps when converged)
-    converged: bool  # True when the last step's norm was <= eps (False: stopped at max_iter)
+    step_norm: float  # norm of the last step
+    converged: bool  # True when the last step was <= eps relative to the senders' clipped distances
 
 
 def stack_inputs(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -146,10 +146,15 @@ def centered_clip(
 ) -> tuple[torch.Tensor, ClipInfo]:
     """CenteredClip (BTARD): returns (result, ClipInfo).
 
-    Starts at the coordinate-wise (weighted) median v and repeats
-    c_i = w_i * min(1, tau / ||x_i - v||);  v += sum_i c_i (x_i - v) / sum_i w_i
-    until the step's norm is <= eps or after max_iter steps. Norms are over all of a sender's values
-    (everything but dim 0). Computed in float64 so that eps = 1e-6 is reachable for large vectors; the
+    The result is the fixed point v of sum_i w_i * min(1, tau / ||x_i - v||) * (x_i - v) = 0, found from
+    the coordinate-wise (weighted) median by iterating
+    c_i = w_i * min(1, tau / ||x_i - v||);  v += sum_i c_i (x_i - v) / sum_i c_i
+    until the step's norm is <= eps times the senders' mean clipped distance sum_i c_i ||x_i - v|| / sum_i w_i
+    (a relative criterion: the projection check in `swarm.averaging.projection` compares residuals to those
+    distances), or after max_iter steps. BTARD divides the step by sum_i w_i instead: the same fixed point,
+    but it creeps when tau is small against the senders' spread (its contraction per step is about
+    tau / ||x_i - v||); dividing by sum_i c_i (iteratively reweighted least squares) reaches it in tens of
+    steps. Norms are over all of a sender's values (everything but dim 0), computed in float64; the
     result is cast back to x's dtype.
     """
     if not (math.isfinite(tau) and tau > 0):
@@ -165,19 +170,24 @@ def centered_clip(
     total = w64.sum()
     v = median(x, weights).reshape(-1).double()
 
-    step_norm, iterations = float("inf"), 0
+    step_norm, iterations, converged = float("inf"), 0, False
     while iterations < max_iter:
         diff = flat - v
         dist = diff.norm(dim=1)
         # a sender exactly at v gets weight w_i (tau / 0 = inf, clamped to 1); tau > 0 rules out 0 / 0
         c = w64 * torch.clamp(tau / dist, max=1.0)
-        step = (c.unsqueeze(1) * diff).sum(dim=0) / total
+        clipped = c.sum()
+        if clipped <= 0:  # only zero-weight senders are away from v: it is the fixed point
+            converged, step_norm = True, 0.0
+            break
+        step = (c.unsqueeze(1) * diff).sum(dim=0) / clipped
         v = v + step
         iterations += 1
         step_norm = float(step.norm())
-        if step_norm <= eps:
+        scale = float((c * dist).sum() / total)
+        if step_norm <= eps * scale or step_norm == 0.0:
+            converged = True
             break
-    converged = step_norm <= eps
     if max_iter == 0:
         step_norm, converged = float("nan"), False
     return v.reshape(x.shape[1:]).to(x.dtype), ClipInfo(iterations, step_norm, converged)

@@ -242,6 +242,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.commits = commits
         self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
         self.own_id = self.peer_id.to_base58()
+        self.own_commit = digest(commits[self.own_id][0]) if self.own_id in commits else b""
         self.sender_ids = [peer.to_base58() for peer in self.sender_peer_ids]
         counts = self.tensor_part_container.num_parts_by_peer
         # parts are assigned to reducers in chunk order, so reducer j holds a contiguous range of chunks
@@ -268,7 +269,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         if self.tamper_part is not None:
             part = self.tamper_part(part, chunk, self.step)
         serialized = serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
-        payload = part_payload(self.round_prefix, self.step, chunk, digest(serialized.buffer))
+        payload = part_payload(
+            self.round_prefix, self.step, chunk, digest(serialized.buffer), self.own_commit
+        )
         return serialized, sign_statement(self.signing_key, payload)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -342,7 +345,9 @@ class RobustAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(self.peer_id)
         for part_index, part in enumerate(self.parts_for_local_averaging):
             chunk = self.chunk_offsets[peer_index] + part_index
-            payload = part_payload(self.round_prefix, self.step, chunk, digest(part_bytes(part)))
+            payload = part_payload(
+                self.round_prefix, self.step, chunk, digest(part_bytes(part)), self.own_commit
+            )
             self._part_statements.setdefault(part_index, {})[sender_index] = sign_statement(
                 self.signing_key, payload
             )
@@ -369,6 +374,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 prefix=self.round_prefix,
                 step=self.step,
                 chunk=chunk,
+                commit=digest(self.commits[sender][0]),  # sent under the commitment of this round
             )
         except InvalidStatement as e:
             raise AllreduceException(f"sender {sender}'s part {chunk} is not signed: {e}") from None

@@ -12,8 +12,18 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.dht.identity import load_or_create_identity, temporary_identity_file
 from swarm.dht.records import SwarmRecordValidator
+from swarm.utils.pipes import BlockingReads
 
 DEFAULT_HOST = "127.0.0.1"
+
+
+class SwarmDHT(DHT):
+    """hivemind's DHT whose background process reads whole messages from its command pipe (see
+    `swarm.utils.pipes`): a value above 16 KiB could otherwise kill it."""
+
+    def run(self) -> None:
+        self._inner_pipe = BlockingReads(self._inner_pipe)
+        super().run()
 
 
 def make_validators(signing_key: RSAPrivateKey) -> list:
@@ -45,7 +55,7 @@ def create_dht(
         kwargs.setdefault("check_if_identity_free", False)  # a fresh random key can't be taken already
     validators = make_validators(key)
     try:
-        dht = DHT(
+        dht = SwarmDHT(
             initial_peers=list(initial_peers),
             start=True,
             client_mode=client_mode,

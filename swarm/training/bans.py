@@ -13,7 +13,7 @@ import logging
 
 from hivemind.dht import DHT
 
-from swarm.averaging.accusations import BanList, Verdict
+from swarm.averaging.accusations import GOOD_FAITH, BanList, Verdict
 from swarm.averaging.btard import EvidenceUnavailable, read_accusations, recheck_aggregate
 from swarm.averaging.reducers import get_reducer
 from swarm.training.run import LoadedRun
@@ -50,6 +50,9 @@ class RunBans:
     async def _recheck(self, accusation: dict) -> tuple[str | None, str]:
         if self._reduce is None:
             raise EvidenceUnavailable("this run averages with the plain mean: nothing to re-check")
+        if accusation["accused"] == self.own_id:  # libp2p can't dial itself; the other members judge it
+            logger.warning("this peer is accused of a bad aggregate of chunk %s", accusation["chunk"])
+            return GOOD_FAITH, "a peer does not judge accusations against itself"
         attempt_key = (
             accusation.get("accuser"),
             accusation["accused"],

@@ -178,3 +178,27 @@ def test_a_node_spanning_many_blocks_announces_without_breaking_the_dht_process(
     assert a.is_alive()
     servers, _ = read_swarm(c, MODEL, 60)
     assert servers[a_id].end_block == 60
+
+
+def test_values_above_16_kib_reach_the_dht_process_whole(peers):
+    """multiprocessing sends a message above 16 KiB in two writes; hivemind's DHT process read its pipe
+    non-blocking and died when it saw the first without the second (an accusation in a robust round)."""
+    (a, _), _, c = peers
+    stop = threading.Event()
+
+    def hold_the_gil():  # a busy parent writes the pipe in slow pieces
+        while not stop.is_set():
+            sum(range(10_000))
+
+    busy = threading.Thread(target=hold_the_gil)
+    busy.start()
+    try:
+        values = [bytes([i]) * (40 * 1024) for i in range(8)]
+        for i, value in enumerate(values):
+            # bounded: a dead DHT process never answers
+            assert a.store(f"big_{i}", value, get_dht_time() + 60, return_future=True).result(timeout=20)
+    finally:
+        stop.set()
+        busy.join()
+    assert a.is_alive()
+    assert c.get("big_7", latest=True).value == values[7]

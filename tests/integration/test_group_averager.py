@@ -286,7 +286,9 @@ class _CompressingRunner(RobustAllReduceRunner):
 
     def _signed_part(self, part, chunk):
         serialized = serialize_torch_tensor(part, runtime_pb2.CompressionType.FLOAT16)
-        payload = part_payload(self.round_prefix, self.step, chunk, digest(serialized.buffer))
+        payload = part_payload(
+            self.round_prefix, self.step, chunk, digest(serialized.buffer), self.own_commit
+        )
         return serialized, sign_statement(self.signing_key, payload)
 
 

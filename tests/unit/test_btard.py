@@ -246,7 +246,8 @@ def _sender_statements(key: RSAPrivateKey, chunks: list[torch.Tensor], sent: dic
         key, commit_payload(PREFIX, STEP, [digest(part_bytes(c)) for c in chunks], digest(b"s" * 32))
     )
     parts = {
-        g: sign_statement(key, part_payload(PREFIX, STEP, g, digest(part_bytes(t)))) for g, t in sent.items()
+        g: sign_statement(key, part_payload(PREFIX, STEP, g, digest(part_bytes(t)), digest(commit)))
+        for g, t in sent.items()
     }
     return commit, parts
 
@@ -268,6 +269,12 @@ def test_equivocation_bans_the_sender_and_a_false_accusation_bans_the_accuser(ke
     assert _judge(mixed).guilty == accuser_id
     late = make_accusation(accuser, "equivocation", sender_id, PREFIX, STEP + 1, GROUP, 1, [commit, parts[1]])
     assert _judge(late).guilty == accuser_id
+    # a part sent under another commitment of the same step (a later round after a resync) proves nothing
+    _, other_parts = _sender_statements(sender, [c + 5 for c in chunks], {1: chunks[1] + 5})
+    stale = make_accusation(
+        accuser, "equivocation", sender_id, PREFIX, STEP, GROUP, 1, [commit, other_parts[1]]
+    )
+    assert _judge(stale).guilty == accuser_id
 
     bans = BanList()
     with caplog.at_level(logging.WARNING, logger="swarm.averaging.accusations"):

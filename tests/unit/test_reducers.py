@@ -50,7 +50,7 @@ def test_centered_clip_resists_sign_flip_attack():
     result, info = centered_clip(x, tau=tau)
     distance = float((result - honest_mean).norm())
 
-    assert isinstance(info, ClipInfo) and info.converged and info.iterations < 500 and info.step_norm <= 1e-6
+    assert isinstance(info, ClipInfo) and info.converged and info.iterations < 100
     # b attackers pulling in one direction move the fixed point by b * tau / (n - b) (= 0.78 here) from the
     # honest mean however large their vectors are; the honest spread (~0.3) is within tau, so honest
     # senders are not clipped. This is CenteredClip's guarantee, checked with a little slack.
@@ -62,8 +62,8 @@ def test_centered_clip_resists_sign_flip_attack():
 
 def test_centered_clip_stops_at_max_iter():
     x, _ = _honest_and_sign_flip()
-    _, info = centered_clip(x, tau=1.0, max_iter=3)
-    assert info.iterations == 3 and not info.converged and info.step_norm > 1e-6
+    _, info = centered_clip(x, tau=1.0, max_iter=1)
+    assert info.iterations == 1 and not info.converged and info.step_norm > 1e-6
 
 
 def test_median_hand_checked():
