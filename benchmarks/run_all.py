@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from benchmarks import finetune, forward, gpu, inference, recovery, training, wan
+from benchmarks import byzantine, finetune, forward, gpu, inference, recovery, training, wan
 
 
 def skipped(name: str, reason: str) -> None:
@@ -51,6 +51,8 @@ def main(argv=None) -> None:
         gpu.main(["--nodes", "3", "--new-tokens", "16", "--repeats", "1", "--skip-forward"])
     else:
         gpu.main([])
+    # last: it exits with an error when an honest peer was banned, after printing every row
+    byzantine.main(["--quick"] if args.quick else [])  # its own small MLP and data, not --model
 
 
 if __name__ == "__main__":

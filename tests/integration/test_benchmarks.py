@@ -107,3 +107,36 @@ def test_training_benchmark_runs_at_the_smallest_size():
     assert averaging["peers_per_stage"] == [2] and averaging["numel"] > 0
     # a round may fail on a loaded machine: then it is counted, not timed
     assert averaging["failed_rounds"] == [1] or averaging["median_round_s"][0] > 0
+
+
+def test_byzantine_benchmark_quick_mode_bans_protocol_attackers_and_contains_sign_flip():
+    result = run_benchmark("benchmarks.byzantine", "--quick", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    training = {(r["aggregator"], r["attack"]): r for r in rows if r["name"] == "byzantine_training"}
+    (timing,) = [r for r in rows if r["name"] == "byzantine_round"]
+    assert all(r["benchmark"] == "byzantine" for r in rows)
+    attacks = ("none", "sign_flip", "equivocate", "bad_reducer")
+    assert sorted(training) == sorted((a, b) for a in ("centered_clip", "mean") for b in attacks)
+    for row in training.values():
+        assert row["honest_banned"] == 0, row
+        assert row["peers"] == 16 and row["chunks"] >= 32
+        assert row["attackers"] == (0 if row["attack"] == "none" else 3)
+    # the commitments catch an equivocating sender, the projection check a bad reducer: all banned at once
+    for attack in ("equivocate", "bad_reducer"):
+        row = training["centered_clip", attack]
+        assert row["attackers_banned"] == 3 and row["rounds_to_ban_all"] <= 2, row
+        assert row["final_loss"] is not None and row["loss_ratio"] < 1.2, row
+    # gradient attacks are only contained: nobody is banned, and nobody honest either
+    clipped, averaged = training["centered_clip", "sign_flip"], training["mean", "sign_flip"]
+    assert clipped["attackers_banned"] == 0 and clipped["rounds_to_ban_all"] is None
+    assert clipped["final_loss"] is not None and clipped["loss_ratio"] < 2.0, clipped
+    assert training["centered_clip", "none"]["final_loss"] < 1.5 * training["mean", "none"]["final_loss"]
+    # the plain mean is wrecked by the same attack (it diverges, or ends far above the honest loss)
+    assert averaged["final_loss"] is None or averaged["loss_ratio"] > 3.0, averaged
+    assert averaged["attackers_banned"] is None  # no checks, no bans
+    # real hivemind peers: a round may fail on a loaded machine, then it is counted as null, not timed
+    assert timing["peers"] == 2 and timing["floats"] == 100_000
+    assert timing["robust_round_s"] is None or timing["robust_round_s"] > 0
+    assert timing["plain_round_s"] is None or timing["plain_round_s"] > 0
+    assert timing["accusations_filed"] == 0  # every peer is honest

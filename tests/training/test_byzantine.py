@@ -22,7 +22,7 @@ from swarm.training.trainer import SwarmTrainer
 
 UPDATE = ("--update-period", "1")
 STEPS = 8
-SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5)
+SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5, sync=True)
 
 
 def train(swarm: LocalSwarm, run, train_file, fault: str | None) -> dict:
