@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,15 +71,24 @@ def commit_round(
     return sign_statement(key, commit_payload(prefix, step, chunks, digest(secret))), secret
 
 
+DHT_TIMEOUT = 10.0  # seconds for one DHT call: a DHT that was shut down never answers, and a check's thread
+# blocked forever would hold up the interpreter's exit
+
+
 def store_statement(dht: DHT, key: str, tag: str, signer: RSAPrivateKey, blob: bytes, ttl: float) -> bool:
     """Store a statement under `key`, in a subkey only `signer` may write (the DHT checks the marker)."""
     subkey = f"{tag}:{peer_id_of(signer)}".encode() + owner_marker(signer)
-    return bool(dht.store(key, blob, get_dht_time() + ttl, subkey=subkey))
+    future = dht.store(key, blob, get_dht_time() + ttl, subkey=subkey, return_future=True)
+    return bool(future.result(timeout=DHT_TIMEOUT))
+
+
+def _get(dht: DHT, key: str):
+    return dht.get(key, latest=True, return_future=True).result(timeout=DHT_TIMEOUT)
 
 
 def read_statements(dht: DHT, key: str, tag: str) -> dict[str, bytes]:
     """Statements stored with `store_statement` under `key` and `tag`: peer id -> statement."""
-    found = dht.get(key, latest=True)
+    found = _get(dht, key)
     if found is None or not isinstance(found.value, dict):
         return {}
     prefix = f"{tag}:".encode()
@@ -123,7 +133,7 @@ class RoundChecker:
         accusations_key: str,
         tau: float | None,
         part_size_bytes: int,
-        timeout: float = 5.0,
+        timeout: float = 15.0,
         poll_period: float = 0.1,
     ):
         self.dht, self.key, self.accusations_key = dht, signing_key, accusations_key
@@ -131,23 +141,20 @@ class RoundChecker:
         self.timeout, self.poll_period = timeout, poll_period
         self.own_id = peer_id_of(signing_key)
         self.filed: list[bytes] = []
+        self.stopped = threading.Event()  # set on shutdown: a check in progress gives up at its next wait
 
     def __call__(self, record: RoundRecord) -> list[bytes]:
         """Check one round; returns the accusations filed."""
         try:
             accusations = self._check(record)
+            for blob in accusations:
+                tag = f"{ACCUSATION_TAG}-{digest(blob).hex()[:16]}"
+                store_statement(self.dht, self.accusations_key, tag, self.key, blob, ACCUSATION_TTL)
         except Exception as e:  # a check that breaks must never take training down with it
+            if self.stopped.is_set():
+                return []
             logger.warning("BTARD checks of step %d failed: %r", record.transcript.step, e, exc_info=True)
             return []
-        for blob in accusations:
-            store_statement(
-                self.dht,
-                self.accusations_key,
-                f"accuse-{digest(blob).hex()[:16]}",
-                self.key,
-                blob,
-                ACCUSATION_TTL,
-            )
         self.filed.extend(accusations)
         return accusations
 
@@ -174,7 +181,8 @@ class RoundChecker:
                         pass
             if len(payloads) == len(senders) or time.monotonic() > deadline:
                 return blobs, payloads
-            time.sleep(self.poll_period)
+            if self.stopped.wait(self.poll_period):
+                raise RuntimeError("the averager is shutting down")
 
     def _check(self, record: RoundRecord) -> list[bytes]:
         t = record.transcript
@@ -247,7 +255,7 @@ ACCUSATION_TAG = "accuse"
 
 def read_accusations(dht: DHT, key: str) -> list[bytes]:
     """Every accusation stored under the run's accusation key."""
-    found = dht.get(key, latest=True)
+    found = _get(dht, key)
     if found is None or not isinstance(found.value, dict):
         return []
     return [

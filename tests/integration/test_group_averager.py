@@ -358,7 +358,7 @@ def _btard_round(dhts, attack: str, step: int = 3):
     prefix = _prefix(attack)
     key = f"{prefix}_accusations"
     shapes = [(64, 32), (100,)]
-    options = dict(FAST, aggregator="centered_clip", tau=1.0, accusations_key=key, check_timeout=5.0)
+    options = dict(FAST, aggregator="centered_clip", tau=1.0, accusations_key=key)
     faults = [None, None, None, parse_fault(f"byzantine:{attack}")]
     averagers = [
         GroupAverager(dht, prefix, [torch.zeros(s) for s in shapes], **_signed(dht, options), fault=fault)

@@ -22,7 +22,7 @@ from swarm.training.trainer import SwarmTrainer
 
 UPDATE = ("--update-period", "1")
 STEPS = 8
-SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5, sync=True)
+SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5)
 
 
 def train(swarm: LocalSwarm, run, train_file, fault: str | None) -> dict:
@@ -33,7 +33,7 @@ def train(swarm: LocalSwarm, run, train_file, fault: str | None) -> dict:
     for peer in peers:
         swarm.wait_ready(peer)
     trainers = [
-        SwarmTrainer(run, swarm.initial_peers, data=train_file, update_period=1.0, concurrency=2)
+        SwarmTrainer(run, swarm.initial_peers, data=train_file, update_period=1.0, concurrency=1)
         for _ in range(2)
     ]
     try:
