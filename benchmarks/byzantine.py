@@ -33,10 +33,8 @@ import hashlib
 import json
 import math
 import random
-import signal
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -47,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, run_until_sigterm
 
 GRADIENT_ATTACKS = ("sign_flip", "random_direction", "label_flip", "delayed", "alie", "ipm")
 PROTOCOL_ATTACKS = ("equivocate", "bad_reducer")  # caught by the commitments and the projection check
@@ -491,27 +489,13 @@ class Simulation:
         """BanList's re-check of a bad_aggregate accusation, as `btard.recheck_aggregate` does it: the
         evidence the accused reducer kept, the senders' statements the accusation carries."""
         from swarm.averaging.accusations import GOOD_FAITH, judge_aggregate
-        from swarm.averaging.btard import chunk_seed
-        from swarm.averaging.statements import InvalidStatement, expect, open_statement
+        from swarm.averaging.btard import carried_statements, chunk_seed
 
         step, chunk = int(accusation["step"]), int(accusation["chunk"])
         record = self.records.get((step, chunk))
         if record is None or record.reducer.id != accusation["accused"]:
             return accusation["accused"], f"kept no evidence of chunk {chunk} it reduced at step {step}"
-        fields = dict(prefix=accusation["prefix"], step=step, group=bytes(accusation["group"]))
-        afters, projections = {}, {}
-        for blob in accusation["evidence"][1:]:
-            try:
-                signer, statement = open_statement(blob)
-                expect(blob, **fields)
-            except InvalidStatement:
-                continue
-            if statement.get("kind") == "after":
-                afters.setdefault(signer, statement)
-            elif statement.get("kind") == "projections":
-                value = statement.get("values", {}).get(chunk)
-                if isinstance(value, list) and len(value) == 3:
-                    projections.setdefault(signer, (value[0], value[1]))
+        afters, projections = carried_statements(accusation)
         seed = chunk_seed([p.id for p in record.senders], record.commits, afters)
         if seed is None:
             verdict = GOOD_FAITH, f"the seed of chunk {chunk} at step {step} can't be rebuilt"
@@ -841,19 +825,7 @@ def main(argv=None) -> None:
         parser.error("attacker counts must be >= 0 and below half of --sim-peers")
     if not (math.isfinite(args.tau) and args.tau > 0):
         parser.error("--tau must be a finite number > 0")
-    # SIGTERM unwinds like Ctrl-C, through the `finally` that shuts the DHTs and averagers down
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        measure(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    run_until_sigterm(measure, args)
 
 
 def measure(args) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,3 +37,20 @@ def start_split_swarm(swarm, model: str, num_blocks: int, nodes: int, device: st
 
     swarm.start_bootstrap()
     swarm.start_nodes(model, split_blocks(num_blocks, nodes), "--dtype", dtype, "--device", device)
+
+
+def run_until_sigterm(measure: Callable[..., Any], *args: Any) -> Any:
+    """Run `measure(*args)` with SIGTERM unwinding like Ctrl-C, through the `finally`s that stop the
+    processes and remove the folders it started (the previous handler is restored after)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return measure(*args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, run_until_sigterm
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "corpus.txt"
 CONFIGS = ("1x1", "2x1", "2x2")  # peers per stage x trainers
@@ -321,19 +320,7 @@ def main(argv=None) -> None:
         args.steps, args.hidden, args.rounds = min(args.steps, 3), min(args.hidden, 128), min(args.rounds, 3)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
-    # SIGTERM unwinds like Ctrl-C, through the `finally`s that stop the processes and remove the folders
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        measure(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    run_until_sigterm(measure, args)
 
 
 def measure(args) -> None:

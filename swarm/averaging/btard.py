@@ -86,18 +86,25 @@ def _get(dht: DHT, key: str):
     return dht.get(key, latest=True, return_future=True).result(timeout=DHT_TIMEOUT)
 
 
-def read_statements(dht: DHT, key: str, tag: str) -> dict[str, bytes]:
-    """Statements stored with `store_statement` under `key` and `tag`: peer id -> statement."""
+def _stored_under(dht: DHT, key: str, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """(subkey, value) of the bytes values under `key` whose subkey starts with `prefix`."""
     found = _get(dht, key)
     if found is None or not isinstance(found.value, dict):
-        return {}
+        return []
+    return [
+        (subkey, item.value)
+        for subkey, item in found.value.items()
+        if isinstance(subkey, bytes) and subkey.startswith(prefix) and isinstance(item.value, bytes)
+    ]
+
+
+def read_statements(dht: DHT, key: str, tag: str) -> dict[str, bytes]:
+    """Statements stored with `store_statement` under `key` and `tag`: peer id -> statement."""
     prefix = f"{tag}:".encode()
-    statements = {}
-    for subkey, item in found.value.items():
-        if isinstance(subkey, bytes) and subkey.startswith(prefix) and isinstance(item.value, bytes):
-            peer = subkey[len(prefix) :].split(b"[owner:")[0].decode(errors="replace")
-            statements[peer] = item.value
-    return statements
+    return {
+        subkey[len(prefix) :].split(b"[owner:")[0].decode(errors="replace"): value
+        for subkey, value in _stored_under(dht, key, prefix)
+    }
 
 
 def chunk_seed(senders: Sequence[str], commits: dict[str, bytes], afters: dict[str, dict]) -> bytes | None:
@@ -215,7 +222,11 @@ class RoundChecker:
 
         sent = split_chunks(record.sent, self.part_size_bytes)
         results = split_chunks(record.results, self.part_size_bytes)
-        seeds = {c: chunk_seed(r["senders"], t.commits, afters) for c, r in received.items()}
+        # a seed depends on the chunk's senders only (usually the same for every chunk): verify their
+        # commitments once per set, not once per chunk
+        by_senders = {tuple(r["senders"]) for r in received.values()}
+        seed_of = {senders: chunk_seed(senders, t.commits, afters) for senders in by_senders}
+        seeds = {c: seed_of[tuple(r["senders"])] for c, r in received.items()}
         values = {}
         for chunk, seed in seeds.items():
             if seed is not None:
@@ -255,20 +266,33 @@ ACCUSATION_TAG = "accuse"
 
 def read_accusations(dht: DHT, key: str) -> list[bytes]:
     """Every accusation stored under the run's accusation key."""
-    found = _get(dht, key)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    return [
-        item.value
-        for subkey, item in found.value.items()
-        if isinstance(subkey, bytes)
-        and subkey.startswith(f"{ACCUSATION_TAG}-".encode())
-        and isinstance(item.value, bytes)
-    ]
+    return [value for _, value in _stored_under(dht, key, f"{ACCUSATION_TAG}-".encode())]
 
 
 class EvidenceUnavailable(RuntimeError):
     """The data to re-check an accusation could not be read now (try again later)."""
+
+
+def carried_statements(accusation: dict) -> tuple[dict[str, dict], dict[str, tuple[float, float]]]:
+    """The senders' statements a "bad_aggregate" accusation carries (after its result statement), valid
+    for its round: (signer -> after payload, signer -> its published (<z, x_i - v>, ||x_i - v||) of the
+    accused chunk). The first valid statement of each kind per signer counts."""
+    fields = dict(prefix=accusation["prefix"], step=int(accusation["step"]), group=bytes(accusation["group"]))
+    chunk = int(accusation["chunk"])
+    afters, projections = {}, {}
+    for blob in accusation["evidence"][1:]:
+        try:
+            signer, statement = open_statement(blob)
+            expect(blob, **fields)
+        except InvalidStatement:
+            continue
+        if statement.get("kind") == "after":
+            afters.setdefault(signer, statement)
+        elif statement.get("kind") == "projections":
+            value = statement.get("values", {}).get(chunk)
+            if isinstance(value, list) and len(value) == 3:
+                projections.setdefault(signer, (value[0], value[1]))
+    return afters, projections
 
 
 async def recheck_aggregate(
@@ -290,20 +314,7 @@ async def recheck_aggregate(
         raise EvidenceUnavailable(f"{accused} did not answer for its evidence: {e!r}") from e
     if evidence is None:
         return accused, f"kept no evidence of chunk {chunk} it reduced at step {step}"
-    fields = dict(prefix=prefix, step=step, group=group)
-    afters, projections = {}, {}
-    for blob in accusation["evidence"][1:]:  # the senders' statements the accuser checked
-        try:
-            signer, statement = open_statement(blob)
-            expect(blob, **fields)
-        except InvalidStatement:
-            continue
-        if statement.get("kind") == "after":
-            afters.setdefault(signer, statement)
-        elif statement.get("kind") == "projections":
-            value = statement.get("values", {}).get(chunk)
-            if isinstance(value, list) and len(value) == 3:
-                projections.setdefault(signer, (value[0], value[1]))
+    afters, projections = carried_statements(accusation)
     try:
         senders = expect(evidence.result, signer=accused, kind="result")["senders"]
     except InvalidStatement:

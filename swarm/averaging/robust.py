@@ -269,10 +269,12 @@ class RobustAllReduceRunner(AllReduceRunner):
         if self.tamper_part is not None:
             part = self.tamper_part(part, chunk, self.step)
         serialized = serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
-        payload = part_payload(
-            self.round_prefix, self.step, chunk, digest(serialized.buffer), self.own_commit
-        )
-        return serialized, sign_statement(self.signing_key, payload)
+        return serialized, self._part_statement(chunk, digest(serialized.buffer))
+
+    def _part_statement(self, chunk: int, hash_: bytes) -> bytes:
+        """This sender's signed hash of what it sends for `chunk`, under its commitment of this round."""
+        payload = part_payload(self.round_prefix, self.step, chunk, hash_, self.own_commit)
+        return sign_statement(self.signing_key, payload)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         loop = asyncio.get_running_loop()
@@ -345,12 +347,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         sender_index = self.sender_peer_ids.index(self.peer_id)
         for part_index, part in enumerate(self.parts_for_local_averaging):
             chunk = self.chunk_offsets[peer_index] + part_index
-            payload = part_payload(
-                self.round_prefix, self.step, chunk, digest(part_bytes(part)), self.own_commit
-            )
-            self._part_statements.setdefault(part_index, {})[sender_index] = sign_statement(
-                self.signing_key, payload
-            )
+            own_part = self._part_statement(chunk, digest(part_bytes(part)))
+            self._part_statements.setdefault(part_index, {})[sender_index] = own_part
             reduced = await self.tensor_part_reducer.accumulate_part(
                 sender_index, part_index, part, weight=1.0
             )

@@ -15,11 +15,10 @@ from hivemind.compression import Float16Compression, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 
 from swarm.averaging.btard import commit_round
-from swarm.averaging.commitments import part_payload
 from swarm.averaging.group import AveragingOutcome, GroupAverager
 from swarm.averaging.reducers import get_reducer
 from swarm.averaging.robust import RobustAllReduceRunner, RobustDecentralizedAverager
-from swarm.averaging.statements import digest, sign_statement, signing_key_of
+from swarm.averaging.statements import digest, signing_key_of
 from swarm.dht.factory import create_dht
 
 NUM_DHTS = 4
@@ -286,10 +285,7 @@ class _CompressingRunner(RobustAllReduceRunner):
 
     def _signed_part(self, part, chunk):
         serialized = serialize_torch_tensor(part, runtime_pb2.CompressionType.FLOAT16)
-        payload = part_payload(
-            self.round_prefix, self.step, chunk, digest(serialized.buffer), self.own_commit
-        )
-        return serialized, sign_statement(self.signing_key, payload)
+        return serialized, self._part_statement(chunk, digest(serialized.buffer))
 
 
 class _CompressingAverager(RobustDecentralizedAverager):
