@@ -14,7 +14,10 @@ Reasons:
 - "bad_aggregate": a reducer's result fails the projection check (`swarm.averaging.projection`).
   evidence = [its result statement, optionally followed by the senders' projections statements]. Only
   the parts the reducer kept can settle it, so it is re-checked through an injected `recheck` (which
-  fetches them and calls `judge_aggregate`).
+  fetches them and calls `judge_aggregate`);
+- "bad_gradient": a member's gradient differs from its recomputation by a validator
+  (`swarm.training.validation`). evidence = [its commit for the round, then the other members' commits]
+  (they show who was in the round). Only a recomputation settles it: re-checked through `recheck` too.
 
 What is not proven is a false accusation, and bans its accuser (who signed it). Ignored: a statement that
 is not a validly signed accusation (nobody can be held to it) and a peer accusing itself; undecided: a
@@ -40,7 +43,8 @@ logger = logging.getLogger(__name__)
 EQUIVOCATION = "equivocation"
 REDUCER_EQUIVOCATION = "reducer_equivocation"
 BAD_AGGREGATE = "bad_aggregate"
-REASONS = (EQUIVOCATION, REDUCER_EQUIVOCATION, BAD_AGGREGATE)
+BAD_GRADIENT = "bad_gradient"
+REASONS = (EQUIVOCATION, REDUCER_EQUIVOCATION, BAD_AGGREGATE, BAD_GRADIENT)
 GOOD_FAITH = ""  # a re-check's "guilty" when the accusation was justified but nobody cheated
 
 Recheck = Callable[[dict], Awaitable[tuple[str | None, str]]]
@@ -133,6 +137,21 @@ def _check_bad_aggregate_evidence(payload: dict[str, Any], evidence: list[bytes]
         raise _Malformed(f"bad evidence: {e}") from None
 
 
+def _check_bad_gradient_evidence(payload: dict[str, Any], evidence: list[bytes]) -> None:
+    if not evidence:
+        raise _Malformed("bad_gradient needs [the accused's commit, *commits] as evidence")
+    try:
+        expect(
+            evidence[0],
+            signer=payload["accused"],
+            kind="commit",
+            prefix=payload["prefix"],
+            step=payload["step"],
+        )
+    except InvalidStatement as e:
+        raise _Malformed(f"bad evidence: {e}") from None
+
+
 def _well_formed(payload: dict[str, Any]) -> list[bytes]:
     """The evidence of an accusation whose fields have the right types (raises _Malformed otherwise)."""
     types = {"reason": str, "accused": str, "prefix": str, "step": int, "group": bytes, "chunk": int}
@@ -182,17 +201,21 @@ async def judge(blob: bytes, recheck: Recheck | None) -> Verdict | None:
                     accused, f"sent a result for chunk {chunk} at step {step} other than it published"
                 )
             return verdict(accuser, f"false accusation against {accused}: it published its result {chunk}")
-        if reason == BAD_AGGREGATE:
-            _check_bad_aggregate_evidence(payload, evidence)
+        if reason in (BAD_AGGREGATE, BAD_GRADIENT):
+            if reason == BAD_AGGREGATE:
+                _check_bad_aggregate_evidence(payload, evidence)
+            else:
+                _check_bad_gradient_evidence(payload, evidence)
             if recheck is None:
                 return None
-            guilty, explanation = await recheck(dict(payload, accuser=accuser))
+            guilty, explanation = await recheck(dict(payload, accuser=accuser, accusation=accusation))
             if guilty == GOOD_FAITH:
                 logger.info("accusation against %s settled without a ban: %s", accused, explanation)
                 return None
             if guilty is None:
                 return verdict(accuser, f"false accusation against {accused}: {explanation}")
-            return verdict(guilty, f"bad aggregate of chunk {chunk} at step {step}: {explanation}")
+            what = f"bad aggregate of chunk {chunk}" if reason == BAD_AGGREGATE else "bad gradient"
+            return verdict(guilty, f"{what} at step {step}: {explanation}")
         raise _Malformed(f"unknown reason {reason!r}")
     except _Malformed as e:
         return verdict(accuser, f"signed a bogus accusation: {e}")

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hivemind.dht import DHT
@@ -60,6 +60,10 @@ class RoundRecord:
     sent: list[torch.Tensor]  # what this member committed to and sent
     results: list[torch.Tensor]  # the aggregates it received
     secret: bytes
+    # set by the checks: the members whose parts were reduced, and the round's seed from all their secrets
+    # (None when one of them did not reveal); what else is chosen at random after a round draws from it
+    members: list[str] = field(default_factory=list)
+    seed: bytes | None = None
 
 
 def commit_round(
@@ -155,8 +159,7 @@ class RoundChecker:
         try:
             accusations = self._check(record)
             for blob in accusations:
-                tag = f"{ACCUSATION_TAG}-{digest(blob).hex()[:16]}"
-                store_statement(self.dht, self.accusations_key, tag, self.key, blob, ACCUSATION_TTL)
+                file_accusation(self.dht, self.accusations_key, self.key, blob)
         except Exception as e:  # a check that breaks must never take training down with it
             if self.stopped.is_set():
                 return []
@@ -207,6 +210,7 @@ class RoundChecker:
         senders = sorted({s for r in received.values() for s in r["senders"]})
         after_blobs, afters = self._gather(key, "after", senders, kind="after", **fields)
         missing = sorted(set(senders) - set(afters))
+        record.members, record.seed = senders, chunk_seed(senders, t.commits, afters)
         if missing:
             logger.warning("step %d: %s published no after-round statement", t.step, ", ".join(missing))
 
@@ -262,6 +266,12 @@ class RoundChecker:
 
 
 ACCUSATION_TAG = "accuse"
+
+
+def file_accusation(dht: DHT, key: str, accuser: RSAPrivateKey, blob: bytes) -> bool:
+    """Store an accusation under the run's accusation key `key` (one subkey per accusation)."""
+    tag = f"{ACCUSATION_TAG}-{digest(blob).hex()[:16]}"
+    return store_statement(dht, key, tag, accuser, blob, ACCUSATION_TTL)
 
 
 def read_accusations(dht: DHT, key: str) -> list[bytes]:

@@ -286,6 +286,8 @@ class GroupAverager:
     :param check_timeout: how long the checks after a robust round wait for each phase's statements
     :param on_accusations: called (from the checks' thread) with the accusations a round's checks filed,
       e.g. to judge them at once rather than at the next periodic read
+    :param on_round: called (from the checks' thread) with each robust round's `btard.RoundRecord` once
+      its checks are done (its seed is known), e.g. to validate other members' gradients
     :param fault: a --fault whose `tamper_part` / `tamper_aggregate` hooks run inside the all-reduce
     :param averager_kwargs: extra keyword arguments for hivemind's `DecentralizedAverager`
     """
@@ -307,6 +309,7 @@ class GroupAverager:
         accusations_key: str | None = None,
         check_timeout: float = 15.0,
         on_accusations: Callable[[list[bytes]], None] | None = None,
+        on_round: Callable[[Any], None] | None = None,
         fault: Any = None,
         averager_kwargs: dict[str, Any] | None = None,
     ):
@@ -330,7 +333,7 @@ class GroupAverager:
         # checks submitted (by rounds, under self._lock) and finished (by the checks' thread): each counter
         # has one writer, so their difference is the backlog without another lock
         self._checks_submitted = self._checks_finished = 0
-        self.on_accusations = on_accusations
+        self.on_accusations, self.on_round = on_accusations, on_round
         self.last_check: Future | None = None  # the checks after the last robust round: its accusations
 
         kwargs: dict[str, Any] = dict(
@@ -385,6 +388,11 @@ class GroupAverager:
                 )
         local = [t.detach().to("cpu", copy=True) for t in templates]
         self._averager = averager_class(local, dht, **kwargs)
+
+    @property
+    def part_size_bytes(self) -> int:
+        """The chunk size robust rounds hash and reduce (commitments cover chunks of this size)."""
+        return self._part_size_bytes
 
     @property
     def peer_id(self) -> Any:
@@ -507,6 +515,11 @@ class GroupAverager:
         accusations = self._checker(record)
         if accusations and self.on_accusations is not None:
             self.on_accusations(accusations)
+        if self.on_round is not None:
+            try:
+                self.on_round(record)
+            except Exception as e:
+                logger.warning("handling the round of step %d failed: %r", record.transcript.step, e)
         return accusations
 
     def _check_done(self, _: Future) -> None:

@@ -130,6 +130,12 @@ def add_init_parser(sub) -> argparse.ArgumentParser:
     averaging.add_argument(
         "--tau", type=float, default=_AVERAGING.tau, help="CenteredClip's clipping radius per chunk"
     )
+    averaging.add_argument(
+        "--validators",
+        type=int,
+        default=_AVERAGING.validators,
+        help="stage peers per round that recompute another member's gradient (0: no gradient validation)",
+    )
     parser.set_defaults(func=run_init)
     return parser
 

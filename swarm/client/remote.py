@@ -54,17 +54,23 @@ async def remote_backward(
     position_ids: torch.Tensor | None,
     timeout: float,
     prompts: torch.Tensor | None = None,
+    receipt: bytes = b"",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients w.r.t. the span's inputs (and its deep prompts); the node recomputes the forward."""
+    """Gradients w.r.t. the span's inputs (and its deep prompts); the node recomputes the forward.
+
+    `receipt`: in a training run, the caller's signed receipt for these tensors (`swarm.training.validation`).
+    """
     tensors = [hidden_states, grad_outputs] + ([prompts] if prompts is not None else [])
-    grads = await _call(p2p, peer_id, "backward", start, end, tensors, attention_mask, position_ids, timeout)
+    grads = await _call(
+        p2p, peer_id, "backward", start, end, tensors, attention_mask, position_ids, timeout, receipt=receipt
+    )
     shapes = [hidden_states.shape] + ([prompts.shape] if prompts is not None else [])
     _expect_shapes(peer_id, grads, shapes)
     return grads[0], (grads[1] if prompts is not None else None)
 
 
 async def _call(
-    p2p, peer_id, kind, start, end, tensors, attention_mask, position_ids, timeout
+    p2p, peer_id, kind, start, end, tensors, attention_mask, position_ids, timeout, receipt: bytes = b""
 ) -> list[torch.Tensor]:
     """A forward or backward call: unary when the request fits one message, streamed otherwise."""
     stub = NodeProtocol.stub(p2p, peer_id)
@@ -76,6 +82,8 @@ async def _call(
         attention_mask=_optional(attention_mask),
         position_ids=_optional(position_ids),
     )
+    if receipt:
+        request.receipt = receipt
     if sum(len(p.buffer) for p in protos) + request.ByteSize() < MAX_UNARY_MESSAGE_BYTES:
         request.tensors.extend(protos)
         response = await getattr(stub, f"rpc_{kind}")(request, timeout=timeout)

@@ -34,6 +34,8 @@ class SpanInputs:
     prompts: torch.Tensor | None = None  # deep prompts (layers, batch or 1, prefix, hidden)
     grad_outputs: torch.Tensor | None = None  # for backward: d(loss)/d(outputs)
     step: int = 0  # set by trainable backends: the optimizer step of the weights that ran this request
+    caller: str = ""  # the calling peer's id
+    receipt: bytes = b""  # backward calls in training runs: the caller's signed receipt for the tensors
 
 
 class SpanBackend:

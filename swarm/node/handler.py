@@ -82,7 +82,9 @@ class NodeServicer(NodeProtocol):
         started = time.perf_counter()
         try:
             self._check_caller(context)
-            outputs, step = await self._run_span(request, list(request.tensors), backward=kind == "backward")
+            outputs, step = await self._run_span(
+                request, list(request.tensors), context, backward=kind == "backward"
+            )
             response = response_type(tensors=[serialize(t) for t in outputs], step=step)
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(
@@ -100,13 +102,13 @@ class NodeServicer(NodeProtocol):
         try:
             first, parts = await self._receive_stream(requests)
             self._check_caller(context)  # after reading: replying mid-stream would reset the connection
-            outputs, step = await self._run_span(first, parts, backward=kind == "backward")
+            outputs, step = await self._run_span(first, parts, context, backward=kind == "backward")
             for part in split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES):
                 yield response_type(tensors=[part], step=step)
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
 
-    async def _run_span(self, request, tensors, backward: bool) -> tuple[list, int]:
+    async def _run_span(self, request, tensors, context: P2PContext, backward: bool) -> tuple[list, int]:
         """([outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward), and the weights' step."""
         backend = self.backend  # the node may move to other blocks meanwhile
         inputs = backend.parse_inputs(
@@ -117,7 +119,9 @@ class NodeServicer(NodeProtocol):
             request.position_ids if request.HasField("position_ids") else None,
             backward=backward,
         )
+        inputs.caller = context.remote_id.to_base58()
         if backward:
+            inputs.receipt = bytes(request.receipt)
             return await backend.backward(inputs), inputs.step
         return [await backend.forward(inputs)], inputs.step
 

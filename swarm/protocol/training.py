@@ -27,3 +27,10 @@ class TrainStateProtocol(Protocol):
         """Parameters (and optimizer state) with the step they are at, in parts."""
         raise NotImplementedError
         yield
+
+    async def rpc_train_contribution(
+        self, request: swarm_pb2.TrainContributionRequest, context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.TrainContributionResponse]:
+        """Stage peers: the gradient sent in one step's round and the signed microbatches behind it."""
+        raise NotImplementedError
+        yield

@@ -2,8 +2,10 @@
 
 Every stage peer, trainer and `swarm run status` reads the run's accusations from the DHT and re-checks
 each one before honouring it (`swarm.averaging.accusations`): a proven accusation bans the accused, a
-false one bans the accuser. A banned peer is left out of averaging, its calls are refused and trainers
-stop routing to it.
+false one bans the accuser. A "bad_gradient" accusation takes a recomputation with the stage's weights:
+the stage's peers recompute it and publish signed verdicts, and everyone else follows the majority of
+the verdicts of the round's other members (`swarm.training.validation`). A banned peer is left out of
+averaging, its calls are refused and trainers stop routing to it.
 """
 
 from __future__ import annotations
@@ -13,10 +15,25 @@ import logging
 
 from hivemind.dht import DHT
 
-from swarm.averaging.accusations import GOOD_FAITH, BanList, Verdict
-from swarm.averaging.btard import EvidenceUnavailable, read_accusations, recheck_aggregate
+from swarm.averaging.accusations import BAD_GRADIENT, GOOD_FAITH, BanList, Verdict
+from swarm.averaging.btard import (
+    ACCUSATION_TTL,
+    EvidenceUnavailable,
+    read_accusations,
+    read_statements,
+    recheck_aggregate,
+    store_statement,
+)
 from swarm.averaging.reducers import get_reducer
 from swarm.training.run import LoadedRun
+from swarm.training.validation import (
+    VERDICT_TAG,
+    CannotJudge,
+    ContributionUnavailable,
+    majority_verdict,
+    round_members,
+    verdict_statement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +50,15 @@ class RunBans:
     """Judges the run's accusations and keeps the resulting bans (for as long as this process lives).
 
     :param p2p: a hivemind P2P of this process (re-checks ask the accused reducer for its evidence)
+    :param signing_key: this peer's identity key, to sign its verdicts on "bad_gradient" accusations
     """
 
-    def __init__(self, dht: DHT, p2p, run: LoadedRun, own_id: str = ""):
+    def __init__(self, dht: DHT, p2p, run: LoadedRun, own_id: str = "", signing_key=None):
         self.dht, self.p2p, self.key, self.own_id = dht, p2p, accusations_key(run), own_id
+        self.signing_key = signing_key
+        # stage peers: recomputes the gradient a "bad_gradient" accusation is about, returning (guilty or
+        # None, why); raises CannotJudge (not this stage, weights gone) or ContributionUnavailable
+        self.gradient_judge = None
         averaging = run.config.averaging
         self.tau = float(averaging.tau) if averaging.aggregator == "centered_clip" else None
         options = {"tau": averaging.tau} if averaging.aggregator == "centered_clip" else {}
@@ -47,26 +69,61 @@ class RunBans:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
 
+    def _attempt(self, accusation: dict) -> int:
+        key = (accusation.get("accuser"), accusation["accused"], accusation["step"], accusation["chunk"])
+        self._attempts[key] = self._attempts.get(key, 0) + 1
+        return self._attempts[key]
+
     async def _recheck(self, accusation: dict) -> tuple[str | None, str]:
+        if accusation["reason"] == BAD_GRADIENT:
+            return await self._recheck_gradient(accusation)
         if self._reduce is None:
             raise EvidenceUnavailable("this run averages with the plain mean: nothing to re-check")
         if accusation["accused"] == self.own_id:  # libp2p can't dial itself; the other members judge it
             logger.warning("this peer is accused of a bad aggregate of chunk %s", accusation["chunk"])
             return GOOD_FAITH, "a peer does not judge accusations against itself"
-        attempt_key = (
-            accusation.get("accuser"),
-            accusation["accused"],
-            accusation["step"],
-            accusation["chunk"],
-        )
-        attempt = self._attempts.get(attempt_key, 0) + 1
-        self._attempts[attempt_key] = attempt
+        attempt = self._attempt(accusation)
         try:
             return await recheck_aggregate(self.p2p, self.dht, accusation, self._reduce, self.tau)
         except EvidenceUnavailable as e:
             if attempt >= MAX_RECHECK_ATTEMPTS and "did not answer" in str(e):
                 return accusation["accused"], f"did not show the evidence of chunk {accusation['chunk']}"
             raise
+
+    async def _recheck_gradient(self, accusation: dict) -> tuple[str | None, str]:
+        accused = accusation["accused"]
+        if accused == self.own_id:
+            logger.warning("this peer is accused of a bad gradient at step %s", accusation["step"])
+            return GOOD_FAITH, "a peer does not judge accusations against itself"
+        if self.gradient_judge is not None:
+            try:
+                guilty, why = await self.gradient_judge(accusation)
+            except CannotJudge as e:
+                logger.info("following the stage's verdicts on %s: %s", accused, e)
+            except ContributionUnavailable as e:
+                if self._attempt(accusation) >= MAX_RECHECK_ATTEMPTS:
+                    guilty, why = accused, f"did not show its contribution to step {accusation['step']}"
+                else:
+                    raise EvidenceUnavailable(str(e)) from e
+            else:
+                await asyncio.to_thread(self._publish_verdict, accusation, guilty)
+                return guilty, why
+        tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
+        verdicts = await asyncio.to_thread(read_statements, self.dht, self.key, tag)
+        found = majority_verdict(accusation, verdicts, round_members(accusation))
+        if found is None:
+            raise EvidenceUnavailable("waiting for the verdicts of the round's other members")
+        return found
+
+    def _publish_verdict(self, accusation: dict, guilty: str | None) -> None:
+        if self.signing_key is None:
+            return
+        blob = verdict_statement(self.signing_key, accusation["accusation"], guilty or accusation["accuser"])
+        tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
+        try:
+            store_statement(self.dht, self.key, tag, self.signing_key, blob, ACCUSATION_TTL)
+        except Exception as e:
+            logger.warning("publishing a verdict failed: %r", e)
 
     async def refresh(self) -> list[Verdict]:
         """Judge accusations not judged yet; returns the new bans."""

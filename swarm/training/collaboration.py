@@ -123,6 +123,7 @@ class Collaboration:
         resync: Callable[[str], Awaitable[None]] | None = None,
         corrupt: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
         banned: Callable[[], set[str]] = set,
+        on_sent: Callable[[int, list[torch.Tensor]], None] | None = None,
     ):
         self.name, self.own_id, self.target = name, own_id, target_batch_size
         self.banned = banned  # peers banned from the run: never counted, waited for or averaged with
@@ -130,6 +131,7 @@ class Collaboration:
         self.members = lambda: [m for m in members() if m.peer_id not in banned()]
         self.own_fingerprint, self.resync = own_fingerprint, resync
         self.corrupt = corrupt  # a --fault's hook: what this member sends instead of its gradients
+        self.on_sent = on_sent  # told (step, gradients) of what this member hands to the averager
         self.resyncs = 0
         self.averager, self.averaging_timeout = averager, averaging_timeout
         self._lock = asyncio.Lock()
@@ -220,6 +222,8 @@ class Collaboration:
         grads, samples = await self.take()
         if self.corrupt is not None:
             grads = self.corrupt(grads, self.progress()[0])
+        if self.on_sent is not None:
+            self.on_sent(self.progress()[0], grads)
         started = time.perf_counter()
         group_size = 1
         for attempt in range(1, MAX_ROUNDS + 1):

@@ -13,6 +13,8 @@ import logging
 import torch
 
 from swarm.averaging import GroupAverager
+from swarm.averaging.accusations import BAD_GRADIENT, make_accusation
+from swarm.averaging.btard import RoundRecord, file_accusation
 from swarm.dht.announcer import RecordAnnouncer, store_records
 from swarm.dht.keys import stage_key
 from swarm.dht.swarm_view import live_records, read_stage
@@ -27,6 +29,12 @@ from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.run import LoadedRun
 from swarm.training.stage import TrainableSpanBackend
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
+from swarm.training.validation import (
+    CannotJudge,
+    ContributionUnavailable,
+    GradientValidator,
+    choose_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,9 @@ VIEW_REFRESH_PERIOD = 0.3  # seconds between re-reads of the stage's records
 PROGRESS_INTERVAL = 0.2  # the stage record is re-published at most this often while samples come in
 STATE_TIMEOUT = 120.0
 MEMBER_KEEP_FOR = 3.0  # seconds a stage peer that stopped answering still counts as a member
+VALIDATION_ATTEMPTS = 3  # a validator asks its target this many times for its contribution
+VALIDATION_RETRY_DELAY = 2.0
+MAX_EVIDENCE_COMMITS = 8  # commitments an accusation carries (they name the round's members who may judge it)
 
 
 class TrainingNode(Node):
@@ -54,6 +65,8 @@ class TrainingNode(Node):
         self.averager: GroupAverager | None = None
         self._members = MemberView(keep_for=MEMBER_KEEP_FOR)
         self._member_ids: list[str] = []
+        self.validator: GradientValidator | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
     def _check_placement(config: NodeConfig) -> None:
@@ -101,7 +114,14 @@ class TrainingNode(Node):
     def _load_trainable_backend(self) -> TrainableSpanBackend:
         start, end = self.blocks
         span = load_span(self.checkpoint, start, end, dtype=torch.float32, device=self.config.device)
-        return TrainableSpanBackend(span, self.config.limits, self.config.device, self.run_config.optimizer)
+        return TrainableSpanBackend(
+            span,
+            self.config.limits,
+            self.config.device,
+            self.run_config.optimizer,
+            run_hash=self.training_run.sha256,
+            stage=self.stage,
+        )
 
     async def _load_state_from(self, donors: list[swarm_pb2.StageInfo]) -> None:
         """Take parameters, optimizer state and step from a live peer; refuse to train if none answers."""
@@ -111,7 +131,7 @@ class TrainingNode(Node):
                 state = await fetch_state(
                     self.p2p, donor.peer_id, self.training_run.sha256, True, STATE_TIMEOUT
                 )
-                await self.backend.run_on_compute_thread(self.backend.trainable.load, state)
+                await self.backend.run_on_compute_thread(self.backend.load, state)
                 loaded = await self.backend.run_on_compute_thread(self.backend.trainable.state, True)
                 if loaded.hash() != state.hash():
                     raise RuntimeError("the loaded state's hash differs from the donor's")
@@ -162,11 +182,14 @@ class TrainingNode(Node):
 
     async def _start_serving(self) -> None:
         config, run = self.config, self.run_config
-        self.bans = RunBans(self.dht, self.p2p, self.training_run, self.peer_id)
+        self._loop = asyncio.get_running_loop()
+        self.bans = RunBans(self.dht, self.p2p, self.training_run, self.peer_id, self.signing_key)
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info(), self.stage_info)
         self.servicer.refuse_peer = self.bans.refusal
         await self._add_servicer(self.servicer)
-        state_servicer = TrainStateServicer(self.training_run.sha256, self._get_state, self._progress)
+        state_servicer = TrainStateServicer(
+            self.training_run.sha256, self._get_state, self._progress, self.backend.log.get
+        )
         state_servicer.refuse_peer = self.bans.refusal
         await self._add_servicer(state_servicer)
         averaging = run.averaging
@@ -182,8 +205,18 @@ class TrainingNode(Node):
             signing_key=self.signing_key,
             accusations_key=accusations_key(self.training_run),
             on_accusations=self.bans.wake,
+            on_round=self._on_round,
             fault=self.fault,
         )
+        self.validator = GradientValidator(
+            self.backend,
+            self.p2p,
+            self.training_run.sha256,
+            self.stage,
+            self.averager.prefix,
+            self.averager.part_size_bytes,
+        )
+        self.bans.gradient_judge = self._judge_gradient
         trainable = self.backend.trainable
         self.collaboration = Collaboration(
             f"stage {self.stage}",
@@ -191,14 +224,15 @@ class TrainingNode(Node):
             run.batch.target_batch_size,
             progress=lambda: (self.backend.trainable.step, self.backend.trainable.samples),
             members=self._members,
-            take=lambda: self.backend.run_on_compute_thread(self.backend.trainable.take_mean_gradients),
-            apply=lambda grads: self.backend.run_on_compute_thread(self.backend.trainable.apply, grads),
+            take=lambda: self.backend.run_on_compute_thread(self.backend.take_gradients),
+            apply=lambda grads: self.backend.run_on_compute_thread(self.backend.apply, grads),
             averager=self.averager,
             averaging_timeout=averaging.averaging_timeout,
             own_fingerprint=lambda: trainable.fingerprint,
             resync=self._resync,
             corrupt=self.fault.corrupt_gradients if self.fault is not None else None,
             banned=self.bans.banned,
+            on_sent=self.backend.log.record_sent,
         )
         self.state = swarm_pb2.ServerInfo.ONLINE
         self.announcer = RecordAnnouncer(self._publish, config.update_period, min_interval=PROGRESS_INTERVAL)
@@ -245,10 +279,67 @@ class TrainingNode(Node):
                 logger.warning("stage %d step failed: %r", self.stage, e, exc_info=True)
             await asyncio.sleep(STEP_CHECK_PERIOD)
 
+    # ---- gradient validation (BTARD) ---------------------------------------------------------------------
+
+    def _on_round(self, record: RoundRecord) -> None:
+        """After a robust round's checks (on their thread): validate the members the round's seed gives us."""
+        validators = self.run_config.averaging.validators
+        if record.seed is None or not validators or self._loop is None:
+            return
+        for validator, target in choose_pairs(record.seed, record.members, validators):
+            if validator == self.peer_id and target not in self.bans.banned():
+                asyncio.run_coroutine_threadsafe(self._validate(record, target), self._loop)
+
+    async def _validate(self, record: RoundRecord, target: str) -> None:
+        step, commits = record.transcript.step, record.transcript.commits
+        if target not in commits:
+            return
+        for attempt in range(1, VALIDATION_ATTEMPTS + 1):
+            try:
+                guilty, why = await self.validator.check(target, step, commits[target])
+                break
+            except CannotJudge as e:
+                logger.info("can't validate %s's gradient of step %d: %s", target, step, e)
+                return
+            except ContributionUnavailable as e:
+                if attempt == VALIDATION_ATTEMPTS:
+                    # not proof of anything (it may be busy): an accusation it could later answer would ban us
+                    logger.warning("%s did not show its contribution to step %d: %s", target, step, e)
+                    return
+                await asyncio.sleep(VALIDATION_RETRY_DELAY)
+        if guilty is None:
+            logger.info("validated %s: %s", target, why)
+            return
+        others = [commits[m] for m in sorted(commits) if m != target][: MAX_EVIDENCE_COMMITS - 1]
+        blob = make_accusation(
+            self.signing_key,
+            BAD_GRADIENT,
+            target,
+            record.prefix,
+            step,
+            record.transcript.group_id,
+            0,
+            [commits[target], *others],
+        )
+        logger.warning("accusing %s of a bad gradient: %s", target, why)
+        try:
+            key = self.bans.key
+            await asyncio.to_thread(file_accusation, self.dht, key, self.signing_key, blob)
+        except Exception as e:
+            logger.warning("filing an accusation against %s failed: %r", target, e)
+        self.bans.wake()
+
+    async def _judge_gradient(self, accusation: dict) -> tuple[str | None, str]:
+        if accusation["prefix"] != self.averager.prefix:
+            raise CannotJudge("the accusation is about another stage's round")
+        return await self.validator.check(
+            accusation["accused"], accusation["step"], accusation["evidence"][0]
+        )
+
     async def _resync(self, peer_id: str) -> None:
         """Replace this peer's parameters, optimizer state and step with another stage peer's."""
         state = await fetch_state(self.p2p, peer_id, self.training_run.sha256, True, STATE_TIMEOUT)
-        await self.backend.run_on_compute_thread(self.backend.trainable.load, state)
+        await self.backend.run_on_compute_thread(self.backend.load, state)
         self.announcer.announce_now()
 
     def _stop_announcer(self) -> None:

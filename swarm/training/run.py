@@ -188,6 +188,9 @@ class AveragingSettings:
     tau: float = (
         1.0  # CenteredClip's clipping radius: how far one peer can pull a chunk's result per iteration
     )
+    # stage peers per round that recompute another member's gradient (BTARD's validation; 0: none). Only
+    # with "centered_clip": its checks draw the round's random seed that picks them
+    validators: int = 1
 
     def __post_init__(self) -> None:
         _set(self, "matchmaking_time", _positive("averaging.matchmaking_time", self.matchmaking_time))
@@ -199,6 +202,7 @@ class AveragingSettings:
                 "averaging.aggregator", f"must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}"
             )
         _set(self, "tau", _positive("averaging.tau", self.tau))
+        _integer("averaging.validators", self.validators, minimum=0)
 
 
 def _check_run_fields(run_id: Any, sync: Any, data_order: Any, seed: Any) -> None:

@@ -12,7 +12,9 @@ from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
 from swarm.proto import swarm_pb2
 from swarm.training.run import OptimizerSettings
+from swarm.training.state import TrainState
 from swarm.training.trainable import TrainableParameters
+from swarm.training.validation import ContributionLog, Microbatch, check_receipt
 
 THROUGHPUT_EMA = 0.1  # SWARM's smoothing of measured throughput
 
@@ -22,10 +24,23 @@ class TrainableSpanBackend(SpanBackend):
 
     Inference sessions and deep prompts are refused. Every request and optimizer step runs on the one
     compute thread, and each reply names the step of the weights that computed it.
+
+    With `run_hash` (a training run), a backward call must carry its caller's signed receipt for its
+    tensors; each one is kept in `log` with the gradient it went into, for validators
+    (`swarm.training.validation`).
     """
 
-    def __init__(self, span: LlamaSpan, limits: NodeLimits, device: str, optimizer: OptimizerSettings):
+    def __init__(
+        self,
+        span: LlamaSpan,
+        limits: NodeLimits,
+        device: str,
+        optimizer: OptimizerSettings,
+        run_hash: str | None = None,
+        stage: int = 0,
+    ):
         super().__init__(span, limits, device, torch.float32)
+        self.run_hash, self.stage = run_hash, stage
         start = span.start
         named = [
             (f"model.layers.{start + int(name.split('.')[1])}.{name.split('.', 2)[2]}", param)
@@ -43,6 +58,8 @@ class TrainableSpanBackend(SpanBackend):
         self.throughput = 0.0  # samples/s of forward + backward, EMA
         self.queue_length = 0
         self.on_accumulate = None  # called (on the compute thread) after a backward added its gradients
+        self.log = ContributionLog()
+        self.log.snapshot(self.trainable.step, self.trainable.params)
 
     def check_inference(self) -> None:
         raise RequestError(
@@ -53,6 +70,10 @@ class TrainableSpanBackend(SpanBackend):
         inputs = super().parse_inputs(start, end, tensors, attention_mask, position_ids, backward)
         if inputs.prompts is not None:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, "training stages take no deep prompts")
+        if backward and (attention_mask is not None or position_ids is not None):
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST, "training stages take whole sequences: no mask or positions"
+            )
         if (start, end) != (self.start, self.end):
             raise RequestError(
                 swarm_pb2.Error.UNKNOWN_BLOCKS,
@@ -64,23 +85,47 @@ class TrainableSpanBackend(SpanBackend):
         inputs.step = self.trainable.step
         return super()._forward_sync(inputs)
 
+    async def backward(self, inputs: SpanInputs) -> list[torch.Tensor]:
+        if self.run_hash is not None:
+            try:
+                check_receipt(
+                    inputs.receipt,
+                    self.run_hash,
+                    self.stage,
+                    inputs.hidden_states,
+                    inputs.grad_outputs,
+                    signer=inputs.caller,
+                )
+            except ValueError as e:
+                raise RequestError(
+                    swarm_pb2.Error.BAD_REQUEST, f"a backward call in a training run needs a receipt: {e}"
+                ) from None
+        return await super().backward(inputs)
+
+    def _gradients(self, inputs: SpanInputs) -> tuple[torch.Tensor, ...]:
+        """(d(loss)/d(inputs), *d(loss)/d(params)) of a microbatch with the current weights."""
+        with torch.enable_grad():
+            hidden = inputs.hidden_states.to(self.device, torch.float32).requires_grad_(True)
+            out = self._call_span(inputs, hidden)
+            return torch.autograd.grad(
+                out,
+                [hidden, *self.trainable.params],
+                grad_outputs=inputs.grad_outputs.to(out.device, out.dtype),
+            )
+
     def _backward_sync(self, inputs: SpanInputs) -> list[torch.Tensor]:
         """Recompute the forward with the current weights, then return d(loss)/d(inputs) and add the
         weight gradients to the stage's sums (the loss is summed over the batch's samples)."""
         started = time.perf_counter()
         inputs.step = self.trainable.step
-        params = self.trainable.params
-        with torch.enable_grad():
-            hidden = inputs.hidden_states.to(self.device, torch.float32).requires_grad_(True)
-            out = self._call_span(inputs, hidden)
-            grads = torch.autograd.grad(
-                out, [hidden, *params], grad_outputs=inputs.grad_outputs.to(out.device, out.dtype)
-            )
+        grads = self._gradients(inputs)
         try:
-            self.trainable.accumulate(grads[1:], hidden.shape[0])
+            self.trainable.accumulate(grads[1:], inputs.hidden_states.shape[0])
         except ValueError as e:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"refused: {e}") from None
-        rate = hidden.shape[0] / max(time.perf_counter() - started, 1e-6)
+        if self.run_hash is not None:
+            self.log.add(Microbatch(inputs.receipt, inputs.hidden_states, inputs.grad_outputs, inputs.step))
+        rate = inputs.hidden_states.shape[0] / max(time.perf_counter() - started, 1e-6)
         self.throughput = (
             rate if not self.throughput else (1 - THROUGHPUT_EMA) * self.throughput + THROUGHPUT_EMA * rate
         )
@@ -98,3 +143,55 @@ class TrainableSpanBackend(SpanBackend):
     async def run_on_compute_thread(self, fn, *args):
         """Run `fn` where requests run, so it never interleaves with a forward or backward."""
         return await super()._run(fn, *args)
+
+    # ---- the optimizer's side, with what validators need kept -------------------------------------------
+
+    def take_gradients(self) -> tuple[list[torch.Tensor], int]:
+        """The mean gradients of this step's round (see TrainableParameters.take_mean_gradients)."""
+        self.log.close(self.trainable.step)
+        return self.trainable.take_mean_gradients()
+
+    def apply(self, grads: list[torch.Tensor]) -> None:
+        """Step the optimizer; keep the new weights for validators of the next rounds."""
+        self.trainable.apply(grads)
+        self.log.snapshot(self.trainable.step, self.trainable.params)
+
+    def load(self, state: TrainState) -> None:
+        """Take another peer's state: the weights of earlier steps here are not the group's any more."""
+        self.trainable.load(state)
+        self.log.forget_weights()
+        self.log.snapshot(self.trainable.step, self.trainable.params)
+
+    def recompute_mean_gradient(
+        self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """The mean per-sample gradients of another peer's microbatches, each with the weights of its step
+        (`weights`: step -> parameters), summed in the same order as that peer summed them. Runs on the
+        compute thread; the current weights are restored afterwards."""
+        params = self.trainable.params
+        current = [p.detach().clone() for p in params]
+        sums = [torch.zeros_like(p) for p in params]
+        samples, loaded = 0, None
+        try:
+            for microbatch in microbatches:
+                if microbatch.weights_step != loaded:
+                    with torch.no_grad():
+                        for param, value in zip(params, weights[microbatch.weights_step], strict=True):
+                            param.copy_(value)
+                    loaded = microbatch.weights_step
+                inputs = SpanInputs(
+                    microbatch.inputs,
+                    None,
+                    None,
+                    slice(None),
+                    microbatch.inputs.dtype,
+                    grad_outputs=microbatch.grad_outputs,
+                )
+                for total, grad in zip(sums, self._gradients(inputs)[1:], strict=True):
+                    total.add_(grad)
+                samples += microbatch.inputs.shape[0]
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, current, strict=True):
+                    param.copy_(value)
+        return [total / max(samples, 1) for total in sums]

@@ -18,6 +18,7 @@ from hivemind.p2p import P2P, P2PContext
 
 from swarm.proto import swarm_pb2
 from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
+from swarm.training.validation import Contribution, stream_contribution
 from swarm.utils.streaming import combine_parts, split_tensors
 from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
 
@@ -61,8 +62,10 @@ class TrainStateServicer(TrainStateProtocol):
         run_hash: str,
         get_state: Callable[[bool], Awaitable[TrainState]],
         get_progress: Callable[[], tuple[int, int, list[float]]],
+        get_contribution: Callable[[int], Contribution | None] | None = None,
     ):
         self.run_hash, self.get_state, self.get_progress = run_hash, get_state, get_progress
+        self.get_contribution = get_contribution  # stage peers: their contribution to a round, for validators
         self.refuse_peer: Callable[[str], str | None] | None = None  # e.g. peers banned from the run
 
     def _refusal(self, context: P2PContext) -> swarm_pb2.Error | None:
@@ -111,6 +114,23 @@ class TrainStateServicer(TrainStateProtocol):
             size += len(part.buffer)
         if batch:
             yield swarm_pb2.TrainStateResponse(tensors=batch)
+
+
+    async def rpc_train_contribution(
+        self, request: swarm_pb2.TrainContributionRequest, context: P2PContext
+    ) -> AsyncIterator[swarm_pb2.TrainContributionResponse]:
+        error = None
+        if request.run_hash != self.run_hash:
+            error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
+        elif self.get_contribution is None:
+            error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains no stage")
+        else:
+            error = self._refusal(context)
+        if error is not None:
+            yield swarm_pb2.TrainContributionResponse(error=error)
+            return
+        async for response in stream_contribution(self.get_contribution(int(request.step))):
+            yield response
 
 
 async def fetch_progress(

@@ -39,6 +39,7 @@ from swarm.training.data import MicrobatchSampler, TextSequences
 from swarm.training.run import LoadedRun, load_run
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
 from swarm.training.trainable import TrainableParameters
+from swarm.training.validation import sign_receipt
 from swarm.training.wiring import StageWiring
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class SwarmTrainer:
         )
         try:
             self.peer_id = self.client.dht.peer_id.to_base58()
+            self._signing_key = signing_key_of(self.client.signer)  # signs its receipts and BTARD statements
             self._state_servicer = TrainStateServicer(self.run.sha256, self._get_state, self._progress)
             self.client.run_async(self._state_servicer.add_p2p_handlers(self.client.p2p))
             self.run_bans = RunBans(self.client.dht, self.client.p2p, self.run, self.peer_id)
@@ -153,7 +155,7 @@ class SwarmTrainer:
                 tau=averaging.tau,
                 min_matchmaking_time=averaging.matchmaking_time,
                 request_timeout=averaging.request_timeout,
-                signing_key=signing_key_of(self.client.signer),
+                signing_key=self._signing_key,
                 accusations_key=accusations_key(self.run),
                 on_accusations=self.run_bans.wake,
                 fault=fault,
@@ -345,8 +347,18 @@ class SwarmTrainer:
             started = time.perf_counter()
             try:
                 if backward:
+                    receipt = sign_receipt(self._signing_key, self.run.sha256, stage, hidden, grad)
                     result, _ = await remote_backward(
-                        self.client.p2p, peer, start, end, hidden, grad, None, None, self.backward_timeout
+                        self.client.p2p,
+                        peer,
+                        start,
+                        end,
+                        hidden,
+                        grad,
+                        None,
+                        None,
+                        self.backward_timeout,
+                        receipt=receipt,
                     )
                 else:
                     result = await remote_forward(

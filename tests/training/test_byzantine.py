@@ -22,7 +22,10 @@ from swarm.training.trainer import SwarmTrainer
 
 UPDATE = ("--update-period", "1")
 STEPS = 8
-SETTINGS = dict(stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=1.0, seed=5)
+# every stage peer validates another's gradient every round (validators=3): an attacker is checked at once
+SETTINGS = dict(
+    stages=1, lr=3e-3, clip_grad_norm=1.0, aggregator="centered_clip", tau=0.1, seed=5, validators=3
+)
 
 
 def train(swarm: LocalSwarm, run, train_file, fault: str | None) -> dict:
@@ -86,12 +89,13 @@ def honest_loss(train_model, corpus_split, tmp_path_factory) -> float:
         outcome = train(swarm, run, corpus_split[0], None)
     finally:
         swarm.close()
-    assert outcome["bans"] == []  # honest peers never accuse each other
+    accusations = [line for log in outcome["logs"] for line in log.splitlines() if "accusing" in line]
+    assert outcome["bans"] == [], accusations  # honest peers never accuse each other
     return final_loss(train_model, run, corpus_split[1], outcome["tensors"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["equivocate", "bad_reducer"])
+@pytest.mark.parametrize("attack", ["sign_flip", "equivocate", "bad_reducer"])
 def test_attacker_is_banned_and_training_holds(
     attack, honest_loss, train_model, corpus_split, local_swarm, tmp_path
 ):
@@ -109,6 +113,13 @@ def test_attacker_is_banned_and_training_holds(
         f"{attack}: held-out loss {loss:.4f} vs {honest_loss:.4f} without an attacker; bans {outcome['bans']}"
     )
     assert loss <= 1.1 * honest_loss
+    if attack == "sign_flip":  # caught by gradient validation, whose honest recomputations match
+        assert any(f"accusing {attacker} of a bad gradient" in log for log in outcome["logs"][:2])
+        matches = [
+            line for log in outcome["logs"][:2] for line in log.splitlines() if "matches the recomp" in line
+        ]
+        assert matches, "no honest gradient was validated"
+        print("\n".join(line[-120:] for line in matches[:4]))
 
     if attack == "equivocate":  # the CLI judges the same accusations and shows the ban
         status = subprocess.run(

@@ -9,11 +9,13 @@ import pytest
 import torch
 from training_helpers import CORPUS, write_test_run
 
+from swarm.averaging.statements import signing_key_of
 from swarm.client.errors import RemoteError
 from swarm.client.remote import get_info, remote_backward, remote_forward
 from swarm.proto import swarm_pb2
 from swarm.training.state import fetch_progress, fetch_state
 from swarm.training.trainer import SwarmTrainer
+from swarm.training.validation import sign_receipt
 
 UPDATE = ("--update-period", "1")
 
@@ -108,11 +110,24 @@ def check_bad_requests(client, peer_id: str, run) -> None:
     with pytest.raises(RemoteError) as partial:  # a stage runs its whole span
         call(remote_forward(client.p2p, peer_id, start, end - 1, hidden, None, None, 30))
     assert partial.value.code == swarm_pb2.Error.UNKNOWN_BLOCKS
+    key = signing_key_of(client.signer)
+    huge_grad = torch.full_like(hidden, 3e38)
     with pytest.raises(RemoteError) as huge:  # gradients that overflow are refused, not accumulated
+        receipt = sign_receipt(key, run.sha256, 0, hidden, huge_grad)
         call(
             remote_backward(
-                client.p2p, peer_id, start, end, hidden, torch.full_like(hidden, 3e38), None, None, 30
+                client.p2p, peer_id, start, end, hidden, huge_grad, None, None, 30, receipt=receipt
             )
         )
-    assert huge.value.code == swarm_pb2.Error.BAD_REQUEST
+    assert huge.value.code == swarm_pb2.Error.BAD_REQUEST and "finite" in str(huge.value)
+    grad = torch.randn_like(hidden)
+    with pytest.raises(
+        RemoteError
+    ) as unsigned:  # a stage peer must be able to show where its gradient came from
+        call(remote_backward(client.p2p, peer_id, start, end, hidden, grad, None, None, 30))
+    assert unsigned.value.code == swarm_pb2.Error.BAD_REQUEST and "receipt" in str(unsigned.value)
+    with pytest.raises(RemoteError) as other:  # a receipt for other tensors
+        receipt = sign_receipt(key, run.sha256, 0, hidden, grad * 2)
+        call(remote_backward(client.p2p, peer_id, start, end, hidden, grad, None, None, 30, None, receipt))
+    assert other.value.code == swarm_pb2.Error.BAD_REQUEST and "receipt" in str(other.value)
     assert call(remote_forward(client.p2p, peer_id, start, end, hidden, None, None, 30)).shape == hidden.shape

@@ -1,0 +1,66 @@
+"""Settings that make a forward pass bit-reproducible, and the profile two parties must share to be compared.
+
+Refereed verification compares hashes of exact bytes, so two honest parties only agree when they run the
+same kernels in the same order. On CPU in fp32 that means a fixed thread count and deterministic
+algorithms; on CUDA also no TF32 and no autotuned cuDNN kernels. Even then, results only match between
+machines with the same profile (dtype, device class, library versions), so a dispute is only fair between
+parties whose profiles are equal.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+import transformers
+
+
+def apply_deterministic_profile(threads: int = 1) -> None:
+    """Pin this process to bit-reproducible kernels: `threads` CPU threads, deterministic algorithms, no TF32.
+
+    MKL_DYNAMIC and OMP_DYNAMIC are set to FALSE in os.environ too, but MKL and OpenMP read them when they
+    start, so they only take effect in processes started after this call (set them before launching a node
+    to cover the node itself).
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    os.environ["MKL_DYNAMIC"] = "FALSE"
+    os.environ["OMP_DYNAMIC"] = "FALSE"
+    torch.set_num_threads(threads)
+    # warn_only: an op without a deterministic kernel should be visible in logs, not crash a node
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def device_class(device: str | torch.device) -> str:
+    """What decides which kernels run: "cpu:<arch>:<ISA>" or "cuda:sm_<major><minor>:<GPU name>"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:sm_{major}{minor}:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        # the vector ISA picks different kernels (and so different rounding) on the same architecture
+        return f"cpu:{platform.machine()}:{torch.backends.cpu.get_cpu_capability()}"
+    return device.type
+
+
+def determinism_profile(dtype: str | torch.dtype, device: str | torch.device) -> dict[str, str]:
+    """A flat description of everything that must match for two runs to be bit-identical."""
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device_class(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": str(torch.get_num_threads()),
+        "deterministic": str(torch.are_deterministic_algorithms_enabled()),
+        "tf32": str(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32),
+    }
+
+
+def same_profile(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two parties' results can be compared bit for bit (every field equal, none missing)."""
+    return a == b

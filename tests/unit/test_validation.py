@@ -1,0 +1,192 @@
+"""Gradient validation's pieces without a network: receipts, the pairing, the log, recomputation, verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.averaging.accusations import BAD_GRADIENT, GOOD_FAITH, judge, make_accusation
+from swarm.averaging.commitments import commit_payload
+from swarm.averaging.statements import InvalidStatement, digest, sign_statement
+from swarm.dht.identity import peer_id_of
+from swarm.models.span import LlamaSpan
+from swarm.models.tiny import tiny_llama_config
+from swarm.node.backend import SpanInputs
+from swarm.node.limits import NodeLimits
+from swarm.training.run import OptimizerSettings
+from swarm.training.stage import TrainableSpanBackend
+from swarm.training.validation import (
+    VALIDATION_RTOL,
+    ContributionLog,
+    Microbatch,
+    check_receipt,
+    choose_pairs,
+    majority_verdict,
+    relative_error,
+    round_members,
+    sign_receipt,
+    verdict_statement,
+)
+
+RUN, PREFIX, STEP = "ab" * 32, "run_stage0", 7
+
+
+@pytest.fixture(scope="module")
+def keys() -> list[RSAPrivateKey]:
+    return [RSAPrivateKey() for _ in range(4)]
+
+
+def test_receipt_covers_exactly_what_was_sent(keys):
+    inputs, grads = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    receipt = sign_receipt(keys[0], RUN, 1, inputs, grads)
+    assert check_receipt(receipt, RUN, 1, inputs, grads, signer=peer_id_of(keys[0])) == peer_id_of(keys[0])
+    changed = grads.clone()
+    changed[0, 0, 0] = torch.nextafter(changed[0, 0, 0], torch.tensor(1e9))  # one ulp
+    for args in [(RUN, 1, inputs, changed), (RUN, 2, inputs, grads), ("cd" * 32, 1, inputs, grads)]:
+        with pytest.raises(InvalidStatement):
+            check_receipt(receipt, *args)
+    with pytest.raises(InvalidStatement, match="caller"):  # relayed by another peer than its signer
+        check_receipt(receipt, RUN, 1, inputs, grads, signer=peer_id_of(keys[1]))
+    with pytest.raises(InvalidStatement):  # the same tensors in another dtype are other bytes
+        check_receipt(receipt, RUN, 1, inputs.double(), grads)
+    with pytest.raises(InvalidStatement):
+        check_receipt(b"", RUN, 1, inputs, grads)
+
+
+def test_pairs_come_from_the_seed_and_nobody_checks_itself():
+    members = [f"peer{i}" for i in range(5)]
+    seed = os.urandom(32)
+    pairs = choose_pairs(seed, members, 3)
+    assert pairs == choose_pairs(seed, list(reversed(members)), 3)  # every member derives the same pairs
+    assert len(pairs) == 3 and all(v != t for v, t in pairs)
+    assert len({v for v, _ in pairs}) == 3 and len({t for _, t in pairs}) == 3
+    everyone = choose_pairs(seed, members, 99)  # at most one check per member: a cycle through all
+    assert sorted(v for v, _ in everyone) == sorted(t for _, t in everyone) == members
+    assert choose_pairs(seed, members[:1], 3) == [] and choose_pairs(seed, members, 0) == []
+    # over seeds, every member gets checked, by every other member
+    seen = {(v, t) for _ in range(300) for v, t in choose_pairs(os.urandom(32), members, 1)}
+    assert seen == {(v, t) for v in members for t in members if v != t}
+
+
+def test_relative_error():
+    a = [torch.ones(3), torch.zeros(2)]
+    assert relative_error(a, a) == 0.0
+    assert relative_error([torch.zeros(3)], [torch.zeros(3)]) == 0.0
+    assert relative_error([-1000 * t for t in a], a) > 1.0
+    assert relative_error([t * (1 + 1e-7) for t in a], a) < VALIDATION_RTOL
+
+
+def test_log_keeps_the_last_rounds():
+    log = ContributionLog(keep=2)
+    params = [torch.zeros(3)]
+    for step in range(4):
+        log.snapshot(step, [p + step for p in params])
+        log.add(Microbatch(b"r", torch.full((1, 1, 1), float(step)), torch.zeros(1, 1, 1), step))
+        assert log.get(step) is None  # not closed, nothing sent yet
+        log.close(step)
+        assert log.get(step) is None  # closed, nothing sent yet
+        log.record_sent(step, [torch.full((3,), float(step))])
+    assert log.get(0) is None and log.get(1) is None and log.weights(1) is None
+    contribution = log.get(3)
+    assert contribution.step == 3 and float(contribution.sent[0][0]) == 3.0
+    assert [float(m.inputs) for m in contribution.microbatches] == [3.0]
+    assert torch.equal(log.weights(2)[0], torch.full((3,), 2.0))
+    log.forget_weights()  # after loading another peer's state: its own contributions stay
+    assert log.get(3) is not None and log.weights(3) is None and log.weights(2) is None
+
+
+def _backend() -> TrainableSpanBackend:
+    torch.manual_seed(0)
+    span = LlamaSpan(tiny_llama_config(num_blocks=2, hidden_size=32), 0, 2).float()
+    return TrainableSpanBackend(span, NodeLimits(), "cpu", OptimizerSettings(lr=1e-2), run_hash=RUN, stage=0)
+
+
+def _backward(backend: TrainableSpanBackend, key: RSAPrivateKey, batch: int) -> None:
+    hidden, grads = torch.randn(batch, 4, 32), torch.randn(batch, 4, 32)
+    receipt = sign_receipt(key, RUN, 0, hidden, grads)
+    inputs = SpanInputs(hidden, None, None, slice(None), torch.float32, grad_outputs=grads, receipt=receipt)
+    backend._backward_sync(inputs)
+
+
+def test_recomputation_equals_what_the_peer_accumulated(keys):
+    """A round whose microbatches ran on two steps' weights (a backward that arrives while the previous
+    round averages runs on the old weights): a validator holding the same weights recomputes the sent
+    gradient bit for bit, and leaves its own weights as they were."""
+    peer, validator = _backend(), _backend()
+    _backward(peer, keys[0], 2)
+    grads, _ = peer.take_gradients()  # round 0
+    peer.log.record_sent(0, grads)
+    _backward(peer, keys[0], 1)  # during round 0's averaging: weights of step 0, counted in round 1
+    for backend in (peer, validator):
+        backend.apply(grads)  # both at step 1, with the same weights
+    _backward(peer, keys[0], 3)
+    sent, samples = peer.take_gradients()  # round 1
+    peer.log.record_sent(1, sent)
+    assert samples == 4
+    contribution = peer.log.get(1)
+    assert [m.weights_step for m in contribution.microbatches] == [0, 1]
+    weights = {0: validator.log.weights(0), 1: validator.log.weights(1)}
+    validator.apply([torch.randn_like(g) for g in grads])  # the validator moved on to step 2
+    before = [p.detach().clone() for p in validator.trainable.params]
+    expected = validator.recompute_mean_gradient(contribution.microbatches, weights)
+    assert relative_error(contribution.sent, expected) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, validator.trainable.params, strict=True))
+    assert relative_error([-1000 * g for g in sent], expected) > 1.0  # sign_flip
+    assert relative_error([0 * g for g in sent], expected) == 1.0  # a lazy peer
+    wrong_step = validator.recompute_mean_gradient(contribution.microbatches, {0: weights[1], 1: weights[1]})
+    assert relative_error(sent, wrong_step) > 0  # the weights of each microbatch's own step matter
+
+
+def _commit(key: RSAPrivateKey) -> bytes:
+    return sign_statement(key, commit_payload(PREFIX, STEP, [digest(b"chunk")], digest(b"secret")))
+
+
+def test_bad_gradient_accusations_are_judged_by_recomputation(keys):
+    accuser, accused = keys[0], keys[1]
+    commits = [_commit(k) for k in keys[1:]]
+    blob = make_accusation(accuser, BAD_GRADIENT, peer_id_of(accused), PREFIX, STEP, b"g", 0, commits)
+
+    async def guilty(payload):
+        assert payload["accuser"] == peer_id_of(accuser) and payload["accusation"]
+        return payload["accused"], "recomputed"
+
+    async def innocent(payload):
+        return None, "matches"
+
+    verdict = asyncio.run(judge(blob, guilty))
+    assert verdict.guilty == peer_id_of(accused)
+    assert asyncio.run(judge(blob, innocent)).guilty == peer_id_of(accuser)  # a false accusation
+    assert asyncio.run(judge(blob, None)) is None  # can't recompute: undecided
+    # the accused's commitment must come first: otherwise the accusation is bogus and bans its author
+    forged = make_accusation(accuser, BAD_GRADIENT, peer_id_of(accused), PREFIX, STEP, b"g", 0, commits[1:])
+    assert asyncio.run(judge(forged, guilty)).guilty == peer_id_of(accuser)
+
+
+def test_outsiders_follow_the_majority_of_the_rounds_other_members(keys):
+    accuser, accused, third, fourth = (peer_id_of(k) for k in keys)
+    commits = [_commit(k) for k in (keys[1], keys[0], keys[2], keys[3])]
+    accusation = {"accuser": accuser, "accused": accused, "accusation": "ff" * 32, "prefix": PREFIX}
+    accusation.update(step=STEP, evidence=commits)
+    members = round_members(accusation)
+    assert members == {accuser, accused, third, fourth}
+
+    def votes(*pairs):
+        return {peer_id_of(k): verdict_statement(k, "ff" * 32, guilty) for k, guilty in pairs}
+
+    assert majority_verdict(accusation, {}, members) is None  # nobody spoke yet: undecided
+    # the accuser's and the accused's own verdicts don't count
+    assert majority_verdict(accusation, votes((keys[0], accused), (keys[1], accuser)), members) is None
+    assert majority_verdict(accusation, votes((keys[2], accused)), members)[0] == accused
+    assert majority_verdict(accusation, votes((keys[2], accuser)), members)[0] is None
+    assert (
+        majority_verdict(accusation, votes((keys[2], accused), (keys[3], accuser)), members)[0] == GOOD_FAITH
+    )
+    outsider = RSAPrivateKey()  # not in the round: ignored
+    assert majority_verdict(accusation, votes((outsider, accused)), members) is None
+    # a verdict about another accusation, relayed under this one's tag, is ignored
+    other = {peer_id_of(keys[2]): verdict_statement(keys[2], "ee" * 32, accused)}
+    assert majority_verdict(accusation, other, members) is None
