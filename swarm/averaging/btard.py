@@ -135,6 +135,7 @@ class RoundChecker:
     :param tau: CenteredClip's tau for the projection check; None skips that check (median and trimmed
       mean have no fixed point to test)
     :param timeout: how long to wait for the other members' statements in each phase
+    :param on_seed: called with the round's `RoundRecord` once its seed is known (record.seed, .members)
     """
 
     def __init__(
@@ -146,10 +147,13 @@ class RoundChecker:
         part_size_bytes: int,
         timeout: float = 15.0,
         poll_period: float = 0.1,
+        on_seed=None,
     ):
         self.dht, self.key, self.accusations_key = dht, signing_key, accusations_key
         self.tau, self.part_size_bytes = tau, part_size_bytes
         self.timeout, self.poll_period = timeout, poll_period
+        # called with the round's record as soon as its seed is known (before the projection checks)
+        self.on_seed = on_seed
         self.own_id = peer_id_of(signing_key)
         self.filed: list[bytes] = []
         self.stopped = threading.Event()  # set on shutdown: a check in progress gives up at its next wait
@@ -211,6 +215,11 @@ class RoundChecker:
         after_blobs, afters = self._gather(key, "after", senders, kind="after", **fields)
         missing = sorted(set(senders) - set(afters))
         record.members, record.seed = senders, chunk_seed(senders, t.commits, afters)
+        if self.on_seed is not None and record.seed is not None:
+            try:
+                self.on_seed(record)
+            except Exception as e:
+                logger.warning("handling the seed of step %d failed: %r", t.step, e)
         if missing:
             logger.warning("step %d: %s published no after-round statement", t.step, ", ".join(missing))
 

@@ -286,8 +286,8 @@ class GroupAverager:
     :param check_timeout: how long the checks after a robust round wait for each phase's statements
     :param on_accusations: called (from the checks' thread) with the accusations a round's checks filed,
       e.g. to judge them at once rather than at the next periodic read
-    :param on_round: called (from the checks' thread) with each robust round's `btard.RoundRecord` once
-      its checks are done (its seed is known), e.g. to validate other members' gradients
+    :param on_round: called (from the checks' thread) with each robust round's `btard.RoundRecord` as soon
+      as the round's random seed is known, e.g. to validate other members' gradients
     :param fault: a --fault whose `tamper_part` / `tamper_aggregate` hooks run inside the all-reduce
     :param averager_kwargs: extra keyword arguments for hivemind's `DecentralizedAverager`
     """
@@ -385,6 +385,7 @@ class GroupAverager:
                     float(options["tau"]) if aggregator == "centered_clip" else None,
                     self._part_size_bytes,
                     timeout=check_timeout,
+                    on_seed=on_round,
                 )
         local = [t.detach().to("cpu", copy=True) for t in templates]
         self._averager = averager_class(local, dht, **kwargs)
@@ -515,11 +516,6 @@ class GroupAverager:
         accusations = self._checker(record)
         if accusations and self.on_accusations is not None:
             self.on_accusations(accusations)
-        if self.on_round is not None:
-            try:
-                self.on_round(record)
-            except Exception as e:
-                logger.warning("handling the round of step %d failed: %r", record.transcript.step, e)
         return accusations
 
     def _check_done(self, _: Future) -> None:

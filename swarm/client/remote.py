@@ -35,10 +35,16 @@ async def remote_forward(
     position_ids: torch.Tensor | None,
     timeout: float,
     prompts: torch.Tensor | None = None,
+    receipts: list[bytes] | None = None,
 ) -> torch.Tensor:
-    """Hidden states through blocks [start, end) of `peer_id`; raises RemoteError on an error reply."""
+    """Hidden states through blocks [start, end) of `peer_id`; raises RemoteError on an error reply.
+
+    `receipts`: if given, the node's signed receipt for its reply is appended (training nodes sign them).
+    """
     tensors = [hidden_states] + ([prompts] if prompts is not None else [])
-    outputs = await _call(p2p, peer_id, "forward", start, end, tensors, attention_mask, position_ids, timeout)
+    outputs = await _call(
+        p2p, peer_id, "forward", start, end, tensors, attention_mask, position_ids, timeout, receipts=receipts
+    )
     _expect_shapes(peer_id, outputs, [hidden_states.shape])
     return outputs[0]
 
@@ -55,14 +61,26 @@ async def remote_backward(
     timeout: float,
     prompts: torch.Tensor | None = None,
     receipt: bytes = b"",
+    receipts: list[bytes] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients w.r.t. the span's inputs (and its deep prompts); the node recomputes the forward.
 
-    `receipt`: in a training run, the caller's signed receipt for these tensors (`swarm.training.validation`).
+    `receipt`: in a training run, the caller's signed receipt for these tensors (`swarm.training.validation`);
+    `receipts`: if given, the node's signed receipt for its reply is appended.
     """
     tensors = [hidden_states, grad_outputs] + ([prompts] if prompts is not None else [])
     grads = await _call(
-        p2p, peer_id, "backward", start, end, tensors, attention_mask, position_ids, timeout, receipt=receipt
+        p2p,
+        peer_id,
+        "backward",
+        start,
+        end,
+        tensors,
+        attention_mask,
+        position_ids,
+        timeout,
+        receipt=receipt,
+        receipts=receipts,
     )
     shapes = [hidden_states.shape] + ([prompts.shape] if prompts is not None else [])
     _expect_shapes(peer_id, grads, shapes)
@@ -70,7 +88,17 @@ async def remote_backward(
 
 
 async def _call(
-    p2p, peer_id, kind, start, end, tensors, attention_mask, position_ids, timeout, receipt: bytes = b""
+    p2p,
+    peer_id,
+    kind,
+    start,
+    end,
+    tensors,
+    attention_mask,
+    position_ids,
+    timeout,
+    receipt: bytes = b"",
+    receipts: list[bytes] | None = None,
 ) -> list[torch.Tensor]:
     """A forward or backward call: unary when the request fits one message, streamed otherwise."""
     stub = NodeProtocol.stub(p2p, peer_id)
@@ -88,7 +116,10 @@ async def _call(
         request.tensors.extend(protos)
         response = await getattr(stub, f"rpc_{kind}")(request, timeout=timeout)
         error = response.error if response.HasField("error") else None
-        return _decode_outputs(peer_id, error, list(response.tensors))
+        outputs = _decode_outputs(peer_id, error, list(response.tensors))
+        if receipts is not None:
+            receipts.append(bytes(response.receipt))
+        return outputs
 
     async def requests():
         parts = split_tensors(protos, STREAM_CHUNK_BYTES)
@@ -100,16 +131,20 @@ async def _call(
             yield request_type(tensors=[part])
 
     async def collect():
-        error, parts = None, []
+        error, parts, signed = None, [], b""
         async for response in await getattr(stub, f"rpc_{kind}_stream")(requests()):
             if response.HasField("error"):
                 error = response.error
             parts.extend(response.tensors)
-        return error, parts
+            signed = signed or bytes(response.receipt)
+        return error, parts, signed
 
-    error, parts = await asyncio.wait_for(collect(), timeout=timeout)
+    error, parts, signed = await asyncio.wait_for(collect(), timeout=timeout)
     tensors = combine_parts(parts, MAX_RESPONSE_BYTES) if error is None else []
-    return _decode_outputs(peer_id, error, tensors)
+    outputs = _decode_outputs(peer_id, error, tensors)
+    if receipts is not None:
+        receipts.append(signed)
+    return outputs
 
 
 def _decode_outputs(peer_id: str, error: swarm_pb2.Error | None, tensors: list) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
+import torch
 from hivemind.p2p import P2PContext
 
 from swarm.node.backend import SpanBackend, SpanInputs
@@ -41,6 +42,9 @@ class NodeServicer(NodeProtocol):
         self.get_stage_info = get_stage_info  # training nodes: their stage record
         # training nodes: why a peer may not call forward/backward (e.g. banned from the run), or None
         self.refuse_peer: Callable[[str], str | None] | None = None
+        # training nodes: sign(kind, inputs, first output) -> a receipt for the reply, which shows that
+        # this node returned it (trainers keep them for validators: swarm.training.validation)
+        self.sign_reply: Callable[[str, SpanInputs, torch.Tensor], bytes] | None = None
 
     def _check_caller(self, context: P2PContext) -> None:
         reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
@@ -82,10 +86,10 @@ class NodeServicer(NodeProtocol):
         started = time.perf_counter()
         try:
             self._check_caller(context)
-            outputs, step = await self._run_span(
+            outputs, step, receipt = await self._run_span(
                 request, list(request.tensors), context, backward=kind == "backward"
             )
-            response = response_type(tensors=[serialize(t) for t in outputs], step=step)
+            response = response_type(tensors=[serialize(t) for t in outputs], step=step, receipt=receipt)
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(
                     swarm_pb2.Error.TOO_LARGE,
@@ -102,14 +106,17 @@ class NodeServicer(NodeProtocol):
         try:
             first, parts = await self._receive_stream(requests)
             self._check_caller(context)  # after reading: replying mid-stream would reset the connection
-            outputs, step = await self._run_span(first, parts, context, backward=kind == "backward")
-            for part in split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES):
-                yield response_type(tensors=[part], step=step)
+            outputs, step, receipt = await self._run_span(first, parts, context, backward=kind == "backward")
+            for index, part in enumerate(split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES)):
+                yield response_type(tensors=[part], step=step, receipt=receipt if index == 0 else b"")
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
 
-    async def _run_span(self, request, tensors, context: P2PContext, backward: bool) -> tuple[list, int]:
-        """([outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward), and the weights' step."""
+    async def _run_span(
+        self, request, tensors, context: P2PContext, backward: bool
+    ) -> tuple[list, int, bytes]:
+        """([outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward), the weights' step and
+        the reply's receipt (b"" unless this node signs its replies)."""
         backend = self.backend  # the node may move to other blocks meanwhile
         inputs = backend.parse_inputs(
             request.start_block,
@@ -122,8 +129,13 @@ class NodeServicer(NodeProtocol):
         inputs.caller = context.remote_id.to_base58()
         if backward:
             inputs.receipt = bytes(request.receipt)
-            return await backend.backward(inputs), inputs.step
-        return [await backend.forward(inputs)], inputs.step
+            outputs = await backend.backward(inputs)
+        else:
+            outputs = [await backend.forward(inputs)]
+        receipt = b""
+        if self.sign_reply is not None:
+            receipt = self.sign_reply("backward" if backward else "forward", inputs, outputs[0])
+        return outputs, inputs.step, receipt
 
     async def _receive_stream(self, requests: AsyncIterator) -> tuple:
         first, parts, count, total = None, [], 0, 0

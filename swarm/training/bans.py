@@ -99,7 +99,7 @@ class RunBans:
             try:
                 guilty, why = await self.gradient_judge(accusation)
             except CannotJudge as e:
-                logger.info("following the stage's verdicts on %s: %s", accused, e)
+                logger.info("following the verdicts of the round's members on %s: %s", accused, e)
             except ContributionUnavailable as e:
                 if self._attempt(accusation) >= MAX_RECHECK_ATTEMPTS:
                     guilty, why = accused, f"did not show its contribution to step {accusation['step']}"

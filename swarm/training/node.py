@@ -13,8 +13,6 @@ import logging
 import torch
 
 from swarm.averaging import GroupAverager
-from swarm.averaging.accusations import BAD_GRADIENT, make_accusation
-from swarm.averaging.btard import RoundRecord, file_accusation
 from swarm.dht.announcer import RecordAnnouncer, store_records
 from swarm.dht.keys import stage_key
 from swarm.dht.swarm_view import live_records, read_stage
@@ -29,12 +27,7 @@ from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.run import LoadedRun
 from swarm.training.stage import TrainableSpanBackend
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
-from swarm.training.validation import (
-    CannotJudge,
-    ContributionUnavailable,
-    GradientValidator,
-    choose_pairs,
-)
+from swarm.training.validation import GradientValidator, GroupValidation, sign_reply
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +36,6 @@ VIEW_REFRESH_PERIOD = 0.3  # seconds between re-reads of the stage's records
 PROGRESS_INTERVAL = 0.2  # the stage record is re-published at most this often while samples come in
 STATE_TIMEOUT = 120.0
 MEMBER_KEEP_FOR = 3.0  # seconds a stage peer that stopped answering still counts as a member
-VALIDATION_ATTEMPTS = 3  # a validator asks its target this many times for its contribution
-VALIDATION_RETRY_DELAY = 2.0
-MAX_EVIDENCE_COMMITS = 8  # commitments an accusation carries (they name the round's members who may judge it)
 
 
 class TrainingNode(Node):
@@ -65,7 +55,7 @@ class TrainingNode(Node):
         self.averager: GroupAverager | None = None
         self._members = MemberView(keep_for=MEMBER_KEEP_FOR)
         self._member_ids: list[str] = []
-        self.validator: GradientValidator | None = None
+        self.validation: GroupValidation | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
@@ -186,6 +176,10 @@ class TrainingNode(Node):
         self.bans = RunBans(self.dht, self.p2p, self.training_run, self.peer_id, self.signing_key)
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info(), self.stage_info)
         self.servicer.refuse_peer = self.bans.refusal
+        run_hash, key, stage = self.training_run.sha256, self.signing_key, self.stage
+        self.servicer.sign_reply = lambda call, inputs, output: sign_reply(
+            key, run_hash, stage, call, inputs.hidden_states, output
+        )
         await self._add_servicer(self.servicer)
         state_servicer = TrainStateServicer(
             self.training_run.sha256, self._get_state, self._progress, self.backend.log.get
@@ -205,18 +199,19 @@ class TrainingNode(Node):
             signing_key=self.signing_key,
             accusations_key=accusations_key(self.training_run),
             on_accusations=self.bans.wake,
-            on_round=self._on_round,
+            on_round=lambda record: self.validation.on_round(record),
             fault=self.fault,
         )
-        self.validator = GradientValidator(
+        validator = GradientValidator(
             self.backend,
             self.p2p,
             self.training_run.sha256,
-            self.stage,
             self.averager.prefix,
             self.averager.part_size_bytes,
         )
-        self.bans.gradient_judge = self._judge_gradient
+        self.validation = GroupValidation(
+            validator, self.bans, self.dht, self.signing_key, self.peer_id, averaging.validators, self._loop
+        )
         trainable = self.backend.trainable
         self.collaboration = Collaboration(
             f"stage {self.stage}",
@@ -278,63 +273,6 @@ class TrainingNode(Node):
             except Exception as e:
                 logger.warning("stage %d step failed: %r", self.stage, e, exc_info=True)
             await asyncio.sleep(STEP_CHECK_PERIOD)
-
-    # ---- gradient validation (BTARD) ---------------------------------------------------------------------
-
-    def _on_round(self, record: RoundRecord) -> None:
-        """After a robust round's checks (on their thread): validate the members the round's seed gives us."""
-        validators = self.run_config.averaging.validators
-        if record.seed is None or not validators or self._loop is None:
-            return
-        for validator, target in choose_pairs(record.seed, record.members, validators):
-            if validator == self.peer_id and target not in self.bans.banned():
-                asyncio.run_coroutine_threadsafe(self._validate(record, target), self._loop)
-
-    async def _validate(self, record: RoundRecord, target: str) -> None:
-        step, commits = record.transcript.step, record.transcript.commits
-        if target not in commits:
-            return
-        for attempt in range(1, VALIDATION_ATTEMPTS + 1):
-            try:
-                guilty, why = await self.validator.check(target, step, commits[target])
-                break
-            except CannotJudge as e:
-                logger.info("can't validate %s's gradient of step %d: %s", target, step, e)
-                return
-            except ContributionUnavailable as e:
-                if attempt == VALIDATION_ATTEMPTS:
-                    # not proof of anything (it may be busy): an accusation it could later answer would ban us
-                    logger.warning("%s did not show its contribution to step %d: %s", target, step, e)
-                    return
-                await asyncio.sleep(VALIDATION_RETRY_DELAY)
-        if guilty is None:
-            logger.info("validated %s: %s", target, why)
-            return
-        others = [commits[m] for m in sorted(commits) if m != target][: MAX_EVIDENCE_COMMITS - 1]
-        blob = make_accusation(
-            self.signing_key,
-            BAD_GRADIENT,
-            target,
-            record.prefix,
-            step,
-            record.transcript.group_id,
-            0,
-            [commits[target], *others],
-        )
-        logger.warning("accusing %s of a bad gradient: %s", target, why)
-        try:
-            key = self.bans.key
-            await asyncio.to_thread(file_accusation, self.dht, key, self.signing_key, blob)
-        except Exception as e:
-            logger.warning("filing an accusation against %s failed: %r", target, e)
-        self.bans.wake()
-
-    async def _judge_gradient(self, accusation: dict) -> tuple[str | None, str]:
-        if accusation["prefix"] != self.averager.prefix:
-            raise CannotJudge("the accusation is about another stage's round")
-        return await self.validator.check(
-            accusation["accused"], accusation["step"], accusation["evidence"][0]
-        )
 
     async def _resync(self, peer_id: str) -> None:
         """Replace this peer's parameters, optimizer state and step with another stage peer's."""

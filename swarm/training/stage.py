@@ -14,7 +14,7 @@ from swarm.proto import swarm_pb2
 from swarm.training.run import OptimizerSettings
 from swarm.training.state import TrainState
 from swarm.training.trainable import TrainableParameters
-from swarm.training.validation import ContributionLog, Microbatch, check_receipt
+from swarm.training.validation import STAGE_MICROBATCH, ContributionLog, Microbatch, check_receipt
 
 THROUGHPUT_EMA = 0.1  # SWARM's smoothing of measured throughput
 
@@ -124,7 +124,8 @@ class TrainableSpanBackend(SpanBackend):
         except ValueError as e:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"refused: {e}") from None
         if self.run_hash is not None:
-            self.log.add(Microbatch(inputs.receipt, inputs.hidden_states, inputs.grad_outputs, inputs.step))
+            tensors = {"inputs": inputs.hidden_states, "grad_outputs": inputs.grad_outputs}
+            self.log.add(Microbatch(STAGE_MICROBATCH, tensors, [inputs.receipt], inputs.step))
         rate = inputs.hidden_states.shape[0] / max(time.perf_counter() - started, 1e-6)
         self.throughput = (
             rate if not self.throughput else (1 - THROUGHPUT_EMA) * self.throughput + THROUGHPUT_EMA * rate
@@ -159,8 +160,7 @@ class TrainableSpanBackend(SpanBackend):
     def load(self, state: TrainState) -> None:
         """Take another peer's state: the weights of earlier steps here are not the group's any more."""
         self.trainable.load(state)
-        self.log.forget_weights()
-        self.log.snapshot(self.trainable.step, self.trainable.params)
+        self.log.restart(self.trainable.step, self.trainable.params)
 
     def recompute_mean_gradient(
         self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
@@ -179,19 +179,43 @@ class TrainableSpanBackend(SpanBackend):
                         for param, value in zip(params, weights[microbatch.weights_step], strict=True):
                             param.copy_(value)
                     loaded = microbatch.weights_step
+                hidden = microbatch.tensors["inputs"]
                 inputs = SpanInputs(
-                    microbatch.inputs,
+                    hidden,
                     None,
                     None,
                     slice(None),
-                    microbatch.inputs.dtype,
-                    grad_outputs=microbatch.grad_outputs,
+                    hidden.dtype,
+                    grad_outputs=microbatch.tensors["grad_outputs"],
                 )
                 for total, grad in zip(sums, self._gradients(inputs)[1:], strict=True):
                     total.add_(grad)
-                samples += microbatch.inputs.shape[0]
+                samples += hidden.shape[0]
         finally:
             with torch.no_grad():
                 for param, value in zip(params, current, strict=True):
                     param.copy_(value)
         return [total / max(samples, 1) for total in sums]
+
+    # ---- what a validator in this stage needs (swarm.training.validation.Recomputer) ---------------------
+
+    def gradient_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.trainable.params]
+
+    def check_microbatch(self, microbatch: Microbatch) -> None:
+        """A stage microbatch whose tensors this stage would have accepted, with the trainer's receipt."""
+        if microbatch.kind != STAGE_MICROBATCH:
+            raise ValueError(f"a stage peer's microbatch can't be a {microbatch.kind!r} one")
+        inputs, grads = microbatch.tensors["inputs"], microbatch.tensors["grad_outputs"]
+        if inputs.dim() != 3 or inputs.shape[-1] != self.hidden_size or grads.shape != inputs.shape:
+            raise ValueError(f"tensors of shapes {tuple(inputs.shape)}, {tuple(grads.shape)}")
+        if not inputs.is_floating_point() or not grads.is_floating_point():
+            raise ValueError("tensors that are not floating point")
+        if inputs.shape[0] > self.limits.max_batch_size or inputs.shape[1] > self.limits.max_sequence_length:
+            raise ValueError(f"a batch of shape {tuple(inputs.shape)} this stage would have refused")
+        check_receipt(microbatch.receipts[0], self.run_hash, self.stage, inputs, grads)
+
+    async def recompute(
+        self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        return await self.run_on_compute_thread(self.recompute_mean_gradient, microbatches, weights)

@@ -115,7 +115,6 @@ class TrainStateServicer(TrainStateProtocol):
         if batch:
             yield swarm_pb2.TrainStateResponse(tensors=batch)
 
-
     async def rpc_train_contribution(
         self, request: swarm_pb2.TrainContributionRequest, context: P2PContext
     ) -> AsyncIterator[swarm_pb2.TrainContributionResponse]:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from swarm.averaging import GroupAverager
 from swarm.averaging.statements import signing_key_of
@@ -36,10 +35,18 @@ from swarm.testing.faults import Fault
 from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.data import MicrobatchSampler, TextSequences
+from swarm.training.head_gradients import TrainerRecomputer, embedding_gradients, loss_gradients
 from swarm.training.run import LoadedRun, load_run
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
 from swarm.training.trainable import TrainableParameters
-from swarm.training.validation import sign_receipt
+from swarm.training.validation import (
+    EMBED_MICROBATCH,
+    HEAD_MICROBATCH,
+    GradientValidator,
+    GroupValidation,
+    Microbatch,
+    sign_receipt,
+)
 from swarm.training.wiring import StageWiring
 
 logger = logging.getLogger(__name__)
@@ -113,6 +120,13 @@ class SwarmTrainer:
         )
         self.data_path = data
         self.fault = fault
+        self.recomputer = TrainerRecomputer(
+            self.head,
+            self.trainable,
+            self.run.sha256,
+            config.num_stages,
+            self._on_compute,
+        )
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
         self.max_retries, self.wait_for_stages = max_retries, wait_for_stages
         self.concurrency = concurrency
@@ -128,7 +142,7 @@ class SwarmTrainer:
         self._closed = False
         self._tasks: list = []
         self._max_steps: int | None = 0  # steps stop here (0: not training yet)
-        self.announcer = self.averager = None
+        self.announcer = self.averager = self.validation = None
         self.client = SwarmClient(
             config.model.name,
             config.model.num_blocks,
@@ -142,9 +156,13 @@ class SwarmTrainer:
         try:
             self.peer_id = self.client.dht.peer_id.to_base58()
             self._signing_key = signing_key_of(self.client.signer)  # signs its receipts and BTARD statements
-            self._state_servicer = TrainStateServicer(self.run.sha256, self._get_state, self._progress)
+            self._state_servicer = TrainStateServicer(
+                self.run.sha256, self._get_state, self._progress, self.recomputer.log.get
+            )
             self.client.run_async(self._state_servicer.add_p2p_handlers(self.client.p2p))
-            self.run_bans = RunBans(self.client.dht, self.client.p2p, self.run, self.peer_id)
+            self.run_bans = RunBans(
+                self.client.dht, self.client.p2p, self.run, self.peer_id, self._signing_key
+            )
             self._state_servicer.refuse_peer = self.run_bans.refusal
             averaging = config.averaging
             self.averager = GroupAverager(
@@ -158,7 +176,24 @@ class SwarmTrainer:
                 signing_key=self._signing_key,
                 accusations_key=accusations_key(self.run),
                 on_accusations=self.run_bans.wake,
+                on_round=lambda record: self.validation.on_round(record),
                 fault=fault,
+            )
+            validator = GradientValidator(
+                self.recomputer,
+                self.client.p2p,
+                self.run.sha256,
+                self.averager.prefix,
+                self.averager.part_size_bytes,
+            )
+            self.validation = GroupValidation(
+                validator,
+                self.run_bans,
+                self.client.dht,
+                self._signing_key,
+                self.peer_id,
+                averaging.validators,
+                self.client._loop.loop,
             )
             self.collaboration = Collaboration(
                 "trainers",
@@ -167,13 +202,14 @@ class SwarmTrainer:
                 progress=lambda: (self.trainable.step, self.trainable.samples),
                 members=self._members,
                 take=lambda: self._on_compute(self._take),
-                apply=lambda grads: self._on_compute(self.trainable.apply, grads),
+                apply=lambda grads: self._on_compute(self._apply, grads),
                 averager=self.averager,
                 averaging_timeout=averaging.averaging_timeout,
                 own_fingerprint=lambda: self.trainable.fingerprint,
                 resync=self._resync,
                 corrupt=fault.corrupt_gradients if fault is not None else None,
                 banned=self.run_bans.banned,
+                on_sent=self.recomputer.log.record_sent,
             )
             self.announcer = RecordAnnouncer(self._publish, update_period, min_interval=0.2)
             self.announcer.start()
@@ -269,6 +305,11 @@ class SwarmTrainer:
     def _load_head(self, state: TrainState) -> None:
         self.trainable.load(state)
         self._loss_sum = 0.0  # the samples behind it were dropped with the gradients
+        self.recomputer.log.restart(self.trainable.step, self.trainable.params)
+
+    def _apply(self, grads: list[torch.Tensor]) -> None:
+        self.trainable.apply(grads)
+        self.recomputer.log.snapshot(self.trainable.step, self.trainable.params)
 
     def _progress(self) -> tuple[int, int, list[float]]:
         return self.trainable.step, self.trainable.announced_samples, self.trainable.fingerprint
@@ -282,40 +323,34 @@ class SwarmTrainer:
         with torch.no_grad():
             return self.head.embed(ids).detach()
 
-    def _loss_and_grad(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def _loss_and_grad(
+        self, ids: torch.Tensor, hidden: torch.Tensor, receipt: bytes
+    ) -> tuple[float, torch.Tensor]:
         """Sum over samples of the mean token cross-entropy; adds the norm's and head's gradients."""
-        with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_(True)
-            logits = self.head.logits(hidden)[:, :-1].float()
-            labels = ids[:, 1:]
-            if self.fault is not None:
-                labels = self.fault.corrupt_labels(labels, self.trainable.step, logits.shape[-1])
-            losses = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-            ).view(ids.shape[0], -1)
-            loss = losses.mean(dim=1).sum()
-            params = self.trainable.params
-            grads = torch.autograd.grad(loss, [hidden, *params], allow_unused=True)
-        param_grads = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads[1:], strict=True)
-        ]
+        labels = ids[:, 1:]
+        if self.fault is not None:
+            vocab_size = self.head.lm_head.weight.shape[0]
+            labels = self.fault.corrupt_labels(labels, self.trainable.step, vocab_size)
+        loss, grad_hidden, param_grads = loss_gradients(self.head, self.trainable.params, ids, hidden, labels)
         self.trainable.accumulate(param_grads, 0)
-        return float(loss.detach()), grads[0]
+        step = self.trainable.step
+        self.recomputer.log.add(Microbatch(HEAD_MICROBATCH, {"ids": ids, "hidden": hidden}, [receipt], step))
+        return float(loss), grad_hidden
 
-    def _embedding_backward(self, ids: torch.Tensor, grad: torch.Tensor, loss_sum: float) -> None:
+    def _embedding_backward(
+        self, ids: torch.Tensor, grad: torch.Tensor, loss_sum: float, receipt: bytes
+    ) -> None:
         """Add the embeddings' gradient; the microbatch's samples count from here on."""
-        with torch.enable_grad():
-            embedded = self.head.embed(ids)
-            (grad_embed,) = torch.autograd.grad(embedded, [self.head.embed_tokens.weight], grad_outputs=grad)
-        grads = [
-            grad_embed if p is self.head.embed_tokens.weight else torch.zeros_like(p)
-            for p in self.trainable.params
-        ]
-        self.trainable.accumulate(grads, ids.shape[0])
+        self.trainable.accumulate(
+            embedding_gradients(self.head, self.trainable.params, ids, grad), ids.shape[0]
+        )
+        step = self.trainable.step
+        self.recomputer.log.add(Microbatch(EMBED_MICROBATCH, {"ids": ids, "grad": grad}, [receipt], step))
         self._loss_sum += loss_sum
 
     def _take(self) -> tuple[list[torch.Tensor], int]:
         loss_sum, self._loss_sum = self._loss_sum, 0.0
+        self.recomputer.log.close(self.trainable.step)
         grads, samples = self.trainable.take_mean_gradients()
         now = time.perf_counter()
         elapsed, self._step_time = now - self._step_time, now
@@ -328,8 +363,11 @@ class SwarmTrainer:
 
     # ---- one microbatch through the stages ---------------------------------------------------------------
 
-    async def _call_stage(self, stage: int, ids_rows: int, hidden, grad=None) -> torch.Tensor:
-        """Forward (or backward, given `grad`) through a stage on its least busy peer; retries elsewhere."""
+    async def _call_stage(
+        self, stage: int, ids_rows: int, hidden, grad=None, receipts: list[bytes] | None = None
+    ) -> torch.Tensor:
+        """Forward (or backward, given `grad`) through a stage on its least busy peer; retries elsewhere.
+        The peer's signed receipt for its reply is appended to `receipts`."""
         start, end = self.run.config.stages[stage]
         backward = grad is not None
         deadline = time.monotonic() + self.wait_for_stages
@@ -359,10 +397,19 @@ class SwarmTrainer:
                         None,
                         self.backward_timeout,
                         receipt=receipt,
+                        receipts=receipts,
                     )
                 else:
                     result = await remote_forward(
-                        self.client.p2p, peer, start, end, hidden, None, None, self.forward_timeout
+                        self.client.p2p,
+                        peer,
+                        start,
+                        end,
+                        hidden,
+                        None,
+                        None,
+                        self.forward_timeout,
+                        receipts=receipts,
                     )
                 self._wiring[stage].measured(peer, ids_rows, time.perf_counter() - started, backward)
                 return result
@@ -379,14 +426,14 @@ class SwarmTrainer:
 
     async def _microbatch(self, ids: torch.Tensor) -> None:
         hidden = await self._on_compute(self._embed, ids)
-        inputs = []
+        inputs, receipts = [], []  # the stages' signed receipts for their replies, the last one's kept
         for stage in range(self.run.config.num_stages):
             inputs.append(hidden)
-            hidden = await self._call_stage(stage, ids.shape[0], hidden)
-        loss_sum, grad = await self._on_compute(self._loss_and_grad, ids, hidden)
+            hidden = await self._call_stage(stage, ids.shape[0], hidden, receipts=receipts)
+        loss_sum, grad = await self._on_compute(self._loss_and_grad, ids, hidden, receipts[-1])
         for stage in reversed(range(self.run.config.num_stages)):
-            grad = await self._call_stage(stage, ids.shape[0], inputs[stage], grad)
-        await self._on_compute(self._embedding_backward, ids, grad, loss_sum)
+            grad = await self._call_stage(stage, ids.shape[0], inputs[stage], grad, receipts=receipts)
+        await self._on_compute(self._embedding_backward, ids, grad, loss_sum, receipts[-1])
         self.announcer.announce_now()
 
     # ---- the training loop ------------------------------------------------------------------------------

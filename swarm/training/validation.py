@@ -29,19 +29,20 @@ import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
+from typing import AsyncIterator, Protocol  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
 import torch
 from hivemind.p2p import P2P
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.averaging.accusations import GOOD_FAITH
+from swarm.averaging.accusations import BAD_GRADIENT, GOOD_FAITH, make_accusation
+from swarm.averaging.btard import file_accusation
 from swarm.averaging.commitments import chunk_digests
-from swarm.averaging.statements import InvalidStatement, expect, open_statement, sign_statement
+from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
 from swarm.proto import swarm_pb2
 from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
 from swarm.utils.streaming import combine_parts, split_tensors
-from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
+from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ VERDICT_TAG = "gverdict"
 # move it by more than its norm
 VALIDATION_RTOL = 1e-3
 KEEP_STEPS = 4  # rounds whose contributions (and weights) a stage peer keeps for validators and judges
-MAX_CONTRIBUTION_BYTES = 16 * 1024**3
+MAX_CONTRIBUTION_BYTES = 4 * 1024**3  # a validator buffers a contribution whole
+WIRE_DTYPES = {**FLOAT_DTYPES, **INDEX_DTYPES}
 
 
 class CannotJudge(RuntimeError):
@@ -63,9 +65,9 @@ class CannotJudge(RuntimeError):
 def tensor_digest(tensor: torch.Tensor) -> bytes:
     """sha256 of a tensor's dtype, shape and bytes."""
     tensor = tensor.detach().contiguous().cpu()
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.digest()
+    hasher = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return hasher.digest()
 
 
 def receipt_payload(run_hash: str, stage: int, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> dict:
@@ -105,14 +107,62 @@ def check_receipt(
     return who
 
 
+REPLY_KIND = "reply"
+
+
+def reply_payload(run_hash: str, stage: int, call: str, inputs: torch.Tensor, output: torch.Tensor) -> dict:
+    return {
+        "kind": REPLY_KIND,
+        "run": run_hash,
+        "stage": int(stage),
+        "call": call,
+        "inputs": tensor_digest(inputs),
+        "output": tensor_digest(output),
+    }
+
+
+def sign_reply(
+    key: RSAPrivateKey, run_hash: str, stage: int, call: str, inputs: torch.Tensor, output: torch.Tensor
+) -> bytes:
+    """A stage peer's signed statement that its `call` ("forward" or "backward") on `inputs` returned
+    `output` (a trainer shows it to prove where the activations or gradients behind its own came from)."""
+    return sign_statement(key, reply_payload(run_hash, stage, call, inputs, output))
+
+
+def check_reply(blob: bytes, run_hash: str, stage: int, call: str, output: torch.Tensor) -> str:
+    """The signer of a stage peer's reply receipt, if it is for `call` of `stage` and returned `output`.
+
+    :raises InvalidStatement: otherwise
+    """
+    who, payload = open_statement(blob)
+    expected = {"kind": REPLY_KIND, "run": run_hash, "stage": int(stage), "call": call}
+    if any(payload.get(name) != value for name, value in expected.items()):
+        raise InvalidStatement(f"not a receipt for a {call} of stage {stage} of this run")
+    if payload.get("output") != tensor_digest(output):
+        raise InvalidStatement(f"the {call} receipt of stage {stage} is for another output")
+    return who
+
+
+# what a microbatch of each kind holds: its tensors and how many receipts
+STAGE_MICROBATCH = "stage"  # a stage peer's backward: {inputs, grad_outputs}, [the trainer's receipt]
+HEAD_MICROBATCH = "head"  # a trainer's loss: {ids, hidden}, [the last stage's forward receipt]
+EMBED_MICROBATCH = "embed"  # a trainer's embeddings: {ids, grad}, [the first stage's backward receipt]
+MICROBATCH_LAYOUT = {
+    STAGE_MICROBATCH: (("inputs", "grad_outputs"), 1),
+    HEAD_MICROBATCH: (("ids", "hidden"), 1),
+    EMBED_MICROBATCH: (("ids", "grad"), 1),
+}
+
+
 @dataclass
 class Microbatch:
-    """One backward call behind a stage peer's gradient."""
+    """One piece of work behind a participant's gradient, with the signed receipts that show its inputs
+    are not made up, and the step of the weights that computed it."""
 
-    receipt: bytes
-    inputs: torch.Tensor
-    grad_outputs: torch.Tensor
-    weights_step: int  # the step of the weights that computed it
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    receipts: list[bytes]
+    weights_step: int
 
 
 @dataclass
@@ -161,12 +211,14 @@ class ContributionLog:
             self._weights[step] = copies
             self._forget(self._weights)
 
-    def forget_weights(self) -> None:
-        """Forget the kept weights: this peer's were replaced by another's, so its earlier ones may not be
-        the group's (recomputing with them could accuse an honest peer). Its own contributions stay: they
-        are what it did, and validators may still ask for them."""
+    def restart(self, step: int, params: Sequence[torch.Tensor]) -> None:
+        """This member took another's state (weights at `step`; its gradient sums were dropped): forget the
+        microbatches not yet in a round (their gradients are gone) and the kept weights (its earlier ones
+        may not be the group's, and recomputing with them could accuse an honest peer). Its contributions
+        to past rounds stay: they are what it did, and validators may still ask for them."""
+        copies = [p.detach().clone() for p in params]
         with self._lock:
-            self._weights = {}
+            self._open, self._weights = [], {step: copies}
 
     def weights(self, step: int) -> list[torch.Tensor] | None:
         with self._lock:
@@ -215,14 +267,18 @@ async def stream_contribution(contribution: Contribution | None) -> AsyncIterato
     names = [f"sent{i}" for i in range(len(contribution.sent))]
     tensors = list(contribution.sent)
     for k, microbatch in enumerate(contribution.microbatches):
-        names += [f"mb{k}.inputs", f"mb{k}.grad_outputs"]
-        tensors += [microbatch.inputs, microbatch.grad_outputs]
+        for name, tensor in microbatch.tensors.items():
+            names.append(f"mb{k}.{name}")
+            tensors.append(tensor)
+    microbatches = contribution.microbatches
     yield swarm_pb2.TrainContributionResponse(
         found=True,
         step=contribution.step,
         names=names,
-        receipts=[m.receipt for m in contribution.microbatches],
-        weight_steps=[m.weights_step for m in contribution.microbatches],
+        kinds=[m.kind for m in microbatches],
+        receipts=[receipt for m in microbatches for receipt in m.receipts],
+        receipt_counts=[len(m.receipts) for m in microbatches],
+        weight_steps=[m.weights_step for m in microbatches],
     )
     batch, size = [], 0
     for part in split_tensors([serialize(t) for t in tensors], STREAM_CHUNK_BYTES):
@@ -239,10 +295,48 @@ class ContributionUnavailable(RuntimeError):
     """The peer did not answer, or answered with an error."""
 
 
+def _parse_contribution(header, protos: list, num_sent: int) -> Contribution:
+    """Rebuild a contribution from its header and tensors; raises ValueError if anything is off."""
+    count = len(header.kinds)
+    if len(header.receipt_counts) != count or len(header.weight_steps) != count:
+        raise ValueError("the microbatches' kinds, receipts and steps do not line up")
+    expected = [f"sent{i}" for i in range(num_sent)]
+    for k, kind in enumerate(header.kinds):
+        if kind not in MICROBATCH_LAYOUT:
+            raise ValueError(f"unknown microbatch kind {kind!r}")
+        names, receipts = MICROBATCH_LAYOUT[kind]
+        if header.receipt_counts[k] != receipts:
+            raise ValueError(f"a {kind} microbatch carries {receipts} receipts")
+        expected += [f"mb{k}.{name}" for name in names]
+    if list(header.names) != expected or len(protos) != len(expected):
+        raise ValueError("the tensors are not the ones the microbatches name")
+    if sum(header.receipt_counts) != len(header.receipts):
+        raise ValueError("the receipts do not add up")
+    tensors = [
+        deserialize_checked(
+            p, name=n, allowed_dtypes=WIRE_DTYPES, ndim=None, max_bytes=MAX_CONTRIBUTION_BYTES
+        )
+        for n, p in zip(expected, protos, strict=True)
+    ]
+    sent, rest, receipts = tensors[:num_sent], iter(tensors[num_sent:]), iter(header.receipts)
+    microbatches = []
+    for k, kind in enumerate(header.kinds):
+        names, count_receipts = MICROBATCH_LAYOUT[kind]
+        microbatches.append(
+            Microbatch(
+                kind,
+                {name: next(rest) for name in names},
+                [bytes(next(receipts)) for _ in range(count_receipts)],
+                int(header.weight_steps[k]),
+            )
+        )
+    return Contribution(int(header.step), sent, microbatches)
+
+
 async def fetch_contribution(
     p2p: P2P, peer_id: str, run_hash: str, step: int, num_sent: int, timeout: float
 ) -> Contribution | None:
-    """A stage peer's contribution to round `step` (None: it says it kept none).
+    """A participant's contribution to round `step` (None: it says it kept none).
 
     :raises ContributionUnavailable: no answer in time, an error reply, or a malformed one
     """
@@ -269,93 +363,87 @@ async def fetch_contribution(
     if not header.found:
         return None
     try:
-        protos = combine_parts(parts, MAX_CONTRIBUTION_BYTES)
-        count = len(header.receipts)
-        expected = [f"sent{i}" for i in range(num_sent)]
-        expected += [f"mb{k}.{name}" for k in range(count) for name in ("inputs", "grad_outputs")]
-        if (
-            list(header.names) != expected
-            or len(protos) != len(expected)
-            or len(header.weight_steps) != count
-        ):
-            raise ValueError("the names, tensors and receipts do not line up")
-        tensors = [
-            deserialize_checked(
-                p, name=n, allowed_dtypes=FLOAT_DTYPES, ndim=None, max_bytes=MAX_CONTRIBUTION_BYTES
-            )
-            for n, p in zip(expected, protos, strict=True)
-        ]
+        return _parse_contribution(header, combine_parts(parts, MAX_CONTRIBUTION_BYTES), num_sent)
     except Exception as e:
         raise ContributionUnavailable(f"{peer_id} sent a malformed contribution: {e}") from e
-    microbatches = [
-        Microbatch(
-            bytes(header.receipts[k]), tensors[num_sent + 2 * k], tensors[num_sent + 2 * k + 1], int(ws)
-        )
-        for k, ws in enumerate(header.weight_steps)
-    ]
-    return Contribution(int(header.step), tensors[:num_sent], microbatches)
 
 
 # ---- recomputing -----------------------------------------------------------------------------------------
 
 
-class GradientValidator:
-    """Recomputes other members' gradients from their contributions, with this stage peer's weights.
+class Recomputer(Protocol):
+    """What a validator needs from the participant it runs in: a stage's backend, or a trainer."""
 
-    :param backend: this peer's TrainableSpanBackend (its weights, snapshots and compute thread)
-    :param prefix: the stage's averaging prefix (commitments name it)
+    log: ContributionLog
+
+    def gradient_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of the tensors a member of its group averages."""
+
+    def check_microbatch(self, microbatch: Microbatch) -> None:
+        """Raise InvalidStatement unless the microbatch's receipts show where its tensors came from."""
+
+    async def recompute(
+        self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """The mean gradient of another member's microbatches, each with the weights of its step."""
+
+
+class GradientValidator:
+    """Recomputes other members' gradients from their contributions, with this member's weights.
+
+    :param owner: the stage backend or trainer this validator runs in
+    :param prefix: the group's averaging prefix (commitments name it)
     :param part_size_bytes: the robust rounds' chunk size (commitments hash chunks of that size)
     """
 
     def __init__(
         self,
-        backend,
+        owner: Recomputer,
         p2p: P2P,
         run_hash: str,
-        stage: int,
         prefix: str,
         part_size_bytes: int,
         timeout: float = 60.0,
     ):
-        self.backend, self.p2p, self.run_hash, self.stage = backend, p2p, run_hash, stage
+        self.owner, self.p2p, self.run_hash = owner, p2p, run_hash
         self.prefix, self.part_size_bytes, self.timeout = prefix, part_size_bytes, timeout
 
     async def check(self, peer: str, step: int, commit: bytes) -> tuple[str | None, str]:
         """(peer, why) if its round-`step` gradient is proven wrong, (None, why) if it checks out.
 
         :raises ContributionUnavailable: the peer could not be reached (try again later)
-        :raises CannotJudge: this peer lacks the weights the recomputation needs
+        :raises CannotJudge: this member lacks the weights the recomputation needs
         """
         try:
             committed = expect(commit, signer=peer, kind="commit", prefix=self.prefix, step=step)["chunks"]
         except (InvalidStatement, KeyError) as e:
             raise CannotJudge(f"no valid commitment of {peer} for step {step}: {e}") from e
-        num_sent = len(self.backend.trainable.params)
-        contribution = await fetch_contribution(self.p2p, peer, self.run_hash, step, num_sent, self.timeout)
+        shapes = self.owner.gradient_shapes()
+        contribution = await fetch_contribution(
+            self.p2p, peer, self.run_hash, step, len(shapes), self.timeout
+        )
         if contribution is None:
             return peer, f"kept no contribution to step {step} it committed to"
-        shapes = [tuple(p.shape) for p in self.backend.trainable.params]
         if [tuple(t.shape) for t in contribution.sent] != shapes:
             return peer, f"showed a gradient of step {step} with the wrong shapes"
         if chunk_digests(contribution.sent, self.part_size_bytes) != committed:
             return peer, f"showed a gradient of step {step} other than the one it committed to"
         for k, microbatch in enumerate(contribution.microbatches):
             try:
-                check_receipt(
-                    microbatch.receipt, self.run_hash, self.stage, microbatch.inputs, microbatch.grad_outputs
-                )
-            except InvalidStatement as e:
-                return peer, f"microbatch {k} of step {step} has no valid receipt: {e}"
+                self.owner.check_microbatch(microbatch)
+            except (InvalidStatement, ValueError) as e:
+                return peer, f"microbatch {k} of step {step} does not check out: {e}"
             if microbatch.weights_step not in (step - 1, step):
                 return peer, f"microbatch {k} of step {step} claims weights of step {microbatch.weights_step}"
         needed = sorted({m.weights_step for m in contribution.microbatches})
-        weights = {s: self.backend.log.weights(s) for s in needed}
+        weights = {s: self.owner.log.weights(s) for s in needed}
         missing = [s for s, w in weights.items() if w is None]
         if missing:
             raise CannotJudge(f"this peer no longer holds the weights of step(s) {missing}")
-        expected = await self.backend.run_on_compute_thread(
-            self.backend.recompute_mean_gradient, contribution.microbatches, weights
-        )
+        try:
+            expected = await self.owner.recompute(contribution.microbatches, weights)
+        except Exception as e:  # check_microbatch vetted the inputs: a failure here is ours, not proof
+            raise CannotJudge(f"recomputing {peer}'s gradient of step {step} failed: {e!r}") from e
         error = relative_error(contribution.sent, expected)
         if error > VALIDATION_RTOL:
             return peer, (
@@ -408,3 +496,94 @@ def round_members(accusation: dict) -> set[str]:
             continue
         members.add(signer)
     return members
+
+
+VALIDATION_ATTEMPTS = 3  # a validator asks its target this many times for its contribution
+VALIDATION_RETRY_DELAY = 2.0
+MAX_EVIDENCE_COMMITS = 8  # commitments an accusation carries (they name the round's members who may judge it)
+
+
+class GroupValidation:
+    """Gradient validation in one averaging group, for one member: after each robust round, check the
+    members the round's seed gives it, and accuse on proof; judge "bad_gradient" accusations about its
+    group's rounds by recomputing them.
+
+    :param bans: the run's `swarm.training.bans.RunBans` (its key, bans and wake-up; it calls `judge`)
+    :param validators: (validator, target) pairs per round (the run file's `averaging.validators`)
+    :param loop: the event loop validations run on (rounds end on the averager's checks thread)
+    """
+
+    def __init__(
+        self,
+        validator: GradientValidator,
+        bans,
+        dht,
+        signing_key: RSAPrivateKey,
+        own_id: str,
+        validators: int,
+        loop: asyncio.AbstractEventLoop,
+    ):
+        self.validator, self.bans, self.dht, self.key = validator, bans, dht, signing_key
+        self.own_id, self.validators, self.loop = own_id, validators, loop
+        self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
+        bans.gradient_judge = self.judge
+
+    def on_round(self, record) -> None:
+        """After a robust round's checks (a `btard.RoundRecord`, on their thread): start the validations
+        this member owes the round."""
+        if record.seed is None or not self.validators or self.loop.is_closed():
+            return
+        for validator, target in choose_pairs(record.seed, record.members, self.validators):
+            if validator == self.own_id and target not in self.bans.banned():
+                asyncio.run_coroutine_threadsafe(self.validate(record, target), self.loop)
+
+    async def validate(self, record, target: str) -> bytes | None:
+        """Check `target`'s gradient of the round; returns the accusation filed, if any."""
+        step, commits = record.transcript.step, record.transcript.commits
+        if target not in commits:
+            return None
+        for attempt in range(1, VALIDATION_ATTEMPTS + 1):
+            try:
+                guilty, why = await self.validator.check(target, step, commits[target])
+                break
+            except CannotJudge as e:
+                logger.info("can't validate %s's gradient of step %d: %s", target, step, e)
+                return None
+            except ContributionUnavailable as e:
+                if attempt == VALIDATION_ATTEMPTS:
+                    # not proof of anything (it may be busy): an accusation it could later answer would ban us
+                    logger.warning("%s did not show its contribution to step %d: %s", target, step, e)
+                    return None
+                await asyncio.sleep(VALIDATION_RETRY_DELAY)
+        if guilty is None:
+            logger.info("validated %s: %s", target, why)
+            return None
+        others = [commits[m] for m in sorted(commits) if m != target][: MAX_EVIDENCE_COMMITS - 1]
+        blob = make_accusation(
+            self.key,
+            BAD_GRADIENT,
+            target,
+            record.prefix,
+            step,
+            record.transcript.group_id,
+            0,
+            [commits[target], *others],
+        )
+        logger.warning("accusing %s of a bad gradient: %s", target, why)
+        self._filed[digest(blob).hex()] = (guilty, why)  # judged already: no second recomputation
+        try:
+            await asyncio.to_thread(file_accusation, self.dht, self.bans.key, self.key, blob)
+        except Exception as e:
+            logger.warning("filing an accusation against %s failed: %r", target, e)
+        self.bans.wake()
+        return blob
+
+    async def judge(self, accusation: dict) -> tuple[str | None, str]:
+        """Recompute the gradient a "bad_gradient" accusation is about (CannotJudge: not our group's)."""
+        if accusation["prefix"] != self.validator.prefix:
+            raise CannotJudge("the accusation is about another group's round")
+        if accusation["accusation"] in self._filed:
+            return self._filed.pop(accusation["accusation"])
+        return await self.validator.check(
+            accusation["accused"], accusation["step"], accusation["evidence"][0]
+        )

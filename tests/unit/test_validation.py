@@ -13,12 +13,17 @@ from swarm.averaging.accusations import BAD_GRADIENT, GOOD_FAITH, judge, make_ac
 from swarm.averaging.commitments import commit_payload
 from swarm.averaging.statements import InvalidStatement, digest, sign_statement
 from swarm.dht.identity import peer_id_of
+from swarm.models.checkpoint import resolve_checkpoint
+from swarm.models.head import load_client_head
 from swarm.models.span import LlamaSpan
 from swarm.models.tiny import tiny_llama_config
 from swarm.node.backend import SpanInputs
 from swarm.node.limits import NodeLimits
+from swarm.training.export import EMBED, LM_HEAD, NORM
+from swarm.training.head_gradients import TrainerRecomputer, embedding_gradients, loss_gradients
 from swarm.training.run import OptimizerSettings
 from swarm.training.stage import TrainableSpanBackend
+from swarm.training.trainable import TrainableParameters
 from swarm.training.validation import (
     VALIDATION_RTOL,
     ContributionLog,
@@ -29,6 +34,7 @@ from swarm.training.validation import (
     relative_error,
     round_members,
     sign_receipt,
+    sign_reply,
     verdict_statement,
 )
 
@@ -85,7 +91,8 @@ def test_log_keeps_the_last_rounds():
     params = [torch.zeros(3)]
     for step in range(4):
         log.snapshot(step, [p + step for p in params])
-        log.add(Microbatch(b"r", torch.full((1, 1, 1), float(step)), torch.zeros(1, 1, 1), step))
+        tensors = {"inputs": torch.full((1, 1, 1), float(step)), "grad_outputs": torch.zeros(1, 1, 1)}
+        log.add(Microbatch("stage", tensors, [b"r"], step))
         assert log.get(step) is None  # not closed, nothing sent yet
         log.close(step)
         assert log.get(step) is None  # closed, nothing sent yet
@@ -93,10 +100,15 @@ def test_log_keeps_the_last_rounds():
     assert log.get(0) is None and log.get(1) is None and log.weights(1) is None
     contribution = log.get(3)
     assert contribution.step == 3 and float(contribution.sent[0][0]) == 3.0
-    assert [float(m.inputs) for m in contribution.microbatches] == [3.0]
+    assert [float(m.tensors["inputs"]) for m in contribution.microbatches] == [3.0]
     assert torch.equal(log.weights(2)[0], torch.full((3,), 2.0))
-    log.forget_weights()  # after loading another peer's state: its own contributions stay
-    assert log.get(3) is not None and log.weights(3) is None and log.weights(2) is None
+    log.add(Microbatch("stage", tensors, [b"r"], 4))
+    log.restart(9, [torch.ones(3)])  # it loaded another peer's state at step 9
+    assert log.get(3) is not None  # its own past contributions stay
+    assert log.weights(3) is None and torch.equal(log.weights(9)[0], torch.ones(3))
+    log.close(9)
+    log.record_sent(9, [torch.zeros(3)])
+    assert log.get(9).microbatches == []  # the microbatch whose gradient the load dropped is gone
 
 
 def _backend() -> TrainableSpanBackend:
@@ -190,3 +202,65 @@ def test_outsiders_follow_the_majority_of_the_rounds_other_members(keys):
     # a verdict about another accusation, relayed under this one's tag, is ignored
     other = {peer_id_of(keys[2]): verdict_statement(keys[2], "ee" * 32, accused)}
     assert majority_verdict(accusation, other, members) is None
+
+
+def _trainer(checkpoint) -> TrainerRecomputer:
+    head = load_client_head(checkpoint, dtype=torch.float32)
+    trainable = TrainableParameters(
+        [(EMBED, head.embed_tokens.weight), (NORM, head.norm.weight), (LM_HEAD, head.lm_head.weight)],
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        clip_grad_norm=1.0,
+    )
+
+    async def on_compute(fn, *args):
+        return fn(*args)
+
+    return TrainerRecomputer(head, trainable, RUN, num_stages=2, on_compute=on_compute)
+
+
+def _trainer_microbatch(trainer: TrainerRecomputer, stage_key, ids, flip: bool = False) -> None:
+    """What SwarmTrainer does per microbatch, with stage replies signed by `stage_key`."""
+    head, params, step = trainer.head, trainer.trainable.params, trainer.trainable.step
+    hidden = torch.randn(*ids.shape, head.embed_tokens.weight.shape[1])
+    labels = (head.lm_head.weight.shape[0] - 1 - ids[:, 1:]) if flip else ids[:, 1:]
+    _, grad_hidden, grads = loss_gradients(head, params, ids, hidden, labels)
+    trainer.trainable.accumulate(grads, 0)
+    receipt = sign_reply(stage_key, RUN, 1, "forward", torch.randn_like(hidden), hidden)
+    trainer.log.add(Microbatch("head", {"ids": ids, "hidden": hidden}, [receipt], step))
+    grad = torch.randn_like(hidden)  # the first stage's input gradient
+    trainer.trainable.accumulate(embedding_gradients(head, params, ids, grad), ids.shape[0])
+    receipt = sign_reply(stage_key, RUN, 0, "backward", torch.randn_like(hidden), grad)
+    trainer.log.add(Microbatch("embed", {"ids": ids, "grad": grad}, [receipt], step))
+
+
+def test_a_trainers_gradient_is_recomputed_from_its_ids_and_the_stage_replies(tiny_model, keys):
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    honest, flipper, validator = _trainer(checkpoint), _trainer(checkpoint), _trainer(checkpoint)
+    ids = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(0))
+    for trainer, flip in ((honest, False), (flipper, True)):
+        torch.manual_seed(1)  # the same stage replies for both
+        _trainer_microbatch(trainer, keys[2], ids, flip)
+        trainer.log.close(0)
+        sent, samples = trainer.trainable.take_mean_gradients()
+        trainer.log.record_sent(0, sent)
+        assert samples == 3
+    weights = {0: validator.log.weights(0)}
+    for microbatch in honest.log.get(0).microbatches:
+        validator.check_microbatch(microbatch)
+    expected = asyncio.run(validator.recompute(honest.log.get(0).microbatches, weights))
+    assert relative_error(honest.log.get(0).sent, expected) == 0.0
+    flipped = asyncio.run(validator.recompute(flipper.log.get(0).microbatches, weights))
+    assert relative_error(flipper.log.get(0).sent, flipped) > VALIDATION_RTOL  # label_flip shows
+    head_part = honest.log.get(0).microbatches[0]
+    with pytest.raises(InvalidStatement):  # activations other than the stage returned
+        validator.check_microbatch(
+            Microbatch(
+                "head",
+                {**head_part.tensors, "hidden": head_part.tensors["hidden"] * 2},
+                head_part.receipts,
+                0,
+            )
+        )
