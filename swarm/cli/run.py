@@ -134,7 +134,8 @@ def add_init_parser(sub) -> argparse.ArgumentParser:
         "--validators",
         type=int,
         default=_AVERAGING.validators,
-        help="stage peers per round that recompute another member's gradient (0: no gradient validation)",
+        help="members of each group (a stage, the trainers) that recompute another member's gradient each "
+        "round (0: no gradient validation)",
     )
     parser.set_defaults(func=run_init)
     return parser

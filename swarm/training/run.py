@@ -188,8 +188,8 @@ class AveragingSettings:
     tau: float = (
         1.0  # CenteredClip's clipping radius: how far one peer can pull a chunk's result per iteration
     )
-    # stage peers per round that recompute another member's gradient (BTARD's validation; 0: none). Only
-    # with "centered_clip": its checks draw the round's random seed that picks them
+    # members of each group (a stage, the trainers) that recompute another member's gradient each round
+    # (BTARD's validation; 0: none). Needs a robust aggregator, whose checks draw the seed that picks them
     validators: int = 1
 
     def __post_init__(self) -> None:
