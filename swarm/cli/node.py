@@ -8,7 +8,7 @@ import sys
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
-from swarm.testing.faults import add_fault_argument
+from swarm.testing.faults import SERVING_NODE, TRAINING_NODE, FaultError, add_fault_argument, fault_for
 
 _DEFAULTS = NodeConfig(model="")
 _LIMITS = NodeLimits()
@@ -62,6 +62,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.deterministic,
+        help="pin bit-reproducible kernels (1 CPU thread, deterministic algorithms, no TF32, sdpa attention) "
+        "and announce the profile, so refereed verification can compare this node's outputs bit for bit "
+        "(default: on for float32 on CPU, off otherwise)",
+    )
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
     add_announce_maddrs(parser)
@@ -137,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         balance_period=args.balance_period,
         balance_quality=args.balance_quality,
         limits=limits,
+        deterministic=args.deterministic,
     )
 
 
@@ -145,24 +154,35 @@ def _usage_error(message: str) -> None:
     raise SystemExit(2)  # as argparse exits on a usage error
 
 
+def _fault(args: argparse.Namespace):
+    """The --fault, if any, refused unless this kind of node calls the hooks it uses."""
+    if args.fault is None:
+        return None
+    try:
+        return fault_for(args.fault, TRAINING_NODE if args.train is not None else SERVING_NODE)
+    except FaultError as e:
+        _usage_error(str(e))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.stage is not None and args.train is None:
         _usage_error("--stage needs --train RUN_FILE")
+    fault = _fault(args)
     if args.train is not None:
-        from swarm.testing.faults import parse_fault
         from swarm.training.node import TrainingNode
         from swarm.training.run import load_run
 
         run = load_run(args.train)
         args.model = args.model or run.config.model.source
-        fault = parse_fault(args.fault) if args.fault else None
         TrainingNode(config_from_args(args), run, args.stage, fault).run()
         return 0
-    if args.fault is not None:
-        _usage_error(f"--fault {args.fault} applies to training nodes (--train) only")
     if args.model is None:
         _usage_error("--model is required (unless --train gives the run's model)")
     from swarm.node.server import Node
 
-    Node(config_from_args(args)).run()
+    try:
+        Node(config_from_args(args), fault).run()
+    except FaultError as e:  # e.g. a perturbed block outside the span: say so, without a traceback
+        print(f"swarm node: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
-from swarm.testing.faults import add_fault_argument, parse_fault
+from swarm.testing.faults import TRAINER, FaultError, add_fault_argument, fault_for
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     from swarm.training.run import load_run
 
     try:
+        fault = fault_for(args.fault, TRAINER) if args.fault else None
+    except FaultError as e:
+        return fail(e, code=2)
+    try:
         loaded = load_run(args.run)
     except (ValueError, OSError) as e:
         return fail(e)
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity,
             update_period=args.update_period,
-            fault=parse_fault(args.fault) if args.fault else None,
+            fault=fault,
         )
         printer = StepPrinter(
             args.json, args.max_steps or loaded.config.batch.max_steps, getattr(args, "verbose", False)

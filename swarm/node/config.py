@@ -30,6 +30,27 @@ class NodeConfig:
     balance_period: float = 120.0  # seconds between rebalancing checks (randomized by +-50%)
     balance_quality: float = 0.75  # move when bottleneck now / bottleneck after moving is below this
     limits: NodeLimits = field(default_factory=NodeLimits)
+    # pin bit-reproducible kernels and announce the profile; None: decided by deterministic_by_default
+    deterministic: bool | None = None
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Whether this node runs the deterministic profile: as told, else deterministic_by_default."""
+        if self.deterministic is not None:
+            return self.deterministic
+        return deterministic_by_default(self.dtype, self.device)
+
+
+DETERMINISTIC_THREADS = 1
+"""CPU threads of a deterministic node (NodeConfig has no thread setting): the thread count is part of the
+profile, so nodes only agree bit for bit when they use the same one."""
+
+
+def deterministic_by_default(dtype: str, device: str) -> bool:
+    """The one default rule for --deterministic: on for float32 on CPU, where pinning kernels makes results
+    bit-reproducible (the price is mostly the single thread); off elsewhere (reduced precision, GPUs),
+    where it is opt-in."""
+    return dtype == "float32" and device.partition(":")[0] == "cpu"
 
 
 def parse_blocks(text: str) -> tuple[int, int]:

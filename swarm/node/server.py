@@ -18,20 +18,25 @@ from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.node.backend import SpanBackend
-from swarm.node.config import NodeConfig
+from swarm.node.config import DETERMINISTIC_THREADS, NodeConfig
 from swarm.node.handler import NodeServicer
 from swarm.node.placement import block_throughputs, choose_start, should_move
 from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
+from swarm.testing.faults import Fault
 from swarm.utils.tensors import FLOAT_DTYPES
+from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
 
 logger = logging.getLogger(__name__)
 
 
 class Node:
-    """Serves blocks [start, end) of one model until stopped (SIGTERM / SIGINT / stop())."""
+    """Serves blocks [start, end) of one model until stopped (SIGTERM / SIGINT / stop()).
 
-    def __init__(self, config: NodeConfig):
+    `fault`: a --fault for testing defences (see swarm.testing.faults); None when honest.
+    """
+
+    def __init__(self, config: NodeConfig, fault: Fault | None = None):
         if config.dtype not in FLOAT_DTYPES:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(FLOAT_DTYPES)}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -45,6 +50,8 @@ class Node:
         self.backend: SpanBackend | None = None
         self.block_hashes: list[str] = []
         self.forward_rps = self.inference_rps = 0.0
+        self.fault = fault
+        self.determinism: dict[str, str] = {}  # the profile announced, read in this node's process
 
     @staticmethod
     def _check_placement(config: NodeConfig) -> None:
@@ -70,6 +77,7 @@ class Node:
             version=swarm.__version__,
             cache_tokens_left=self.backend.sessions.tokens_left if self.backend is not None else 0,
             block_hashes=self.block_hashes[start:end] if self.block_hashes else ["0" * 64] * (end - start),
+            determinism=self.determinism,
         )
 
     def model_info(self) -> swarm_pb2.ModelInfo:
@@ -84,7 +92,13 @@ class Node:
         )
 
     def run(self) -> None:
-        """Block until stopped; always releases the DHT, the P2P daemon and the compute thread."""
+        """Block until stopped; always releases the DHT, the P2P daemon and the compute thread.
+
+        With the deterministic profile on, this pins the whole process's kernels first (threads,
+        deterministic algorithms, no TF32): run one node per process.
+        """
+        if self.config.is_deterministic:
+            apply_deterministic_profile(threads=DETERMINISTIC_THREADS)
         asyncio.run(self._serve())
 
     def stop(self) -> None:
@@ -100,6 +114,13 @@ class Node:
         self.checkpoint: Checkpoint = await asyncio.to_thread(
             resolve_checkpoint, config.model, config.cache_dir, config.model_name
         )
+        if config.is_deterministic:
+            # the attention kernel is part of the profile: run the one profiles name, whatever the loader set
+            self.checkpoint.config._attn_implementation = ATTENTION
+        self.determinism = determinism_profile(
+            config.dtype, config.device, attention=self.checkpoint.config._attn_implementation
+        )
+        logger.info("determinism profile: %s", self.determinism)
         num_blocks = self.checkpoint.num_blocks
         if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1] <= num_blocks:
             raise ValueError(
@@ -210,6 +231,8 @@ class Node:
         config = self.config
         dtype = FLOAT_DTYPES[config.dtype]
         span = load_span(self.checkpoint, start, end, dtype, config.device)
+        if self.fault is not None:
+            self.fault.prepare_span(span)
         return SpanBackend(span, config.limits, config.device, dtype)
 
     # ---- placement and rebalancing ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Faults for testing defences: every attack or cheat a node or trainer can be told to commit, one registry.
 
-Off unless named: `swarm node ... --fault byzantine:sign_flip:start=3` or `swarm train ... --fault ...`.
+Off unless named: `swarm node ... --fault byzantine:sign_flip:start=3`, `swarm node --blocks 0:4 --fault
+perturb:block=2` or `swarm train ... --fault ...`.
 A fault is a set of hooks the honest code calls at fixed points; the honest path never checks names.
 Listed under a "testing" heading in `--help`.
 
@@ -14,8 +15,11 @@ The hooks (`Fault`'s defaults are honest: each returns its input) and where the 
   to its gradients. Used by equivocate (its commitment covers the honest bytes, the part sent differs).
 - `tamper_aggregate(aggregate, chunk, step)`: in the all-reduce reducer, on each aggregate it computed,
   before it signs the result. Used by bad_reducer.
+- `prepare_span(span)`: on the span a serving node loaded, before it serves it. Used by perturb (a hook on
+  one operator of one block; refereed verification must pin the lie to that block and operator).
 
-Every byzantine attack is active only from step `start` on (default 0).
+Every byzantine attack is active only from step `start` on (default 0). A fault's `roles` say which
+processes can commit it; `swarm node` refuses a fault that its kind of node would never call.
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the CLI builds --help from this module: keep torch out of its import
     import torch
 
+    from swarm.models.span import LlamaSpan
+
 ATTACK_SEED = 1234  # shared by colluding attackers (e.g. random_direction's direction)
+
+# who calls which hooks: `swarm node --train` and `swarm train` (gradients, labels, all-reduce), and a
+# serving `swarm node` (its span)
+TRAINING_NODE, TRAINER, SERVING_NODE = "training node", "trainer", "serving node"
 
 
 class FaultError(ValueError):
@@ -41,6 +51,7 @@ class Fault:
     """Hooks with honest defaults; a fault overrides the ones it corrupts."""
 
     name = ""
+    roles: frozenset[str] = frozenset()  # the processes whose honest code calls the hooks this fault uses
 
     def corrupt_gradients(self, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         """The gradients this member sends to its group's averaging round at `step`."""
@@ -57,6 +68,9 @@ class Fault:
     def tamper_aggregate(self, aggregate: torch.Tensor, chunk: int, step: int) -> torch.Tensor:
         """The aggregate an all-reduce reducer computed for `chunk` at `step`, before signing it."""
         return aggregate
+
+    def prepare_span(self, span: LlamaSpan) -> None:
+        """Called on each span a serving node loads, before it serves it; may hook the span's modules."""
 
 
 def alie_z(n: int, b: int) -> float:
@@ -82,6 +96,7 @@ class ByzantineGradients(Fault):
     scale: float = 0.05
     history: list[list[torch.Tensor]] = field(default_factory=list)  # own gradients, newest last
     name = "byzantine"
+    roles = frozenset({TRAINING_NODE, TRAINER})
 
     @property
     def z(self) -> float:
@@ -222,6 +237,72 @@ def _options(args: list[str], allowed: set[str], where: str) -> dict[str, str]:
     return options
 
 
+# swarm.verification.trace.OPERATORS, copied so that --help needs no torch (a test checks they agree)
+OPERATORS: tuple[str, ...] = (
+    "input_layernorm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attention",
+    "o_proj",
+    "attn_residual",
+    "post_attention_layernorm",
+    "gate_proj",
+    "up_proj",
+    "act_mul",
+    "down_proj",
+    "mlp_residual",
+)
+
+
+@dataclass
+class PerturbOperator(Fault):
+    """A serving node that moves every element of operator `op`'s output in (absolute) block `block` by
+    `ulps` units in the last place: about the smallest lie that still reaches its replies (see
+    swarm.verification.trace.perturb_operator). Everything after it in the span computes on the moved values.
+    """
+
+    block: int
+    op: str = "down_proj"
+    ulps: int = 1
+    handles: list = field(default_factory=list, repr=False)  # the hooks, one per span prepared
+    name = "perturb"
+    roles = frozenset({SERVING_NODE})
+
+    def prepare_span(self, span: LlamaSpan) -> None:
+        if not span.start <= self.block < span.end:
+            raise FaultError(
+                f"--fault perturb:block={self.block}: block {self.block} is outside this node's span "
+                f"[{span.start}, {span.end})"
+            )
+        from swarm.verification.trace import perturb_operator
+
+        self.handles.append(perturb_operator(span, self.block - span.start, self.op, self.ulps))
+
+
+def _parse_perturb(args: list[str]) -> Fault:
+    # `perturb:block=2,op=q_proj,ulp=3`; ":" separates options too, as for byzantine
+    options = _options([part for arg in args for part in arg.split(",")], {"block", "op", "ulp"}, "perturb")
+    if "block" not in options:
+        raise FaultError("perturb needs block=K: the (absolute) block whose operator it perturbs")
+    values = {}
+    for key in ("block", "ulp"):
+        if key in options:
+            try:
+                values[key] = int(options[key])
+            except ValueError:
+                raise FaultError(f"perturb option {key}={options[key]!r} is not an integer") from None
+    if values["block"] < 0:
+        raise FaultError(f"perturb needs block >= 0 (got {values['block']})")
+    op = options.get("op", PerturbOperator.op)
+    if op not in OPERATORS:
+        raise FaultError(f"perturb: unknown operator op={op!r}; expected one of {', '.join(OPERATORS)}")
+    ulps = values.get("ulp", PerturbOperator.ulps)
+    if ulps <= 0:
+        raise FaultError(f"perturb needs ulp >= 1 (got {ulps})")
+    return PerturbOperator(values["block"], op, ulps)
+
+
 _DEFAULTS = {f.name: f.default for f in fields(ByzantineGradients)}
 
 # name -> (help, parser of the ":"-separated arguments); no "%" in help (argparse formats it)
@@ -235,6 +316,12 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
         ),
         _parse_byzantine,
     ),
+    "perturb": (
+        f"perturb:block=K[,op={PerturbOperator.op}][,ulp={PerturbOperator.ulps}] (serving nodes) moves every "
+        "element of operator op's output in block K by ulp units in the last place; op is one of: "
+        + ", ".join(OPERATORS),
+        _parse_perturb,
+    ),
 }
 
 
@@ -244,6 +331,15 @@ def parse_fault(text: str) -> Fault:
     if name not in FAULTS:
         raise FaultError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
     return FAULTS[name][1](args)
+
+
+def fault_for(text: str, role: str) -> Fault:
+    """The fault `text` names, for a process of kind `role`; FaultError if that kind never triggers it."""
+    fault = parse_fault(text)
+    if role not in fault.roles:
+        where = " and ".join(sorted(f"{r}s" for r in fault.roles))
+        raise FaultError(f"--fault {text} applies to {where} only, not to a {role}")
+    return fault
 
 
 def add_fault_argument(parser: argparse.ArgumentParser) -> None:

@@ -48,11 +48,22 @@ def device_class(device: str | torch.device) -> str:
     return device.type
 
 
-def determinism_profile(dtype: str | torch.dtype, device: str | torch.device) -> dict[str, str]:
-    """A flat description of everything that must match for two runs to be bit-identical."""
+ATTENTION = "sdpa"
+"""The attention implementation swarm runs (swarm.models.checkpoint.load_config sets it; a deterministic node
+pins it): eager and sdpa round differently, so it is part of the profile."""
+
+
+def determinism_profile(
+    dtype: str | torch.dtype, device: str | torch.device, attention: str = ATTENTION
+) -> dict[str, str]:
+    """A flat description of everything that must match for two runs to be bit-identical.
+
+    Read in the process that computes: threads and the deterministic flag are this process's settings.
+    """
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "device": device_class(device),
+        "attention": attention,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": str(torch.get_num_threads()),
@@ -64,3 +75,16 @@ def determinism_profile(dtype: str | torch.dtype, device: str | torch.device) ->
 def same_profile(a: dict[str, str], b: dict[str, str]) -> bool:
     """Whether two parties' results can be compared bit for bit (every field equal, none missing)."""
     return a == b
+
+
+def server_profile(info) -> dict[str, str]:
+    """The profile a node announces in its ServerInfo (`determinism`); empty if it announces none."""
+    return dict(info.determinism)
+
+
+def is_deterministic(profile: dict[str, str]) -> bool:
+    """Whether whoever computed `profile` pinned bit-reproducible kernels (apply_deterministic_profile).
+
+    Two parties' results are comparable bit for bit only when both are, and same_profile(a, b) holds.
+    """
+    return profile.get("deterministic") == "True"

@@ -13,9 +13,14 @@ from swarm.testing.faults import (
     ATTACK_SEED,
     ATTACKS,
     FAULTS,
+    OPERATORS,
+    SERVING_NODE,
+    TRAINER,
+    TRAINING_NODE,
     ByzantineGradients,
     Fault,
     FaultError,
+    PerturbOperator,
     alie_z,
     parse_fault,
 )
@@ -212,3 +217,76 @@ def test_faults_module_does_not_import_torch():
 
     code = "import sys, swarm.testing.faults; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _tiny_span(start: int = 2, end: int = 4):
+    from swarm.models.span import LlamaSpan
+    from swarm.models.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(num_blocks=6)
+    config._attn_implementation = "sdpa"
+    return LlamaSpan(config, start, end).eval().requires_grad_(False)
+
+
+def test_perturb_parses_with_defaults_and_bad_ones_are_refused_clearly():
+    fault = parse_fault("perturb:block=3")
+    assert isinstance(fault, PerturbOperator) and (fault.block, fault.op, fault.ulps) == (3, "down_proj", 1)
+    fault = parse_fault("perturb:block=0,op=q_proj,ulp=4")
+    assert (fault.block, fault.op, fault.ulps) == (0, "q_proj", 4)
+    assert parse_fault("perturb:block=1:op=attention") == PerturbOperator(1, "attention")  # ":" works too
+    assert "perturb:block=K" in FAULTS["perturb"][0] and "mlp_residual" in FAULTS["perturb"][0]  # --help
+    bad = {
+        "perturb": "perturb needs block=K",
+        "perturb:op=q_proj": "perturb needs block=K",
+        "perturb:block=two": "block='two' is not an integer",
+        "perturb:block=-1": "perturb needs block >= 0",
+        "perturb:block=1.5": "is not an integer",
+        "perturb:block=1,op=softmax": "unknown operator op='softmax'; expected one of input_layernorm",
+        "perturb:block=1,ulp=0": r"perturb needs ulp >= 1 \(got 0\)",
+        "perturb:block=1,ulp=-3": r"perturb needs ulp >= 1 \(got -3\)",
+        "perturb:block=1,ulp=x": "ulp='x' is not an integer",
+        "perturb:block=1,ulps=2": "unknown option 'ulps=2' for perturb",
+    }
+    for text, message in bad.items():
+        with pytest.raises(FaultError, match=message):
+            parse_fault(text)
+
+
+def test_perturb_operators_are_the_traced_operators():
+    from swarm.verification.trace import OPERATORS as TRACED
+
+    assert OPERATORS == TRACED
+
+
+def test_faults_say_which_processes_commit_them():
+    assert SERVING_NODE in PerturbOperator.roles and TRAINING_NODE not in PerturbOperator.roles
+    assert {
+        TRAINING_NODE,
+        TRAINER,
+    } <= ByzantineGradients.roles and SERVING_NODE not in ByzantineGradients.roles
+
+
+def test_honest_prepare_span_leaves_the_span_alone_and_perturb_hooks_its_block():
+    from swarm.verification.trace import perturb_operator
+
+    span = _tiny_span()
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    honest = span(hidden)
+    assert Fault().prepare_span(span) is None and torch.equal(span(hidden), honest)
+    for op in ("down_proj", "act_mul"):  # an operator seen as a module's output, and one seen as an input
+        fault = parse_fault(f"perturb:block=3,op={op},ulp=2")
+        fault.prepare_span(span)
+        lie = span(hidden)
+        assert not torch.equal(lie, honest)
+        torch.testing.assert_close(lie, honest, rtol=0, atol=1e-4)  # a small lie
+        fault.handles.pop().remove()
+        assert torch.equal(span(hidden), honest)
+        # the same as trace.perturb_operator on local block 1 (absolute block 3 of a span starting at 2)
+        handle = perturb_operator(span, 1, op, 2)
+        assert torch.equal(span(hidden), lie)
+        handle.remove()
+    with pytest.raises(FaultError, match=r"block 4 is outside this node's span \[2, 4\)"):
+        parse_fault("perturb:block=4").prepare_span(span)
+    with pytest.raises(FaultError, match=r"block 1 is outside"):
+        parse_fault("perturb:block=1").prepare_span(span)

@@ -1,0 +1,184 @@
+"""Deterministic nodes (real processes) announce one profile and answer the same request with the same bytes,
+which are also what this process computes under that profile; a node told to lie by one ulp does not."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from swarm.client.remote import get_info, remote_forward
+from swarm.dht.factory import create_dht
+from swarm.local import LocalSwarm
+from swarm.models.checkpoint import resolve_checkpoint
+from swarm.models.span import load_span
+from swarm.utils.aio import BackgroundLoop
+from swarm.verification.determinism import (
+    apply_deterministic_profile,
+    determinism_profile,
+    is_deterministic,
+    same_profile,
+    server_profile,
+)
+
+HIDDEN = 64
+TIMEOUT = 30
+SPAN = (1, 4)
+PERTURBED_BLOCK = 2
+REPEATS = 3
+
+
+@pytest.fixture(scope="module")
+def nodes(tiny_model, tmp_path_factory):
+    """Four nodes on blocks [1, 4): deterministic by default, by flag, by default with a one-ulp lie in
+    block 2's down_proj, and with the profile off."""
+    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("determinism-swarm"))
+    try:
+        swarm.start_bootstrap()
+        span = f"{SPAN[0]}:{SPAN[1]}"
+        told = ("--throughput", "1")  # don't measure: four nodes measuring at once on 2 cores is slow
+        flags = {
+            "default": (),
+            "explicit": ("--deterministic",),
+            "perturbed": ("--fault", f"perturb:block={PERTURBED_BLOCK}"),
+            "loose": ("--no-deterministic",),
+        }
+        processes = {
+            name: swarm.start_node(str(tiny_model), span, *told, *extra, wait=False, name=name)
+            for name, extra in flags.items()
+        }
+        for process in processes.values():
+            swarm.wait_ready(process, timeout=300)
+        yield swarm, processes
+    finally:
+        swarm.close()
+
+
+@pytest.fixture(scope="module")
+def client(nodes):
+    swarm, _ = nodes
+    loop = BackgroundLoop()
+    dht, _ = create_dht(swarm.initial_peers, client_mode=True)
+    p2p = loop.run(dht.replicate_p2p())
+    yield loop, p2p
+    loop.run(p2p.shutdown())
+    dht.shutdown()
+    loop.close()
+
+
+def request() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of 2 sequences of 7 hidden states; the second is left-padded by 2."""
+    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    return hidden, mask
+
+
+def forward(client, process) -> torch.Tensor:
+    loop, p2p = client
+    hidden, mask = request()
+    return loop.run(remote_forward(p2p, process.peer_id, *SPAN, hidden, mask, None, TIMEOUT))
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().numpy().tobytes()
+
+
+@contextmanager
+def deterministic_profile():
+    """This process under a node's deterministic profile, restored on exit (the suite keeps its settings)."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    env = {name: os.environ.get(name) for name in ("MKL_DYNAMIC", "OMP_DYNAMIC")}
+    apply_deterministic_profile(threads=1)
+    try:
+        yield
+    finally:
+        threads, enabled, warn_only, cudnn_deterministic, benchmark, matmul_tf32, cudnn_tf32 = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model):
+    """(profile, output) of blocks [1, 4) computed here, with transformers' layers, under the profile."""
+    span = load_span(resolve_checkpoint(str(tiny_model)), *SPAN)
+    hidden, mask = request()
+    with deterministic_profile(), torch.inference_mode():
+        profile = determinism_profile(torch.float32, "cpu")
+        output = span(hidden, attention_mask=mask)
+    return profile, output
+
+
+def profiles(client, processes) -> dict[str, dict[str, str]]:
+    loop, p2p = client
+    return {
+        name: server_profile(loop.run(get_info(p2p, process.peer_id, TIMEOUT)).server)
+        for name, process in processes.items()
+    }
+
+
+def test_deterministic_nodes_announce_the_same_profile(nodes, client, local):
+    _, processes = nodes
+    announced = profiles(client, processes)
+    default, explicit = announced["default"], announced["explicit"]
+    assert is_deterministic(default) and same_profile(default, explicit)  # on by default for fp32 on CPU
+    assert default["threads"] == "1" and default["attention"] == "sdpa" and default["dtype"] == "float32"
+    assert same_profile(default, local[0])  # a referee on this machine, under the profile, can compare
+    assert same_profile(announced["perturbed"], default)  # a liar looks the same: only its outputs differ
+    loose = announced["loose"]
+    assert not is_deterministic(loose) and not same_profile(loose, default)
+    for key in ("dtype", "device", "attention", "torch", "transformers"):  # the settings are what differ
+        assert loose[key] == default[key], key
+    assert loose["deterministic"] == "False"
+
+
+def test_deterministic_nodes_return_identical_bytes(nodes, client, local):
+    _, processes = nodes
+    expected = raw(local[1])
+    for _ in range(REPEATS):
+        for name in ("default", "explicit"):
+            output = forward(client, processes[name])
+            assert output.shape == (2, 7, HIDDEN) and torch.isfinite(output).all()
+            assert raw(output) == expected, name  # bit for bit, and as transformers computes it here
+
+
+def test_perturbed_node_differs_by_a_small_lie(nodes, client, local):
+    _, processes = nodes
+    honest = forward(client, processes["default"])
+    lies = [forward(client, processes["perturbed"]) for _ in range(REPEATS)]
+    assert all(raw(lie) == raw(lies[0]) for lie in lies)  # the lie is deterministic too
+    lie = lies[0]
+    assert raw(lie) != raw(honest) and raw(lie) != raw(local[1])
+    assert not torch.equal(lie[0], honest[0]) and not torch.equal(lie[1], honest[1])  # every row moves
+    torch.testing.assert_close(lie, honest, rtol=0, atol=1e-4)  # ...by a little: only bytes tell
+
+
+def test_node_without_the_profile_matches_within_tolerance(nodes, client, local):
+    _, processes = nodes
+    torch.testing.assert_close(forward(client, processes["loose"]), local[1], rtol=0, atol=1e-5)
+
+
+def test_perturbed_block_outside_the_span_refuses_to_start(nodes, tiny_model):
+    swarm, _ = nodes
+    process = swarm.start_node(
+        str(tiny_model), "1:4", "--throughput", "1", "--fault", "perturb:block=5", wait=False, name="outside"
+    )
+    assert process.popen.wait(timeout=180) == 1
+    assert "block 5 is outside this node's span [1, 4)" in process.log()
