@@ -26,6 +26,7 @@ from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
 from swarm.utils.tensors import FLOAT_DTYPES
 from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
+from swarm.verification.service import VerificationServicer
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ class Node:
         start, end = self.blocks
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
         await self._add_servicer(self.servicer)
+        # refereed verification (Verde): commit to traced forwards, answer disputes; follows the node's moves
+        await self._add_servicer(VerificationServicer(lambda: self.backend))
         self.state = swarm_pb2.ServerInfo.ONLINE
         self.announcer = Announcer(
             dht, self.owner_key, self.server_info, self.model_info(), config.update_period
