@@ -20,6 +20,7 @@ name, `step` the round key the members agreed on, `group` hivemind's group id):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -52,11 +53,26 @@ def part_bytes(part: torch.Tensor) -> bytes:
     return serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE).buffer
 
 
+def part_digest(part: torch.Tensor) -> bytes:
+    """sha256 of `part_bytes(part)`, the hash a commitment holds for a chunk.
+
+    hivemind's uncompressed serialization is the tensor's memory as it is (`numpy().tobytes()`), except for
+    bfloat16 (which it may convert): so the memory is hashed in place, without copying it into bytes first.
+    """
+    part = part.detach()
+    if part.device.type == "cpu" and part.dtype != torch.bfloat16:
+        try:
+            return hashlib.sha256(part.contiguous().numpy()).digest()
+        except (TypeError, RuntimeError, BufferError, ValueError):
+            pass  # a tensor numpy can't view (e.g. a lazy negation): serialize it
+    return digest(part_bytes(part))
+
+
 def chunk_digests(
     tensors: Sequence[torch.Tensor], part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
 ) -> list[bytes]:
     """sha256 of every chunk's bytes, in chunk order."""
-    return [digest(part_bytes(chunk)) for chunk in split_chunks(tensors, part_size_bytes)]
+    return [part_digest(chunk) for chunk in split_chunks(tensors, part_size_bytes)]
 
 
 def commit_payload(prefix: str, step: int, chunks: list[bytes], seed_commit: bytes) -> dict:

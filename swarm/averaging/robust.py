@@ -26,7 +26,9 @@ different peers; detecting that (hashing the results) is the job of a layer abov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import typing
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
@@ -42,11 +45,18 @@ from hivemind.averaging.partition import AllreduceException, BannedException, Te
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished, enter_asynchronously
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    as_aiter,
+    attach_event_on_finished,
+    enter_asynchronously,
+)
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.averaging.commitments import part_bytes, part_payload, result_payload
+from swarm.averaging.commitments import part_digest, part_payload, result_payload
 from swarm.averaging.group import SwarmDecentralizedAverager
+from swarm.averaging.reducers import all_finite
 from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
 
 logger = logging.getLogger(__name__)
@@ -100,7 +110,7 @@ class RobustTensorPartReducer(TensorPartReducer):
             raise AllreduceException(
                 f"part {part_index} has shape {tuple(tensor_part.shape)}, expected {expected}"
             )
-        if not tensor_part.is_floating_point() or not bool(torch.isfinite(tensor_part).all()):
+        if not tensor_part.is_floating_point() or not all_finite(tensor_part):
             raise AllreduceException(f"part {part_index} from sender {sender_index} is not finite floats")
 
         while part_index > self.current_part_index:  # earlier parts are still being reduced
@@ -141,9 +151,10 @@ class RobustTensorPartReducer(TensorPartReducer):
         try:
             if not parts:
                 raise AllreduceException("every sender of this part failed")
-            stacked = torch.stack(parts)
-            # CenteredClip may take hundreds of iterations: don't block the averager's event loop
-            result = await asyncio.get_running_loop().run_in_executor(None, self.reducer, stacked)
+            # CenteredClip may take hundreds of iterations: don't block the averager's event loop (nor with
+            # the stacking: a copy of every part)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, _stack_and_reduce, self.reducer, parts)
             result = result.to(parts[0].dtype).reshape(parts[0].shape)
         except Exception as e:
             logger.warning("robust reducer failed on part %d: %r", self.current_part_index, e)
@@ -161,6 +172,19 @@ class RobustTensorPartReducer(TensorPartReducer):
         """Stop: cancel the current part and drop stored parts."""
         self._parts = {}
         super().finalize()
+
+
+def _deserialize(serialized: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
+    """`deserialize_torch_tensor(serialized)` for an uncompressed tensor whose `buffer` was already read
+    (hivemind's NoCompression.extract reads it again); bfloat16 (two encodings) goes through hivemind."""
+    if serialized.compression != runtime_pb2.CompressionType.NONE or serialized.dtype == "bfloat16":
+        return deserialize_torch_tensor(serialized)
+    array = np.frombuffer(bytearray(buffer), dtype=np.dtype(serialized.dtype))
+    return torch.as_tensor(array).reshape(torch.Size(serialized.size))
+
+
+def _stack_and_reduce(reducer: RobustReducer, parts: list[torch.Tensor]) -> torch.Tensor:
+    return reducer(torch.stack(parts))
 
 
 @dataclass
@@ -208,12 +232,17 @@ class RobustAllReduceRunner(AllReduceRunner):
     - A reducer sends back the aggregate itself (not hivemind's delta), with its signed result statement;
       a sender refuses a result whose bytes do not match it, or that left its own part out.
     - Compressed parts are refused: a lossy codec would make sent bytes differ from committed bytes.
+    - Pipelined like hivemind's runner: a sender's next part is checked while the current one waits for the
+      others (and is reduced), and a result is signed and sent while the next part is reduced; every check
+      still happens before a part is accumulated, and parts are reduced in order, one at a time.
 
     :param reducer: f(stacked parts) -> reduced part, e.g. `get_reducer("centered_clip", tau=1.0)`
     :param signing_key: this peer's identity key (its peer id is derived from it)
     :param step: the round key every member committed to
     :param round_prefix: the averaging group's name (in every statement)
     :param commits: sender peer id -> (commit statement, its opened payload), for every sender
+    :param part_statements: this peer's part statements for the hashes it committed to, mostly signed
+      ahead of the round (`PartStatements`); None signs each part as it is sent
     :param tamper_part, tamper_aggregate: --fault hooks (see swarm.testing.faults); None when honest
     Other parameters are AllReduceRunner's.
     """
@@ -228,6 +257,7 @@ class RobustAllReduceRunner(AllReduceRunner):
         step: int,
         round_prefix: str,
         commits: dict[str, tuple[bytes, dict]],
+        part_statements: PartStatements | None = None,
         tamper_part: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
         tamper_aggregate: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
         **kwargs: Any,
@@ -240,9 +270,14 @@ class RobustAllReduceRunner(AllReduceRunner):
         )
         self.signing_key, self.step, self.round_prefix = signing_key, step, round_prefix
         self.commits = commits
+        self.commit_digests = {sender: digest(blob) for sender, (blob, _) in commits.items()}
         self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
         self.own_id = self.peer_id.to_base58()
         self.own_commit = digest(commits[self.own_id][0]) if self.own_id in commits else b""
+        # statements signed ahead for this very commitment (an attacker's hook signs what it really sends)
+        self.own_statements = None
+        if tamper_part is None and part_statements is not None and part_statements.commit == self.own_commit:
+            self.own_statements = part_statements
         self.sender_ids = [peer.to_base58() for peer in self.sender_peer_ids]
         counts = self.tensor_part_container.num_parts_by_peer
         # parts are assigned to reducers in chunk order, so reducer j holds a contiguous range of chunks
@@ -269,6 +304,10 @@ class RobustAllReduceRunner(AllReduceRunner):
         if self.tamper_part is not None:
             part = self.tamper_part(part, chunk, self.step)
         serialized = serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
+        if self.own_statements is not None:
+            # the part is the chunk this peer committed to (its tensors are what it hashed), and the
+            # statement signs that committed hash: the reducer still hashes the bytes it receives
+            return serialized, self.own_statements.get(chunk)
         return serialized, self._part_statement(chunk, digest(serialized.buffer))
 
     def _part_statement(self, chunk: int, hash_: bytes) -> bytes:
@@ -276,17 +315,29 @@ class RobustAllReduceRunner(AllReduceRunner):
         payload = part_payload(self.round_prefix, self.step, chunk, hash_, self.own_commit)
         return sign_statement(self.signing_key, payload)
 
+    def _own_part_statement(self, chunk: int, part: torch.Tensor) -> bytes:
+        if self.own_statements is not None:
+            return self.own_statements.get(chunk)
+        return self._part_statement(chunk, part_digest(part))
+
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
-        loop = asyncio.get_running_loop()
         parts = self.tensor_part_container.get_raw_input_parts(peer_index)
-        for part_index, part in enumerate(parts):
-            chunk = self.chunk_offsets[peer_index] + part_index
-            serialized, statement = await loop.run_in_executor(None, self._signed_part, part, chunk)
+        offset = self.chunk_offsets[peer_index]
+        # serialized (and signed, if not ahead) in the background, a part ahead of the stream, as hivemind
+        # compresses its parts (TensorPartContainer.iterate_input_parts_for)
+        signed_parts = amap_in_executor(
+            lambda numbered: self._signed_part(numbered[1], offset + numbered[0]),
+            as_aiter(*enumerate(parts)),
+            max_prefetch=PREFETCH,
+        )
+        part_index = 0
+        async for serialized, statement in signed_parts:
             message = averaging_pb2.AveragingData(
                 tensor_part=serialized, weight=self.weight, peer_id=statement
             )
             if part_index == 0:
                 message.code, message.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+            part_index += 1
             yield message
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
@@ -301,13 +352,15 @@ class RobustAllReduceRunner(AllReduceRunner):
             stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
-            part_index = 0
-            async for message in aiter_with_timeout(stream, self.reducer_timeout):
-                chunk = self.chunk_offsets[peer_index] + part_index
-                aggregate = await asyncio.get_running_loop().run_in_executor(
-                    None, self._check_result, message, reducer_id, chunk
-                )
-                self.results[chunk] = message.peer_id
+            part_index, offset = 0, self.chunk_offsets[peer_index]
+            # the next result is checked while this one is registered (hivemind's plain runner prefetches too)
+            checked = amap_in_executor(
+                lambda numbered: self._check_result(numbered[1], reducer_id, offset + numbered[0]),
+                _numbered(aiter_with_timeout(stream, self.reducer_timeout)),
+                max_prefetch=PREFETCH,
+            )
+            async for statement, aggregate in checked:
+                self.results[offset + part_index] = statement
                 self.tensor_part_container.register_processed_part(peer_index, part_index, aggregate)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
@@ -320,7 +373,7 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     def _check_result(
         self, message: averaging_pb2.AveragingData, reducer_id: str, chunk: int
-    ) -> torch.Tensor:
+    ) -> tuple[bytes, torch.Tensor]:
         if message.code != averaging_pb2.AVERAGED_PART:
             raise AllreduceException(f"{reducer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
         try:
@@ -335,25 +388,41 @@ class RobustAllReduceRunner(AllReduceRunner):
             )
         except InvalidStatement as e:
             raise AllreduceException(f"{reducer_id}'s result for chunk {chunk} is not signed: {e}") from None
-        if result["hash"] != digest(message.tensor_part.buffer):
+        buffer = message.tensor_part.buffer  # each read of a bytes field copies it: read it once
+        if result["hash"] != digest(buffer):
             raise AllreduceException(f"{reducer_id}'s result for chunk {chunk} differs from its signed hash")
         if self.own_id not in result.get("senders", ()):
             raise AllreduceException(f"{reducer_id} left this peer's part of chunk {chunk} out")
-        return deserialize_torch_tensor(message.tensor_part)
+        return message.peer_id, _deserialize(message.tensor_part, buffer)
 
     # ---- reducing ------------------------------------------------------------------------------------------
 
     async def _reduce_own_parts(self, peer_index: int) -> None:
         sender_index = self.sender_peer_ids.index(self.peer_id)
-        for part_index, part in enumerate(self.parts_for_local_averaging):
-            chunk = self.chunk_offsets[peer_index] + part_index
-            own_part = self._part_statement(chunk, digest(part_bytes(part)))
-            self._part_statements.setdefault(part_index, {})[sender_index] = own_part
-            reduced = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, part, weight=1.0
-            )
+        offset = self.chunk_offsets[peer_index]
+
+        async def accumulate() -> AsyncIterator[tuple[int, torch.Tensor]]:
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                chunk = offset + part_index
+                if self.own_statements is not None and self.own_statements.ready(chunk):
+                    own_part = self.own_statements.get(chunk)
+                else:
+                    own_part = await asyncio.get_running_loop().run_in_executor(
+                        None, self._own_part_statement, chunk, part
+                    )
+                self._part_statements.setdefault(part_index, {})[sender_index] = own_part
+                yield (
+                    part_index,
+                    await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part, weight=1.0
+                    ),
+                )
+
+        # this peer's next part goes in as soon as a part is reduced: signing the result (here or in a
+        # sender's handler) overlaps the next reduction instead of holding it up
+        async for part_index, reduced in _running_ahead(accumulate()):
             _, statement, aggregate = await self._signed_result(part_index, reduced)
-            self.results[chunk] = statement
+            self.results[offset + part_index] = statement
             self.tensor_part_container.register_processed_part(peer_index, part_index, aggregate)
 
     def _check_part(
@@ -372,39 +441,55 @@ class RobustAllReduceRunner(AllReduceRunner):
                 prefix=self.round_prefix,
                 step=self.step,
                 chunk=chunk,
-                commit=digest(self.commits[sender][0]),  # sent under the commitment of this round
+                commit=self.commit_digests[sender],  # sent under the commitment of this round
             )
         except InvalidStatement as e:
             raise AllreduceException(f"sender {sender}'s part {chunk} is not signed: {e}") from None
-        if part["hash"] != digest(message.tensor_part.buffer):
+        buffer = message.tensor_part.buffer  # each read of a bytes field copies it: read it once
+        if part["hash"] != digest(buffer):
             raise AllreduceException(f"sender {sender}'s part {chunk} differs from its own signature")
         commit_blob, commit = self.commits[sender]
         if part["hash"] != commit["chunks"][chunk]:
             self.findings.append(Finding("equivocation", sender, chunk, [commit_blob, message.peer_id]))
             raise AllreduceException(f"sender {sender} equivocated: part {chunk} differs from its commitment")
         self._part_statements.setdefault(part_index, {})[sender_index] = message.peer_id
-        return deserialize_torch_tensor(message.tensor_part)
+        return _deserialize(message.tensor_part, buffer)
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        loop = asyncio.get_running_loop()
-        part_index = 0
+        async def accumulate() -> AsyncIterator[tuple[int, torch.Tensor]]:
+            # the sender's next part is checked (signature, hash against its commitment) while this one
+            # waits for the others, as hivemind's runner deserializes its next part in the background
+            checked = amap_in_executor(
+                lambda numbered: self._check_part(numbered[1], sender_index, numbered[0]),
+                _numbered(stream),
+                max_prefetch=PREFETCH,
+            )
+            part_index, reducer = 0, self.tensor_part_reducer
+            try:
+                async for part in checked:
+                    try:
+                        reduced = await reducer.accumulate_part(sender_index, part_index, part)
+                    except BannedException:
+                        return
+                    yield part_index, reduced
+                    part_index += 1
+            finally:
+                await checked.aclose()  # stops the checks running ahead
+
+        sent = 0
         try:
-            async for message in stream:
-                # raising bans the sender for the rest of this all-reduce (AllReduceRunner.rpc_aggregate_part)
-                part = await loop.run_in_executor(None, self._check_part, message, sender_index, part_index)
-                try:
-                    reduced = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
-                except BannedException:
-                    break
+            # raising bans the sender for the rest of this all-reduce (AllReduceRunner.rpc_aggregate_part);
+            # its next part is accumulated while this part's result is signed and sent
+            async for part_index, reduced in _running_ahead(accumulate()):
                 serialized, statement, _ = await self._signed_result(part_index, reduced)
-                part_index += 1
+                sent += 1
                 yield averaging_pb2.AveragingData(
                     code=averaging_pb2.AVERAGED_PART, tensor_part=serialized, peer_id=statement
                 )
         finally:
-            if part_index != self.tensor_part_reducer.num_parts:
+            if sent != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
     async def _signed_result(
@@ -433,8 +518,8 @@ class RobustAllReduceRunner(AllReduceRunner):
             aggregate = self.tamper_aggregate(aggregate, chunk, self.step).contiguous()
         serialized = serialize_torch_tensor(aggregate, runtime_pb2.CompressionType.NONE)
         senders = [self.sender_ids[i] for i in inputs]
-        payload = result_payload(
-            self.round_prefix, self.step, self.group_id, chunk, digest(serialized.buffer), senders
+        payload = result_payload(  # the hash of serialized.buffer, from the tensor's memory (no copy)
+            self.round_prefix, self.step, self.group_id, chunk, part_digest(aggregate), senders
         )
         statement = sign_statement(self.signing_key, payload)
         statements = self._part_statements.get(part_index, {})
@@ -466,6 +551,52 @@ class RobustAllReduceRunner(AllReduceRunner):
             findings=list(self.findings),
             excluded=excluded,
         )
+
+
+PREFETCH = 1  # parts checked (or serialized) ahead of the one in use, like hivemind's default prefetch
+
+
+async def _numbered(iterable: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    index = 0
+    async for item in iterable:
+        yield index, item
+        index += 1
+
+
+_DONE = object()
+
+
+async def _running_ahead(iterable: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """Iterate `iterable` in a task of its own, which moves on to its next item while the consumer is
+    still busy with the previous ones (items are kept in order; an exception comes after the items
+    before it). The task is cancelled when the consumer stops early."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def produce() -> None:
+        try:
+            async for item in iterable:
+                queue.put_nowait((True, item))
+            queue.put_nowait((True, _DONE))
+        except BaseException as e:  # CancelledError too (a finalized reducer cancels its part's future)
+            queue.put_nowait((False, e))
+
+    task = asyncio.create_task(produce())
+    try:
+        while True:
+            ok, item = await queue.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if hasattr(iterable, "aclose"):
+            with contextlib.suppress(BaseException):
+                await iterable.aclose()
 
 
 def _ignore_weights(reducer: Callable[..., torch.Tensor]) -> RobustReducer:
@@ -515,7 +646,22 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
         self.reducer, self.signing_key = reducer, signing_key
         self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
         self._evidence: OrderedDict[tuple[int, bytes], dict[int, ChunkEvidence]] = OrderedDict()
+        self._presigned: PartStatements | None = None  # this step's part statements, being signed
         super().__init__(*args, **kwargs)
+
+    async def _step(self, *, step: Any, future_for_init: Any) -> None:
+        # A part statement only depends on this peer's commitment (its gathered data), not on the group:
+        # start signing them while matchmaking waits for the group (the round signs any it needs first)
+        self._presigned = None
+        if self.tamper_part is None:
+            try:
+                _, _, user_data = self.serializer.loads(step.data_for_gather)
+                statements = PartStatements(self.signing_key, self.prefix, self.serializer.loads(user_data))
+                asyncio.get_running_loop().run_in_executor(None, _sign_all_quietly, statements)
+                self._presigned = statements
+            except Exception as e:  # the round signs each part as it sends it
+                logger.debug("could not sign part statements ahead: %r", e)
+        await super()._step(step=step, future_for_init=future_for_init)
 
     def _make_runner(self, **kwargs: Any) -> AllReduceRunner:
         return RobustAllReduceRunner(
@@ -571,6 +717,7 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
                 modes=tuple(modes),
                 step=step,
                 commits=commits,
+                part_statements=self._presigned,  # the runner checks they are for this commitment
                 **kwargs,
             )
         self._evidence[(step, group_info.group_id)] = runner.evidence
@@ -600,6 +747,70 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
                 metadata=msgpack.packb({"sender": sender, "part": statement}, use_bin_type=True),
                 tensor_part=serialize_torch_tensor(part, runtime_pb2.CompressionType.NONE),
             )
+
+
+class PartStatements:
+    """This peer's part statements for one commitment: for every chunk, the statement that sending that
+    chunk needs (the committed hash, under that commitment), each signed once, by whichever asks first:
+    `sign_all` (a thread started before the group has met) or the round (`get`, for one it needs now).
+
+    These are exactly the statements `RobustAllReduceRunner` would sign as it sends the committed chunks
+    (each its own signature, so each serves as evidence alone: `accusations.judge_aggregate` and
+    `_equivocated` read them as before); only the time of signing moves.
+    """
+
+    def __init__(self, key: RSAPrivateKey, prefix: str, commit_blob: bytes):
+        _, commit = open_statement(commit_blob)
+        self.key, self.prefix, self.step = key, prefix, int(commit["step"])
+        self.hashes: list[bytes] = list(commit["chunks"])
+        self.commit = digest(commit_blob)  # the sha256 of the commit statement, as parts carry it
+        self._statements: list[bytes | None] = [None] * len(self.hashes)
+        self._signing: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def ready(self, chunk: int) -> bool:
+        return self._statements[chunk] is not None
+
+    def get(self, chunk: int) -> bytes:
+        """The statement of `chunk`, signed now if nobody has (waits while another thread signs it)."""
+        with self._lock:
+            statement, signing = self._statements[chunk], self._signing.get(chunk)
+            if statement is not None:
+                return statement
+            if signing is None:
+                signing = self._signing[chunk] = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            signing.wait()
+            if self._statements[chunk] is not None:
+                return self._statements[chunk]
+        try:
+            payload = part_payload(self.prefix, self.step, chunk, self.hashes[chunk], self.commit)
+            statement = self._statements[chunk] = sign_statement(self.key, payload)
+        finally:
+            signing.set()
+        return statement
+
+    def sign_all(self) -> list[bytes]:
+        return [self.get(chunk) for chunk in range(len(self))]
+
+
+def _sign_all_quietly(statements: PartStatements) -> None:
+    try:
+        statements.sign_all()
+    except Exception as e:  # the round signs what it still needs itself
+        logger.debug("signing part statements ahead failed: %r", e)
+
+
+def presign_parts(key: RSAPrivateKey, prefix: str, commit_blob: bytes) -> tuple[bytes, list[bytes]]:
+    """Every part statement of a commitment, signed now: (sha256 of the commit statement, statements)."""
+    statements = PartStatements(key, prefix, commit_blob)
+    return statements.commit, statements.sign_all()
 
 
 async def fetch_evidence(

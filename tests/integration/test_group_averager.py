@@ -353,7 +353,7 @@ def _btard_round(dhts, attack: str, step: int = 3):
 
     prefix = _prefix(attack)
     key = f"{prefix}_accusations"
-    shapes = [(64, 32), (100,)]
+    shapes = [(128, 64), (100,)]  # 9 chunks of 4 KiB: every one of the 4 reducers gets some to perturb
     options = dict(FAST, aggregator="centered_clip", tau=1.0, accusations_key=key)
     faults = [None, None, None, parse_fault(f"byzantine:{attack}")]
     averagers = [

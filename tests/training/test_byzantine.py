@@ -39,7 +39,7 @@ def train(swarm: LocalSwarm, run, train_file, fault: str | None, trainer_fault: 
         swarm.wait_ready(peer)
     faults = [None, None] + ([parse_fault(trainer_fault)] if trainer_fault else [])
     trainers = [
-        SwarmTrainer(run, swarm.initial_peers, data=train_file, update_period=1.0, concurrency=1, fault=f)
+        SwarmTrainer(run, swarm.initial_peers, data=train_file, update_period=1.0, concurrency=2, fault=f)
         for f in faults
     ]
     try:
@@ -119,9 +119,10 @@ def honest_loss(train_model, corpus_split, tmp_path_factory) -> float:
 
 
 @pytest.mark.slow
-# sign_flip turns after two honest steps: its rounds are applied before their validation bans it (up to two
-# rounds in flight), and a poisoned first step, which Adam turns into a full-size step, is the worst case
-@pytest.mark.parametrize("attack", ["sign_flip:start=2", "equivocate", "bad_reducer"])
+# sign_flip attacks from the first round: the trainers' wiring can starve one stage peer for several steps,
+# and an attacker with no samples sends zeros (nothing to catch, nothing poisoned). Its rounds are applied
+# before their validation bans it (one or two rounds in flight): the loss bound covers that
+@pytest.mark.parametrize("attack", ["sign_flip", "equivocate", "bad_reducer"])
 def test_attacker_is_banned_and_training_holds(
     attack, honest_loss, train_model, corpus_split, local_swarm, tmp_path
 ):

@@ -450,3 +450,100 @@ def test_ban_list_retries_an_accusation_whose_recheck_failed(keys):
     assert bans.banned() == set()
     assert asyncio.run(bans.consider(blob)).guilty == r.ids[1]
     assert asyncio.run(bans.consider(blob)) is None and len(calls) == 2
+
+
+# ---- part statements signed ahead of the round, chunk hashes from memory --------------------------------
+
+
+def test_part_digest_is_the_hash_of_the_bytes_sent():
+    from swarm.averaging.commitments import chunk_digests, part_digest, split_chunks
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(70, 9, generator=gen), torch.randn(33, generator=gen).double()]
+    for tensor in [*tensors, tensors[0].t(), tensors[0][:, 3], torch.tensor(2.5), torch.zeros(0)]:
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            assert part_digest(tensor.to(dtype)) == digest(part_bytes(tensor.to(dtype)))
+    assert chunk_digests(tensors, 256) == [digest(part_bytes(c)) for c in split_chunks(tensors, 256)]
+
+
+def test_presigned_part_statements_are_the_ones_sent_and_serve_as_evidence(keys):
+    """`presign_parts` signs, before the round, exactly the statements a sender would sign as it sends its
+    committed chunks: accusations built from them and re-checks that read them judge as before."""
+    from swarm.averaging.robust import presign_parts
+    from swarm.averaging.statements import open_statement
+
+    sender, accuser = keys[0], keys[1]
+    sender_id, accuser_id = peer_id_of(sender), peer_id_of(accuser)
+    chunks = [torch.full((8,), float(i)) for i in range(3)]
+    commit, signed_when_sent = _sender_statements(sender, chunks, dict(enumerate(chunks)))
+    signed_for, presigned = presign_parts(sender, PREFIX, commit)
+    assert signed_for == digest(commit) and len(presigned) == len(chunks)
+    for chunk, statement in enumerate(presigned):
+        signer, payload = open_statement(statement)
+        assert signer == sender_id
+        assert payload == open_statement(signed_when_sent[chunk])[1]
+        assert payload == part_payload(PREFIX, STEP, chunk, digest(part_bytes(chunks[chunk])), digest(commit))
+    # an honest sender's presigned statement proves no equivocation: its accuser is the one banned
+    false = make_accusation(
+        accuser, "equivocation", sender_id, PREFIX, STEP, GROUP, 1, [commit, presigned[1]]
+    )
+    assert _judge(false).guilty == accuser_id
+
+
+def test_a_reducer_keeping_presigned_statements_is_cleared_by_a_recheck(keys):
+    from swarm.averaging.robust import presign_parts
+
+    r = _Round(keys)
+    # the senders' statements for the reduced chunk, signed ahead of the round instead of as parts were sent
+    r.parts = [
+        (peer, part, presign_parts(key, PREFIX, r.commits[peer])[1][r.chunk])
+        for key, (peer, part, _) in zip(keys, r.parts, strict=True)
+    ]
+    aggregate, result, values = r.reduced()
+    verdict = _judge(r.accuse(result), r.recheck(result, aggregate, values))
+    assert verdict.guilty == r.ids[1] and "false accusation" in verdict.reason
+
+
+def test_part_statements_are_each_signed_once_whoever_asks_first(keys, monkeypatch):
+    """The round and the thread signing ahead may ask for the same chunk at once: one signature each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import swarm.averaging.robust as robust
+    from swarm.averaging.statements import open_statement
+
+    key = keys[0]
+    chunks = [torch.full((4,), float(i)) for i in range(12)]
+    commit, _ = _sender_statements(key, chunks, {})
+    signed = []
+
+    def counting_sign(signer, payload):
+        signed.append(payload["chunk"])
+        return sign_statement(signer, payload)
+
+    monkeypatch.setattr(robust, "sign_statement", counting_sign)
+    statements = robust.PartStatements(key, PREFIX, commit)
+    assert statements.commit == digest(commit) and len(statements) == len(chunks)
+    assert not statements.ready(3)
+    with ThreadPoolExecutor(4) as pool:
+        ahead = pool.submit(statements.sign_all)
+        asked = list(pool.map(statements.get, [7, 3, 11, 3, 7, 0] * 3))
+    assert sorted(signed) == list(range(len(chunks)))  # every chunk once
+    every = ahead.result()
+    assert asked == [every[g] for g in [7, 3, 11, 3, 7, 0] * 3] and statements.ready(3)
+    for chunk, statement in enumerate(every):
+        assert open_statement(statement)[1] == part_payload(
+            PREFIX, STEP, chunk, digest(part_bytes(chunks[chunk])), digest(commit)
+        )
+
+
+def test_parts_deserialize_as_hivemind_does():
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    from swarm.averaging.robust import _deserialize
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64):
+        for tensor in (torch.randn(3, 5), torch.randn(()), torch.zeros(0)):
+            serialized = serialize_torch_tensor(tensor.to(dtype), runtime_pb2.CompressionType.NONE)
+            got, want = _deserialize(serialized, serialized.buffer), deserialize_torch_tensor(serialized)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)

@@ -205,3 +205,120 @@ def test_robust_part_reducer_refuses_a_nan_part_and_finishes_without_its_sender(
     # median of the two honest senders (1, 5): the lower middle, 1 -- the cheater's part never counted
     assert all(torch.equal(r, torch.full((3,), 1.0)) for r in first + second)
     assert reducer.finished.is_set()
+
+
+# ---- the fast paths: they must compute exactly what the plain definitions do ----------------------------
+
+
+def _reference_centered_clip(x: torch.Tensor, tau: float, eps: float = 1e-6, max_iter: int = 500):
+    """CenteredClip written plainly (torch.median start, a fresh float64 difference every step)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1).double()
+    v = x.median(dim=0).values.reshape(-1).double()
+    iterations, converged = 0, False
+    while iterations < max_iter:
+        diff = flat - v
+        dist = diff.norm(dim=1)
+        c = torch.clamp(tau / dist, max=1.0)
+        step = (c.unsqueeze(1) * diff).sum(dim=0) / c.sum()
+        v = v + step
+        iterations += 1
+        if float(step.norm()) <= eps * float((c * dist).sum() / n) or float(step.norm()) == 0.0:
+            converged = True
+            break
+    return v.reshape(x.shape[1:]).to(x.dtype), iterations, converged
+
+
+def test_median_network_matches_torch_median():
+    gen = torch.Generator().manual_seed(3)
+    for n in [*range(1, 20), 31, 32, 33, 64, 65, 100]:  # above 64 senders: torch.median itself
+        x = torch.randn(n, 301, generator=gen)
+        if n > 3:
+            x[1] = x[0]  # ties
+            x[2, :50] = x[3, :50]
+        for values in (x, x.double(), x.round()):  # rounded: many equal values per column
+            assert torch.equal(median(values), values.median(dim=0).values), n
+
+
+def test_all_finite_finds_nan_and_inf_anywhere():
+    from swarm.averaging.reducers import all_finite
+
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = torch.randn(4, 1031).to(dtype)
+        assert all_finite(x) and all_finite(x[:, 5:]) and all_finite(torch.zeros(0, dtype=dtype))
+        for bad in (math.nan, math.inf, -math.inf):
+            for position in (0, 1, 7, 8, 15, 16, 17, 511, 1030, 1031, 2062, 4123):
+                y = x.clone()
+                y.view(-1)[position] = bad
+                assert not all_finite(y), (dtype, bad, position)
+        assert not all_finite(torch.full((9,), math.nan, dtype=dtype))
+    assert all_finite(torch.arange(5))  # integers are always finite
+
+
+def test_centered_clip_matches_the_plain_iteration():
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(60):
+        n = int(torch.randint(2, 17, (1,), generator=gen))
+        d = int(torch.randint(1, 2000, (1,), generator=gen))
+        x = 3 * torch.randn(d, generator=gen) + torch.randn(n, d, generator=gen)
+        attackers = int(torch.randint(0, (n - 1) // 2 + 1, (1,), generator=gen))
+        x[:attackers] *= -100.0
+        x = x.double() if trial % 2 else x
+        tau = float(10 ** (torch.rand(1, generator=gen) * 4 - 2))
+        result, info = centered_clip(x, tau=tau)
+        expected, iterations, converged = _reference_centered_clip(x, tau)
+        assert result.dtype == x.dtype and result.shape == x.shape[1:]
+        assert torch.allclose(result.double(), expected.double(), rtol=1e-6, atol=1e-9), trial
+        assert info.converged == converged and abs(info.iterations - iterations) <= 1, (trial, info)
+
+
+def test_centered_clip_results_are_independent_of_its_reused_buffer():
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(4, 5000, generator=gen) * (i + 1) for i in range(8)]
+    first = centered_clip(inputs[0], tau=0.5)[0]
+    kept = first.clone()
+    sequential = [centered_clip(x, tau=0.5)[0] for x in inputs]
+    assert torch.equal(first, kept)  # later calls did not write into an earlier result
+    with ThreadPoolExecutor(4) as pool:  # concurrent calls: one reuses the buffer, the others allocate
+        concurrent = list(pool.map(lambda x: centered_clip(x, tau=0.5)[0], inputs * 3))
+    for got, want in zip(concurrent, sequential * 3, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_running_ahead_keeps_order_passes_errors_and_stops_its_producer():
+    from swarm.averaging.robust import _running_ahead
+
+    async def scenario():
+        produced, closed = [], asyncio.Event()
+
+        async def items(fail_at: int | None = None):
+            try:
+                for i in range(5):
+                    if i == fail_at:
+                        raise ValueError("bad part")
+                    produced.append(i)
+                    yield i
+                    await asyncio.sleep(0)
+            finally:
+                closed.set()
+
+        got = []
+        async for i in _running_ahead(items()):
+            await asyncio.sleep(0.01)  # a slow consumer: the producer runs ahead
+            got.append(i)
+        assert got == list(range(5))
+
+        got, produced[:] = [], []
+        with pytest.raises(ValueError, match="bad part"):
+            async for i in _running_ahead(items(fail_at=3)):
+                got.append(i)
+        assert got == [0, 1, 2]  # the items before the error first
+
+        closed.clear()
+        async for _ in _running_ahead(items()):
+            break  # the consumer stops early: the producer is stopped and its generator closed
+        await asyncio.wait_for(closed.wait(), 1)
+
+    asyncio.run(scenario())
