@@ -61,7 +61,11 @@ def test_async_swarm_with_two_peers_per_stage_and_two_trainers(
 ):
     train_file, heldout_file = corpus_split
     steps = 12
-    run = write_test_run(tmp_path / "run.toml", train_model, "swarmtest", lr=3e-3, clip_grad_norm=1.0)
+    # validation recomputes a stage peer's gradient every round (tested in test_byzantine): off here, where
+    # 2 cores run 4 stage peers and 2 trainers and the test checks how far the stages get
+    run = write_test_run(
+        tmp_path / "run.toml", train_model, "swarmtest", lr=3e-3, clip_grad_norm=1.0, validators=0
+    )
     local_swarm.start_bootstrap()
     processes = start_stages(local_swarm, run.path, [2, 2])
     trainers = [
