@@ -20,6 +20,7 @@ from swarm.training.validation import (
     ContributionLog,
     Microbatch,
     check_reply,
+    recompute_mean_gradient,
 )
 
 
@@ -98,31 +99,14 @@ class TrainerRecomputer:
     def recompute_mean_gradient(
         self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
     ) -> list[torch.Tensor]:
-        """The mean gradient of another trainer's microbatches, summed in its order, each part with the
-        weights of its step, with the true labels (the ids shifted by one). Restores the weights."""
+        """The mean gradient of another trainer's microbatches, each part with the weights of its step and
+        the true labels (the ids shifted by one). Restores the weights."""
         params = self.trainable.params
-        current = [p.detach().clone() for p in params]
-        sums = [torch.zeros_like(p) for p in params]
-        samples, loaded = 0, None
-        try:
-            for microbatch in microbatches:
-                if microbatch.weights_step != loaded:
-                    with torch.no_grad():
-                        for param, value in zip(params, weights[microbatch.weights_step], strict=True):
-                            param.copy_(value)
-                    loaded = microbatch.weights_step
-                ids = microbatch.tensors["ids"]
-                if microbatch.kind == HEAD_MICROBATCH:
-                    _, _, grads = loss_gradients(
-                        self.head, params, ids, microbatch.tensors["hidden"], ids[:, 1:]
-                    )
-                else:
-                    grads = embedding_gradients(self.head, params, ids, microbatch.tensors["grad"])
-                    samples += ids.shape[0]
-                for total, grad in zip(sums, grads, strict=True):
-                    total.add_(grad)
-        finally:
-            with torch.no_grad():
-                for param, value in zip(params, current, strict=True):
-                    param.copy_(value)
-        return [total / max(samples, 1) for total in sums]
+
+        def gradients_of(microbatch: Microbatch) -> tuple[list[torch.Tensor], int]:
+            ids = microbatch.tensors["ids"]
+            if microbatch.kind == HEAD_MICROBATCH:  # the loss part: its samples count with the embeddings
+                return loss_gradients(self.head, params, ids, microbatch.tensors["hidden"], ids[:, 1:])[2], 0
+            return embedding_gradients(self.head, params, ids, microbatch.tensors["grad"]), ids.shape[0]
+
+        return recompute_mean_gradient(params, microbatches, weights, gradients_of)

@@ -14,7 +14,13 @@ from swarm.proto import swarm_pb2
 from swarm.training.run import OptimizerSettings
 from swarm.training.state import TrainState
 from swarm.training.trainable import TrainableParameters
-from swarm.training.validation import STAGE_MICROBATCH, ContributionLog, Microbatch, check_receipt
+from swarm.training.validation import (
+    STAGE_MICROBATCH,
+    ContributionLog,
+    Microbatch,
+    check_receipt,
+    recompute_mean_gradient,
+)
 
 THROUGHPUT_EMA = 0.1  # SWARM's smoothing of measured throughput
 
@@ -166,36 +172,15 @@ class TrainableSpanBackend(SpanBackend):
         self, microbatches: list[Microbatch], weights: dict[int, list[torch.Tensor]]
     ) -> list[torch.Tensor]:
         """The mean per-sample gradients of another peer's microbatches, each with the weights of its step
-        (`weights`: step -> parameters), summed in the same order as that peer summed them. Runs on the
-        compute thread; the current weights are restored afterwards."""
-        params = self.trainable.params
-        current = [p.detach().clone() for p in params]
-        sums = [torch.zeros_like(p) for p in params]
-        samples, loaded = 0, None
-        try:
-            for microbatch in microbatches:
-                if microbatch.weights_step != loaded:
-                    with torch.no_grad():
-                        for param, value in zip(params, weights[microbatch.weights_step], strict=True):
-                            param.copy_(value)
-                    loaded = microbatch.weights_step
-                hidden = microbatch.tensors["inputs"]
-                inputs = SpanInputs(
-                    hidden,
-                    None,
-                    None,
-                    slice(None),
-                    hidden.dtype,
-                    grad_outputs=microbatch.tensors["grad_outputs"],
-                )
-                for total, grad in zip(sums, self._gradients(inputs)[1:], strict=True):
-                    total.add_(grad)
-                samples += hidden.shape[0]
-        finally:
-            with torch.no_grad():
-                for param, value in zip(params, current, strict=True):
-                    param.copy_(value)
-        return [total / max(samples, 1) for total in sums]
+        (`weights`: step -> parameters). Runs on the compute thread; the current weights are restored."""
+
+        def gradients_of(microbatch: Microbatch) -> tuple[list[torch.Tensor], int]:
+            hidden = microbatch.tensors["inputs"]
+            grad_outputs = microbatch.tensors["grad_outputs"]
+            inputs = SpanInputs(hidden, None, None, slice(None), hidden.dtype, grad_outputs=grad_outputs)
+            return list(self._gradients(inputs)[1:]), hidden.shape[0]
+
+        return recompute_mean_gradient(self.trainable.params, microbatches, weights, gradients_of)
 
     # ---- what a validator in this stage needs (swarm.training.validation.Recomputer) ---------------------
 

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
@@ -233,6 +233,36 @@ class ContributionLog:
     def _forget(self, by_step: dict) -> None:
         for step in sorted(by_step)[: -self.keep]:
             del by_step[step]
+
+
+def recompute_mean_gradient(
+    params: Sequence[torch.Tensor],
+    microbatches: Sequence[Microbatch],
+    weights: dict[int, list[torch.Tensor]],
+    gradients_of: Callable[[Microbatch], tuple[list[torch.Tensor], int]],
+) -> list[torch.Tensor]:
+    """The mean gradient of another member's microbatches: each microbatch's (param gradients, samples)
+    from `gradients_of`, computed with `params` set to the weights of its step and summed in its order (as
+    the member summed them). `params` are restored afterwards."""
+    current = [p.detach().clone() for p in params]
+    sums = [torch.zeros_like(p) for p in params]
+    samples, loaded = 0, None
+    try:
+        for microbatch in microbatches:
+            if microbatch.weights_step != loaded:
+                with torch.no_grad():
+                    for param, value in zip(params, weights[microbatch.weights_step], strict=True):
+                        param.copy_(value)
+                loaded = microbatch.weights_step
+            grads, count = gradients_of(microbatch)
+            for total, grad in zip(sums, grads, strict=True):
+                total.add_(grad)
+            samples += count
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, current, strict=True):
+                param.copy_(value)
+    return [total / max(samples, 1) for total in sums]
 
 
 def choose_pairs(seed: bytes, members: Sequence[str], validators: int) -> list[tuple[str, str]]:
