@@ -58,6 +58,7 @@ from swarm.averaging.commitments import part_digest, part_payload, result_payloa
 from swarm.averaging.group import SwarmDecentralizedAverager
 from swarm.averaging.reducers import all_finite
 from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
+from swarm.utils.streaming import hold_until_caller_closes
 
 logger = logging.getLogger(__name__)
 
@@ -737,7 +738,7 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
             evidence = None
         if evidence is None:
             return
-        head = {"result": evidence.result, "commits": evidence.commits}
+        head = {"result": evidence.result, "commits": evidence.commits, "parts": len(evidence.parts)}
         yield averaging_pb2.DownloadData(
             metadata=msgpack.packb(head, use_bin_type=True),
             tensor_part=serialize_torch_tensor(evidence.aggregate, runtime_pb2.CompressionType.NONE),
@@ -747,6 +748,7 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
                 metadata=msgpack.packb({"sender": sender, "part": statement}, use_bin_type=True),
                 tensor_part=serialize_torch_tensor(part, runtime_pb2.CompressionType.NONE),
             )
+        await hold_until_caller_closes()
 
 
 class PartStatements:
@@ -824,16 +826,21 @@ async def fetch_evidence(
 
     async def collect() -> ChunkEvidence | None:
         head, parts = None, []
-        async for message in await stub.rpc_btard_evidence(request):
-            meta = msgpack.unpackb(message.metadata, raw=False)
-            tensor = deserialize_torch_tensor(message.tensor_part)
-            if head is None:
-                head = (meta, tensor)
-            else:
-                parts.append((str(meta["sender"]), tensor, bytes(meta["part"])))
+        async with contextlib.aclosing(await stub.rpc_btard_evidence(request)) as stream:  # closed here first
+            async for message in stream:
+                meta = msgpack.unpackb(message.metadata, raw=False)
+                tensor = deserialize_torch_tensor(message.tensor_part)
+                if head is None:
+                    head = (meta, tensor)
+                else:
+                    parts.append((str(meta["sender"]), tensor, bytes(meta["part"])))
+                if len(parts) == int(head[0]["parts"]):
+                    break
         if head is None:
             return None
         meta, aggregate = head
+        if len(parts) != int(meta["parts"]):
+            raise AllreduceException(f"{reducer} sent {len(parts)} of the {meta['parts']} parts it announced")
         return ChunkEvidence(
             commits=dict(meta["commits"]), parts=parts, result=bytes(meta["result"]), aggregate=aggregate
         )

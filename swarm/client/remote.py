@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 
 import torch
 from hivemind.p2p import P2P
@@ -10,7 +11,7 @@ from hivemind.p2p import P2P
 from swarm.client.errors import RemoteError
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
-from swarm.utils.streaming import combine_parts, split_tensors
+from swarm.utils.streaming import TensorAssembler, split_tensors
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
 
 MAX_RESPONSE_BYTES = 1024 * 1024 * 1024
@@ -81,6 +82,7 @@ async def remote_backward(
         timeout,
         receipt=receipt,
         receipts=receipts,
+        expected_outputs=1 + (prompts is not None),
     )
     shapes = [hidden_states.shape] + ([prompts.shape] if prompts is not None else [])
     _expect_shapes(peer_id, grads, shapes)
@@ -99,8 +101,11 @@ async def _call(
     timeout,
     receipt: bytes = b"",
     receipts: list[bytes] | None = None,
+    expected_outputs: int = 1,
 ) -> list[torch.Tensor]:
-    """A forward or backward call: unary when the request fits one message, streamed otherwise."""
+    """A forward or backward call: unary when the request fits one message, streamed otherwise.
+
+    `expected_outputs`: how many tensors a whole reply has (a streamed reply is read until then)."""
     stub = NodeProtocol.stub(p2p, peer_id)
     request_type = swarm_pb2.ForwardRequest if kind == "forward" else swarm_pb2.BackwardRequest
     protos = [serialize(t) for t in tensors]
@@ -131,16 +136,20 @@ async def _call(
             yield request_type(tensors=[part])
 
     async def collect():
-        error, parts, signed = None, [], b""
-        async for response in await getattr(stub, f"rpc_{kind}_stream")(requests()):
-            if response.HasField("error"):
-                error = response.error
-            parts.extend(response.tensors)
-            signed = signed or bytes(response.receipt)
-        return error, parts, signed
+        error, assembler, signed = None, TensorAssembler(MAX_RESPONSE_BYTES), b""
+        async with aclosing(await getattr(stub, f"rpc_{kind}_stream")(requests())) as stream:
+            async for response in stream:  # closed from this side once the reply is whole
+                if response.HasField("error"):
+                    error = response.error
+                    break
+                assembler.extend(response.tensors)
+                signed = signed or bytes(response.receipt)
+                if assembler.has(expected_outputs):
+                    break
+        return error, assembler, signed
 
-    error, parts, signed = await asyncio.wait_for(collect(), timeout=timeout)
-    tensors = combine_parts(parts, MAX_RESPONSE_BYTES) if error is None else []
+    error, assembler, signed = await asyncio.wait_for(collect(), timeout=timeout)
+    tensors = assembler.finish() if error is None else []
     outputs = _decode_outputs(peer_id, error, tensors)
     if receipts is not None:
         receipts.append(signed)

@@ -16,7 +16,7 @@ from swarm.node.errors import RequestError, to_error_proto
 from swarm.node.sessions import Session, check_step_shapes
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
-from swarm.utils.streaming import combine_parts, split_tensors
+from swarm.utils.streaming import combine_parts, hold_until_caller_closes, split_tensors
 from swarm.utils.tensors import serialize
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class NodeServicer(NodeProtocol):
                 yield response_type(tensors=[part], step=step, receipt=receipt if index == 0 else b"")
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
+        await hold_until_caller_closes()
 
     async def _run_span(
         self, request, tensors, context: P2PContext, backward: bool

@@ -7,9 +7,11 @@ name, dtype, shape and byte plus the step, so a joiner can prove it holds exactl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
@@ -19,7 +21,7 @@ from hivemind.p2p import P2P, P2PContext
 from swarm.proto import swarm_pb2
 from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
 from swarm.training.validation import Contribution, stream_contribution
-from swarm.utils.streaming import combine_parts, split_tensors
+from swarm.utils.streaming import TensorAssembler, batch_parts, hold_until_caller_closes, split_tensors
 from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
 
 logger = logging.getLogger(__name__)
@@ -103,17 +105,9 @@ class TrainStateServicer(TrainStateProtocol):
         names = sorted(state.tensors)
         parts = split_tensors([serialize(state.tensors[name]) for name in names], STREAM_CHUNK_BYTES)
         yield swarm_pb2.TrainStateResponse(step=state.step, state_hash=state.hash(), names=names)
-        # small tensors share a message: many tiny stream messages through a P2P replica were seen to
-        # arrive incomplete, and fewer messages cost less anyway
-        batch, size = [], 0
-        for part in parts:
-            if batch and size + len(part.buffer) > STREAM_CHUNK_BYTES:
-                yield swarm_pb2.TrainStateResponse(tensors=batch)
-                batch, size = [], 0
-            batch.append(part)
-            size += len(part.buffer)
-        if batch:
+        for batch in batch_parts(parts, STREAM_CHUNK_BYTES):
             yield swarm_pb2.TrainStateResponse(tensors=batch)
+        await hold_until_caller_closes()
 
     async def rpc_train_contribution(
         self, request: swarm_pb2.TrainContributionRequest, context: P2PContext
@@ -130,6 +124,7 @@ class TrainStateServicer(TrainStateProtocol):
             return
         async for response in stream_contribution(self.get_contribution(int(request.step))):
             yield response
+        await hold_until_caller_closes()
 
 
 async def fetch_progress(
@@ -145,37 +140,72 @@ async def fetch_progress(
     return int(response.step), int(response.samples), list(response.fingerprint)
 
 
+class _StreamCutShort(RemoteStateError):
+    """The stream ended before all the state it announced had arrived."""
+
+
+FETCH_ATTEMPTS = 3
+
+
 async def fetch_state(
     p2p: P2P, peer_id: str, run_hash: str, with_optimizer: bool, timeout: float
 ) -> TrainState:
-    """Download a peer's training state and check it against the hash the peer sent with it."""
-    import asyncio
+    """Download a peer's training state and check it against the hash the peer sent with it.
 
-    async def collect():
-        stub = TrainStateProtocol.stub(p2p, peer_id)
-        request = swarm_pb2.TrainStateRequest(run_hash=run_hash, with_optimizer=with_optimizer)
-        header, parts = None, []
-        async for response in await stub.rpc_train_state(request):
-            if response.HasField("error"):
-                raise RemoteStateError(f"{peer_id} refused its state: {response.error.message}")
-            if header is None:
-                header = response
-            parts.extend(response.tensors)
-        return header, parts
-
-    header, parts = await asyncio.wait_for(collect(), timeout)
-    if header is None:
-        raise RemoteStateError(f"{peer_id} sent no state")
-    protos = combine_parts(parts, MAX_STATE_BYTES)
-    if len(protos) != len(header.names):
-        raise RemoteStateError(f"{peer_id} sent {len(protos)} tensors for {len(header.names)} names")
-    tensors = {
-        name: deserialize_checked(
-            proto, name=name, allowed_dtypes=STATE_DTYPES, ndim=None, max_bytes=MAX_STATE_BYTES
-        )
-        for name, proto in zip(header.names, protos, strict=True)
-    }
-    state = TrainState(int(header.step), tensors)
+    A stream cut short is fetched again (up to FETCH_ATTEMPTS times within `timeout`); a refusal, a bad
+    tensor or a wrong hash is not.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError(f"no complete state from {peer_id} in {timeout} s")
+        try:
+            header, tensors = await asyncio.wait_for(
+                _download_state(p2p, peer_id, run_hash, with_optimizer), left
+            )
+            break
+        except _StreamCutShort as e:
+            if attempt == FETCH_ATTEMPTS:
+                raise
+            logger.info("state from %s was cut short (%s); fetching it again", peer_id, e)
+    state = TrainState(
+        int(header.step),
+        {
+            name: deserialize_checked(
+                proto, name=name, allowed_dtypes=STATE_DTYPES, ndim=None, max_bytes=MAX_STATE_BYTES
+            )
+            for name, proto in zip(header.names, tensors, strict=True)
+        },
+    )
     if state.hash() != header.state_hash:
         raise RemoteStateError(f"{peer_id}'s state does not match the hash it sent")
     return state
+
+
+async def _download_state(
+    p2p: P2P, peer_id: str, run_hash: str, with_optimizer: bool
+) -> tuple[swarm_pb2.TrainStateResponse, list]:
+    """(header, one tensor proto per name), closing the stream from this side once all have arrived."""
+    stub = TrainStateProtocol.stub(p2p, peer_id)
+    request = swarm_pb2.TrainStateRequest(run_hash=run_hash, with_optimizer=with_optimizer)
+    header, assembler = None, TensorAssembler(MAX_STATE_BYTES)
+    async with aclosing(await stub.rpc_train_state(request)) as stream:
+        async for response in stream:
+            if response.HasField("error"):
+                raise RemoteStateError(f"{peer_id} refused its state: {response.error.message}")
+            header = header or response
+            assembler.extend(response.tensors)
+            if assembler.has(len(header.names)):
+                break
+    if header is None:
+        raise _StreamCutShort(f"{peer_id} sent no state")
+    if not assembler.has(len(header.names)):
+        raise _StreamCutShort(
+            f"{peer_id} sent {len(assembler.tensors)} tensors for {len(header.names)} names"
+        )
+    if len(assembler.tensors) != len(header.names):
+        raise RemoteStateError(
+            f"{peer_id} sent {len(assembler.tensors)} tensors for {len(header.names)} names"
+        )
+    return header, assembler.tensors

@@ -28,6 +28,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
@@ -41,7 +42,7 @@ from swarm.averaging.commitments import chunk_digests
 from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
 from swarm.proto import swarm_pb2
 from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
-from swarm.utils.streaming import combine_parts, split_tensors
+from swarm.utils.streaming import TensorAssembler, batch_parts, split_tensors
 from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
 
 logger = logging.getLogger(__name__)
@@ -310,14 +311,9 @@ async def stream_contribution(contribution: Contribution | None) -> AsyncIterato
         receipt_counts=[len(m.receipts) for m in microbatches],
         weight_steps=[m.weights_step for m in microbatches],
     )
-    batch, size = [], 0
-    for part in split_tensors([serialize(t) for t in tensors], STREAM_CHUNK_BYTES):
-        if batch and size + len(part.buffer) > STREAM_CHUNK_BYTES:
-            yield swarm_pb2.TrainContributionResponse(tensors=batch)
-            batch, size = [], 0
-        batch.append(part)
-        size += len(part.buffer)
-    if batch:
+    for batch in batch_parts(
+        split_tensors([serialize(t) for t in tensors], STREAM_CHUNK_BYTES), STREAM_CHUNK_BYTES
+    ):
         yield swarm_pb2.TrainContributionResponse(tensors=batch)
 
 
@@ -374,16 +370,19 @@ async def fetch_contribution(
     async def collect():
         stub = TrainStateProtocol.stub(p2p, peer_id)
         request = swarm_pb2.TrainContributionRequest(run_hash=run_hash, step=step)
-        header, parts = None, []
-        async for response in await stub.rpc_train_contribution(request):
-            if response.HasField("error"):
-                raise ContributionUnavailable(f"{peer_id} refused: {response.error.message}")
-            header = header or response
-            parts.extend(response.tensors)
-        return header, parts
+        header, assembler = None, TensorAssembler(MAX_CONTRIBUTION_BYTES)
+        async with aclosing(await stub.rpc_train_contribution(request)) as stream:  # closed here first
+            async for response in stream:
+                if response.HasField("error"):
+                    raise ContributionUnavailable(f"{peer_id} refused: {response.error.message}")
+                header = header or response
+                assembler.extend(response.tensors)
+                if not header.found or assembler.has(len(header.names)):
+                    break
+        return header, assembler
 
     try:
-        header, parts = await asyncio.wait_for(collect(), timeout)
+        header, assembler = await asyncio.wait_for(collect(), timeout)
     except ContributionUnavailable:
         raise
     except Exception as e:
@@ -393,7 +392,7 @@ async def fetch_contribution(
     if not header.found:
         return None
     try:
-        return _parse_contribution(header, combine_parts(parts, MAX_CONTRIBUTION_BYTES), num_sent)
+        return _parse_contribution(header, assembler.finish(), num_sent)
     except Exception as e:
         raise ContributionUnavailable(f"{peer_id} sent a malformed contribution: {e}") from e
 
