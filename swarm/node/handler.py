@@ -12,7 +12,7 @@ import torch
 from hivemind.p2p import P2PContext
 
 from swarm.node.backend import SpanBackend, SpanInputs
-from swarm.node.errors import RequestError, to_error_proto
+from swarm.node.errors import RequestError, error_reply
 from swarm.node.sessions import Session, check_step_shapes
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
@@ -258,14 +258,4 @@ class NodeServicer(NodeProtocol):
 
     @staticmethod
     def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):
-        error = to_error_proto(exc)
-        level = logging.ERROR if error.code == swarm_pb2.Error.INTERNAL else logging.INFO
-        logger.log(
-            level,
-            "%s from %s refused: %s",
-            what,
-            context.remote_id,
-            error.message,
-            exc_info=error.code == swarm_pb2.Error.INTERNAL,
-        )
-        return response_type(error=error)
+        return error_reply(response_type, exc, context, what, logger)

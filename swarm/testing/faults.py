@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, fields
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
+from swarm.verification.operators import OPERATORS
+
 if TYPE_CHECKING:  # the CLI builds --help from this module: keep torch out of its import
     import torch
 
@@ -235,24 +237,6 @@ def _options(args: list[str], allowed: set[str], where: str) -> dict[str, str]:
             )
         options[key] = value
     return options
-
-
-# swarm.verification.trace.OPERATORS, copied so that --help needs no torch (a test checks they agree)
-OPERATORS: tuple[str, ...] = (
-    "input_layernorm",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "attention",
-    "o_proj",
-    "attn_residual",
-    "post_attention_layernorm",
-    "gate_proj",
-    "up_proj",
-    "act_mul",
-    "down_proj",
-    "mlp_residual",
-)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -34,6 +36,36 @@ def apply_deterministic_profile(threads: int = 1) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+@contextmanager
+def deterministic_profile(threads: int = 1) -> Iterator[None]:
+    """Run a block of code under the deterministic profile (a referee recomputing an operator bit for bit
+    inside a process that otherwise keeps its own settings), restoring torch's settings on exit."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    env = {name: os.environ.get(name) for name in ("MKL_DYNAMIC", "OMP_DYNAMIC")}
+    apply_deterministic_profile(threads=threads)
+    try:
+        yield
+    finally:
+        num_threads, enabled, warn_only, cudnn_deterministic, benchmark, matmul_tf32, cudnn_tf32 = saved
+        torch.set_num_threads(num_threads)
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def device_class(device: str | torch.device) -> str:

@@ -22,7 +22,7 @@ from torch import nn
 
 from swarm.models.span import LlamaSpan
 from swarm.node.backend import SpanBackend, SpanInputs
-from swarm.node.errors import RequestError, to_error_proto
+from swarm.node.errors import RequestError, error_reply
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
 from swarm.utils.tensors import TensorTooLargeError, serialize
@@ -180,7 +180,7 @@ class VerificationServicer(VerificationProtocol):
             self.store.put(_trace_key(context, request_id), party, nbytes)
             return response
         except Exception as e:
-            return _error_reply(swarm_pb2.CommitResponse, e, context, "commit")
+            return error_reply(swarm_pb2.CommitResponse, e, context, "commit", logger)
 
     @staticmethod
     def _commit_sync(backend: SpanBackend, inputs: SpanInputs) -> tuple[HonestParty, torch.Tensor, int]:
@@ -224,7 +224,7 @@ class VerificationServicer(VerificationProtocol):
                 response.proofs.extend(b"".join(answer.proofs.get(ref, ())) for ref in refs)
             return response
         except Exception as e:
-            return _error_reply(swarm_pb2.DisputeAnswerResponse, e, context, "dispute_answer")
+            return error_reply(swarm_pb2.DisputeAnswerResponse, e, context, "dispute_answer", logger)
 
 
 def _tensor_nbytes(trace: SpanTrace, ref: int) -> int:
@@ -234,17 +234,3 @@ def _tensor_nbytes(trace: SpanTrace, ref: int) -> int:
         block, op = divmod(ref, len(OPERATORS))
         tensor = trace.blocks[block][op][1]
     return tensor.numel() * tensor.element_size()
-
-
-def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):
-    error = to_error_proto(exc)
-    level = logging.ERROR if error.code == swarm_pb2.Error.INTERNAL else logging.INFO
-    logger.log(
-        level,
-        "%s from %s refused: %s",
-        what,
-        context.remote_id,
-        error.message,
-        exc_info=error.code == swarm_pb2.Error.INTERNAL,
-    )
-    return response_type(error=error)

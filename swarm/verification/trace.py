@@ -17,24 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import create_causal_mask
 
 from swarm.models.span import LlamaSpan, default_position_ids
-
-# The order in which a block's operator outputs are committed. It is part of the protocol: changing it
-# changes every commitment.
-OPERATORS: tuple[str, ...] = (
-    "input_layernorm",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "attention",
-    "o_proj",
-    "attn_residual",
-    "post_attention_layernorm",
-    "gate_proj",
-    "up_proj",
-    "act_mul",
-    "down_proj",
-    "mlp_residual",
-)
+from swarm.verification.operators import OPERATORS
 
 BLOCK_INPUT = "block_input"
 """The block's input: the span's input for block 0, else the previous block's mlp_residual."""

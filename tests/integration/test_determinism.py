@@ -3,9 +3,6 @@ which are also what this process computes under that profile; a node told to lie
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -16,8 +13,8 @@ from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.utils.aio import BackgroundLoop
 from swarm.verification.determinism import (
-    apply_deterministic_profile,
     determinism_profile,
+    deterministic_profile,
     is_deterministic,
     same_profile,
     server_profile,
@@ -84,35 +81,6 @@ def forward(client, process) -> torch.Tensor:
 
 def raw(tensor: torch.Tensor) -> bytes:
     return tensor.contiguous().numpy().tobytes()
-
-
-@contextmanager
-def deterministic_profile():
-    """This process under a node's deterministic profile, restored on exit (the suite keeps its settings)."""
-    saved = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    env = {name: os.environ.get(name) for name in ("MKL_DYNAMIC", "OMP_DYNAMIC")}
-    apply_deterministic_profile(threads=1)
-    try:
-        yield
-    finally:
-        threads, enabled, warn_only, cudnn_deterministic, benchmark, matmul_tf32, cudnn_tf32 = saved
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

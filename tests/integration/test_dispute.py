@@ -5,9 +5,7 @@ by RPC and pins the lie to that node, block and operator."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from swarm.models.span import load_span
 from swarm.proto import swarm_pb2
 from swarm.protocol import VerificationProtocol
 from swarm.utils.aio import BackgroundLoop
-from swarm.verification.determinism import apply_deterministic_profile
+from swarm.verification.determinism import deterministic_profile
 from swarm.verification.dispute import SPAN_INPUT, Question, recheck_verdict
 from swarm.verification.remote import RemoteParty, remote_commit, run_remote_dispute
 from swarm.verification.service import TraceStore
@@ -67,36 +65,6 @@ def client(nodes):
     loop.run(p2p.shutdown())
     dht.shutdown()
     loop.close()
-
-
-@contextmanager
-def deterministic_profile():
-    """This process under a node's deterministic profile (the referee recomputes an operator bit for bit),
-    restored on exit."""
-    saved = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    env = {name: os.environ.get(name) for name in ("MKL_DYNAMIC", "OMP_DYNAMIC")}
-    apply_deterministic_profile(threads=1)
-    try:
-        yield
-    finally:
-        threads, enabled, warn_only, cudnn_deterministic, benchmark, matmul_tf32, cudnn_tf32 = saved
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def request() -> tuple[torch.Tensor, torch.Tensor]:

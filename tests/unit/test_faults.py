@@ -13,7 +13,6 @@ from swarm.testing.faults import (
     ATTACK_SEED,
     ATTACKS,
     FAULTS,
-    OPERATORS,
     SERVING_NODE,
     TRAINER,
     TRAINING_NODE,
@@ -251,12 +250,6 @@ def test_perturb_parses_with_defaults_and_bad_ones_are_refused_clearly():
     for text, message in bad.items():
         with pytest.raises(FaultError, match=message):
             parse_fault(text)
-
-
-def test_perturb_operators_are_the_traced_operators():
-    from swarm.verification.trace import OPERATORS as TRACED
-
-    assert OPERATORS == TRACED
 
 
 def test_faults_say_which_processes_commit_them():
