@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.client.config import ClientConfig
 
 
 def add_model_and_decoding(parser: argparse.ArgumentParser, default_max_new_tokens: int) -> None:
@@ -18,7 +19,21 @@ def add_model_and_decoding(parser: argparse.ArgumentParser, default_max_new_toke
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
+    parser.add_argument(
+        "--verify-rate",
+        type=_rate,
+        default=ClientConfig.verify_rate,
+        help="fraction of span calls also run on a second node and compared; a node proven wrong is "
+        "never used again (default: %(default)s)",
+    )
     add_cache_dir(parser)
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {text}")
+    return value
 
 
 def add_parsers(subparsers) -> None:
@@ -68,6 +83,7 @@ def open_model(args: argparse.Namespace):
         model_name=args.model_name,
         cache_dir=args.cache_dir,
         device=args.device,
+        verify_rate=args.verify_rate,
     )
     return tokenizer, model
 

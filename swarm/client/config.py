@@ -20,3 +20,9 @@ class ClientConfig:
     refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
     allowed_servers: list[str] | None = None  # if set, route only through these peer ids
     blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
+    # the fraction of span calls also given to a second node and compared (swarm.verification.spot_check)
+    verify_rate: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ValueError(f"verify_rate must be within [0, 1], got {self.verify_rate}")

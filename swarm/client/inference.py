@@ -27,12 +27,15 @@ from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
 
 if TYPE_CHECKING:
     from swarm.client.swarm_client import SwarmClient
+    from swarm.verification.spot_check import SpotCheck
 
 logger = logging.getLogger(__name__)
 
 # one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
 MAX_STEP_BYTES = 2 * 1024 * 1024
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# a session's output and the node's committed forward of the same prefix differ by rounding only
+SESSION_TOLERANCE = 1e-3
 
 
 class SpanStream:
@@ -142,6 +145,7 @@ class InferenceSession:
         self._spans: list[_SpanState] = []
         self._closed = False
         self.num_recoveries = 0
+        self.spot_checks: list[SpotCheck] = []  # what the client's spot checks found in this session
         # called with the new position after every step that reached the last block (tests, progress bars)
         self.on_step: Callable[[int], None] | None = None
         # called as (span, new tokens, seconds) after every successful round trip to one span (profiling)
@@ -221,6 +225,11 @@ class InferenceSession:
                 continue
             if self.on_hop is not None:
                 self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
+            checker = client.spot_checker
+            if checker is not None and checker.should_check():
+                if not self._spot_check(state, hidden, output, position_ids, mask):
+                    self._replace_span(index, mask)  # re-routes and replays; this step runs again there
+                    continue
             state.inputs.append(hidden)
             hidden = output
             index += 1
@@ -231,6 +240,48 @@ class InferenceSession:
         if self.on_step is not None:
             self.on_step(self.position)
         return hidden
+
+    def _spot_check(
+        self,
+        state: _SpanState,
+        hidden: torch.Tensor,
+        output: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> bool:
+        """Give the span's whole input so far to its node and a second one, committed (spot_check); False when
+        its node was convicted or answered the session otherwise than its committed forward.
+
+        The committed forward recomputes the prefix without a cache, so it matches the session's output only
+        within a tolerance; a node that lies in its sessions by less than that is not caught here.
+        """
+        client = self.client
+        history = torch.cat([*state.inputs, hidden], dim=1)
+        positions = (
+            position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
+        )
+        span = state.span
+        result = client.run_async(
+            client.spot_checker.check(
+                span.info, span.start, span.end, history, mask, positions, client.usable_servers()
+            )
+        )
+        self.spot_checks.append(result)
+        client.convict(result.convicted)
+        if span.peer_id in result.convicted:
+            return False
+        if result.output is not None:
+            committed = result.output[:, -hidden.shape[1] :]
+            scale = committed.abs().max().clamp_min(1e-12)
+            if float((committed - output).abs().max() / scale) > SESSION_TOLERANCE:
+                logger.warning(
+                    "node %s answered blocks [%d, %d) otherwise than its committed forward",
+                    span.peer_id,
+                    span.start,
+                    span.end,
+                )
+                return False
+        return True
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:
         timeout = self.client.config.request_timeout

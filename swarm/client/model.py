@@ -17,6 +17,7 @@ from swarm.client.routing import RemoteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.head import load_client_head, load_generation_config
+from swarm.models.span import LlamaSpan, load_span
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
@@ -44,7 +45,13 @@ class DistributedModelForCausalLM(torch.nn.Module):
         self.head = load_client_head(checkpoint, dtype=dtype).to(self.device)
         self.generation_config = load_generation_config(checkpoint.path)
         self.num_blocks = checkpoint.num_blocks
-        self.swarm = SwarmClient(checkpoint.name, self.num_blocks, config, self._local_block_hashes)
+        self.swarm = SwarmClient(
+            checkpoint.name,
+            self.num_blocks,
+            config,
+            self._local_block_hashes,
+            referee_span=self._referee_span,
+        )
         self.blocks = SwarmBlocks(self.swarm)
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
         if tuning_mode:
@@ -83,6 +90,12 @@ class DistributedModelForCausalLM(torch.nn.Module):
     def _local_block_hashes(self) -> list[str] | None:
         """Hashes of this checkpoint's blocks when it holds them (it may hold only the head)."""
         return all_block_hashes(self.checkpoint) if self.checkpoint.block_tensor_names(0) else None
+
+    def _referee_span(self, start: int, end: int) -> LlamaSpan | None:
+        """Blocks [start, end) of this checkpoint in fp32, to referee a dispute (None without blocks)."""
+        if not self.checkpoint.block_tensor_names(start):
+            return None
+        return load_span(self.checkpoint, start, end, dtype=torch.float32)
 
     @property
     def client_config(self) -> ClientConfig:

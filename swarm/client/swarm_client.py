@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hivemind.p2p import P2P
 
@@ -23,6 +24,10 @@ from swarm.dht.factory import create_dht
 from swarm.dht.swarm_view import consensus_hashes, read_swarm
 from swarm.proto import swarm_pb2
 from swarm.utils.aio import BackgroundLoop
+from swarm.verification.spot_check import SpotChecker
+
+if TYPE_CHECKING:
+    from swarm.models.span import LlamaSpan
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +53,12 @@ class SwarmClient:
         config: ClientConfig,
         local_hashes: Callable[[], list[str] | None] = lambda: None,
         client_mode: bool = True,
+        referee_span: Callable[[int, int], LlamaSpan | None] = lambda start, end: None,
         **dht_options,
     ):
         self.model_name, self.num_blocks, self.config = model_name, num_blocks, config
         self.bans = BanList()
+        self.convicted: set[str] = set()  # nodes a dispute proved wrong: never routed through again
         self._local_hashes = local_hashes
         self._expected_hashes: list[str] | None = None
         self._loop = BackgroundLoop()
@@ -66,6 +73,10 @@ class SwarmClient:
         self._view_time = 0.0
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
         self._rng = random.Random()
+        self.spot_checker: SpotChecker | None = None
+        if config.verify_rate > 0:
+            timeout = config.request_timeout
+            self.spot_checker = SpotChecker(self.p2p, config.verify_rate, referee_span, timeout)
 
     def expected_hashes(self, model_infos) -> list[str] | None:
         """Trust the local checkpoint's block hashes when it holds the blocks, else the DHT's consensus."""
@@ -86,7 +97,8 @@ class SwarmClient:
             self._view = read_swarm(self.dht, self.model_name, self.num_blocks, config.dht_timeout)
             self._view_time = time.monotonic()
         servers, model_infos = self._view
-        usable = usable_servers(servers, self.expected_hashes(model_infos), self.bans.active())
+        excluded = self.bans.active() | self.convicted
+        usable = usable_servers(servers, self.expected_hashes(model_infos), excluded)
         if config.allowed_servers is not None:
             usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
         return [s for s in usable if s.peer_id not in set(config.blocked_servers)]
@@ -138,6 +150,10 @@ class SwarmClient:
     def ban(self, peer_id: str) -> None:
         """Stop routing through a node for a while; each repeated failure doubles the wait."""
         self.bans.ban(peer_id)
+
+    def convict(self, peer_ids) -> None:
+        """Never route through these nodes again (a dispute proved they computed wrong results)."""
+        self.convicted.update(peer_ids)
 
     def run_async(self, coro, timeout: float | None = None):
         """Run a coroutine on the client's event loop thread and wait for its result."""

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from swarm.cli.main import PENDING, build_parser
+from swarm.client.config import ClientConfig
 from swarm.node.config import NodeConfig
 from swarm.node.limits import NodeLimits
 
@@ -76,3 +77,17 @@ def test_swarm_node_script_is_swarm_node():
         assert e.code == 2  # argparse: --model is required, as for `swarm node`
     else:
         raise AssertionError("swarm-node without --model must fail")
+
+
+def test_generate_and_chat_take_a_verify_rate_within_zero_one():
+    parser = build_parser()
+    for command in ("generate", "chat"):
+        extra = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"] + (
+            ["--prompt", "hi"] if command == "generate" else []
+        )
+        args = parser.parse_args([command, "--model", "m", *extra])
+        assert args.verify_rate == ClientConfig().verify_rate == 0.0
+        assert parser.parse_args([command, "--model", "m", "--verify-rate", "0.1", *extra]).verify_rate == 0.1
+    peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
+    refused = run_cli("generate", "--model", "m", "--prompt", "hi", *peers, "--verify-rate", "1.5")
+    assert refused.returncode == 2 and "must be within [0, 1]" in refused.stderr

@@ -1,0 +1,223 @@
+"""Client spot checks: give a span call's input to a second node as well, compare what both commit to, and
+settle a disagreement with the dispute game, the client refereeing.
+
+Only two nodes that announce the same deterministic profile can be compared bit for bit, and only a referee
+with that profile can recompute the disputed operator; anything else is reported, and nobody is convicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2P
+
+from swarm.models.span import LlamaSpan
+from swarm.proto import swarm_pb2
+from swarm.verification.determinism import (
+    determinism_profile,
+    deterministic_profile,
+    is_deterministic,
+    same_profile,
+    server_profile,
+)
+from swarm.verification.dispute import Verdict
+from swarm.verification.remote import RemoteParty, remote_commit, run_remote_dispute
+
+logger = logging.getLogger(__name__)
+
+REFEREE_SPANS_KEPT = 2  # the client's own copies of disputed spans, kept for the next dispute
+
+# outputs of nodes with different profiles count as the same computation within this (relative) tolerance
+PROFILE_TOLERANCE = 1e-3
+
+
+@dataclass
+class SpotCheck:
+    """What one spot check found.
+
+    outcome: "agreed" (same profile, identical commitments), "close"/"far" (different profiles: outputs
+    within PROFILE_TOLERANCE or not; only reported), "no_second" (nobody else serves the span), "disputed"
+    (a dispute was played: see verdict and convicted), "unrefereed" (the commitments differ but this client
+    cannot recompute with the parties' profile), "failed" (the second node or the checked one did not commit).
+    """
+
+    peer_id: str
+    start: int
+    end: int
+    outcome: str
+    second: str | None = None
+    verdict: Verdict | None = None
+    convicted: tuple[str, ...] = ()
+    output: torch.Tensor | None = None  # the span's output as the checked node (or the winner) committed
+    max_difference: float | None = None
+    detail: str = ""
+    parties: dict[str, RemoteParty] = field(default_factory=dict)
+
+
+class SpotChecker:
+    """Decides which span calls to check (`verify_rate`) and checks them.
+
+    :param load_referee_span: blocks [start, end) with the client's own copy of the weights, or None when the
+      client has no blocks to recompute with
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        verify_rate: float,
+        load_referee_span: Callable[[int, int], LlamaSpan | None],
+        timeout: float,
+        rng: random.Random | None = None,
+    ):
+        if not 0.0 <= verify_rate <= 1.0:
+            raise ValueError(f"verify_rate must be within [0, 1], got {verify_rate}")
+        self.p2p, self.verify_rate = p2p, verify_rate
+        self.load_referee_span, self.timeout = load_referee_span, timeout
+        self.rng = rng or random.Random()
+        self.history: list[SpotCheck] = []  # every check's result, oldest first
+        self._referee_profile: dict[str, str] | None = None
+        self._referee_spans: OrderedDict[tuple[int, int], LlamaSpan | None] = OrderedDict()
+
+    def should_check(self) -> bool:
+        """Draw whether the next span call is checked."""
+        return self.verify_rate > 0 and self.rng.random() < self.verify_rate
+
+    async def check(
+        self,
+        info: swarm_pb2.ServerInfo,
+        start: int,
+        end: int,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        servers: list[swarm_pb2.ServerInfo],
+    ) -> SpotCheck:
+        """Run blocks [start, end) on `info`'s node and on a second one (picked among `servers`, the nodes a
+        route may use now) with every operator committed, and compare. A disagreement between same-profile
+        nodes is disputed and its losers are `convicted`."""
+        peer_id = info.peer_id
+        second = self._pick_second(info, start, end, servers)
+        if second is None:
+            return self._record(SpotCheck(peer_id, start, end, "no_second"))
+        request_id = uuid.uuid4().hex
+        replies = await asyncio.gather(
+            *(
+                remote_commit(
+                    self.p2p,
+                    node,
+                    request_id,
+                    start,
+                    end,
+                    hidden_states,
+                    attention_mask,
+                    position_ids,
+                    self.timeout,
+                )
+                for node in (peer_id, second.peer_id)
+            ),
+            return_exceptions=True,
+        )
+        result = SpotCheck(peer_id, start, end, "failed", second=second.peer_id)
+        failed = [
+            (node, reply)
+            for node, reply in zip((peer_id, second.peer_id), replies, strict=True)
+            if isinstance(reply, BaseException)
+        ]
+        if failed:
+            result.detail = "; ".join(f"{node} did not commit: {reply!r}" for node, reply in failed)
+            if isinstance(replies[0], tuple):
+                result.output = replies[0][1]
+            return self._record(result)
+        (commitment_a, output_a), (commitment_b, output_b) = replies
+        result.output = output_a
+        profile = server_profile(info)
+        comparable = is_deterministic(profile) and same_profile(profile, server_profile(second))
+        if not comparable:
+            scale = output_a.abs().max().clamp_min(1e-12)
+            result.max_difference = float((output_a - output_b).abs().max() / scale)
+            result.outcome = "close" if result.max_difference <= PROFILE_TOLERANCE else "far"
+            return self._record(result)
+        if commitment_a.block_output_digests[-1] == commitment_b.block_output_digests[-1]:
+            result.outcome = "agreed"
+            return self._record(result)
+        referee = self._referee_span(start, end, profile)
+        if referee is None:
+            result.outcome = "unrefereed"
+            result.detail = "this client cannot recompute with the parties' profile or lacks the blocks"
+            return self._record(result)
+        with deterministic_profile():
+            verdict, parties = await run_remote_dispute(
+                self.p2p,
+                peer_id,
+                second.peer_id,
+                referee,
+                commitment_a,
+                commitment_b,
+                request_id,
+                attention_mask,
+                position_ids,
+                self.timeout,
+            )
+        names = {"a": peer_id, "b": second.peer_id}
+        result.outcome, result.verdict, result.parties = "disputed", verdict, parties
+        result.convicted = tuple(names[party] for party in verdict.losers)
+        if peer_id in result.convicted and second.peer_id not in result.convicted:
+            result.output = output_b  # the result the user gets comes from the winner
+        logger.warning(
+            "spot check of blocks [%d, %d): %s and %s disagreed; convicted %s (block %s, %s)",
+            start,
+            end,
+            peer_id,
+            second.peer_id,
+            list(result.convicted),
+            None if verdict.block is None else verdict.first_block + verdict.block,
+            verdict.op,
+        )
+        return self._record(result)
+
+    def _pick_second(
+        self, info: swarm_pb2.ServerInfo, start: int, end: int, servers: list[swarm_pb2.ServerInfo]
+    ) -> swarm_pb2.ServerInfo | None:
+        """Another node serving all of [start, end): one with the same profile if there is one."""
+        candidates = [
+            s for s in servers if s.peer_id != info.peer_id and s.start_block <= start and end <= s.end_block
+        ]
+        profile = server_profile(info)
+        same = [s for s in candidates if same_profile(server_profile(s), profile)]
+        pool = same or candidates
+        return self.rng.choice(pool) if pool else None
+
+    def _referee_span(self, start: int, end: int, profile: dict[str, str]) -> LlamaSpan | None:
+        """The client's own blocks [start, end), if it can recompute them bit for bit as the parties do."""
+        if self._referee_profile is None:
+            with deterministic_profile():
+                self._referee_profile = determinism_profile(torch.float32, "cpu")
+        if not same_profile(self._referee_profile, profile):
+            return None
+        key = (start, end)
+        if key not in self._referee_spans:
+            self._referee_spans[key] = self.load_referee_span(start, end)
+            while len(self._referee_spans) > REFEREE_SPANS_KEPT:
+                self._referee_spans.popitem(last=False)
+        self._referee_spans.move_to_end(key)
+        return self._referee_spans[key]
+
+    def _record(self, result: SpotCheck) -> SpotCheck:
+        self.history.append(result)
+        if result.outcome in ("far", "failed", "unrefereed"):
+            logger.warning(
+                "spot check of %s on blocks [%d, %d): %s %s",
+                result.peer_id,
+                result.start,
+                result.end,
+                result.outcome,
+                result.detail,
+            )
+        return result

@@ -1,0 +1,102 @@
+"""Client spot checks between real nodes: generation with verify_rate=1.0 catches a node that lies by one ulp
+in one operator, convicts it at that block and operator, re-routes around it and still returns local greedy
+text; an honest-only swarm sees no dispute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm.client import DistributedModelForCausalLM
+from swarm.client.config import ClientConfig
+from swarm.local import LocalSwarm
+
+PERTURBED_BLOCK = 4  # absolute; the back half [3, 6) has two honest nodes and a cheater
+PERTURBED_OP = "down_proj"
+MAX_DISPUTE_BYTES = 64 * 1024  # 3 blocks of the tiny model: about 30 kB (see the note's figures)
+
+
+@pytest.fixture(scope="module")
+def nodes(tiny_model, tmp_path_factory):
+    """Blocks [0, 3) on one honest node; [3, 6) on two honest nodes and on a cheater that announces far more
+    throughput, so that routes prefer it."""
+    swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("spot-check-swarm"))
+    try:
+        swarm.start_bootstrap()
+        fault = f"perturb:block={PERTURBED_BLOCK},op={PERTURBED_OP}"
+        specs = {
+            "front": ("0:3", "--throughput", "1"),
+            "honest": ("3:6", "--throughput", "1"),
+            "honest2": ("3:6", "--throughput", "1"),
+            "cheater": ("3:6", "--throughput", "1000", "--fault", fault),
+        }
+        processes = {
+            name: swarm.start_node(str(tiny_model), *spec, wait=False, name=name)
+            for name, spec in specs.items()
+        }
+        for process in processes.values():
+            swarm.wait_ready(process, timeout=300)
+        yield swarm, {name: process.peer_id for name, process in processes.items()}
+    finally:
+        swarm.close()
+
+
+def prompt(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def local_greedy(local_model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        return local_model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens)
+
+
+def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(nodes, tiny_model, local_model):
+    swarm, peers = nodes
+    input_ids = prompt()
+    expected = local_greedy(local_model, input_ids, max_new_tokens=6)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, swarm.initial_peers, verify_rate=1.0
+    ) as model:
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=6, do_sample=False, session=session)
+        convicted = set(model.swarm.convicted)
+        checks = session.spot_checks
+        route_after = {span.peer_id for span in session.route}
+    assert torch.equal(output, expected)
+    assert convicted == {peers["cheater"]}  # the honest nodes never are
+    disputes = [check for check in checks if check.outcome == "disputed"]
+    assert len(disputes) == 1, [(c.outcome, c.peer_id) for c in checks]
+    dispute = disputes[0]
+    # routes preferred the cheater: its lie was caught on the first step, and the step ran again elsewhere
+    assert dispute.peer_id == peers["cheater"] and dispute.second in (peers["honest"], peers["honest2"])
+    assert dispute.convicted == (peers["cheater"],)
+    verdict = dispute.verdict
+    assert (verdict.first_block + verdict.block, verdict.op) == (PERTURBED_BLOCK, PERTURBED_OP)
+    assert verdict.reasons == {"a": "wrong_output"}
+    assert verdict.bytes_moved < MAX_DISPUTE_BYTES
+    assert session.num_recoveries == 1 and peers["cheater"] not in route_after
+    # after the conviction, checks of [3, 6) compare the two honest nodes, which agree bit for bit
+    later = [c for c in checks if c.start == 3 and c is not dispute]
+    assert later and all(c.outcome == "agreed" for c in later)
+    assert all(c.outcome == "no_second" for c in checks if c.start == 0)
+
+
+def test_honest_nodes_agree_and_nobody_is_convicted(nodes, tiny_model, local_model):
+    swarm, peers = nodes
+    input_ids = prompt(seed=1)
+    expected = local_greedy(local_model, input_ids, max_new_tokens=4)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, swarm.initial_peers, verify_rate=1.0, blocked_servers=[peers["cheater"]]
+    ) as model:
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=4, do_sample=False, session=session)
+        assert not model.swarm.convicted
+    assert torch.equal(output, expected)
+    assert session.num_recoveries == 0
+    outcomes = {(c.start, c.outcome) for c in session.spot_checks}
+    assert outcomes == {(0, "no_second"), (3, "agreed")}  # one node serves [0, 3): nobody to compare with
+
+
+def test_verify_rate_outside_zero_one_is_refused_before_joining():
+    with pytest.raises(ValueError, match="verify_rate"):
+        ClientConfig(verify_rate=1.5)
