@@ -23,10 +23,15 @@ from swarm.protocol import MAX_UNARY_MESSAGE_BYTES
 if TYPE_CHECKING:
     from swarm.client.routing import RemoteSpan
     from swarm.client.swarm_client import SwarmClient
+    from swarm.verification.spot_check import SpotCheck
 
 logger = logging.getLogger(__name__)
 
 MAX_CHUNK_BATCH = 32
+
+
+class SpotCheckFailed(RuntimeError):
+    """A spot check showed that a node's forward output cannot be used."""
 
 
 @dataclass
@@ -83,6 +88,7 @@ class SwarmBlocks:
     def __init__(self, client: SwarmClient):
         self.client = client
         self.last_route: list[RemoteSpan] = []  # the route the first chunk of the last forward took
+        self.spot_checks: list[SpotCheck] = []  # what spot checks of forward calls found, oldest first
         self._route_lock: asyncio.Lock | None = None
 
     async def _route(self, start: int, end: int) -> list[RemoteSpan]:
@@ -163,6 +169,8 @@ class SwarmBlocks:
             span = route[0]
             try:
                 outputs = await self._forward_span(span, hidden, prompts, mask, positions)
+                if prompts is None and (checker := self.client.spot_checker) and checker.should_check():
+                    outputs = await self._spot_check(checker, span, hidden, outputs, mask, positions)
             except Exception as e:
                 failures += 1
                 self._failed(span, "forward", e, failures)
@@ -172,6 +180,25 @@ class SwarmBlocks:
             used.append(span)
             hidden, block, route = outputs, span.end, route[1:]
         return hidden, ChunkRecord(rows, spans), used
+
+    async def _spot_check(self, checker, span: RemoteSpan, hidden, outputs, mask, positions) -> torch.Tensor:
+        """The span's output, checked against a second node (swarm.verification.spot_check): the winner's
+        committed output when `span`'s node was convicted; raises if the node served otherwise than it
+        committed (it is then treated as a failed node). Calls with deep prompts are not checked: commitments
+        cover the blocks' plain forward only."""
+        servers = await asyncio.to_thread(self.client.usable_servers)
+        result = await checker.check(span.info, span.start, span.end, hidden, mask, positions, servers)
+        self.spot_checks.append(result)
+        self.client.convict(result.convicted)
+        if span.peer_id in result.convicted:
+            if result.output is None or result.second in result.convicted:
+                raise SpotCheckFailed(f"{span.peer_id} was convicted and nobody's output can be trusted")
+            return result.output
+        if not result.served_matches(outputs):
+            raise SpotCheckFailed(
+                f"{span.peer_id} served blocks [{span.start}, {span.end}) otherwise than it committed"
+            )
+        return outputs
 
     # ---- backward -----------------------------------------------------------------------------------------
 
@@ -207,6 +234,8 @@ class SwarmBlocks:
         """Backward through [start, end) for one chunk, on the same node unless it failed; then ban it and
         cover the range again (recomputing intermediate inputs if the new route has more hops)."""
         failures, route = 0, [record.span]
+        if record.span.peer_id in self.client.convicted:  # its forward was replaced by the winner's
+            route = await self._route(record.start, record.end)
         while True:
             current = route[0]
             try:

@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 # one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
 MAX_STEP_BYTES = 2 * 1024 * 1024
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
-# a session's output and the node's committed forward of the same prefix differ by rounding only
-SESSION_TOLERANCE = 1e-3
 
 
 class SpanStream:
@@ -270,17 +268,14 @@ class InferenceSession:
         client.convict(result.convicted)
         if span.peer_id in result.convicted:
             return False
-        if result.output is not None:
-            committed = result.output[:, -hidden.shape[1] :]
-            scale = committed.abs().max().clamp_min(1e-12)
-            if float((committed - output).abs().max() / scale) > SESSION_TOLERANCE:
-                logger.warning(
-                    "node %s answered blocks [%d, %d) otherwise than its committed forward",
-                    span.peer_id,
-                    span.start,
-                    span.end,
-                )
-                return False
+        if not result.served_matches(output):
+            logger.warning(
+                "node %s answered blocks [%d, %d) otherwise than its committed forward",
+                span.peer_id,
+                span.start,
+                span.end,
+            )
+            return False
         return True
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:

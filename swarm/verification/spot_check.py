@@ -38,6 +38,16 @@ REFEREE_SPANS_KEPT = 2  # the client's own copies of disputed spans, kept for th
 PROFILE_TOLERANCE = 1e-3
 
 
+# what a node served and what it committed to for the same input may differ by rounding only (a session's
+# cached steps vs a forward of the whole prefix)
+SERVED_TOLERANCE = 1e-3
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a| (a tiny floor keeps an all-zero `a` finite)."""
+    return float((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
+
+
 @dataclass
 class SpotCheck:
     """What one spot check found.
@@ -59,6 +69,14 @@ class SpotCheck:
     max_difference: float | None = None
     detail: str = ""
     parties: dict[str, RemoteParty] = field(default_factory=dict)
+
+    def served_matches(self, served: torch.Tensor) -> bool:
+        """Whether what the checked node served (its last positions) is what it committed to, up to
+        rounding; True when there is no commitment to compare with."""
+        if self.output is None or self.peer_id in self.convicted:
+            return True
+        committed = self.output[:, -served.shape[1] :]
+        return relative_difference(committed, served) <= SERVED_TOLERANCE
 
 
 class SpotChecker:
@@ -83,6 +101,7 @@ class SpotChecker:
         self.rng = rng or random.Random()
         self.history: list[SpotCheck] = []  # every check's result, oldest first
         self._referee_profile: dict[str, str] | None = None
+        self._dispute_lock: asyncio.Lock | None = None  # made on the client's loop, at the first dispute
         self._referee_spans: OrderedDict[tuple[int, int], LlamaSpan | None] = OrderedDict()
 
     def should_check(self) -> bool:
@@ -140,31 +159,42 @@ class SpotChecker:
         profile = server_profile(info)
         comparable = is_deterministic(profile) and same_profile(profile, server_profile(second))
         if not comparable:
-            scale = output_a.abs().max().clamp_min(1e-12)
-            result.max_difference = float((output_a - output_b).abs().max() / scale)
+            result.max_difference = relative_difference(output_a, output_b)
             result.outcome = "close" if result.max_difference <= PROFILE_TOLERANCE else "far"
             return self._record(result)
         if commitment_a.block_output_digests[-1] == commitment_b.block_output_digests[-1]:
             result.outcome = "agreed"
             return self._record(result)
-        referee = self._referee_span(start, end, profile)
+        if commitment_a.input_digest != commitment_b.input_digest:
+            # one of them committed to an input it was not sent: nothing to bisect, and no proof of who
+            result.detail = "the nodes committed to different inputs"
+            return self._record(result)
+        referee = await self._referee_span(start, end, profile)
         if referee is None:
             result.outcome = "unrefereed"
             result.detail = "this client cannot recompute with the parties' profile or lacks the blocks"
             return self._record(result)
-        with deterministic_profile():
-            verdict, parties = await run_remote_dispute(
-                self.p2p,
-                peer_id,
-                second.peer_id,
-                referee,
-                commitment_a,
-                commitment_b,
-                request_id,
-                attention_mask,
-                position_ids,
-                self.timeout,
-            )
+        if self._dispute_lock is None:
+            self._dispute_lock = asyncio.Lock()
+        try:
+            # one dispute at a time: the profile is process-wide, and nested ones would restore it wrongly
+            async with self._dispute_lock:
+                with deterministic_profile():
+                    verdict, parties = await run_remote_dispute(
+                        self.p2p,
+                        peer_id,
+                        second.peer_id,
+                        referee,
+                        commitment_a,
+                        commitment_b,
+                        request_id,
+                        attention_mask,
+                        position_ids,
+                        self.timeout,
+                    )
+        except Exception as e:  # a malformed commitment, say: the check fails, nobody is blamed for it
+            result.detail = f"the dispute could not be played: {e!r}"
+            return self._record(result)
         names = {"a": peer_id, "b": second.peer_id}
         result.outcome, result.verdict, result.parties = "disputed", verdict, parties
         result.convicted = tuple(names[party] for party in verdict.losers)
@@ -194,7 +224,7 @@ class SpotChecker:
         pool = same or candidates
         return self.rng.choice(pool) if pool else None
 
-    def _referee_span(self, start: int, end: int, profile: dict[str, str]) -> LlamaSpan | None:
+    async def _referee_span(self, start: int, end: int, profile: dict[str, str]) -> LlamaSpan | None:
         """The client's own blocks [start, end), if it can recompute them bit for bit as the parties do."""
         if self._referee_profile is None:
             with deterministic_profile():
@@ -203,7 +233,8 @@ class SpotChecker:
             return None
         key = (start, end)
         if key not in self._referee_spans:
-            self._referee_spans[key] = self.load_referee_span(start, end)
+            # read from disk off the event loop, which carries every other call of this client
+            self._referee_spans[key] = await asyncio.to_thread(self.load_referee_span, start, end)
             while len(self._referee_spans) > REFEREE_SPANS_KEPT:
                 self._referee_spans.popitem(last=False)
         self._referee_spans.move_to_end(key)

@@ -100,3 +100,31 @@ def test_honest_nodes_agree_and_nobody_is_convicted(nodes, tiny_model, local_mod
 def test_verify_rate_outside_zero_one_is_refused_before_joining():
     with pytest.raises(ValueError, match="verify_rate"):
         ClientConfig(verify_rate=1.5)
+
+
+def test_forward_and_backward_use_the_winner_of_a_dispute(nodes, tiny_model):
+    """Prompt tuning through the swarm with verify_rate=1.0: the forward that routes prefer through the
+    cheater is disputed, the winner's output is used, and backward avoids the convicted node, so logits and
+    prompt gradients equal an honest-only client's."""
+    swarm, peers = nodes
+    input_ids = prompt(seed=2).expand(2, -1)
+    results = {}
+    for name, options in {
+        "checked": dict(verify_rate=1.0),
+        "honest_only": dict(blocked_servers=[peers["cheater"]]),
+    }.items():
+        with DistributedModelForCausalLM.from_pretrained(
+            tiny_model, swarm.initial_peers, tuning_mode="ptune", pre_seq_len=2, **options
+        ) as model:
+            with torch.no_grad():
+                model.prompt_embeddings.weight.copy_(torch.linspace(-1, 1, 2 * 64).view(2, 64))
+            logits = model(input_ids).logits
+            logits.square().mean().backward()
+            results[name] = (logits.detach(), model.prompt_embeddings.weight.grad.clone())
+            if name == "checked":
+                convicted, checks = set(model.swarm.convicted), model.blocks.spot_checks
+    assert convicted == {peers["cheater"]}
+    disputed = [c for c in checks if c.outcome == "disputed"]
+    assert len(disputed) == 1 and disputed[0].peer_id == peers["cheater"]
+    torch.testing.assert_close(results["checked"][0], results["honest_only"][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(results["checked"][1], results["honest_only"][1], rtol=0, atol=1e-6)
