@@ -9,7 +9,7 @@ _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def check_model_name(model: str) -> str:
     """Return the DHT prefix of a model, or raise ValueError if it can't be one."""
-    if not _MODEL_NAME_RE.match(model) or model.endswith(".info"):
+    if not _MODEL_NAME_RE.match(model) or model.endswith((".info", ".verdicts")):
         raise ValueError(f"invalid model name for the DHT: {model!r} (letters, digits, '.', '_', '-')")
     return model
 
@@ -22,6 +22,11 @@ def block_key(model: str, block: int) -> str:
 def model_info_key(model: str) -> str:
     """Key of the model's metadata (ModelInfo), one subkey per announcing node."""
     return f"{check_model_name(model)}.info"
+
+
+def verdicts_key(model: str) -> str:
+    """Key of the model's refereed verdicts (VerdictRecord), one subkey per referee that published one."""
+    return f"{check_model_name(model)}.verdicts"
 
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -2,9 +2,9 @@
 
 Values are msgpack maps {"swarm": kind, "data": serialized proto}. The validator rejects a swarm record
 that does not parse, breaks the schema, or is not under an owner-protected subkey "{peer_id}[owner:KEY]"
-where peer_id is the libp2p id of KEY and the record's own peer id; hivemind's RSASignatureValidator
-(which runs first) rejects one not signed by KEY. So no peer can write, overwrite or expire a record in
-another peer's name.
+where peer_id is the libp2p id of KEY and the record's own peer id (a verdict's author);
+hivemind's RSASignatureValidator (which runs first) rejects one not signed by KEY. So no peer can write,
+overwrite or expire a record in another peer's name.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm.dht.identity import peer_id_from_owner_marker
-from swarm.dht.keys import split_owner_subkey
+from swarm.dht.keys import check_model_name, split_owner_subkey
 from swarm.proto import swarm_pb2
 
 ENVELOPE_TAG = "swarm"
 MAX_RECORD_BYTES = 64 * 1024
+# a verdict carries the disputed operator's input tensors, so it gets more room than a node's records
+MAX_VERDICT_RECORD_BYTES = 1024 * 1024
+MAX_VERDICT_INPUTS = 8  # an operator reads at most a handful of tensors (attention: q, k, v)
+MAX_NAME_LENGTH = 128
 MAX_FINGERPRINT = 16
 _HEX = set("0123456789abcdef")
 
@@ -31,6 +35,7 @@ class RecordKind(enum.StrEnum):
     MODEL_INFO = "model_info"
     STAGE_INFO = "stage_info"
     TRAINER_INFO = "trainer_info"
+    VERDICT = "verdict"
 
 
 _MESSAGES = {
@@ -38,11 +43,26 @@ _MESSAGES = {
     RecordKind.MODEL_INFO: swarm_pb2.ModelInfo,
     RecordKind.STAGE_INFO: swarm_pb2.StageInfo,
     RecordKind.TRAINER_INFO: swarm_pb2.TrainerInfo,
+    RecordKind.VERDICT: swarm_pb2.VerdictRecord,
 }
+_MAX_BYTES = {RecordKind.VERDICT: MAX_VERDICT_RECORD_BYTES}
 _KINDS = {message: kind for kind, message in _MESSAGES.items()}
 # records that name their owner: the signing peer must be the peer they describe
 _OWNED = (swarm_pb2.ServerInfo, swarm_pb2.StageInfo, swarm_pb2.TrainerInfo)
-Record = swarm_pb2.ServerInfo | swarm_pb2.ModelInfo | swarm_pb2.StageInfo | swarm_pb2.TrainerInfo
+Record = (
+    swarm_pb2.ServerInfo
+    | swarm_pb2.ModelInfo
+    | swarm_pb2.StageInfo
+    | swarm_pb2.TrainerInfo
+    | swarm_pb2.VerdictRecord
+)
+
+
+def owner_of(message: Record) -> str | None:
+    """The peer a record speaks for, who alone may sign it; None for records anyone may write (ModelInfo)."""
+    if isinstance(message, swarm_pb2.VerdictRecord):
+        return message.author
+    return message.peer_id if isinstance(message, _OWNED) else None
 
 
 class RecordError(ValueError):
@@ -53,7 +73,11 @@ def encode_record(message: Record) -> dict[str, Any]:
     """Wrap a record message into the DHT value envelope (after checking it)."""
     kind = _KINDS[type(message)]
     check_message(message)
-    return {ENVELOPE_TAG: kind.value, "data": message.SerializeToString()}
+    data = message.SerializeToString()
+    max_bytes = _MAX_BYTES.get(kind, MAX_RECORD_BYTES)
+    if len(data) > max_bytes:  # every reader would refuse it
+        raise RecordError(f"a {kind.value} record of {len(data)} bytes exceeds the limit of {max_bytes}")
+    return {ENVELOPE_TAG: kind.value, "data": data}
 
 
 def decode_record(value: Any) -> Record:
@@ -65,8 +89,9 @@ def decode_record(value: Any) -> Record:
     except ValueError:
         raise RecordError(f"unknown record kind {value[ENVELOPE_TAG]!r}") from None
     data = value["data"]
-    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
-        raise RecordError("record data must be bytes of bounded size")
+    max_bytes = _MAX_BYTES.get(kind, MAX_RECORD_BYTES)
+    if not isinstance(data, bytes) or len(data) > max_bytes:
+        raise RecordError(f"{kind.value} record data must be at most {max_bytes} bytes")
     message = _MESSAGES[kind]()
     try:
         message.ParseFromString(data)
@@ -110,9 +135,34 @@ def _check_training(message: swarm_pb2.StageInfo | swarm_pb2.TrainerInfo) -> Non
         _check_rate(message.samples_per_s, "samples_per_s")
 
 
+def _check_verdict(message: swarm_pb2.VerdictRecord) -> None:
+    """The verdict's shape; whether it is true is for swarm.verification.verdicts to re-check."""
+    try:
+        check_model_name(message.model)
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    parties = list(message.parties)
+    if not message.author or len(parties) != 2 or len(set(parties)) != 2 or not all(parties):
+        raise RecordError("a verdict needs its author and two distinct parties")
+    if len(message.signed_commits) != 2:
+        raise RecordError("a verdict needs each party's signed statement over its commitment")
+    losers = list(message.losers)
+    if not losers or len(set(losers)) != len(losers) or not set(losers) <= set(parties):
+        raise RecordError("a verdict's losers must be distinct parties, at least one")
+    if set(message.reasons) != set(losers):
+        raise RecordError("a verdict needs one reason per loser")
+    if not 0 < len(message.op) <= MAX_NAME_LENGTH or not message.evidence:
+        raise RecordError("a verdict needs the disputed operator and the evidence")
+    if not 0 < len(message.inputs) <= MAX_VERDICT_INPUTS:
+        raise RecordError(f"a verdict carries 1 to {MAX_VERDICT_INPUTS} input tensors")
+    _check_rate(message.timestamp, "timestamp")
+
+
 def check_message(message: Record) -> None:
     """Schema rules the protobuf types alone can't express."""
-    if isinstance(message, swarm_pb2.StageInfo | swarm_pb2.TrainerInfo):
+    if isinstance(message, swarm_pb2.VerdictRecord):
+        _check_verdict(message)
+    elif isinstance(message, swarm_pb2.StageInfo | swarm_pb2.TrainerInfo):
         _check_training(message)
     elif isinstance(message, swarm_pb2.ServerInfo):
         if not message.peer_id or not message.model:
@@ -157,7 +207,8 @@ class SwarmRecordValidator(RecordValidatorBase):
         peer_id, marker = owner
         if peer_id_from_owner_marker(marker) != peer_id:
             return False  # the subkey's peer id must be the signing key's own
-        return peer_id == message.peer_id if isinstance(message, _OWNED) else True
+        speaks_for = owner_of(message)
+        return speaks_for is None or speaks_for == peer_id
 
     @property
     def priority(self) -> int:

@@ -205,7 +205,11 @@ class Node:
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
         await self._add_servicer(self.servicer)
         # refereed verification (Verde): commit to traced forwards, answer disputes; follows the node's moves
-        await self._add_servicer(VerificationServicer(lambda: self.backend))
+        # it signs its commitments with its identity key, so that a published verdict can prove them its own
+        verification = VerificationServicer(
+            lambda: self.backend, signing_key=self.signing_key, model=self.checkpoint.name
+        )
+        await self._add_servicer(verification)
         self.state = swarm_pb2.ServerInfo.ONLINE
         self.announcer = Announcer(
             dht, self.owner_key, self.server_info, self.model_info(), config.update_period

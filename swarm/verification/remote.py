@@ -23,6 +23,7 @@ from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
 from swarm.verification.dispute import PARTIES, Answer, Dispute, Question, Verdict
 from swarm.verification.merkle import DIGEST_SIZE, SpanCommitment
+from swarm.verification.verdicts import check_commit_signature, index_digest, open_commit
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,16 @@ async def remote_commit(
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     timeout: float,
+    signatures: list[bytes] | None = None,
 ) -> tuple[SpanCommitment, torch.Tensor]:
     """Run blocks [start, end) of `peer_id` on the input with every operator traced; the node keeps the trace
     under `request_id` for disputes. Returns its commitment and output; raises RemoteError on an error reply
-    or a malformed one."""
+    or a malformed one.
+
+    `signatures`: if given, the node's signed statement over its commitment is appended (what a published
+    verdict needs, swarm.verification.verdicts); a reply without one signed by `peer_id` over this
+    commitment, mask and positions is then malformed.
+    """
     request = swarm_pb2.CommitRequest(
         request_id=request_id,
         start_block=start,
@@ -69,9 +76,31 @@ async def remote_commit(
         )
         if output.shape != hidden_states.shape:
             raise ValueError(f"output of shape {tuple(output.shape)} for input {tuple(hidden_states.shape)}")
+        if signatures is not None:
+            _check_signature(peer_id, response.signature, commitment, attention_mask, position_ids)
     except Exception as e:
         raise RemoteError(peer_id, swarm_pb2.Error(message=f"malformed commit reply: {e}")) from None
+    if signatures is not None:
+        signatures.append(response.signature)
     return commitment, output
+
+
+def _check_signature(
+    peer_id: str,
+    blob: bytes,
+    commitment: SpanCommitment,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> None:
+    """The node signed this commitment on the mask and positions it was sent (raises ValueError)."""
+    if not blob:
+        raise ValueError("the node did not sign its commitment")
+    signer = check_commit_signature(blob, commitment)
+    if signer != peer_id:
+        raise ValueError(f"the commitment is signed by {signer}")
+    claim, sent = open_commit(blob), (index_digest(attention_mask), index_digest(position_ids))
+    if (claim.attention_mask, claim.position_ids) != sent:
+        raise ValueError("the node signed another attention mask or positions than it was sent")
 
 
 class RemoteParty:

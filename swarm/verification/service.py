@@ -1,9 +1,10 @@
 """The node's side of refereed verification: commit to traced forwards and answer disputes about them.
 
 rpc_commit runs the span with every operator traced (trace_span), keeps the trace in a small bounded store
-under the client's request id, and returns the commitment and the output; rpc_dispute_answer answers a
-dispute question about a kept trace exactly as HonestParty does. A node with a fault on its span (e.g.
-`--fault perturb:...`) traces, commits and answers with what it really computed: the lie included.
+under the client's request id, and returns the commitment and the output, with the node's signed statement
+over the commitment (swarm.verification.verdicts.sign_commitment) when it has a key; rpc_dispute_answer
+answers a dispute question about a kept trace exactly as HonestParty does. A node with a fault on its span
+(e.g. `--fault perturb:...`) traces, commits and answers with what it really computed: the lie included.
 Tensor work runs on the backend's compute thread, so it never interleaves with other requests.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2PContext
+from hivemind.utils.crypto import RSAPrivateKey
 from torch import nn
 
 from swarm.models.span import LlamaSpan
@@ -29,6 +31,7 @@ from swarm.utils.tensors import TensorTooLargeError, serialize
 from swarm.verification.dispute import SPAN_INPUT, HonestParty, Question
 from swarm.verification.merkle import commit_trace
 from swarm.verification.trace import OPERATORS, SpanTrace, trace_span
+from swarm.verification.verdicts import sign_commitment
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +145,23 @@ def _check_request_id(request_id: str) -> str:
 
 
 class VerificationServicer(VerificationProtocol):
-    """The node's side of VerificationProtocol, over whichever backend the node serves now."""
+    """The node's side of VerificationProtocol, over whichever backend the node serves now.
 
-    def __init__(self, get_backend: Callable[[], SpanBackend], store: TraceStore | None = None):
+    :param signing_key: the node's identity key (the one its DHT records use); it signs every commitment,
+        so that a verdict can prove what this node committed to. None leaves replies unsigned.
+    :param model: the model's name in the DHT, named in the signed statements
+    """
+
+    def __init__(
+        self,
+        get_backend: Callable[[], SpanBackend],
+        store: TraceStore | None = None,
+        signing_key: RSAPrivateKey | None = None,
+        model: str = "",
+    ):
         self.get_backend = get_backend
         self.store = store if store is not None else TraceStore()
+        self.signing_key, self.model = signing_key, model
 
     async def rpc_commit(
         self, request: swarm_pb2.CommitRequest, context: P2PContext
@@ -175,6 +190,11 @@ class VerificationServicer(VerificationProtocol):
             party, output, nbytes = await backend._run(self._commit_sync, backend, inputs)
             commitment = json.dumps(party.commitment.to_dict()).encode()
             response = swarm_pb2.CommitResponse(commitment=commitment, tensors=[serialize(output)])
+            if self.signing_key is not None:
+                # over the mask and positions as the trace used them: a verdict must show the same ones
+                response.signature = sign_commitment(
+                    self.signing_key, self.model, party.commitment, inputs.attention_mask, inputs.position_ids
+                )
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(swarm_pb2.Error.TOO_LARGE, "the output exceeds the unary message limit")
             self.store.put(_trace_key(context, request_id), party, nbytes)
