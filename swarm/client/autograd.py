@@ -165,12 +165,16 @@ class SwarmBlocks:
     async def _forward_chunk(self, rows, hidden, prompts, mask, positions, start, end, route):
         mask, positions = _optional_rows(mask, rows), _optional_rows(positions, rows)
         block, failures, spans, used = start, 0, [], []
+        force_check = False  # the call that replaces a convicted node's is checked too
         while block < end:
             span = route[0]
             try:
                 outputs = await self._forward_span(span, hidden, prompts, mask, positions)
-                if prompts is None and (checker := self.client.spot_checker) and checker.should_check():
-                    outputs = await self._spot_check(checker, span, hidden, outputs, mask, positions)
+                checker = self.client.spot_checker
+                if prompts is None and checker is not None and (force_check or checker.should_check()):
+                    force_check = True
+                    await self._spot_check(checker, span, hidden, outputs, mask, positions)
+                    force_check = False
             except Exception as e:
                 failures += 1
                 self._failed(span, "forward", e, failures)
@@ -181,24 +185,21 @@ class SwarmBlocks:
             hidden, block, route = outputs, span.end, route[1:]
         return hidden, ChunkRecord(rows, spans), used
 
-    async def _spot_check(self, checker, span: RemoteSpan, hidden, outputs, mask, positions) -> torch.Tensor:
-        """The span's output, checked against a second node (swarm.verification.spot_check): the winner's
-        committed output when `span`'s node was convicted; raises if the node served otherwise than it
-        committed (it is then treated as a failed node). Calls with deep prompts are not checked: commitments
-        cover the blocks' plain forward only."""
+    async def _spot_check(self, checker, span: RemoteSpan, hidden, outputs, mask, positions) -> None:
+        """Check a span call against a second node (swarm.verification.spot_check); raises SpotCheckFailed
+        when `span`'s node was convicted or served otherwise than it committed (the call is then made again
+        elsewhere, and checked: a dispute's winner is only right about the disputed operator). Calls with
+        deep prompts are not checked: commitments cover the blocks' plain forward only."""
         servers = await asyncio.to_thread(self.client.usable_servers)
         result = await checker.check(span.info, span.start, span.end, hidden, mask, positions, servers)
         self.spot_checks.append(result)
         self.client.convict(result.convicted)
         if span.peer_id in result.convicted:
-            if result.output is None or result.second in result.convicted:
-                raise SpotCheckFailed(f"{span.peer_id} was convicted and nobody's output can be trusted")
-            return result.output
+            raise SpotCheckFailed(f"{span.peer_id} was convicted on blocks [{span.start}, {span.end})")
         if not result.served_matches(outputs):
             raise SpotCheckFailed(
                 f"{span.peer_id} served blocks [{span.start}, {span.end}) otherwise than it committed"
             )
-        return outputs
 
     # ---- backward -----------------------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class SwarmBlocks:
         """Backward through [start, end) for one chunk, on the same node unless it failed; then ban it and
         cover the range again (recomputing intermediate inputs if the new route has more hops)."""
         failures, route = 0, [record.span]
-        if record.span.peer_id in self.client.convicted:  # its forward was replaced by the winner's
+        if record.span.peer_id in self.client.convicted:  # convicted after this chunk's forward
             route = await self._route(record.start, record.end)
         while True:
             current = route[0]

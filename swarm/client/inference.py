@@ -202,6 +202,7 @@ class InferenceSession:
             self._spans = self._open_chain(client.find_route())
         position = self.position
         index, failures = 0, 0
+        force_check = False  # the step that replaces a convicted node's is checked too
         while index < len(self._spans):
             state = self._spans[index]
             started = time.perf_counter()
@@ -224,8 +225,9 @@ class InferenceSession:
             if self.on_hop is not None:
                 self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
             checker = client.spot_checker
-            if checker is not None and checker.should_check():
-                if not self._spot_check(state, hidden, output, position_ids, mask):
+            if checker is not None and (force_check or checker.should_check()):
+                force_check = not self._spot_check(state, hidden, output, position_ids, mask)
+                if force_check:  # a dispute's winner is only right about the disputed operator: check again
                     self._replace_span(index, mask)  # re-routes and replays; this step runs again there
                     continue
             state.inputs.append(hidden)

@@ -24,10 +24,10 @@ from swarm.dht.factory import create_dht
 from swarm.dht.swarm_view import consensus_hashes, read_swarm
 from swarm.proto import swarm_pb2
 from swarm.utils.aio import BackgroundLoop
-from swarm.verification.spot_check import SpotChecker
 
 if TYPE_CHECKING:
     from swarm.models.span import LlamaSpan
+    from swarm.verification.spot_check import SpotChecker
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class SwarmClient:
         self._rng = random.Random()
         self.spot_checker: SpotChecker | None = None
         if config.verify_rate > 0:
+            # imported here: swarm.verification.remote imports swarm.client (its errors) in turn
+            from swarm.verification.spot_check import SpotChecker
+
             timeout = config.request_timeout
             self.spot_checker = SpotChecker(self.p2p, config.verify_rate, referee_span, timeout)
 

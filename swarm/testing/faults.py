@@ -25,6 +25,7 @@ processes can commit it; `swarm node` refuses a fault that its kind of node woul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # the CLI builds --help from this module: keep torch out of i
     import torch
 
     from swarm.models.span import LlamaSpan
+    from swarm.verification.dispute import Answer
 
 ATTACK_SEED = 1234  # shared by colluding attackers (e.g. random_direction's direction)
 
@@ -73,6 +75,50 @@ class Fault:
 
     def prepare_span(self, span: LlamaSpan) -> None:
         """Called on each span a serving node loads, before it serves it; may hook the span's modules."""
+
+    def answer_dispute(self, answer: Answer) -> Answer | None:
+        """What a serving node answers to a round of a dispute about its trace; None: it stays silent."""
+        return answer
+
+
+class CombinedFault(Fault):
+    """Several faults at once (`--fault A --fault B`): each hook applies them in the order given."""
+
+    def __init__(self, faults: list[Fault]):
+        self.faults = faults
+        self.name = "+".join(fault.name for fault in faults)
+        self.roles = frozenset.intersection(*(fault.roles for fault in faults))
+
+    def corrupt_gradients(self, grads, step):
+        for fault in self.faults:
+            grads = fault.corrupt_gradients(grads, step)
+        return grads
+
+    def corrupt_labels(self, labels, step, vocab_size):
+        for fault in self.faults:
+            labels = fault.corrupt_labels(labels, step, vocab_size)
+        return labels
+
+    def tamper_part(self, part, chunk, step):
+        for fault in self.faults:
+            part = fault.tamper_part(part, chunk, step)
+        return part
+
+    def tamper_aggregate(self, aggregate, chunk, step):
+        for fault in self.faults:
+            aggregate = fault.tamper_aggregate(aggregate, chunk, step)
+        return aggregate
+
+    def prepare_span(self, span):
+        for fault in self.faults:
+            fault.prepare_span(span)
+
+    def answer_dispute(self, answer):
+        for fault in self.faults:
+            if answer is None:
+                return None
+            answer = fault.answer_dispute(answer)
+        return answer
 
 
 def alie_z(n: int, b: int) -> float:
@@ -287,6 +333,39 @@ def _parse_perturb(args: list[str]) -> Fault:
     return PerturbOperator(values["block"], op, ulps)
 
 
+class LieInDispute(Fault):
+    """A serving node that answers every dispute round with digests other than the ones it committed to
+    (each digest's bits flipped, the proofs unchanged) and tensors other than the ones it traced (+1), as a
+    cheater might try to steer the bisection."""
+
+    name = "lie_in_dispute"
+    roles = frozenset({SERVING_NODE})
+
+    def answer_dispute(self, answer: Answer) -> Answer | None:
+        digests = {ref: bytes(byte ^ 0xFF for byte in digest) for ref, digest in answer.digests.items()}
+        tensors = {ref: tensor + 1 for ref, tensor in answer.tensors.items()}
+        return dataclasses.replace(answer, digests=digests, tensors=tensors)
+
+
+class SilentInDispute(Fault):
+    """A serving node that never answers a dispute round (the referee's timeout makes it forfeit)."""
+
+    name = "silent_in_dispute"
+    roles = frozenset({SERVING_NODE})
+
+    def answer_dispute(self, answer: Answer) -> Answer | None:
+        return None
+
+
+def _no_arguments(fault_type: type[Fault]) -> Callable[[list[str]], Fault]:
+    def parse(args: list[str]) -> Fault:
+        if args:
+            raise FaultError(f"{fault_type.name} takes no arguments (got {':'.join(args)!r})")
+        return fault_type()
+
+    return parse
+
+
 _DEFAULTS = {f.name: f.default for f in fields(ByzantineGradients)}
 
 # name -> (help, parser of the ":"-separated arguments); no "%" in help (argparse formats it)
@@ -306,6 +385,14 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
         + ", ".join(OPERATORS),
         _parse_perturb,
     ),
+    "lie_in_dispute": (
+        "lie_in_dispute (serving nodes) answers disputes with digests other than the committed ones",
+        _no_arguments(LieInDispute),
+    ),
+    "silent_in_dispute": (
+        "silent_in_dispute (serving nodes) never answers a dispute round, so it forfeits",
+        _no_arguments(SilentInDispute),
+    ),
 }
 
 
@@ -317,17 +404,23 @@ def parse_fault(text: str) -> Fault:
     return FAULTS[name][1](args)
 
 
-def fault_for(text: str, role: str) -> Fault:
-    """The fault `text` names, for a process of kind `role`; FaultError if that kind never triggers it."""
-    fault = parse_fault(text)
-    if role not in fault.roles:
-        where = " and ".join(sorted(f"{r}s" for r in fault.roles))
-        raise FaultError(f"--fault {text} applies to {where} only, not to a {role}")
-    return fault
+def fault_for(texts: str | list[str], role: str) -> Fault:
+    """The fault(s) `texts` name, for a process of kind `role` (several are combined, in order);
+    FaultError if that kind never triggers one of them."""
+    faults = []
+    for text in [texts] if isinstance(texts, str) else texts:
+        fault = parse_fault(text)
+        if role not in fault.roles:
+            where = " and ".join(sorted(f"{r}s" for r in fault.roles))
+            raise FaultError(f"--fault {text} applies to {where} only, not to a {role}")
+        faults.append(fault)
+    if not faults:
+        raise FaultError("no fault named")
+    return faults[0] if len(faults) == 1 else CombinedFault(faults)
 
 
 def add_fault_argument(parser: argparse.ArgumentParser) -> None:
-    """`--fault NAME[:ARGS]` under a "testing" heading (off unless named)."""
+    """`--fault NAME[:ARGS]` under a "testing" heading (off unless named; repeat it for several)."""
 
     def fault(text: str) -> str:
         try:
@@ -342,6 +435,7 @@ def add_fault_argument(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--fault",
         type=fault,
+        action="append",
         default=None,
         metavar="NAME[:ARGS]",
         help="; ".join(help_text for help_text, _ in FAULTS.values()),

@@ -128,3 +128,35 @@ def test_forward_and_backward_use_the_winner_of_a_dispute(nodes, tiny_model):
     assert len(disputed) == 1 and disputed[0].peer_id == peers["cheater"]
     torch.testing.assert_close(results["checked"][0], results["honest_only"][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(results["checked"][1], results["honest_only"][1], rtol=0, atol=1e-6)
+
+
+def test_two_cheaters_both_lose_to_an_honest_third(tiny_model, local_model, local_swarm):
+    """Two nodes lying in different places: whichever wins their dispute is only right about the disputed
+    operator, so the re-run is checked again, against the honest node, and loses too."""
+    local_swarm.start_bootstrap()
+    specs = {
+        "front": ("0:3", "--throughput", "1"),
+        "cheater": ("3:6", "--throughput", "1000", "--fault", f"perturb:block={PERTURBED_BLOCK}"),
+        "cheater2": ("3:6", "--throughput", "100", "--fault", "perturb:block=5,op=q_proj"),
+        "honest": ("3:6", "--throughput", "1"),
+    }
+    processes = {
+        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
+    }
+    for process in processes.values():
+        local_swarm.wait_ready(process, timeout=300)
+    peers = {name: process.peer_id for name, process in processes.items()}
+    input_ids = prompt(seed=3)
+    expected = local_greedy(local_model, input_ids, max_new_tokens=4)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, local_swarm.initial_peers, verify_rate=1.0
+    ) as model:
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=4, do_sample=False, session=session)
+            route = {span.peer_id for span in session.route}
+        convicted = set(model.swarm.convicted)
+    assert torch.equal(output, expected)
+    assert convicted == {peers["cheater"], peers["cheater2"]}
+    assert route == {peers["front"], peers["honest"]}
+    disputes = [c for c in session.spot_checks if c.outcome == "disputed"]
+    assert len(disputes) == 2 and all(len(c.convicted) == 1 for c in disputes)

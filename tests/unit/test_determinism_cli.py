@@ -50,7 +50,7 @@ def test_the_default_rule_is_one_function_used_by_cli_and_config():
 
 
 def test_a_fault_is_refused_by_a_node_that_would_never_commit_it(capsys):
-    assert parse("--fault", "perturb:block=1,op=q_proj").fault == "perturb:block=1,op=q_proj"
+    assert parse("--fault", "perturb:block=1,op=q_proj").fault == ["perturb:block=1,op=q_proj"]
     with pytest.raises(SystemExit) as exit_info:
         run(parse("--fault", "byzantine:sign_flip"))
     assert exit_info.value.code == 2

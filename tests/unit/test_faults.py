@@ -17,12 +17,15 @@ from swarm.testing.faults import (
     TRAINER,
     TRAINING_NODE,
     ByzantineGradients,
+    CombinedFault,
     Fault,
     FaultError,
     PerturbOperator,
     alie_z,
+    fault_for,
     parse_fault,
 )
+from swarm.verification.dispute import Answer
 
 
 def test_faults_parse_and_bad_ones_are_refused():
@@ -35,9 +38,21 @@ def test_faults_parse_and_bad_ones_are_refused():
 
 def test_fault_flag_is_under_testing_and_checked_by_the_parser(capsys):
     parser = build_parser()
-    assert (
-        parser.parse_args(["node", "--train", "r.toml", "--fault", "byzantine:ipm"]).fault == "byzantine:ipm"
-    )
+    assert parser.parse_args(["node", "--train", "r.toml", "--fault", "byzantine:ipm"]).fault == [
+        "byzantine:ipm"
+    ]
+    twice = [
+        "node",
+        "--model",
+        "m",
+        "--blocks",
+        "0:2",
+        "--fault",
+        "perturb:block=1",
+        "--fault",
+        "lie_in_dispute",
+    ]
+    assert parser.parse_args(twice).fault == ["perturb:block=1", "lie_in_dispute"]
     assert parser.parse_args(["node", "--train", "r.toml"]).fault is None  # off unless named
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["train", "--run", "r", "--data", "d", "--initial-peers", "x", "--fault", "nope"])
@@ -283,3 +298,22 @@ def test_honest_prepare_span_leaves_the_span_alone_and_perturb_hooks_its_block()
         parse_fault("perturb:block=4").prepare_span(span)
     with pytest.raises(FaultError, match=r"block 1 is outside"):
         parse_fault("perturb:block=1").prepare_span(span)
+
+
+def test_several_faults_combine_and_each_must_suit_the_process():
+    fault = fault_for(["perturb:block=1", "silent_in_dispute"], SERVING_NODE)
+    assert isinstance(fault, CombinedFault) and fault.name == "perturb+silent_in_dispute"
+    assert fault.answer_dispute(Answer(digests={1: b"x" * 32})) is None
+    with pytest.raises(FaultError, match="applies to serving nodes only"):
+        fault_for(["byzantine:sign_flip", "lie_in_dispute"], TRAINING_NODE)
+    with pytest.raises(FaultError, match="takes no arguments"):
+        parse_fault("lie_in_dispute:now")
+
+
+def test_a_dispute_liar_changes_every_digest_and_tensor_it_answers():
+    honest = Answer(digests={3: bytes(range(32))}, proofs={3: (b"p" * 32,)}, tensors={4: torch.zeros(2)})
+    lie = fault_for("lie_in_dispute", SERVING_NODE).answer_dispute(honest)
+    assert lie.digests[3] != honest.digests[3] and len(lie.digests[3]) == 32
+    assert lie.proofs == honest.proofs  # the proofs still prove the committed digests, not the lies
+    assert torch.equal(lie.tensors[4], torch.ones(2))
+    assert honest.digests[3] == bytes(range(32))  # the honest answer itself is left alone
