@@ -22,6 +22,7 @@ class ClientConfig:
     blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
     # the fraction of span calls also given to a second node and compared (swarm.verification.spot_check)
     verify_rate: float = 0.0
+    honour_verdicts: bool = True  # re-check verdicts found in the DHT and avoid the nodes they convict
 
     def __post_init__(self):
         if not 0.0 <= self.verify_rate <= 1.0:

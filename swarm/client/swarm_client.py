@@ -35,6 +35,7 @@ RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
 MAX_PINGS = 64  # nodes pinged at once when routing
 PING_TIMEOUT = 2.0
 UNREACHABLE_RTT = 10.0  # what a node that does not answer a ping costs a route
+VERDICT_LIFETIME = 7 * 24 * 3600.0  # seconds a published verdict stays in the DHT
 
 
 class SwarmClient:
@@ -73,13 +74,22 @@ class SwarmClient:
         self._view_time = 0.0
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
         self._rng = random.Random()
+        # imported here: swarm.verification.remote imports swarm.client (its errors) in turn
+        from swarm.verification.spot_check import SpotChecker
+        from swarm.verification.verdicts import VerdictBook
+
+        self._referee_span = referee_span
+        self.verdicts = VerdictBook(model_name, num_blocks)  # verdicts from the DHT, re-checked here
         self.spot_checker: SpotChecker | None = None
         if config.verify_rate > 0:
-            # imported here: swarm.verification.remote imports swarm.client (its errors) in turn
-            from swarm.verification.spot_check import SpotChecker
-
-            timeout = config.request_timeout
-            self.spot_checker = SpotChecker(self.p2p, config.verify_rate, referee_span, timeout)
+            self.spot_checker = SpotChecker(
+                self.p2p,
+                config.verify_rate,
+                referee_span,
+                config.request_timeout,
+                model=model_name,
+                publish=self._publish_verdict,
+            )
 
     def expected_hashes(self, model_infos) -> list[str] | None:
         """Trust the local checkpoint's block hashes when it holds the blocks, else the DHT's consensus."""
@@ -99,8 +109,10 @@ class SwarmClient:
         if refresh or stale or self._view is None:
             self._view = read_swarm(self.dht, self.model_name, self.num_blocks, config.dht_timeout)
             self._view_time = time.monotonic()
+            if config.honour_verdicts:
+                self._judge_verdicts()
         servers, model_infos = self._view
-        excluded = self.bans.active() | self.convicted
+        excluded = self.bans.active() | self.convicted | self.verdicts.banned()
         usable = usable_servers(servers, self.expected_hashes(model_infos), excluded)
         if config.allowed_servers is not None:
             usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
@@ -153,6 +165,47 @@ class SwarmClient:
     def ban(self, peer_id: str) -> None:
         """Stop routing through a node for a while; each repeated failure doubles the wait."""
         self.bans.ban(peer_id)
+
+    def _judge_verdicts(self) -> None:
+        """Re-check the model's verdicts in the DHT that this client can: with its own blocks, under the
+        profile the referee used. A verdict that holds convicts; a false one bans its author."""
+        from swarm.verification.determinism import deterministic_profile
+        from swarm.verification.spot_check import referee_profile
+        from swarm.verification.verdicts import read_verdicts
+
+        try:
+            found = read_verdicts(self.dht, self.model_name, self.config.dht_timeout)
+        except Exception as e:
+            logger.debug("reading verdicts: %r", e)
+            return
+        for author, record in found:
+            if dict(record.profile) != referee_profile():
+                continue  # recomputing with another profile could differ by rounding: not ours to judge
+            try:
+                with deterministic_profile():
+                    self.verdicts.consider(author, record, self._verdict_block)
+            except Exception as e:  # e.g. no blocks of this model here: judged again next time
+                logger.debug("verdict by %s not judged: %r", author, e)
+
+    def _verdict_block(self, block: int):
+        span = self._referee_span(block, block + 1)
+        if span is None:
+            raise LookupError(f"no weights of block {block} here to re-check a verdict with")
+        return span
+
+    def _publish_verdict(self, record) -> None:
+        """Store a verdict this client's spot checker settled, under its own key, for others to re-check."""
+        from swarm.verification.verdicts import publish_verdict
+
+        stored = publish_verdict(
+            self.dht,
+            self.model_name,
+            record,
+            VERDICT_LIFETIME,
+            owner_public_key=self.signer.local_public_key,
+            timeout=self.config.dht_timeout,
+        )
+        logger.info("published the verdict against %s: %s", list(record.losers), stored)
 
     def convict(self, peer_ids) -> None:
         """Never route through these nodes again (a dispute proved they computed wrong results)."""

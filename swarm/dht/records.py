@@ -22,6 +22,7 @@ from swarm.proto import swarm_pb2
 
 ENVELOPE_TAG = "swarm"
 MAX_RECORD_BYTES = 64 * 1024
+MAX_PROFILE_ENTRIES = 16
 # a verdict carries the disputed operator's input tensors, so it gets more room than a node's records
 MAX_VERDICT_RECORD_BYTES = 1024 * 1024
 MAX_VERDICT_INPUTS = 8  # an operator reads at most a handful of tensors (attention: q, k, v)
@@ -155,6 +156,10 @@ def _check_verdict(message: swarm_pb2.VerdictRecord) -> None:
         raise RecordError("a verdict needs the disputed operator and the evidence")
     if not 0 < len(message.inputs) <= MAX_VERDICT_INPUTS:
         raise RecordError(f"a verdict carries 1 to {MAX_VERDICT_INPUTS} input tensors")
+    if len(message.profile) > MAX_PROFILE_ENTRIES or any(
+        len(key) > 64 or len(value) > 256 for key, value in message.profile.items()
+    ):
+        raise RecordError(f"a verdict's profile has at most {MAX_PROFILE_ENTRIES} short entries")
     _check_rate(message.timestamp, "timestamp")
 
 

@@ -207,7 +207,10 @@ class Node:
         # refereed verification (Verde): commit to traced forwards, answer disputes; follows the node's moves
         # it signs its commitments with its identity key, so that a published verdict can prove them its own
         verification = VerificationServicer(
-            lambda: self.backend, signing_key=self.signing_key, model=self.checkpoint.name
+            lambda: self.backend,
+            signing_key=self.signing_key,
+            model=self.checkpoint.name,
+            answer_dispute=self.fault.answer_dispute if self.fault is not None else lambda answer: answer,
         )
         await self._add_servicer(verification)
         self.state = swarm_pb2.ServerInfo.ONLINE

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,10 +39,21 @@ def apply_deterministic_profile(threads: int = 1) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+_PROFILE_LOCK = threading.RLock()
+
+
 @contextmanager
 def deterministic_profile(threads: int = 1) -> Iterator[None]:
     """Run a block of code under the deterministic profile (a referee recomputing an operator bit for bit
-    inside a process that otherwise keeps its own settings), restoring torch's settings on exit."""
+    inside a process that otherwise keeps its own settings), restoring torch's settings on exit.
+
+    The settings are process-wide: other threads wait for the block to end (nesting in one thread is fine).
+    """
+    with _PROFILE_LOCK:
+        yield from _under_profile(threads)
+
+
+def _under_profile(threads: int) -> Iterator[None]:
     saved = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),

@@ -10,6 +10,7 @@ Tensor work runs on the backend's compute thread, so it never interleaves with o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from swarm.node.errors import RequestError, error_reply
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
 from swarm.utils.tensors import TensorTooLargeError, serialize
-from swarm.verification.dispute import SPAN_INPUT, HonestParty, Question
+from swarm.verification.dispute import SPAN_INPUT, Answer, HonestParty, Question
 from swarm.verification.merkle import commit_trace
 from swarm.verification.trace import OPERATORS, SpanTrace, trace_span
 from swarm.verification.verdicts import sign_commitment
@@ -36,6 +37,7 @@ from swarm.verification.verdicts import sign_commitment
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_LENGTH = 128
+SILENT_FOR = 300.0  # how long a silent party (a fault) holds a question: longer than any referee waits
 MAX_KEPT_TRACES = 8
 MAX_KEPT_BYTES = 256 * 1024 * 1024
 TRACE_TTL = 600.0  # seconds a trace is kept for disputes after its commit
@@ -150,6 +152,7 @@ class VerificationServicer(VerificationProtocol):
     :param signing_key: the node's identity key (the one its DHT records use); it signs every commitment,
         so that a verdict can prove what this node committed to. None leaves replies unsigned.
     :param model: the model's name in the DHT, named in the signed statements
+    :param answer_dispute: a fault's hook over each dispute answer (None: stay silent); honest by default
     """
 
     def __init__(
@@ -158,10 +161,12 @@ class VerificationServicer(VerificationProtocol):
         store: TraceStore | None = None,
         signing_key: RSAPrivateKey | None = None,
         model: str = "",
+        answer_dispute: Callable[[Answer], Answer | None] = lambda answer: answer,
     ):
         self.get_backend = get_backend
         self.store = store if store is not None else TraceStore()
         self.signing_key, self.model = signing_key, model
+        self.answer_dispute = answer_dispute
 
     async def rpc_commit(
         self, request: swarm_pb2.CommitRequest, context: P2PContext
@@ -235,7 +240,10 @@ class VerificationServicer(VerificationProtocol):
                         swarm_pb2.Error.TOO_LARGE, f"{nbytes} bytes of tensors exceed the unary message limit"
                     )
             question = Question(request.round, refs, request.tensors)
-            answer = await self.get_backend()._run(party.respond, question)
+            answer = self.answer_dispute(await self.get_backend()._run(party.respond, question))
+            if answer is None:  # a silent party (a fault): the referee's timeout makes it forfeit
+                await asyncio.sleep(SILENT_FOR)
+                raise RequestError(swarm_pb2.Error.TIMEOUT, "no answer")
             response = swarm_pb2.DisputeAnswerResponse(refs=refs)
             if request.tensors:
                 response.tensors.extend(serialize(answer.tensors[ref]) for ref in refs)

@@ -8,6 +8,7 @@ with that profile can recompute the disputed operator; anything else is reported
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import uuid
@@ -27,8 +28,9 @@ from swarm.verification.determinism import (
     same_profile,
     server_profile,
 )
-from swarm.verification.dispute import Verdict
+from swarm.verification.dispute import PARTIES, Question, Verdict
 from swarm.verification.remote import RemoteParty, remote_commit, run_remote_dispute
+from swarm.verification.verdicts import make_verdict_record
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,13 @@ SERVED_TOLERANCE = 1e-3
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a| (a tiny floor keeps an all-zero `a` finite)."""
     return float((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
+
+
+@functools.cache
+def referee_profile() -> dict[str, str]:
+    """The determinism profile a client recomputes operators with: fp32 on this CPU, deterministic."""
+    with deterministic_profile():
+        return determinism_profile(torch.float32, "cpu")
 
 
 @dataclass
@@ -69,6 +78,7 @@ class SpotCheck:
     max_difference: float | None = None
     detail: str = ""
     parties: dict[str, RemoteParty] = field(default_factory=dict)
+    record: swarm_pb2.VerdictRecord | None = None  # the verdict as published, when it carries evidence
 
     def served_matches(self, served: torch.Tensor) -> bool:
         """Whether what the checked node served (its last positions) is what it committed to, up to
@@ -84,6 +94,9 @@ class SpotChecker:
 
     :param load_referee_span: blocks [start, end) with the client's own copy of the weights, or None when the
       client has no blocks to recompute with
+    :param model: the model's name in the DHT (commitments are signed for it; verdicts are about it)
+    :param publish: called (off the event loop) with the record of each verdict settled by recomputation,
+      for others to re-check (swarm.verification.verdicts.publish_verdict)
     """
 
     def __init__(
@@ -93,14 +106,16 @@ class SpotChecker:
         load_referee_span: Callable[[int, int], LlamaSpan | None],
         timeout: float,
         rng: random.Random | None = None,
+        model: str = "",
+        publish: Callable[[swarm_pb2.VerdictRecord], object] | None = None,
     ):
         if not 0.0 <= verify_rate <= 1.0:
             raise ValueError(f"verify_rate must be within [0, 1], got {verify_rate}")
         self.p2p, self.verify_rate = p2p, verify_rate
         self.load_referee_span, self.timeout = load_referee_span, timeout
+        self.model, self.publish = model, publish
         self.rng = rng or random.Random()
         self.history: list[SpotCheck] = []  # every check's result, oldest first
-        self._referee_profile: dict[str, str] | None = None
         self._dispute_lock: asyncio.Lock | None = None  # made on the client's loop, at the first dispute
         self._referee_spans: OrderedDict[tuple[int, int], LlamaSpan | None] = OrderedDict()
 
@@ -126,6 +141,8 @@ class SpotChecker:
         if second is None:
             return self._record(SpotCheck(peer_id, start, end, "no_second"))
         request_id = uuid.uuid4().hex
+        # each node's signed statement over its commitment: what lets a verdict prove the lie is the node's
+        signatures: dict[str, list[bytes]] = {peer_id: [], second.peer_id: []}
         replies = await asyncio.gather(
             *(
                 remote_commit(
@@ -138,6 +155,7 @@ class SpotChecker:
                     attention_mask,
                     position_ids,
                     self.timeout,
+                    signatures=signatures[node],
                 )
                 for node in (peer_id, second.peer_id)
             ),
@@ -199,7 +217,12 @@ class SpotChecker:
         result.outcome, result.verdict, result.parties = "disputed", verdict, parties
         result.convicted = tuple(names[party] for party in verdict.losers)
         if peer_id in result.convicted and second.peer_id not in result.convicted:
-            result.output = output_b  # the result the user gets comes from the winner
+            result.output = output_b
+        if verdict.evidence is not None and result.convicted:
+            signed = {"a": signatures[peer_id][0], "b": signatures[second.peer_id][0]}
+            result.record = await self._record_verdict(
+                verdict, parties, names, signed, attention_mask, position_ids
+            )
         logger.warning(
             "spot check of blocks [%d, %d): %s and %s disagreed; convicted %s (block %s, %s)",
             start,
@@ -211,6 +234,34 @@ class SpotChecker:
             verdict.op,
         )
         return self._record(result)
+
+    async def _record_verdict(self, verdict, parties, names, signed, attention_mask, position_ids):
+        """The verdict as a DHT record, published if this checker publishes; None if it can't be built (the
+        conviction stands here either way)."""
+        winner = next(party for party in PARTIES if party not in verdict.losers)
+        refs = tuple(verdict.evidence.input_refs.values())
+        try:
+            # the operator's inputs, once more from the winner (the game proved both parties agree on them)
+            fetched = await parties[winner].respond(Question(verdict.rounds + 1, refs, tensors=True))
+            if fetched is None:
+                raise ValueError(f"{names[winner]} did not send the operator's inputs")
+            inputs = {name: fetched.tensors[ref] for name, ref in verdict.evidence.input_refs.items()}
+            record = make_verdict_record(
+                self.model,
+                verdict,
+                names,
+                signed,
+                inputs,
+                attention_mask,
+                position_ids,
+                profile=self.referee_profile(),
+            )
+            if self.publish is not None:
+                await asyncio.to_thread(self.publish, record)
+            return record
+        except Exception as e:
+            logger.warning("the verdict against %s was not published: %r", list(verdict.losers), e)
+            return None
 
     def _pick_second(
         self, info: swarm_pb2.ServerInfo, start: int, end: int, servers: list[swarm_pb2.ServerInfo]
@@ -224,12 +275,13 @@ class SpotChecker:
         pool = same or candidates
         return self.rng.choice(pool) if pool else None
 
+    def referee_profile(self) -> dict[str, str]:
+        """The profile this client recomputes operators with (fp32 on CPU, deterministic)."""
+        return referee_profile()
+
     async def _referee_span(self, start: int, end: int, profile: dict[str, str]) -> LlamaSpan | None:
         """The client's own blocks [start, end), if it can recompute them bit for bit as the parties do."""
-        if self._referee_profile is None:
-            with deterministic_profile():
-                self._referee_profile = determinism_profile(torch.float32, "cpu")
-        if not same_profile(self._referee_profile, profile):
+        if not same_profile(self.referee_profile(), profile):
             return None
         key = (start, end)
         if key not in self._referee_spans:

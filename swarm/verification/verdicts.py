@@ -288,10 +288,13 @@ def make_verdict_record(
     position_ids: torch.Tensor | None,
     author: str = "",
     timestamp: float | None = None,
+    profile: Mapping[str, str] | None = None,
 ) -> swarm_pb2.VerdictRecord:
     """The record of a verdict settled by recomputation: parties map "a"/"b" to peer ids, signed_commits
     to each one's statement from rpc_commit; the tensors are the disputed operator's inputs and forward's
-    mask and positions, as the parties were sent them. `author` may be left for publish_verdict to fill.
+    mask and positions, as the parties were sent them. `author` may be left for publish_verdict to fill;
+    `profile` is the determinism profile the referee recomputed with (only a peer with the same one can
+    re-check the verdict).
 
     :raises ValueError: the verdict can't be proven (no evidence, statements that are not the parties'
         own over the evidence's roots, missing inputs); VerdictTooLarge above MAX_VERDICT_BYTES
@@ -317,6 +320,7 @@ def make_verdict_record(
         evidence=evidence_to_bytes(verdict.evidence),
         inputs={name: serialize(tensor) for name, tensor in input_tensors.items()},
         timestamp=get_dht_time() if timestamp is None else timestamp,
+        profile=dict(profile or {}),
     )
     if attention_mask is not None:
         record.attention_mask.CopyFrom(serialize(attention_mask))

@@ -79,6 +79,18 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
     later = [c for c in checks if c.start == 3 and c is not dispute]
     assert later and all(c.outcome == "agreed" for c in later)
     assert all(c.outcome == "no_second" for c in checks if c.start == 0)
+    assert dispute.record is not None and dispute.record.losers == [peers["cheater"]]
+
+    # another client, checking nothing itself, finds the verdict in the DHT, re-checks it, avoids the cheater
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as reader:
+        usable = {s.peer_id for s in reader.swarm.usable_servers(refresh=True)}
+        against = reader.swarm.verdicts.verdicts_against(peers["cheater"])
+        assert peers["cheater"] not in usable and peers["honest"] in usable
+        assert [(v["block"], v["op"], v["reason"]) for v in against] == [
+            (PERTURBED_BLOCK, PERTURBED_OP, "wrong_output")
+        ]
+        assert not reader.swarm.verdicts.false_authors()
+        assert torch.equal(reader.generate(input_ids, max_new_tokens=6, do_sample=False), expected)
 
 
 def test_honest_nodes_agree_and_nobody_is_convicted(nodes, tiny_model, local_model):
@@ -110,7 +122,7 @@ def test_forward_and_backward_use_the_winner_of_a_dispute(nodes, tiny_model):
     input_ids = prompt(seed=2).expand(2, -1)
     results = {}
     for name, options in {
-        "checked": dict(verify_rate=1.0),
+        "checked": dict(verify_rate=1.0, honour_verdicts=False),  # else the first test's verdict excludes it
         "honest_only": dict(blocked_servers=[peers["cheater"]]),
     }.items():
         with DistributedModelForCausalLM.from_pretrained(
@@ -160,3 +172,69 @@ def test_two_cheaters_both_lose_to_an_honest_third(tiny_model, local_model, loca
     assert route == {peers["front"], peers["honest"]}
     disputes = [c for c in session.spot_checks if c.outcome == "disputed"]
     assert len(disputes) == 2 and all(len(c.convicted) == 1 for c in disputes)
+
+
+def test_a_liar_and_a_silent_party_lose_their_dispute(tiny_model, local_model, local_swarm):
+    """A cheater that also lies about its trace in the dispute, and one that goes silent: both lose (bad
+    proofs, forfeit), and the text comes from the honest node."""
+    local_swarm.start_bootstrap()
+    lie = f"perturb:block={PERTURBED_BLOCK}"
+    specs = {
+        "front": ("0:3", "--throughput", "1"),
+        "liar": ("3:6", "--throughput", "1000", "--fault", lie, "--fault", "lie_in_dispute"),
+        "silent": ("3:6", "--throughput", "100", "--fault", lie, "--fault", "silent_in_dispute"),
+        "honest": ("3:6", "--throughput", "1"),
+    }
+    processes = {
+        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
+    }
+    for process in processes.values():
+        local_swarm.wait_ready(process, timeout=300)
+    peers = {name: process.peer_id for name, process in processes.items()}
+    input_ids = prompt(seed=4)
+    expected = local_greedy(local_model, input_ids, max_new_tokens=3)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, local_swarm.initial_peers, verify_rate=1.0, request_timeout=5.0
+    ) as model:
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=3, do_sample=False, session=session)
+            route = {span.peer_id for span in session.route}
+        convicted = set(model.swarm.convicted)
+    assert torch.equal(output, expected)
+    assert convicted == {peers["liar"], peers["silent"]}
+    assert route == {peers["front"], peers["honest"]}
+    reasons = {}
+    for check in session.spot_checks:
+        if check.outcome == "disputed":
+            names = {"a": check.peer_id, "b": check.second}
+            reasons.update({names[party]: why for party, why in check.verdict.reasons.items()})
+    assert reasons[peers["liar"]] in ("bad_proof", "contradiction")
+    assert reasons[peers["silent"]] == "silent"
+    assert peers["honest"] not in reasons
+
+
+def test_nodes_with_different_profiles_are_compared_within_a_tolerance_and_never_convicted(
+    tiny_model, local_model, local_swarm
+):
+    local_swarm.start_bootstrap()
+    specs = {
+        "whole": ("0:6", "--throughput", "1000"),
+        "loose": ("0:6", "--throughput", "1", "--no-deterministic"),
+    }
+    processes = {
+        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
+    }
+    for process in processes.values():
+        local_swarm.wait_ready(process, timeout=300)
+    input_ids = prompt(seed=5)
+    expected = local_greedy(local_model, input_ids, max_new_tokens=3)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, local_swarm.initial_peers, verify_rate=1.0
+    ) as model:
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=3, do_sample=False, session=session)
+        assert not model.swarm.convicted
+    assert torch.equal(output, expected)
+    outcomes = [c.outcome for c in session.spot_checks]
+    assert outcomes and set(outcomes) == {"close"}, outcomes
+    assert all(c.max_difference < 1e-3 for c in session.spot_checks)
