@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from benchmarks import byzantine, finetune, forward, gpu, inference, recovery, training, wan
+from benchmarks import byzantine, finetune, forward, gpu, inference, recovery, training, verification, wan
 
 
 def skipped(name: str, reason: str) -> None:
@@ -51,8 +51,19 @@ def main(argv=None) -> None:
         gpu.main(["--nodes", "3", "--new-tokens", "16", "--repeats", "1", "--skip-forward"])
     else:
         gpu.main([])
+    # it exits with an error when an honest node was convicted or the cheater went free, after every row;
+    # byzantine still runs, and the error is raised after it
+    failed = None
+    try:
+        verification.main([*model, "--quick"] if args.quick else [*model, "--new-tokens", "32"])
+    except SystemExit as e:
+        if e.code != 1:  # Ctrl-C / SIGTERM: stop here
+            raise
+        failed = e
     # last: it exits with an error when an honest peer was banned, after printing every row
     byzantine.main(["--quick"] if args.quick else [])  # its own small MLP and data, not --model
+    if failed is not None:
+        raise failed
 
 
 if __name__ == "__main__":

@@ -140,3 +140,35 @@ def test_byzantine_benchmark_quick_mode_bans_protocol_attackers_and_contains_sig
     assert timing["robust_round_s"] is None or timing["robust_round_s"] > 0
     assert timing["plain_round_s"] is None or timing["plain_round_s"] > 0
     assert timing["accusations_filed"] == 0  # every peer is honest
+
+
+def test_verification_benchmark_quick_mode_measures_checks_and_convicts_the_cheater(tiny_model):
+    result = run_benchmark("benchmarks.verification", "--model", str(tiny_model), "--quick", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(next(iter(row)) == "name" for row in rows)
+    generation = {row["verify_rate"]: row for row in rows if row["name"] == "verification_generation"}
+    (profile,) = [row for row in rows if row["name"] == "deterministic_profile"]
+    (dispute,) = [row for row in rows if row["name"] == "verification_dispute"]
+    (caught,) = [row for row in rows if row["name"] == "verification_generation_dispute"]
+    assert sorted(generation) == [0.0, 0.1, 1.0]
+    for row in generation.values():
+        assert row["model"] == "tiny-llama" and row["new_tokens"] == 4 and row["repeats"] == 1
+        assert 0 < row["ms_per_token_median"] <= row["ms_per_token_p90"] and row["ratio_to_rate_0"] > 0
+        assert row["convicted"] == [] and row["text_identical_across_rates"], row
+        assert set(row["outcomes"]) <= {"agreed"} and sum(row["outcomes"].values()) == row["spot_checks"]
+    assert generation[0.0]["spot_checks"] == 0 and generation[0.0]["ratio_to_rate_0"] == 1.0
+    assert generation[1.0]["spot_checks"] == 2 * 4  # every step of both spans, prefill included
+    assert {"goal_ratio", "goal_met_median", "goal_met_mean"} <= generation[0.1].keys()
+    assert (
+        profile["deterministic_ms_per_token_median"] > 0
+        and profile["nondeterministic_ms_per_token_median"] > 0
+    )
+    # the one-ulp liar in block 4's down_proj (the default: the middle of the last span, [3, 6))
+    assert dispute["cheater_convicted"] and dispute["reasons"] == {"b": "wrong_output"}
+    assert (dispute["convicted_block"], dispute["convicted_op"]) == (4, "down_proj")
+    assert dispute["rounds"] > 0 and 0 < dispute["bytes_moved"] < 64 * 1024 and dispute["seconds"] > 0
+    assert dispute["wire_bytes_total"] > 0 and dispute["prompt_tokens"] == 8
+    assert caught["cheater_convicted"] and caught["convicted"] == [caught["cheater"]]
+    assert (caught["convicted_block"], caught["convicted_op"]) == (4, "down_proj")
+    assert caught["text_equals_honest"] and caught["seconds"] > 0
