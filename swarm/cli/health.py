@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from swarm.cli.common import add_initial_peers
+from swarm.cli.common import add_cache_dir, add_initial_peers
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -19,6 +20,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="only this model (default: every model announced)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the DHT")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights to re-check verdicts with (built-in name or checkpoint folder; default: the built-in "
+        "model of that name if it is in the local cache); verdicts not re-checked are only counted",
+    )
+    add_cache_dir(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -35,9 +43,31 @@ def run(args: argparse.Namespace) -> int:
             return 1
         complete = True
         for model in models:
-            swarm_map = model_map(dht, model, args.timeout)
+            swarm_map = model_map(
+                dht, model, args.timeout, _block_loader(args.checkpoint, model, args.cache_dir)
+            )
             print(json.dumps(swarm_map) if args.json else format_map(swarm_map))
             complete = complete and swarm_map["num_blocks"] > 0 and not swarm_map["missing"]
         return 0 if complete else 1
     finally:
         dht.shutdown()
+
+
+def _block_loader(checkpoint: str | None, model: str, cache_dir):
+    """One block of weights to re-check a verdict with: `--checkpoint`'s, else the built-in model's when it
+    is already in the local cache (health downloads nothing by itself); None when there are none."""
+    from swarm.models.catalog import get_builtin
+    from swarm.models.checkpoint import resolve_checkpoint
+    from swarm.models.fetch import default_cache_dir, is_complete
+    from swarm.models.span import load_span
+
+    if checkpoint is None:
+        if get_builtin(model) is None or not is_complete(default_cache_dir(cache_dir) / "models" / model):
+            return lambda block: None
+        checkpoint = model
+    try:
+        resolved = resolve_checkpoint(checkpoint, cache_dir, model_name=model)
+    except Exception as e:
+        print(f"swarm health: can't re-check verdicts with {checkpoint}: {e}", file=sys.stderr)
+        return lambda block: None
+    return lambda block: load_span(resolved, block, block + 1) if resolved.block_tensor_names(block) else None

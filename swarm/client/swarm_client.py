@@ -167,31 +167,26 @@ class SwarmClient:
         self.bans.ban(peer_id)
 
     def _judge_verdicts(self) -> None:
-        """Re-check the model's verdicts in the DHT that this client can: with its own blocks, under the
-        profile the referee used. A verdict that holds convicts; a false one bans its author."""
-        from swarm.verification.determinism import deterministic_profile
-        from swarm.verification.spot_check import referee_profile
-        from swarm.verification.verdicts import read_verdicts
+        """Re-check the model's verdicts in the DHT that this client can (its own blocks, the referee's
+        profile): a verdict that holds convicts; a false one bans its author."""
+        from swarm.verification.determinism import deterministic_profile, referee_profile
+        from swarm.verification.verdicts import judge_verdicts
+
+        def load_block(block: int):
+            return self._referee_span(block, block + 1)
 
         try:
-            found = read_verdicts(self.dht, self.model_name, self.config.dht_timeout)
+            with deterministic_profile():
+                judge_verdicts(
+                    self.dht,
+                    self.model_name,
+                    self.verdicts,
+                    load_block,
+                    referee_profile(),
+                    self.config.dht_timeout,
+                )
         except Exception as e:
-            logger.debug("reading verdicts: %r", e)
-            return
-        for author, record in found:
-            if dict(record.profile) != referee_profile():
-                continue  # recomputing with another profile could differ by rounding: not ours to judge
-            try:
-                with deterministic_profile():
-                    self.verdicts.consider(author, record, self._verdict_block)
-            except Exception as e:  # e.g. no blocks of this model here: judged again next time
-                logger.debug("verdict by %s not judged: %r", author, e)
-
-    def _verdict_block(self, block: int):
-        span = self._referee_span(block, block + 1)
-        if span is None:
-            raise LookupError(f"no weights of block {block} here to re-check a verdict with")
-        return span
+            logger.debug("judging verdicts: %r", e)
 
     def _publish_verdict(self, record) -> None:
         """Store a verdict this client's spot checker settled, under its own key, for others to re-check."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hivemind.dht import DHT
 
 from swarm.dht.keys import MODELS_KEY, model_info_key
 from swarm.dht.swarm_view import read_model_infos, read_swarm
 from swarm.proto import swarm_pb2
+
+if TYPE_CHECKING:
+    from swarm.models.span import LlamaSpan
 
 STATE_NAMES = {v: k for k, v in swarm_pb2.ServerInfo.State.items()}
 
@@ -18,12 +23,35 @@ def list_models(dht: DHT, timeout: float = 10.0) -> list[str]:
     return sorted({info.model for info in read_model_infos(dht, MODELS_KEY, timeout)})
 
 
-def model_map(dht: DHT, model: str, timeout: float = 10.0) -> dict:
-    """One model's map: {"model", "num_blocks", "nodes", "blocks", "missing"} (the `--json` schema)."""
+def model_map(
+    dht: DHT,
+    model: str,
+    timeout: float = 10.0,
+    load_block: Callable[[int], LlamaSpan | None] | None = None,
+) -> dict:
+    """One model's map: {"model", "num_blocks", "nodes", "blocks", "missing", "unchecked_verdicts"} (the
+    `--json` schema). Each node lists the verdicts against it that this process re-checked with
+    `load_block`'s weights (swarm.verification.verdicts) and whether they ban it; verdicts it could not
+    re-check (no weights, another profile) are only counted."""
     infos = read_model_infos(dht, model_info_key(model), timeout)
     if not infos:
-        return {"model": model, "num_blocks": 0, "nodes": [], "blocks": [], "missing": []}
+        return {
+            "model": model,
+            "num_blocks": 0,
+            "nodes": [],
+            "blocks": [],
+            "missing": [],
+            "unchecked_verdicts": 0,
+        }
     num_blocks = Counter(info.num_blocks for info in infos).most_common(1)[0][0]
+    from swarm.verification.determinism import referee_profile
+    from swarm.verification.verdicts import VerdictBook, judge_verdicts
+
+    book = VerdictBook(model, num_blocks)
+    unchecked = judge_verdicts(
+        dht, model, book, load_block or (lambda block: None), referee_profile(), timeout
+    )
+    banned = book.banned()
     servers, _ = read_swarm(dht, model, num_blocks, timeout)
     nodes = sorted(servers.values(), key=lambda s: (s.start_block, s.end_block, s.peer_id))
     blocks = []
@@ -42,11 +70,14 @@ def model_map(dht: DHT, model: str, timeout: float = 10.0) -> dict:
                 "throughput": round(s.throughput, 3),
                 "version": s.version,
                 "cache_tokens_left": s.cache_tokens_left,
+                "verdicts": book.verdicts_against(s.peer_id),
+                "banned": s.peer_id in banned,
             }
             for s in nodes
         ],
         "blocks": blocks,
         "missing": [b["index"] for b in blocks if not b["nodes"]],
+        "unchecked_verdicts": len(unchecked),
     }
 
 
@@ -59,9 +90,16 @@ def format_map(swarm_map: dict) -> str:
         lines.append(
             f"  {node['peer_id']}  [{node['start']:3d}, {node['end']:3d})  {node['state']:<7}  "
             f"{node['throughput']:9.1f} rps  v{node['version']}  {bar}"
+            + ("  BANNED" if node.get("banned") else "")
         )
+        for verdict in node.get("verdicts", ()):
+            what = f"block {verdict['block']} {verdict['op']} ({verdict['reason']})"
+            lines.append(f"    verdict by {verdict['by']}: {what}")
     missing = swarm_map["missing"]
     lines.append(f"  missing blocks: {_ranges(missing) if missing else 'none'}")
+    if swarm_map.get("unchecked_verdicts"):
+        count = swarm_map["unchecked_verdicts"]
+        lines.append(f"  verdicts not re-checked here (no weights or another profile): {count}")
     return "\n".join(lines)
 
 

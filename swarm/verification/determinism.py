@@ -9,6 +9,7 @@ parties whose profiles are equal.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import threading
@@ -132,3 +133,11 @@ def is_deterministic(profile: dict[str, str]) -> bool:
     Two parties' results are comparable bit for bit only when both are, and same_profile(a, b) holds.
     """
     return profile.get("deterministic") == "True"
+
+
+@functools.cache
+def referee_profile() -> dict[str, str]:
+    """The profile a referee in this process recomputes operators with: fp32 on this CPU, deterministic.
+    Only verdicts settled under the same profile can be re-checked here."""
+    with deterministic_profile():
+        return determinism_profile(torch.float32, "cpu")

@@ -8,7 +8,6 @@ with that profile can recompute the disputed operator; anything else is reported
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import uuid
@@ -22,9 +21,9 @@ from hivemind.p2p import P2P
 from swarm.models.span import LlamaSpan
 from swarm.proto import swarm_pb2
 from swarm.verification.determinism import (
-    determinism_profile,
     deterministic_profile,
     is_deterministic,
+    referee_profile,
     same_profile,
     server_profile,
 )
@@ -48,13 +47,6 @@ SERVED_TOLERANCE = 1e-3
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |a| (a tiny floor keeps an all-zero `a` finite)."""
     return float((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
-
-
-@functools.cache
-def referee_profile() -> dict[str, str]:
-    """The determinism profile a client recomputes operators with: fp32 on this CPU, deterministic."""
-    with deterministic_profile():
-        return determinism_profile(torch.float32, "cpu")
 
 
 @dataclass

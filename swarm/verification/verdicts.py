@@ -42,6 +42,7 @@ from swarm.dht.records import MAX_VERDICT_RECORD_BYTES, RecordError, check_messa
 from swarm.models.span import LlamaSpan
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import FLOAT_DTYPES, INDEX_DTYPES, deserialize_checked, serialize
+from swarm.verification.determinism import deterministic_profile
 from swarm.verification.dispute import PARTIES, Evidence, Verdict, recheck_verdict
 from swarm.verification.merkle import DIGEST_SIZE, SpanCommitment, tensor_digest
 from swarm.verification.operators import OPERATORS
@@ -683,3 +684,37 @@ class VerdictBook:
                 }
             )
         return found
+
+
+def judge_verdicts(
+    dht: DHT,
+    model: str,
+    book: VerdictBook,
+    load_block: Callable[[int], LlamaSpan | None],
+    profile: Mapping[str, str],
+    timeout: float = 10.0,
+) -> list[tuple[str, swarm_pb2.VerdictRecord]]:
+    """Read `model`'s verdicts from the DHT and re-check in `book` those this peer can: the ones whose
+    referee recomputed with `profile` (what this process computes under deterministic_profile(), which
+    the re-check runs under) and whose block `load_block` has (None: not here). Returns the records it
+    could not judge; the next call tries them again.
+    """
+    unjudged = []
+    for author, record in read_verdicts(dht, model, timeout):
+        if dict(record.profile) != dict(profile):
+            unjudged.append((author, record))  # another profile could round differently: not ours to judge
+            continue
+        try:
+            with deterministic_profile():
+                book.consider(author, record, partial(_required_block, load_block))
+        except Exception as e:  # no weights of that block here, say
+            logger.debug("verdict by %s not judged: %r", author, e)
+            unjudged.append((author, record))
+    return unjudged
+
+
+def _required_block(load_block: Callable[[int], LlamaSpan | None], block: int) -> LlamaSpan:
+    span = load_block(block)
+    if span is None:
+        raise LookupError(f"no weights of block {block} here to re-check a verdict with")
+    return span

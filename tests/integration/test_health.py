@@ -37,8 +37,11 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
                 "throughput": 7.0,
                 "version": maps["gappy"]["nodes"][0]["version"],
                 "cache_tokens_left": 32768,
+                "verdicts": [],  # nobody has been convicted
+                "banned": False,
             }
         ]
+        assert maps["gappy"]["unchecked_verdicts"] == 0
         assert result.returncode == 1  # a model with missing blocks makes the health check fail
         gappy_text = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "gappy")
         assert gappy_text.returncode == 1

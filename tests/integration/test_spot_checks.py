@@ -4,6 +4,10 @@ text; an honest-only swarm sees no dispute."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -60,6 +64,7 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
         with model.inference_session(max_length=32) as session:
             output = model.generate(input_ids, max_new_tokens=6, do_sample=False, session=session)
         convicted = set(model.swarm.convicted)
+        author = model.swarm.dht.peer_id.to_base58()  # the client that refereed publishes the verdict
         checks = session.spot_checks
         route_after = {span.peer_id for span in session.route}
     assert torch.equal(output, expected)
@@ -91,6 +96,23 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
         ]
         assert not reader.swarm.verdicts.false_authors()
         assert torch.equal(reader.generate(input_ids, max_new_tokens=6, do_sample=False), expected)
+
+    # `swarm health` re-checks it with the weights it is given and shows it against the cheater only
+    health = subprocess.run(
+        [sys.executable, "-m", "swarm.cli.main", "health", "--initial-peers", *swarm.initial_peers]
+        + ["--model", "tiny-llama", "--checkpoint", str(tiny_model), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert health.stdout, health.stderr[-3000:]
+    nodes_by_id = {node["peer_id"]: node for node in json.loads(health.stdout)["nodes"]}
+    assert nodes_by_id[peers["cheater"]]["banned"] is True
+    [verdict] = nodes_by_id[peers["cheater"]]["verdicts"]
+    assert (verdict["against"], verdict["block"], verdict["op"]) == (peers["cheater"], 4, "down_proj")
+    assert verdict["by"] == author
+    assert not any(nodes_by_id[peers[name]]["banned"] for name in ("front", "honest", "honest2"))
+    assert all(not nodes_by_id[peers[name]]["verdicts"] for name in ("front", "honest", "honest2"))
 
 
 def test_honest_nodes_agree_and_nobody_is_convicted(nodes, tiny_model, local_model):
