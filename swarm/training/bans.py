@@ -3,9 +3,10 @@
 Every stage peer, trainer and `swarm run status` reads the run's accusations from the DHT and re-checks
 each one before honouring it (`swarm.averaging.accusations`): a proven accusation bans the accused, a
 false one bans the accuser. A "bad_gradient" accusation takes a recomputation with the stage's weights:
-the stage's peers recompute it and publish signed verdicts, and everyone else follows the majority of
-the verdicts of the round's other members (`swarm.training.validation`). A banned peer is left out of
-averaging, its calls are refused and trainers stop routing to it.
+the members of the accused's group recompute it and publish signed verdicts, and everyone else follows
+the majority of the verdicts of that group's other members: the round's, and those live in the group now
+(a member that missed the round still holds the weights to recompute it; `swarm.training.validation`).
+A banned peer is left out of averaging, its calls are refused and trainers stop routing to it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from swarm.averaging.btard import (
     store_statement,
 )
 from swarm.averaging.reducers import get_reducer
-from swarm.training.run import LoadedRun
+from swarm.dht.swarm_view import read_stage, read_trainers
+from swarm.proto import swarm_pb2
+from swarm.training.run import TRAINERS_GROUP, LoadedRun, group_of_prefix
 from swarm.training.validation import (
     VERDICT_TAG,
     CannotJudge,
@@ -38,6 +41,7 @@ from swarm.training.validation import (
 logger = logging.getLogger(__name__)
 
 REFRESH_PERIOD = 2.0  # seconds between reads of the run's accusations
+DHT_TIMEOUT = 10.0  # seconds a read of a group's members may take
 MAX_RECHECK_ATTEMPTS = 5  # an accused reducer that can't show its evidence this many times is guilty
 
 
@@ -55,6 +59,7 @@ class RunBans:
 
     def __init__(self, dht: DHT, p2p, run: LoadedRun, own_id: str = "", signing_key=None):
         self.dht, self.p2p, self.key, self.own_id = dht, p2p, accusations_key(run), own_id
+        self.training_run = run
         self.signing_key = signing_key
         # stage peers: recomputes the gradient a "bad_gradient" accusation is about, returning (guilty or
         # None, why); raises CannotJudge (not this stage, weights gone) or ContributionUnavailable
@@ -110,10 +115,35 @@ class RunBans:
                 return guilty, why
         tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
         verdicts = await asyncio.to_thread(read_statements, self.dht, self.key, tag)
-        found = majority_verdict(accusation, verdicts, round_members(accusation))
+        voters = round_members(accusation)
+        if verdicts:
+            voters |= await asyncio.to_thread(self._live_members, accusation["prefix"])
+        found = majority_verdict(accusation, verdicts, voters)
         if found is None:
-            raise EvidenceUnavailable("waiting for the verdicts of the round's other members")
+            raise EvidenceUnavailable("waiting for the verdicts of the group's other members")
         return found
+
+    def _live_members(self, prefix: str) -> set[str]:
+        """The peers announced live in the averaging group `prefix` names (empty: not a group of this run)."""
+        group = group_of_prefix(self.training_run, prefix)
+        try:
+            if group == TRAINERS_GROUP:
+                records = read_trainers(self.dht, self.training_run.config.run_id, DHT_TIMEOUT)
+            elif group is not None and group.startswith("stage") and group[5:].isdigit():
+                records = read_stage(self.dht, self.training_run.config.run_id, int(group[5:]), DHT_TIMEOUT)
+            else:
+                return set()
+        except Exception as e:
+            logger.debug("reading the members of %s failed: %r", prefix, e)
+            return set()
+        online = swarm_pb2.ServerInfo.ONLINE
+        return {
+            peer_id
+            for peer_id, info in records.items()
+            if info.state == online
+            and info.run_hash == self.training_run.sha256
+            and not self.list.is_banned(peer_id)
+        }
 
     def _publish_verdict(self, accusation: dict, guilty: str | None) -> None:
         if self.signing_key is None:

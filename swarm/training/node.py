@@ -24,7 +24,7 @@ from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
 from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
-from swarm.training.run import LoadedRun
+from swarm.training.run import LoadedRun, group_prefix
 from swarm.training.stage import TrainableSpanBackend
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
 from swarm.training.validation import GradientValidator, GroupValidation, sign_reply
@@ -111,6 +111,7 @@ class TrainingNode(Node):
             self.run_config.optimizer,
             run_hash=self.training_run.sha256,
             stage=self.stage,
+            fault=self.fault,
         )
 
     async def _load_state_from(self, donors: list[swarm_pb2.StageInfo]) -> None:
@@ -190,7 +191,7 @@ class TrainingNode(Node):
         self.averager = await asyncio.to_thread(
             GroupAverager,
             self.dht,
-            f"{run.run_id}_{self.training_run.sha256[:16]}_stage{self.stage}",  # other run files never meet
+            group_prefix(self.training_run, f"stage{self.stage}"),
             [p.detach() for p in self.backend.trainable.params],
             aggregator=averaging.aggregator,
             tau=averaging.tau,

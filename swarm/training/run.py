@@ -284,6 +284,21 @@ class LoadedRun:
     path: Path
 
 
+TRAINERS_GROUP = "trainers"
+
+
+def group_prefix(run: LoadedRun, group: str) -> str:
+    """The averaging group prefix of one of a run's groups (`stage{i}` or TRAINERS_GROUP); the run
+    file's hash is in it, so peers of another file with the same run id never meet."""
+    return f"{run.config.run_id}_{run.sha256[:16]}_{group}"
+
+
+def group_of_prefix(run: LoadedRun, prefix: str) -> str | None:
+    """The group (`stage{i}` or TRAINERS_GROUP) a prefix of this run file names; None for any other."""
+    head = group_prefix(run, "")
+    return prefix[len(head) :] if prefix.startswith(head) and len(prefix) > len(head) else None
+
+
 def split_stages(num_blocks: int, num_stages: int) -> list[tuple[int, int]]:
     """Cut `num_blocks` blocks into `num_stages` contiguous ranges [start, end) whose sizes differ by at
     most one; earlier stages get the extra blocks."""

@@ -36,7 +36,7 @@ from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.data import MicrobatchSampler, TextSequences
 from swarm.training.head_gradients import TrainerRecomputer, embedding_gradients, loss_gradients
-from swarm.training.run import LoadedRun, load_run
+from swarm.training.run import TRAINERS_GROUP, LoadedRun, group_prefix, load_run
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
 from swarm.training.trainable import TrainableParameters
 from swarm.training.validation import (
@@ -167,7 +167,7 @@ class SwarmTrainer:
             averaging = config.averaging
             self.averager = GroupAverager(
                 self.client.dht,
-                f"{config.run_id}_{self.run.sha256[:16]}_trainers",  # other run files never meet
+                group_prefix(self.run, TRAINERS_GROUP),
                 [p.detach() for p in self.trainable.params],
                 aggregator=averaging.aggregator,
                 tau=averaging.tau,
@@ -196,7 +196,7 @@ class SwarmTrainer:
                 self.client._loop.loop,
             )
             self.collaboration = Collaboration(
-                "trainers",
+                TRAINERS_GROUP,
                 self.peer_id,
                 config.batch.target_batch_size,
                 progress=lambda: (self.trainable.step, self.trainable.samples),

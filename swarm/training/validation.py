@@ -14,10 +14,11 @@ bans nobody. Validation makes a wrong gradient provable:
   against the target's signed commitment and every receipt, recomputes the mean gradient with its own copy
   of the weights of those steps and compares (`GradientValidator`). A mismatch beyond `VALIDATION_RTOL`
   is a "bad_gradient" accusation;
-- every stage peer that judges the accusation recomputes the same way and publishes its signed verdict;
-  members without the stage's weights (trainers, `swarm run status`) follow the majority of the verdicts
-  of the round's other members (the majority-of-three settlement; bisection to one operator comes with
-  refereed verification).
+- every member of the accused's group that judges the accusation recomputes the same way and publishes
+  its signed verdict; peers without the group's weights (trainers for a stage, stage peers for a trainer,
+  `swarm run status`) follow the majority of the verdicts of the group's other members, those of the
+  round and those live in the group now (the majority-of-three settlement; bisection to one operator
+  comes with refereed verification).
 """
 
 from __future__ import annotations
@@ -489,14 +490,15 @@ def verdict_statement(key: RSAPrivateKey, accusation: str, guilty: str) -> bytes
 
 
 def majority_verdict(
-    accusation: dict, verdicts: dict[str, bytes], round_members: set[str]
+    accusation: dict, verdicts: dict[str, bytes], voters: set[str]
 ) -> tuple[str | None, str] | None:
-    """The verdict of the majority of the round's other members (neither accuser nor accused), as
-    (guilty, why) for `judge`; None while none of them has spoken. A tie settles without a ban."""
+    """The verdict of the majority of the `voters` (the group's members that may judge) other than the
+    accuser and the accused, as (guilty, why) for `judge`; None while none of them has spoken. A tie
+    settles without a ban."""
     accuser, accused = accusation["accuser"], accusation["accused"]
     votes = {accused: 0, accuser: 0}
     for signer, blob in verdicts.items():
-        if signer in (accuser, accused) or signer not in round_members:
+        if signer in (accuser, accused) or signer not in voters:
             continue
         try:
             verdict = expect(blob, signer=signer, kind=VERDICT_KIND, accusation=accusation["accusation"])
@@ -506,7 +508,7 @@ def majority_verdict(
             votes[verdict["guilty"]] += 1
     if not any(votes.values()):
         return None
-    why = f"{votes[accused]} of the round's other members found the gradient wrong, {votes[accuser]} right"
+    why = f"{votes[accused]} of the group's other members found the gradient wrong, {votes[accuser]} right"
     if votes[accused] > votes[accuser]:
         return accused, why
     if votes[accuser] > votes[accused]:
