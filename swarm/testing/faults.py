@@ -15,6 +15,9 @@ The hooks (`Fault`'s defaults are honest: each returns its input) and where the 
   to its gradients. Used by equivocate (its commitment covers the honest bytes, the part sent differs).
 - `tamper_aggregate(aggregate, chunk, step)`: in the all-reduce reducer, on each aggregate it computed,
   before it signs the result. Used by bad_reducer.
+- `corrupt_backward(grads, step)`: on what a training node's backward computed for one microbatch (its
+  input gradient, then its weight gradients), before it replies and adds them to its sums. Used by
+  lazy_backward (zeros: the work skipped).
 - `prepare_span(span)`: on the span a serving node loaded, before it serves it. Used by perturb (a hook on
   one operator of one block; refereed verification must pin the lie to that block and operator).
 
@@ -73,6 +76,10 @@ class Fault:
         """The aggregate an all-reduce reducer computed for `chunk` at `step`, before signing it."""
         return aggregate
 
+    def corrupt_backward(self, grads: tuple[torch.Tensor, ...], step: int) -> tuple[torch.Tensor, ...]:
+        """What a training node's backward at `step` returns (input gradient) and accumulates (weights')."""
+        return grads
+
     def prepare_span(self, span: LlamaSpan) -> None:
         """Called on each span a serving node loads, before it serves it; may hook the span's modules."""
 
@@ -108,6 +115,11 @@ class CombinedFault(Fault):
         for fault in self.faults:
             aggregate = fault.tamper_aggregate(aggregate, chunk, step)
         return aggregate
+
+    def corrupt_backward(self, grads, step):
+        for fault in self.faults:
+            grads = fault.corrupt_backward(grads, step)
+        return grads
 
     def prepare_span(self, span):
         for fault in self.faults:
@@ -357,6 +369,20 @@ class SilentInDispute(Fault):
         return None
 
 
+class LazyBackward(Fault):
+    """A training node that skips its backward's work: it replies with a zero input gradient and adds
+    zero weight gradients to its sums (gradient validation finds its sent gradient off the recomputation).
+    """
+
+    name = "lazy_backward"
+    roles = frozenset({TRAINING_NODE})
+
+    def corrupt_backward(self, grads: tuple[torch.Tensor, ...], step: int) -> tuple[torch.Tensor, ...]:
+        import torch
+
+        return tuple(torch.zeros_like(g) for g in grads)
+
+
 def _no_arguments(fault_type: type[Fault]) -> Callable[[list[str]], Fault]:
     def parse(args: list[str]) -> Fault:
         if args:
@@ -392,6 +418,10 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
     "silent_in_dispute": (
         "silent_in_dispute (serving nodes) never answers a dispute round, so it forfeits",
         _no_arguments(SilentInDispute),
+    ),
+    "lazy_backward": (
+        "lazy_backward (training nodes) skips its backward's work: zero input and weight gradients",
+        _no_arguments(LazyBackward),
     ),
 }
 

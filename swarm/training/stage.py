@@ -11,6 +11,7 @@ from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
 from swarm.proto import swarm_pb2
+from swarm.testing.faults import Fault
 from swarm.training.run import OptimizerSettings
 from swarm.training.state import TrainState
 from swarm.training.trainable import TrainableParameters
@@ -44,9 +45,10 @@ class TrainableSpanBackend(SpanBackend):
         optimizer: OptimizerSettings,
         run_hash: str | None = None,
         stage: int = 0,
+        fault: Fault | None = None,
     ):
         super().__init__(span, limits, device, torch.float32)
-        self.run_hash, self.stage = run_hash, stage
+        self.run_hash, self.stage, self.fault = run_hash, stage, fault
         start = span.start
         named = [
             (f"model.layers.{start + int(name.split('.')[1])}.{name.split('.', 2)[2]}", param)
@@ -125,6 +127,8 @@ class TrainableSpanBackend(SpanBackend):
         started = time.perf_counter()
         inputs.step = self.trainable.step
         grads = self._gradients(inputs)
+        if self.fault is not None:
+            grads = self.fault.corrupt_backward(grads, inputs.step)
         try:
             self.trainable.accumulate(grads[1:], inputs.hidden_states.shape[0])
         except ValueError as e:

@@ -122,13 +122,16 @@ def honest_loss(train_model, corpus_split, tmp_path_factory) -> float:
 # sign_flip attacks from the first round: the trainers' wiring can starve one stage peer for several steps,
 # and an attacker with no samples sends zeros (nothing to catch, nothing poisoned). Its rounds are applied
 # before their validation bans it (one or two rounds in flight): the loss bound covers that
-@pytest.mark.parametrize("attack", ["sign_flip", "equivocate", "bad_reducer"])
+# lazy_backward skips its backward's work (zero gradients): validation's recomputation catches it too
+@pytest.mark.parametrize(
+    "fault", ["byzantine:sign_flip", "byzantine:equivocate", "byzantine:bad_reducer", "lazy_backward"]
+)
 def test_attacker_is_banned_and_training_holds(
-    attack, honest_loss, train_model, corpus_split, local_swarm, tmp_path
+    fault, honest_loss, train_model, corpus_split, local_swarm, tmp_path
 ):
-    name = attack.split(":")[0].replace("_", "")
-    run = write_test_run(tmp_path / "run.toml", train_model, f"byz{name}", **SETTINGS)
-    outcome = train(local_swarm, run, corpus_split[0], f"byzantine:{attack}")
+    attack = fault.removeprefix("byzantine:")
+    run = write_test_run(tmp_path / "run.toml", train_model, f"byz{attack.replace('_', '')}", **SETTINGS)
+    outcome = train(local_swarm, run, corpus_split[0], fault)
     attacker = outcome["attacker"]
     banned = {ban["peer_id"]: ban for ban in outcome["bans"]}
     print(_story(outcome["logs"]))  # shown when the test fails
@@ -142,7 +145,7 @@ def test_attacker_is_banned_and_training_holds(
         f"{attack}: held-out loss {loss:.4f} vs {honest_loss:.4f} without an attacker; bans {outcome['bans']}"
     )
     assert loss <= 1.1 * honest_loss
-    if attack.startswith("sign_flip"):  # caught by gradient validation, whose honest recomputations match
+    if attack in ("sign_flip", "lazy_backward"):  # caught by validation, whose honest recomputations match
         assert any(f"accusing {attacker} of a bad gradient" in log for log in outcome["logs"][:2])
         matches = [
             line for log in outcome["logs"][:2] for line in log.splitlines() if "matches the recomp" in line

@@ -136,6 +136,8 @@ def test_honest_hooks_are_identity():
     assert fault.corrupt_labels(labels, 3, 10) is labels
     assert fault.tamper_part(tensor, 0, 3) is tensor
     assert fault.tamper_aggregate(tensor, 0, 3) is tensor
+    backward = (tensor, tensor * 2)
+    assert fault.corrupt_backward(backward, 3) is backward
     for attack in ATTACKS:  # an attack leaves the hooks it does not use honest, even once started
         byzantine = ByzantineGradients(attack)
         if attack != "label_flip":
@@ -298,6 +300,18 @@ def test_honest_prepare_span_leaves_the_span_alone_and_perturb_hooks_its_block()
         parse_fault("perturb:block=4").prepare_span(span)
     with pytest.raises(FaultError, match=r"block 1 is outside"):
         parse_fault("perturb:block=1").prepare_span(span)
+
+
+def test_lazy_backward_skips_the_work_of_training_nodes_only():
+    fault = parse_fault("lazy_backward")
+    grads = (torch.tensor([1.0, -2.0]), torch.ones(2, 3))
+    lazy = fault.corrupt_backward(grads, 0)
+    assert [g.shape for g in lazy] == [g.shape for g in grads] and all(not g.any() for g in lazy)
+    assert fault.roles == {TRAINING_NODE}
+    with pytest.raises(FaultError, match="applies to training nodes only"):
+        fault_for("lazy_backward", TRAINER)
+    with pytest.raises(FaultError, match="takes no arguments"):
+        parse_fault("lazy_backward:now")
 
 
 def test_several_faults_combine_and_each_must_suit_the_process():
