@@ -4,14 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# where pip gets torch from: empty uses pip's own configuration; e.g. https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: install test lint proto demo bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the pinned CPU build first, so nothing below pulls a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	# the pinned torch first, so that nothing below pulls another build
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
