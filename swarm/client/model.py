@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from hivemind.p2p import P2P
@@ -17,7 +18,9 @@ from swarm.client.routing import RemoteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.head import load_client_head, load_generation_config
-from swarm.models.span import LlamaSpan, load_span
+
+if TYPE_CHECKING:
+    from swarm.models.span import LlamaSpan
 
 
 class DistributedModelForCausalLM(torch.nn.Module):
@@ -95,6 +98,8 @@ class DistributedModelForCausalLM(torch.nn.Module):
         """Blocks [start, end) of this checkpoint in fp32, to referee a dispute (None without blocks)."""
         if not self.checkpoint.block_tensor_names(start):
             return None
+        from swarm.models.span import load_span  # the span code loads only when there is a dispute
+
         return load_span(self.checkpoint, start, end, dtype=torch.float32)
 
     @property
