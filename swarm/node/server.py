@@ -23,7 +23,7 @@ from swarm.node.handler import NodeServicer
 from swarm.node.placement import block_throughputs, choose_start, should_move
 from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
-from swarm.testing.faults import Fault
+from swarm.testing.faults import Fault, ServingNode
 from swarm.utils.tensors import FLOAT_DTYPES
 from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
 from swarm.verification.service import VerificationServicer
@@ -232,6 +232,26 @@ class Node:
         )
         if config.num_blocks is not None and config.balance_quality > 0:
             self._tasks.append(asyncio.create_task(self._balance_loop()))
+        if self.fault is not None:
+            self._start_fault_work()
+
+    def _start_fault_work(self) -> None:
+        """Give a --fault its hook once the node serves; whatever it starts stops with the node."""
+        work = self.fault.on_serving(
+            ServingNode(
+                peer_id=self.peer_id,
+                model=self.checkpoint.name,
+                num_blocks=self.checkpoint.num_blocks,
+                dht=self.dht,
+                p2p=self.p2p,
+                signing_key=self.signing_key,
+                owner_public_key=self.owner_key,
+                backend=lambda: self.backend,
+                determinism=self.determinism,
+            )
+        )
+        if work is not None:
+            self._tasks.append(asyncio.create_task(work))
 
     def _stop_announcer(self) -> None:
         self.announcer.stop(self.server_info())

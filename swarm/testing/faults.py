@@ -20,6 +20,11 @@ The hooks (`Fault`'s defaults are honest: each returns its input) and where the 
   lazy_backward (zeros: the work skipped).
 - `prepare_span(span)`: on the span a serving node loaded, before it serves it. Used by perturb (a hook on
   one operator of one block; refereed verification must pin the lie to that block and operator).
+- `answer_dispute(answer)`: on each answer a serving node gives in a dispute about its trace. Used by
+  lie_in_dispute and silent_in_dispute.
+- `on_serving(node)`: once a serving node serves (handlers registered, announced ONLINE), with a
+  `ServingNode`; a coroutine it returns runs in the node's event loop until it ends or the node stops. Used
+  by frame (it publishes a false verdict against an honest peer: swarm.verification.framing).
 
 Every byzantine attack is active only from step `start` on (default 0). A fault's `roles` say which
 processes can commit it; `swarm node` refuses a fault that its kind of node would never call.
@@ -28,19 +33,24 @@ processes can commit it; `swarm node` refuses a fault that its kind of node woul
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from statistics import NormalDist
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from swarm.verification.operators import OPERATORS
 
 if TYPE_CHECKING:  # the CLI builds --help from this module: keep torch out of its import
     import torch
+    from hivemind.dht import DHT
+    from hivemind.p2p import P2P
+    from hivemind.utils.crypto import RSAPrivateKey
 
     from swarm.models.span import LlamaSpan
+    from swarm.node.backend import SpanBackend
     from swarm.verification.dispute import Answer
 
 ATTACK_SEED = 1234  # shared by colluding attackers (e.g. random_direction's direction)
@@ -52,6 +62,22 @@ TRAINING_NODE, TRAINER, SERVING_NODE = "training node", "trainer", "serving node
 
 class FaultError(ValueError):
     """A --fault value that names no fault or has bad arguments."""
+
+
+@dataclass(frozen=True)
+class ServingNode:
+    """What a serving node hands `Fault.on_serving` once it serves: its identity, its connections and the
+    span it serves now (`backend()`: the node may move to other blocks later)."""
+
+    peer_id: str
+    model: str  # the model's name in the DHT (what records and signed statements name)
+    num_blocks: int  # the model's
+    dht: DHT
+    p2p: P2P
+    signing_key: RSAPrivateKey  # the node's identity key: its DHT records and signed statements use it
+    owner_public_key: bytes  # the DHT signer's public key, which owns this node's subkeys
+    backend: Callable[[], SpanBackend]
+    determinism: dict[str, str]  # the profile the node announces
 
 
 class Fault:
@@ -86,6 +112,11 @@ class Fault:
     def answer_dispute(self, answer: Answer) -> Answer | None:
         """What a serving node answers to a round of a dispute about its trace; None: it stays silent."""
         return answer
+
+    def on_serving(self, node: ServingNode) -> Coroutine[Any, Any, Any] | None:
+        """Called once a serving node serves; a coroutine returned runs in the node's event loop (cancelled
+        when the node stops). Honest nodes do nothing more."""
+        return None
 
 
 class CombinedFault(Fault):
@@ -131,6 +162,17 @@ class CombinedFault(Fault):
                 return None
             answer = fault.answer_dispute(answer)
         return answer
+
+    def on_serving(self, node):
+        work = [coroutine for fault in self.faults if (coroutine := fault.on_serving(node)) is not None]
+        if not work:
+            return None
+        return work[0] if len(work) == 1 else _together(work)
+
+
+async def _together(coroutines: list[Coroutine]) -> list:
+    """Run several faults' background work at once."""
+    return await asyncio.gather(*coroutines)
 
 
 def alie_z(n: int, b: int) -> float:
@@ -369,6 +411,40 @@ class SilentInDispute(Fault):
         return None
 
 
+@dataclass
+class Frame(Fault):
+    """A serving node that, once it serves, publishes a false verdict convicting an honest peer that serves
+    blocks overlapping its own: the victim's real signed commitment, a dispute this node referees between it
+    and a lie of its own (block `block`'s down_proj off by an ulp), and a record that names the victim as the
+    loser (swarm.verification.framing). Every client that re-checks the record bans this node instead.
+
+    :param block: the (absolute) block the false claim is about; None: the first block of the common span
+    """
+
+    block: int | None = None
+    name = "frame"
+    roles = frozenset({SERVING_NODE})
+
+    def on_serving(self, node: ServingNode) -> Coroutine[Any, Any, Any]:
+        from swarm.verification.framing import frame_a_peer
+
+        return frame_a_peer(node, self.block)
+
+
+def _parse_frame(args: list[str]) -> Fault:
+    # `frame` or `frame:block=K`
+    options = _options([part for arg in args for part in arg.split(",")], {"block"}, "frame")
+    if "block" not in options:
+        return Frame()
+    try:
+        block = int(options["block"])
+    except ValueError:
+        raise FaultError(f"frame option block={options['block']!r} is not an integer") from None
+    if block < 0:
+        raise FaultError(f"frame needs block >= 0 (got {block})")
+    return Frame(block)
+
+
 class LazyBackward(Fault):
     """A training node that skips its backward's work: it replies with a zero input gradient and adds
     zero weight gradients to its sums (gradient validation finds its sent gradient off the recomputation).
@@ -418,6 +494,12 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
     "silent_in_dispute": (
         "silent_in_dispute (serving nodes) never answers a dispute round, so it forfeits",
         _no_arguments(SilentInDispute),
+    ),
+    "frame": (
+        "frame[:block=K] (serving nodes) once serving, publishes a false verdict that convicts an honest "
+        "peer serving overlapping blocks of a lie in block K (default: the first block they share); "
+        "clients re-check it and ban this node instead",
+        _parse_frame,
     ),
     "lazy_backward": (
         "lazy_backward (training nodes) skips its backward's work: zero input and weight gradients",

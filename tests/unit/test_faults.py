@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from statistics import NormalDist
 
 import pytest
@@ -20,6 +21,7 @@ from swarm.testing.faults import (
     CombinedFault,
     Fault,
     FaultError,
+    Frame,
     PerturbOperator,
     alie_z,
     fault_for,
@@ -225,6 +227,96 @@ def test_bad_reducer_adds_noise_of_scale_times_the_aggregate_norm():
     grads = [aggregate.clone()]
     assert torch.equal(fault.corrupt_gradients(grads, 5)[0], aggregate)
     assert torch.equal(fault.tamper_part(aggregate, 0, 5), aggregate)
+
+
+def test_frame_parses_and_bad_ones_are_refused_clearly():
+    assert parse_fault("frame") == Frame(block=None)
+    assert parse_fault("frame:block=4") == Frame(block=4)
+    assert parse_fault("frame:block=0").block == 0
+    assert "frame[:block=K]" in FAULTS["frame"][0] and "%" not in FAULTS["frame"][0]  # --help
+    bad = {
+        "frame:block=four": "frame option block='four' is not an integer",
+        "frame:block=1.5": "is not an integer",
+        "frame:block=-2": r"frame needs block >= 0 \(got -2\)",
+        "frame:4": "unknown option '4' for frame",
+        "frame:victim=x": "unknown option 'victim=x' for frame",
+        "frame:block": "unknown option 'block' for frame",
+    }
+    for text, message in bad.items():
+        with pytest.raises(FaultError, match=message):
+            parse_fault(text)
+    assert build_parser().parse_args(
+        ["node", "--model", "m", "--blocks", "0:2", "--fault", "frame"]
+    ).fault == ["frame"]
+
+
+def test_frame_applies_to_serving_nodes_only():
+    assert isinstance(fault_for("frame:block=1", SERVING_NODE), Frame)
+    for role in (TRAINING_NODE, TRAINER):
+        with pytest.raises(FaultError, match="applies to serving nodes only"):
+            fault_for("frame", role)
+
+
+def test_honest_nodes_start_nothing_once_serving_and_combined_faults_run_each_ones_work():
+    node = object()  # never looked at by a hook that does nothing
+    assert Fault().on_serving(node) is None
+    for text in ("perturb:block=1", "lie_in_dispute", "silent_in_dispute"):
+        assert parse_fault(text).on_serving(node) is None
+    assert fault_for(["perturb:block=1", "lie_in_dispute"], SERVING_NODE).on_serving(node) is None
+
+    ran = []
+
+    class Busy(Fault):
+        def __init__(self, label):
+            self.name, self.roles, self.label = label, frozenset({SERVING_NODE}), label
+
+        def on_serving(self, node):
+            async def work():
+                ran.append((self.label, node))
+
+            return work()
+
+    asyncio.run(CombinedFault([parse_fault("lie_in_dispute"), Busy("b")]).on_serving(node))
+    asyncio.run(CombinedFault([Busy("c"), Busy("d")]).on_serving(node))
+    assert ran[-3:] == [("b", node), ("c", node), ("d", node)]
+    frame = parse_fault("frame").on_serving(node)  # the framing coroutine, started by the node
+    assert asyncio.iscoroutine(frame)
+    frame.close()
+
+
+def test_a_framing_verdict_passes_every_check_but_the_recomputation():
+    """What `--fault frame` publishes: genuine signatures, roots and inputs (a reader that skipped the
+    recomputation would convict the victim), yet re-checking it bans its author, never the victim."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarm.averaging.statements import open_statement
+    from swarm.verification.determinism import deterministic_profile
+    from swarm.verification.framing import FRAMED_OP, forge_verdict, probe_input
+    from swarm.verification.merkle import commit_trace
+    from swarm.verification.service import sub_span
+    from swarm.verification.trace import trace_span
+    from swarm.verification.verdicts import VerdictBook, read_claim, sign_commitment
+
+    span = _tiny_span(2, 5)
+    victim_key, framer_key = RSAPrivateKey(), RSAPrivateKey()
+    with deterministic_profile():
+        hidden = probe_input(span.config.hidden_size, torch.float32)
+        shared = sub_span(span, slice(1, 3))  # blocks [3, 5), which the victim serves too
+        commitment = commit_trace(trace_span(shared, hidden), shared)  # what an honest victim commits to
+        signature = sign_commitment(victim_key, "m", commitment, None, None)
+        victim = open_statement(signature)[0]
+        framer = open_statement(sign_commitment(framer_key, "m", commitment, None, None))[0]
+        record = forge_verdict(
+            "m", span, (3, 5), 4, hidden, victim, commitment, signature, framer, framer_key
+        )
+        record.author = framer  # as publish_verdict fills it in
+        assert list(record.losers) == [victim] and dict(record.reasons) == {victim: "wrong_output"}
+        assert (record.first_block + record.block, record.op) == (4, FRAMED_OP)
+        assert read_claim(record).verdict.losers == ("a",)  # signatures, roots, proofs, inputs: all genuine
+        book = VerdictBook("m", num_blocks=6)
+        judgement = book.consider(framer, record, lambda block: span)
+    assert judgement.convicted == () and "does not convict exactly its losers" in judgement.false_because
+    assert book.false_authors() == {framer} and book.banned() == {framer}
 
 
 def test_faults_module_does_not_import_torch():
