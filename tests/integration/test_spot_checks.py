@@ -200,11 +200,13 @@ def test_a_liar_and_a_silent_party_lose_their_dispute(tiny_model, local_model, l
     """A cheater that also lies about its trace in the dispute, and one that goes silent: both lose (bad
     proofs, forfeit), and the text comes from the honest node."""
     local_swarm.start_bootstrap()
-    lie = f"perturb:block={PERTURBED_BLOCK}"
+    # the two cheaters tell different lies: with the same one they would agree bit for bit whenever a check
+    # picked one as the other's second, and no check can catch cheaters who agree
+    lie, other_lie = f"perturb:block={PERTURBED_BLOCK}", f"perturb:block={PERTURBED_BLOCK},ulp=2"
     specs = {
         "front": ("0:3", "--throughput", "1"),
         "liar": ("3:6", "--throughput", "1000", "--fault", lie, "--fault", "lie_in_dispute"),
-        "silent": ("3:6", "--throughput", "100", "--fault", lie, "--fault", "silent_in_dispute"),
+        "silent": ("3:6", "--throughput", "100", "--fault", other_lie, "--fault", "silent_in_dispute"),
         "honest": ("3:6", "--throughput", "1"),
     }
     processes = {

@@ -85,7 +85,11 @@ def test_async_swarm_with_two_peers_per_stage_and_two_trainers(
             thread.join(timeout=600)
         assert sorted(results) == [0, 1], "a trainer did not finish"
         for index in range(2):
-            assert [s.step for s in results[index]] == list(range(1, steps + 1))
+            # a trainer that falls behind (its round missed the group's under load) loads the group's state
+            # and skips to its step: steps only go up, end at `steps`, and few are skipped
+            reported = [s.step for s in results[index]]
+            assert reported == sorted(set(reported)) and reported[-1] == steps, reported
+            assert len(reported) >= steps - 2, reported
 
         # both trainers' heads stepped together: the same weights after the last step
         heads = [trainer.head_state() for trainer in trainers]
