@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from verification_helpers import p2p_client, padded_request, start_named_nodes
 
 from swarm.client.remote import get_info, remote_forward
-from swarm.dht.factory import create_dht
 from swarm.local import LocalSwarm
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
-from swarm.utils.aio import BackgroundLoop
 from swarm.verification.determinism import (
     determinism_profile,
     deterministic_profile,
@@ -34,7 +33,6 @@ def nodes(tiny_model, tmp_path_factory):
     swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("determinism-swarm"))
     try:
         swarm.start_bootstrap()
-        span = f"{SPAN[0]}:{SPAN[1]}"
         told = ("--throughput", "1")  # don't measure: four nodes measuring at once on 2 cores is slow
         flags = {
             "default": (),
@@ -42,12 +40,7 @@ def nodes(tiny_model, tmp_path_factory):
             "perturbed": ("--fault", f"perturb:block={PERTURBED_BLOCK}"),
             "loose": ("--no-deterministic",),
         }
-        processes = {
-            name: swarm.start_node(str(tiny_model), span, *told, *extra, wait=False, name=name)
-            for name, extra in flags.items()
-        }
-        for process in processes.values():
-            swarm.wait_ready(process, timeout=300)
+        processes = start_named_nodes(swarm, tiny_model, SPAN, flags, *told)
         yield swarm, processes
     finally:
         swarm.close()
@@ -56,26 +49,13 @@ def nodes(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(nodes):
     swarm, _ = nodes
-    loop = BackgroundLoop()
-    dht, _ = create_dht(swarm.initial_peers, client_mode=True)
-    p2p = loop.run(dht.replicate_p2p())
-    yield loop, p2p
-    loop.run(p2p.shutdown())
-    dht.shutdown()
-    loop.close()
-
-
-def request() -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random batch of 2 sequences of 7 hidden states; the second is left-padded by 2."""
-    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    return hidden, mask
+    with p2p_client(swarm.initial_peers) as loop_and_p2p:
+        yield loop_and_p2p
 
 
 def forward(client, process) -> torch.Tensor:
     loop, p2p = client
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     return loop.run(remote_forward(p2p, process.peer_id, *SPAN, hidden, mask, None, TIMEOUT))
 
 
@@ -87,7 +67,7 @@ def raw(tensor: torch.Tensor) -> bytes:
 def local(tiny_model):
     """(profile, output) of blocks [1, 4) computed here, with transformers' layers, under the profile."""
     span = load_span(resolve_checkpoint(str(tiny_model)), *SPAN)
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     with deterministic_profile(), torch.inference_mode():
         profile = determinism_profile(torch.float32, "cpu")
         output = span(hidden, attention_mask=mask)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from verification_helpers import p2p_client, padded_request, start_named_nodes
 
 from swarm.client.remote import remote_forward
 from swarm.dht.factory import create_dht
@@ -17,7 +18,6 @@ from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
 from swarm.proto import swarm_pb2
 from swarm.protocol import VerificationProtocol
-from swarm.utils.aio import BackgroundLoop
 from swarm.verification.determinism import deterministic_profile
 from swarm.verification.dispute import SPAN_INPUT, Question, recheck_verdict
 from swarm.verification.remote import RemoteParty, remote_commit, run_remote_dispute
@@ -38,18 +38,12 @@ def nodes(tiny_model, tmp_path_factory):
     swarm = LocalSwarm(workdir=tmp_path_factory.mktemp("dispute-swarm"))
     try:
         swarm.start_bootstrap()
-        span = f"{SPAN[0]}:{SPAN[1]}"
         flags = {
             "honest": (),
             "honest2": (),
             "cheater": ("--fault", f"perturb:block={PERTURBED_BLOCK},op={PERTURBED_OP}"),
         }
-        processes = {
-            name: swarm.start_node(str(tiny_model), span, "--throughput", "1", *extra, wait=False, name=name)
-            for name, extra in flags.items()
-        }
-        for process in processes.values():
-            swarm.wait_ready(process, timeout=300)
+        processes = start_named_nodes(swarm, tiny_model, SPAN, flags, "--throughput", "1")
         yield swarm, processes
     finally:
         swarm.close()
@@ -58,26 +52,13 @@ def nodes(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(nodes):
     swarm, _ = nodes
-    loop = BackgroundLoop()
-    dht, _ = create_dht(swarm.initial_peers, client_mode=True)
-    p2p = loop.run(dht.replicate_p2p())
-    yield loop, p2p
-    loop.run(p2p.shutdown())
-    dht.shutdown()
-    loop.close()
-
-
-def request() -> tuple[torch.Tensor, torch.Tensor]:
-    """2 sequences of 7 hidden states; the second left-padded by 2, so attention sees a real mask."""
-    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    return hidden, mask
+    with p2p_client(swarm.initial_peers) as loop_and_p2p:
+        yield loop_and_p2p
 
 
 def commit(client, process, request_id: str):
     loop, p2p = client
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     return loop.run(remote_commit(p2p, process.peer_id, request_id, *SPAN, hidden, mask, None, TIMEOUT))
 
 
@@ -90,7 +71,7 @@ def test_honest_nodes_commit_identically(nodes, client):
     assert torch.equal(out_a, out_b)
     # and the commit's output is the node's ordinary forward, bit for bit
     loop, p2p = client
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     forward = loop.run(remote_forward(p2p, processes["honest"].peer_id, *SPAN, hidden, mask, None, TIMEOUT))
     assert torch.equal(forward, out_a)
     # a part of the span commits to its own blocks only
@@ -113,7 +94,7 @@ def test_a_remote_dispute_convicts_the_perturbed_node(nodes, client, tiny_model)
     assert a != b and a.input_digest == b.input_digest  # same input, different traces
     assert not torch.equal(out_a, out_b)
     # the cheater commits to what it serves: its lie (the fault's hook is on the traced span)
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     served = loop.run(remote_forward(p2p, cheater.peer_id, *SPAN, hidden, mask, None, TIMEOUT))
     assert torch.equal(served, out_b)
     # a one-block prefix of the span agrees: the lie is in block 2 (index 1)
@@ -186,7 +167,7 @@ def test_bad_requests_get_error_replies_and_the_node_keeps_serving(nodes, client
         is None
     )
 
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     big = torch.zeros(65, 1, HIDDEN)  # over the node's batch limit
     for args, code in [
         ((0, 2, hidden, mask), swarm_pb2.Error.UNKNOWN_BLOCKS),

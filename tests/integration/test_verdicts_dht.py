@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from hivemind.utils.timed_storage import get_dht_time
+from verification_helpers import padded_request, start_named_nodes
 
 from swarm.client.remote import remote_forward
 from swarm.dht.factory import create_dht
@@ -45,14 +46,7 @@ def nodes(tiny_model, tmp_path_factory):
     try:
         swarm.start_bootstrap()
         flags = {"honest": (), "cheater": ("--fault", f"perturb:block={PERTURBED_BLOCK},op={PERTURBED_OP}")}
-        processes = {
-            name: swarm.start_node(
-                str(tiny_model), f"{SPAN[0]}:{SPAN[1]}", "--throughput", "1", *extra, wait=False, name=name
-            )
-            for name, extra in flags.items()
-        }
-        for process in processes.values():
-            swarm.wait_ready(process, timeout=300)
+        processes = start_named_nodes(swarm, tiny_model, SPAN, flags, "--throughput", "1")
         yield swarm, processes
     finally:
         swarm.close()
@@ -85,15 +79,8 @@ def model_name(tiny_model) -> str:
     return resolve_checkpoint(str(tiny_model)).name  # what nodes sign and announce
 
 
-def request() -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :2] = 0
-    return hidden, mask
-
-
 def commit(peers, process, request_id: str, signatures: list[bytes] | None = None):
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     call = remote_commit(
         peers["p2p"], process.peer_id, request_id, *SPAN, hidden, mask, None, TIMEOUT, signatures=signatures
     )
@@ -108,7 +95,7 @@ def test_a_node_signs_its_commitment_with_its_identity(nodes, peers, model_name)
     assert len(signatures) == 1
     assert check_commit_signature(signatures[0], commitment, model=model_name) == honest.peer_id
     # the signed commit is the ordinary one: same output as a plain forward
-    hidden, mask = request()
+    hidden, mask = padded_request(HIDDEN)
     forward = peers["loop"].run(
         remote_forward(peers["p2p"], honest.peer_id, *SPAN, hidden, mask, None, TIMEOUT)
     )
@@ -131,7 +118,7 @@ def published(nodes, peers, model_name, tiny_model):
     a, _ = commit(peers, honest, "disputed", signatures)
     b, _ = commit(peers, cheater, "disputed", signatures)
     loop, p2p = peers["loop"], peers["p2p"]
-    _, mask = request()
+    _, mask = padded_request(HIDDEN)
     referee_span = load_span(resolve_checkpoint(str(tiny_model)), *SPAN)
     with deterministic_profile():
         verdict, parties = loop.run(

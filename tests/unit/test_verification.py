@@ -13,7 +13,12 @@ import torch
 
 from swarm.models.span import LlamaSpan
 from swarm.models.tiny import tiny_llama_config
-from swarm.verification.determinism import apply_deterministic_profile, determinism_profile, same_profile
+from swarm.verification.determinism import (
+    apply_deterministic_profile,
+    determinism_profile,
+    deterministic_profile,
+    same_profile,
+)
 from swarm.verification.dispute import (
     PARTIES,
     Answer,
@@ -52,25 +57,8 @@ MAX_ROUNDS = math.ceil(math.log2(BLOCKS)) + math.ceil(math.log2(len(OPERATORS)))
 @pytest.fixture(scope="module", autouse=True)
 def deterministic():
     """The deterministic profile for this module only: the rest of the suite keeps its settings."""
-    saved = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("MKL_DYNAMIC", "OMP_DYNAMIC"):
-            patch.setenv(name, os.environ.get(name, "unset"))  # restored on exit, whatever the profile sets
-        apply_deterministic_profile()
+    with deterministic_profile():
         yield
-    threads, enabled, warn_only, cudnn_deterministic, benchmark, matmul_tf32, cudnn_tf32 = saved
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
 
 
 def _tiny_span(seed: int = 0, attention: str = "sdpa") -> LlamaSpan:
