@@ -17,7 +17,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "1 otherwise (so it can serve as a health check).",
     )
     add_initial_peers(parser)
-    parser.add_argument("--model", default=None, help="only this model (default: every model announced)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="only this model (default: every model announced): its DHT name, or the --model value its nodes "
+        "were started with (a checkpoint folder or .gguf file stands for the name they announce, and for "
+        "the weights to re-check verdicts with)",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per model")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the DHT")
     parser.add_argument(
@@ -34,7 +40,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from swarm.dht.factory import create_dht
     from swarm.dht.swarm_map import format_map, list_models, model_map
+    from swarm.models.checkpoint import default_model_name
 
+    checkpoint = args.checkpoint
+    if args.model is not None and default_model_name(args.model) != args.model:  # a folder or .gguf file
+        checkpoint = checkpoint or args.model
+        args.model = default_model_name(args.model)
     dht, _ = create_dht(args.initial_peers, client_mode=True)
     try:
         models = [args.model] if args.model else list_models(dht, args.timeout)
@@ -43,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         complete = True
         for model in models:
-            swarm_map = model_map(
-                dht, model, args.timeout, _block_loader(args.checkpoint, model, args.cache_dir)
-            )
+            swarm_map = model_map(dht, model, args.timeout, _block_loader(checkpoint, model, args.cache_dir))
             print(json.dumps(swarm_map) if args.json else format_map(swarm_map))
             complete = complete and swarm_map["num_blocks"] > 0 and not swarm_map["missing"]
         return 0 if complete else 1

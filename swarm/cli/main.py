@@ -31,9 +31,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A failure is one line and a hint on stderr, exit 1 (usage errors exit 2, from
+    argparse); `swarm -v ...` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(f"swarm {args.command}: error: {failure_line(e)}", file=sys.stderr)
+        print(f"hint: {failure_hint(e)}", file=sys.stderr)
+        return 1
+
+
+def failure_line(error: Exception) -> str:
+    """An exception as one line: its type (unless it speaks for itself) and its first line of text."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    plain = isinstance(error, (FileNotFoundError, ValueError, RuntimeError)) and text
+    return text if plain else f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def failure_hint(error: Exception) -> str:
+    """What to try next for a failure (the generic hint: the traceback)."""
+    text = str(error)
+    if "failed to connect to bootstrap peers" in text:
+        return (
+            "none of --initial-peers answered: is that peer running, and is each address complete "
+            "(/ip4/HOST/tcp/PORT/p2p/PEER_ID, as `swarm dht` prints it)?"
+        )
+    return "run `swarm -v ...` with the same arguments for the full traceback"
 
 
 def node_main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,17 @@ class Checkpoint:
         return sorted(name for name in self.tensor_files() if name.startswith(prefix))
 
 
+def default_model_name(name_or_path: str | os.PathLike) -> str:
+    """The DHT name of `swarm node --model VALUE` without --model-name: a checkpoint folder's name, a .gguf
+    file's stem, else VALUE itself (a built-in name). Reads no weights."""
+    text = os.fspath(name_or_path)
+    if Path(text).is_dir():
+        return Path(text).resolve().name
+    if text.endswith(".gguf") and Path(text).is_file():
+        return Path(text).stem
+    return text
+
+
 def resolve_checkpoint(
     name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, model_name: str | None = None
 ) -> Checkpoint:
@@ -76,12 +87,13 @@ def resolve_checkpoint(
     The DHT name defaults to the built-in name, or the folder / file stem.
     """
     text = os.fspath(name_or_path)
+    default_name = default_model_name(text)
     if Path(text).is_dir():
-        path, default_name = Path(text), Path(text).resolve().name
+        path = Path(text)
     elif text.endswith(".gguf") and Path(text).is_file():
         from swarm.models.fetch import prepare_gguf
 
-        path, default_name = prepare_gguf(text, cache_dir), Path(text).stem
+        path = prepare_gguf(text, cache_dir)
     else:
         from swarm.models.catalog import get_builtin
         from swarm.models.fetch import prepare_builtin
@@ -91,7 +103,7 @@ def resolve_checkpoint(
                 f"{text!r} is neither a checkpoint folder, a .gguf file nor a built-in model "
                 "(see `swarm models list`)"
             )
-        path, default_name = prepare_builtin(text, cache_dir), text
+        path = prepare_builtin(text, cache_dir)
     config = load_config(path)
     return Checkpoint(path=Path(path), name=check_model_name(model_name or default_name), config=config)
 

@@ -49,3 +49,22 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
         assert "missing blocks: 2-5" in text and gappy.peer_id in text and "##...." in text
     finally:
         gappy.terminate()
+
+
+def test_health_takes_the_model_path_nodes_were_started_with(tiny_model, tiny_swarm):
+    by_name = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "tiny-llama", "--json")
+    by_path = health("--initial-peers", *tiny_swarm.initial_peers, "--model", str(tiny_model), "--json")
+    assert by_path.returncode == 0, by_path.stderr[-2000:]
+    named, pathed = json.loads(by_name.stdout), json.loads(by_path.stdout)
+    assert pathed["model"] == "tiny-llama" and pathed["num_blocks"] == named["num_blocks"] == 6
+    assert [n["peer_id"] for n in pathed["nodes"]] == [n["peer_id"] for n in named["nodes"]]
+
+
+def test_a_swarm_it_cannot_reach_is_one_line_and_a_hint():
+    unreachable = "/ip4/127.0.0.1/tcp/1/p2p/QmVxcREDkArsBxPyiWSSn95vooZ6rXYg6D8Gik5R7Z8VWK"
+    result = health("--initial-peers", unreachable, "--timeout", "2")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith("swarm health: error: ") and "bootstrap peers" in lines[-2]
+    assert lines[-1].startswith("hint: none of --initial-peers answered")
