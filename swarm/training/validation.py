@@ -437,6 +437,9 @@ class GradientValidator:
     ):
         self.owner, self.p2p, self.run_hash = owner, p2p, run_hash
         self.prefix, self.part_size_bytes, self.timeout = prefix, part_size_bytes, timeout
+        # (peer, step) -> why this member's weights of `step` may not be the peer's (None: they are the
+        # group's for both); GroupValidation sets it from the rounds both took part in
+        self.same_weights: Callable[[str, int], str | None] | None = None
 
     async def check(self, peer: str, step: int, commit: bytes) -> tuple[str | None, str]:
         """(peer, why) if its round-`step` gradient is proven wrong, (None, why) if it checks out.
@@ -466,6 +469,10 @@ class GradientValidator:
             if microbatch.weights_step not in (step - 1, step):
                 return peer, f"microbatch {k} of step {step} claims weights of step {microbatch.weights_step}"
         needed = sorted({m.weights_step for m in contribution.microbatches})
+        if self.same_weights is not None:
+            for weights_step in needed:
+                if (reason := self.same_weights(peer, weights_step)) is not None:
+                    raise CannotJudge(reason)
         weights = {s: self.owner.log.weights(s) for s in needed}
         missing = [s for s, w in weights.items() if w is None]
         if missing:
@@ -557,11 +564,30 @@ class GroupValidation:
         self.validator, self.bans, self.dht, self.key = validator, bans, dht, signing_key
         self.own_id, self.validators, self.loop = own_id, validators, loop
         self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
+        self._round_members: dict[int, set[str]] = {}  # step -> members of this member's round at that step
         bans.gradient_judge = self.judge
+        validator.same_weights = self.same_weights
+
+    def same_weights(self, peer: str, step: int) -> str | None:
+        """Why this member's weights of `step` may differ from `peer`'s (None: both took part in the round
+        that made them, so both copied its aggregates). A member that stepped alone, or missed that round,
+        holds weights of its own: recomputing with them, or against them, would accuse an honest peer."""
+        if step == 0:
+            return None  # everyone starts from the run's checkpoint
+        members = self._round_members.get(step - 1)
+        if members is None:
+            return f"this peer was in no round at step {step - 1}: its weights of step {step} are its own"
+        if peer not in members:
+            return f"{peer} was not in this peer's round at step {step - 1}: its weights of {step} differ"
+        return None
 
     def on_round(self, record) -> None:
-        """After a robust round's checks (a `btard.RoundRecord`, on their thread): start the validations
-        this member owes the round."""
+        """After a robust round's checks (a `btard.RoundRecord`, on their thread): remember who took part,
+        and start the validations this member owes the round."""
+        if record.members:
+            self._round_members[record.transcript.step] = set(record.members)
+            for old in sorted(self._round_members)[:-KEEP_STEPS]:
+                del self._round_members[old]
         if record.seed is None or not self.validators or self.loop.is_closed():
             return
         for validator, target in choose_pairs(record.seed, record.members, self.validators):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from swarm.training.trainable import TrainableParameters
 from swarm.training.validation import (
     VALIDATION_RTOL,
     ContributionLog,
+    GradientValidator,
+    GroupValidation,
     Microbatch,
     check_receipt,
     choose_pairs,
@@ -202,6 +205,27 @@ def test_outsiders_follow_the_majority_of_the_rounds_other_members(keys):
     # a verdict about another accusation, relayed under this one's tag, is ignored
     other = {peer_id_of(keys[2]): verdict_statement(keys[2], "ee" * 32, accused)}
     assert majority_verdict(accusation, other, members) is None
+
+
+def test_members_judge_only_gradients_of_weights_they_share(keys):
+    """A member that stepped alone (its round failed) or a peer that missed the round holds weights of its
+    own: recomputing with them, or against them, would accuse an honest peer, so neither is judged."""
+    validator = GradientValidator(None, None, RUN, PREFIX, 1024)
+    bans = SimpleNamespace(gradient_judge=None, banned=set)  # what GroupValidation reads of the run's bans
+    loop = asyncio.new_event_loop()
+    try:
+        group = GroupValidation(validator, bans, None, keys[0], "me", 1, loop)
+        assert validator.same_weights == group.same_weights and bans.gradient_judge == group.judge
+        assert group.same_weights("peer", 0) is None  # the run's checkpoint: the same for everyone
+        assert "in no round at step 2" in group.same_weights("peer", 3)  # this member stepped alone
+        group.on_round(SimpleNamespace(members=["me", "peer"], transcript=SimpleNamespace(step=2), seed=None))
+        assert group.same_weights("peer", 3) is None
+        assert "other was not in this peer's round at step 2" in group.same_weights("other", 3)
+        for step in range(3, 10):  # only the last rounds are remembered
+            group.on_round(SimpleNamespace(members=["me"], transcript=SimpleNamespace(step=step), seed=None))
+        assert "in no round at step 2" in group.same_weights("peer", 3)
+    finally:
+        loop.close()
 
 
 def _trainer(checkpoint) -> TrainerRecomputer:
