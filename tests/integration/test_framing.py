@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from verification_helpers import start_nodes
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.dht.factory import create_dht
@@ -39,12 +40,7 @@ def nodes(tiny_model, tmp_path_factory):
             "honest2": ("3:6", "--throughput", "1"),
             "framer": ("2:5", "--throughput", "1000", "--fault", f"frame:block={FRAMED_BLOCK}"),
         }
-        processes = {
-            name: swarm.start_node(str(tiny_model), *spec, wait=False, name=name)
-            for name, spec in specs.items()
-        }
-        for process in processes.values():
-            swarm.wait_ready(process, timeout=300)
+        processes = start_nodes(swarm, tiny_model, specs)
         yield swarm, {name: process.peer_id for name, process in processes.items()}
     finally:
         swarm.close()

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from verification_helpers import start_nodes
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.config import ClientConfig
@@ -34,12 +35,7 @@ def nodes(tiny_model, tmp_path_factory):
             "honest2": ("3:6", "--throughput", "1"),
             "cheater": ("3:6", "--throughput", "1000", "--fault", fault),
         }
-        processes = {
-            name: swarm.start_node(str(tiny_model), *spec, wait=False, name=name)
-            for name, spec in specs.items()
-        }
-        for process in processes.values():
-            swarm.wait_ready(process, timeout=300)
+        processes = start_nodes(swarm, tiny_model, specs)
         yield swarm, {name: process.peer_id for name, process in processes.items()}
     finally:
         swarm.close()
@@ -174,11 +170,7 @@ def test_two_cheaters_both_lose_to_an_honest_third(tiny_model, local_model, loca
         "cheater2": ("3:6", "--throughput", "100", "--fault", "perturb:block=5,op=q_proj"),
         "honest": ("3:6", "--throughput", "1"),
     }
-    processes = {
-        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
-    }
-    for process in processes.values():
-        local_swarm.wait_ready(process, timeout=300)
+    processes = start_nodes(local_swarm, tiny_model, specs)
     peers = {name: process.peer_id for name, process in processes.items()}
     input_ids = prompt(seed=3)
     expected = local_greedy(local_model, input_ids, max_new_tokens=4)
@@ -209,11 +201,7 @@ def test_a_liar_and_a_silent_party_lose_their_dispute(tiny_model, local_model, l
         "silent": ("3:6", "--throughput", "100", "--fault", other_lie, "--fault", "silent_in_dispute"),
         "honest": ("3:6", "--throughput", "1"),
     }
-    processes = {
-        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
-    }
-    for process in processes.values():
-        local_swarm.wait_ready(process, timeout=300)
+    processes = start_nodes(local_swarm, tiny_model, specs)
     peers = {name: process.peer_id for name, process in processes.items()}
     input_ids = prompt(seed=4)
     expected = local_greedy(local_model, input_ids, max_new_tokens=3)
@@ -245,11 +233,7 @@ def test_nodes_with_different_profiles_are_compared_within_a_tolerance_and_never
         "whole": ("0:6", "--throughput", "1000"),
         "loose": ("0:6", "--throughput", "1", "--no-deterministic"),
     }
-    processes = {
-        name: local_swarm.start_node(str(tiny_model), *spec, wait=False) for name, spec in specs.items()
-    }
-    for process in processes.values():
-        local_swarm.wait_ready(process, timeout=300)
+    start_nodes(local_swarm, tiny_model, specs)
     input_ids = prompt(seed=5)
     expected = local_greedy(local_model, input_ids, max_new_tokens=3)
     with DistributedModelForCausalLM.from_pretrained(

@@ -18,9 +18,13 @@ def start_named_nodes(
     """One node process per name on blocks `span`, each with `common` and its own flags; waits until all
     serve (started together: they load and announce in parallel)."""
     blocks = f"{span[0]}:{span[1]}"
+    return start_nodes(swarm, model, {name: (blocks, *common, *extra) for name, extra in flags.items()})
+
+
+def start_nodes(swarm: LocalSwarm, model, specs: dict[str, tuple[str, ...]]) -> dict:
+    """One node process per name, each with its spec ("A:B" blocks, then flags); waits until all serve."""
     processes = {
-        name: swarm.start_node(str(model), blocks, *common, *extra, wait=False, name=name)
-        for name, extra in flags.items()
+        name: swarm.start_node(str(model), *spec, wait=False, name=name) for name, spec in specs.items()
     }
     for process in processes.values():
         swarm.wait_ready(process, timeout=300)
