@@ -169,12 +169,13 @@ class SwarmBlocks:
         while block < end:
             span = route[0]
             try:
-                outputs = await self._forward_span(span, hidden, prompts, mask, positions)
                 checker = self.client.spot_checker
                 if prompts is None and checker is not None and (force_check or checker.should_check()):
                     force_check = True
-                    await self._spot_check(checker, span, hidden, outputs, mask, positions)
+                    outputs = await self._forward_and_check(checker, span, hidden, mask, positions)
                     force_check = False
+                else:
+                    outputs = await self._forward_span(span, hidden, prompts, mask, positions)
             except Exception as e:
                 failures += 1
                 self._failed(span, "forward", e, failures)
@@ -185,13 +186,22 @@ class SwarmBlocks:
             hidden, block, route = outputs, span.end, route[1:]
         return hidden, ChunkRecord(rows, spans), used
 
-    async def _spot_check(self, checker, span: RemoteSpan, hidden, outputs, mask, positions) -> None:
-        """Check a span call against a second node (swarm.verification.spot_check); raises SpotCheckFailed
-        when `span`'s node was convicted or served otherwise than it committed (the call is then made again
-        elsewhere, and checked: a dispute's winner is only right about the disputed operator). Calls with
-        deep prompts are not checked: commitments cover the blocks' plain forward only."""
+    async def _forward_and_check(self, checker, span: RemoteSpan, hidden, mask, positions) -> torch.Tensor:
+        """A span call, checked against a second node at the same time (swarm.verification.spot_check); raises
+        SpotCheckFailed when `span`'s node was convicted or served otherwise than it committed (the call is
+        then made again elsewhere, and checked: a dispute's winner is only right about the disputed operator).
+        Calls with deep prompts are not checked: commitments cover the blocks' plain forward only."""
         servers = await asyncio.to_thread(self.client.usable_servers)
-        result = await checker.check(span.info, span.start, span.end, hidden, mask, positions, servers)
+        check = asyncio.ensure_future(
+            checker.check(span.info, span.start, span.end, hidden, mask, positions, servers)
+        )
+        try:
+            outputs = await self._forward_span(span, hidden, None, mask, positions)
+        except BaseException:
+            check.cancel()  # the node failed the call: it is replaced, and its replacement checked
+            check.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody awaits it
+            raise
+        result = await check
         self.spot_checks.append(result)
         self.client.convict(result.convicted)
         if span.peer_id in result.convicted:
@@ -200,6 +210,7 @@ class SwarmBlocks:
             raise SpotCheckFailed(
                 f"{span.peer_id} served blocks [{span.start}, {span.end}) otherwise than it committed"
             )
+        return outputs
 
     # ---- backward -----------------------------------------------------------------------------------------
 

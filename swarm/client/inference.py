@@ -206,8 +206,16 @@ class InferenceSession:
         while index < len(self._spans):
             state = self._spans[index]
             started = time.perf_counter()
+            checker = client.spot_checker
+            checking = checker is not None and (force_check or checker.should_check())
             try:
-                output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
+                if checking:
+                    servers = client.usable_servers()
+                    output, check = client.run_async(
+                        self._step_and_check(state, hidden, position, mask, position_ids, servers)
+                    )
+                else:
+                    output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
             except Exception as e:
                 failures += 1
                 logger.warning(
@@ -224,9 +232,8 @@ class InferenceSession:
                 continue
             if self.on_hop is not None:
                 self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
-            checker = client.spot_checker
-            if checker is not None and (force_check or checker.should_check()):
-                force_check = not self._spot_check(state, hidden, output, position_ids, mask)
+            if checking:
+                force_check = not self._judge_check(state, check, output)
                 if force_check:  # a dispute's winner is only right about the disputed operator: check again
                     self._replace_span(index, mask)  # re-routes and replays; this step runs again there
                     continue
@@ -241,31 +248,41 @@ class InferenceSession:
             self.on_step(self.position)
         return hidden
 
-    def _spot_check(
+    async def _step_and_check(
         self,
         state: _SpanState,
         hidden: torch.Tensor,
-        output: torch.Tensor,
-        position_ids: torch.Tensor,
+        position: int,
         mask: torch.Tensor | None,
-    ) -> bool:
-        """Give the span's whole input so far to its node and a second one, committed (spot_check); False when
-        its node was convicted or answered the session otherwise than its committed forward.
+        position_ids: torch.Tensor,
+        servers: list[swarm_pb2.ServerInfo],
+    ) -> tuple[torch.Tensor, SpotCheck]:
+        """The step, and at the same time a spot check of the span on the whole input so far: the check needs
+        only the inputs, so the user waits for the slower of the two rather than for both in turn.
 
         The committed forward recomputes the prefix without a cache, so it matches the session's output only
         within a tolerance; a node that lies in its sessions by less than that is not caught here.
         """
-        client = self.client
         history = torch.cat([*state.inputs, hidden], dim=1)
         positions = (
             position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
         )
         span = state.span
-        result = client.run_async(
-            client.spot_checker.check(
-                span.info, span.start, span.end, history, mask, positions, client.usable_servers()
-            )
+        check = asyncio.ensure_future(
+            self.client.spot_checker.check(span.info, span.start, span.end, history, mask, positions, servers)
         )
+        try:
+            output = await state.stream.step(hidden, position, mask, position_ids)
+        except BaseException:
+            check.cancel()  # the node failed the step: it is replaced, and its replacement checked
+            check.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody awaits it
+            raise
+        return output, await check
+
+    def _judge_check(self, state: _SpanState, result: SpotCheck, output: torch.Tensor) -> bool:
+        """Record a spot check of the span's step; False when its node was convicted or answered the session
+        otherwise than its committed forward."""
+        client, span = self.client, state.span
         self.spot_checks.append(result)
         client.convict(result.convicted)
         if span.peer_id in result.convicted:

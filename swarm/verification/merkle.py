@@ -8,6 +8,7 @@ leaves splits at the largest power of two below n, so any n works and a proof na
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,11 +114,33 @@ def operator_digests(trace: SpanTrace) -> list[bytes]:
     return [tensor_digest(tensor) for block in trace.blocks for _, tensor in block]
 
 
+# id(tensor) -> (a weak reference to it, its storage address and version when hashed, the digest): weights are
+# hashed at every commitment, and re-hashing a frozen span's weights cost more than tracing its forward
+_WEIGHT_DIGESTS: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
+
+
+def weight_digest(tensor: torch.Tensor) -> bytes:
+    """tensor_digest of a weight, remembered until the tensor changes (any in-place update bumps its
+    version counter; a swapped `.data` moves its storage)."""
+    key, address, version = id(tensor), tensor.data_ptr(), tensor._version
+    cached = _WEIGHT_DIGESTS.get(key)
+    if cached is not None and cached[0]() is tensor and cached[1:3] == (address, version):
+        return cached[3]
+    digest = tensor_digest(tensor)
+    _WEIGHT_DIGESTS[key] = (
+        weakref.ref(tensor, lambda _, key=key: _WEIGHT_DIGESTS.pop(key, None)),
+        address,
+        version,
+        digest,
+    )
+    return digest
+
+
 def block_weight_digest(layer: nn.Module) -> bytes:
     """One hash of a block's weights: each state_dict tensor's digest, with its name, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(layer.state_dict().items()):
-        digest.update(name.encode() + b"\x00" + tensor_digest(tensor))
+    for name, tensor in sorted(layer.state_dict(keep_vars=True).items()):
+        digest.update(name.encode() + b"\x00" + weight_digest(tensor))
     return digest.digest()
 
 

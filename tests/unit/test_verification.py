@@ -257,6 +257,23 @@ def _leaves(n: int) -> list[bytes]:
     return [hashlib.sha256(bytes([i])).digest() for i in range(n)]
 
 
+def test_weight_digests_follow_every_change_of_the_weights():
+    layer = _tiny_span().layers[0]  # its own: the module's span must keep its weights
+    before = block_weight_digest(layer)
+    assert block_weight_digest(layer) == before  # remembered, and still the same
+    weight = layer.mlp.down_proj.weight
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], weight[0, 0] + 1)  # in place, one ulp
+    changed = block_weight_digest(layer)
+    assert changed != before
+    with torch.no_grad():
+        weight.data = weight.data.clone()  # same bytes in new storage
+    assert block_weight_digest(layer) == changed
+    with torch.no_grad():
+        weight.data = torch.zeros_like(weight)  # other bytes in new storage
+    assert block_weight_digest(layer) not in (before, changed)
+
+
 @pytest.mark.parametrize("n", range(1, 12))
 def test_merkle_proofs_verify_and_tampering_fails(n):
     leaves = _leaves(n)
