@@ -1,4 +1,5 @@
-"""RPCs of training participants beyond forward and backward: downloading a peer's training state."""
+"""RPCs of training participants beyond forward and backward: a peer's training state, its contribution to a
+round, and gradient disputes about it."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ class TrainStateProtocol(Protocol):
         """Stage peers: the gradient sent in one step's round and the signed microbatches behind it."""
         raise NotImplementedError
         yield
+
+    async def rpc_train_dispute_commit(
+        self, request: swarm_pb2.TrainDisputeCommitRequest, context: P2PContext
+    ) -> swarm_pb2.CommitResponse:
+        """Stage peers: commit to a trace of a contribution (one's own, or one it accused) for a judge."""
+        raise NotImplementedError
+
+    async def rpc_train_dispute_answer(
+        self, request: swarm_pb2.DisputeQuestionRequest, context: P2PContext
+    ) -> swarm_pb2.DisputeAnswerResponse:
+        """Stage peers: one round of a gradient dispute about a trace committed to that caller."""
+        raise NotImplementedError

@@ -24,10 +24,12 @@ from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
 from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
+from swarm.training.disputes import CannotSettle, GradientDisputeService, settle
 from swarm.training.run import LoadedRun, group_prefix
 from swarm.training.stage import TrainableSpanBackend
 from swarm.training.state import TrainState, TrainStateServicer, fetch_state
 from swarm.training.validation import GradientValidator, GroupValidation, sign_reply
+from swarm.verification.gradient_dispute import describe
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ VIEW_REFRESH_PERIOD = 0.3  # seconds between re-reads of the stage's records
 PROGRESS_INTERVAL = 0.2  # the stage record is re-published at most this often while samples come in
 STATE_TIMEOUT = 120.0
 MEMBER_KEEP_FOR = 3.0  # seconds a stage peer that stopped answering still counts as a member
+DISPUTE_TIMEOUT = 30.0  # seconds a party of a gradient dispute has to commit or answer a round
 
 
 class TrainingNode(Node):
@@ -136,6 +139,35 @@ class TrainingNode(Node):
             "refusing to train from this node's own weights"
         )
 
+    async def _referee(
+        self, accused: str, accuser: str, contribution, weights
+    ) -> tuple[str | None, str] | None:
+        """Settle a "bad_gradient" accusation in this stage by the bisection game (None: it couldn't be
+        played; the validator recomputes the whole gradient instead)."""
+        try:
+            verdict, layout = await settle(
+                self.backend,
+                self.p2p,
+                self.training_run.sha256,
+                accused,
+                accuser,
+                contribution,
+                weights,
+                DISPUTE_TIMEOUT,
+            )
+        except CannotSettle as e:
+            logger.info("the dispute between %s and %s is settled by recomputation: %s", accuser, accused, e)
+            return None
+        where = describe(verdict, layout, self.blocks[0], self.backend.trainable.names)
+        cost = f"{verdict.rounds} rounds, {verdict.bytes_moved} bytes"
+        if "a" in verdict.losers:
+            why = f"lost the gradient dispute: {_lost(verdict.reasons['a'], where, 'a')}; {cost}"
+            logger.warning("bisection: %s %s", accused, why)
+            return accused, why
+        why = f"its accusation lost the gradient dispute: {_lost(verdict.reasons['b'], where, 'b')}; {cost}"
+        logger.warning("bisection: %s %s", accuser, why)
+        return None, why
+
     # ---- serving ------------------------------------------------------------------------------------------
 
     def stage_info(self, state: int | None = None) -> swarm_pb2.StageInfo:
@@ -186,6 +218,9 @@ class TrainingNode(Node):
             self.training_run.sha256, self._get_state, self._progress, self.backend.log.get
         )
         state_servicer.refuse_peer = self.bans.refusal
+        state_servicer.disputes = GradientDisputeService(
+            self.backend, self.p2p, run_hash, self.peer_id, key, fault=self.fault
+        )
         await self._add_servicer(state_servicer)
         averaging = run.averaging
         self.averager = await asyncio.to_thread(
@@ -210,6 +245,7 @@ class TrainingNode(Node):
             self.averager.prefix,
             self.averager.part_size_bytes,
         )
+        validator.referee = self._referee
         self.validation = GroupValidation(
             validator, self.bans, self.dht, self.signing_key, self.peer_id, averaging.validators, self._loop
         )
@@ -285,3 +321,17 @@ class TrainingNode(Node):
         self.announcer.stop(final=True)
         if self.averager is not None:
             self.averager.shutdown()
+
+
+def _lost(reason: str, where: str, party: str) -> str:
+    """Why a party lost a gradient dispute, in words."""
+    if reason == "wrong_leaf":
+        return f"wrong_leaf, {where}"
+    if reason == "contradiction":
+        what = "does not end in the gradient it sent" if party == "a" else "ends in the gradient it accused"
+        return f"contradiction, its trace {what}"
+    return {
+        "silent": "silent",
+        "bad_proof": "a proof that fails",
+        "bad_tensor": "tensors it did not commit to",
+    }.get(reason, reason)

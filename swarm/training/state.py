@@ -69,6 +69,8 @@ class TrainStateServicer(TrainStateProtocol):
         self.run_hash, self.get_state, self.get_progress = run_hash, get_state, get_progress
         self.get_contribution = get_contribution  # stage peers: their contribution to a round, for validators
         self.refuse_peer: Callable[[str], str | None] | None = None  # e.g. peers banned from the run
+        # stage peers: their side of gradient disputes (swarm.training.disputes.GradientDisputeService)
+        self.disputes = None
 
     def _refusal(self, context: P2PContext) -> swarm_pb2.Error | None:
         reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
@@ -125,6 +127,27 @@ class TrainStateServicer(TrainStateProtocol):
         async for response in stream_contribution(self.get_contribution(int(request.step))):
             yield response
         await hold_until_caller_closes()
+
+    async def rpc_train_dispute_commit(
+        self, request: swarm_pb2.TrainDisputeCommitRequest, context: P2PContext
+    ) -> swarm_pb2.CommitResponse:
+        if (error := self._dispute_refusal(request.run_hash, context)) is not None:
+            return swarm_pb2.CommitResponse(error=error)
+        return await self.disputes.commit(request, context)
+
+    async def rpc_train_dispute_answer(
+        self, request: swarm_pb2.DisputeQuestionRequest, context: P2PContext
+    ) -> swarm_pb2.DisputeAnswerResponse:
+        if (error := self._dispute_refusal(self.run_hash, context)) is not None:
+            return swarm_pb2.DisputeAnswerResponse(error=error)
+        return await self.disputes.answer(request, context)
+
+    def _dispute_refusal(self, run_hash: str, context: P2PContext) -> swarm_pb2.Error | None:
+        if run_hash != self.run_hash:
+            return swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
+        if self.disputes is None:
+            return swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains no stage")
+        return self._refusal(context)
 
 
 async def fetch_progress(

@@ -14,11 +14,13 @@ bans nobody. Validation makes a wrong gradient provable:
   against the target's signed commitment and every receipt, recomputes the mean gradient with its own copy
   of the weights of those steps and compares (`GradientValidator`). A mismatch beyond `VALIDATION_RTOL`
   is a "bad_gradient" accusation;
-- every member of the accused's group that judges the accusation recomputes the same way and publishes
-  its signed verdict; peers without the group's weights (trainers for a stage, stage peers for a trainer,
-  `swarm run status`) follow the majority of the verdicts of the group's other members, those of the
-  round and those live in the group now (the majority-of-three settlement; bisection to one operator
-  comes with refereed verification).
+- every member of the accused's group that judges the accusation settles it and publishes its signed
+  verdict: in a stage, by refereeing the bisection game between the accuser and the accused
+  (swarm.training.disputes: one block's forward or backward of one microbatch recomputed), or by
+  recomputing the whole gradient when the game can't be played (a trainer's head gradient always); peers
+  without the group's weights (trainers for a stage, stage peers for a trainer, `swarm run status`) follow
+  the majority of the verdicts of the group's other members, those of the round and those live in the
+  group now.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import hashlib
 import logging
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
@@ -440,9 +442,17 @@ class GradientValidator:
         # (peer, step) -> why this member's weights of `step` may not be the peer's (None: they are the
         # group's for both); GroupValidation sets it from the rounds both took part in
         self.same_weights: Callable[[str, int], str | None] | None = None
+        # judging an accusation: (accused, accuser, contribution, weights by step) -> (guilty, why), settled
+        # by the bisection game (swarm.training.disputes), or None when it could not be played
+        self.referee: Callable[..., Awaitable[tuple[str | None, str] | None]] | None = None
 
-    async def check(self, peer: str, step: int, commit: bytes) -> tuple[str | None, str]:
+    async def check(
+        self, peer: str, step: int, commit: bytes, accuser: str | None = None
+    ) -> tuple[str | None, str]:
         """(peer, why) if its round-`step` gradient is proven wrong, (None, why) if it checks out.
+
+        Judging `accuser`'s accusation, with a `referee`: the two play the bisection game and this member
+        recomputes one leaf of it; the whole gradient only when the game can't be played.
 
         :raises ContributionUnavailable: the peer could not be reached (try again later)
         :raises CannotJudge: this member lacks the weights the recomputation needs
@@ -477,6 +487,9 @@ class GradientValidator:
         missing = [s for s, w in weights.items() if w is None]
         if missing:
             raise CannotJudge(f"this peer no longer holds the weights of step(s) {missing}")
+        if accuser is not None and self.referee is not None and self._shares_weights(accuser, needed):
+            if (settled := await self.referee(peer, accuser, contribution, weights)) is not None:
+                return settled
         try:
             expected = await self.owner.recompute(contribution.microbatches, weights)
         except Exception as e:  # check_microbatch vetted the inputs: a failure here is ours, not proof
@@ -488,6 +501,10 @@ class GradientValidator:
                 f"the recomputation by {error:.2e} of its norm"
             )
         return None, f"its gradient of step {step} matches the recomputation ({error:.1e} of its norm)"
+
+    def _shares_weights(self, peer: str, steps: Sequence[int]) -> bool:
+        """Whether `peer` holds this member's weights of every step in `steps` (so its trace can match)."""
+        return self.same_weights is None or all(self.same_weights(peer, s) is None for s in steps)
 
 
 def verdict_statement(key: RSAPrivateKey, accusation: str, guilty: str) -> bytes:
@@ -642,5 +659,8 @@ class GroupValidation:
         if accusation["accusation"] in self._filed:
             return self._filed.pop(accusation["accusation"])
         return await self.validator.check(
-            accusation["accused"], accusation["step"], accusation["evidence"][0]
+            accusation["accused"],
+            accusation["step"],
+            accusation["evidence"][0],
+            accuser=accusation["accuser"],
         )

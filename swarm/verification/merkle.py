@@ -104,6 +104,37 @@ def verify_proof(root: bytes, leaf: bytes, index: int, proof: Sequence[bytes], n
     return last == 0 and node == root
 
 
+def node_hashes(
+    root: bytes, leaf: bytes, index: int, proof: Sequence[bytes], num_leaves: int
+) -> dict[tuple[int, int], bytes] | None:
+    """Every subtree hash a valid inclusion proof reveals, by (first leaf, end): the nodes on the leaf's path
+    and their siblings; None when the proof does not lead to `root`."""
+    if not isinstance(leaf, bytes) or not 0 <= index < num_leaves:
+        return None
+    if any(not isinstance(node, bytes) or len(node) != DIGEST_SIZE for node in proof):
+        return None
+    path, siblings = [(0, num_leaves)], []
+    first, end = 0, num_leaves
+    while end - first > 1:
+        middle = first + _split(end - first)
+        if index < middle:
+            siblings.append((middle, end))
+            end = middle
+        else:
+            siblings.append((first, middle))
+            first = middle
+        path.append((first, end))
+    if len(proof) != len(siblings):
+        return None
+    node = _hash_leaf(leaf)
+    nodes = {path[-1]: node}
+    for level, sibling_hash in enumerate(proof):
+        sibling, below = siblings[-1 - level], path[-1 - level]
+        node = _hash_inner(node, sibling_hash) if sibling[0] == below[1] else _hash_inner(sibling_hash, node)
+        nodes[sibling], nodes[path[-2 - level]] = sibling_hash, node
+    return nodes if node == root else None
+
+
 def operator_leaf(block: int, op: str) -> int:
     """The leaf index of block `block`'s (index within the span) output of `op`: block-major."""
     return block * len(OPERATORS) + OPERATORS.index(op)

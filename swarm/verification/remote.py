@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import torch
 from hivemind.p2p import P2P
@@ -103,11 +103,27 @@ def _check_signature(
         raise ValueError("the node signed another attention mask or positions than it was sent")
 
 
-class RemoteParty:
-    """A dispute party answering by RPC about the trace it keeps under `request_id` (async Responder)."""
+async def ask_node(p2p: P2P, peer_id: str, request: swarm_pb2.DisputeQuestionRequest, timeout: float):
+    """One dispute round with a serving node (VerificationProtocol)."""
+    return await VerificationProtocol.stub(p2p, peer_id).rpc_dispute_answer(request, timeout=timeout)
 
-    def __init__(self, p2p: P2P, peer_id: str, request_id: str, timeout: float):
+
+class RemoteParty:
+    """A dispute party answering by RPC about the trace it keeps under `request_id` (async Responder).
+
+    `rpc` sends one question (default: to a serving node; training disputes ask stage peers instead).
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        peer_id: str,
+        request_id: str,
+        timeout: float,
+        rpc: Callable[..., Awaitable[swarm_pb2.DisputeAnswerResponse]] = ask_node,
+    ):
         self.p2p, self.peer_id, self.request_id, self.timeout = p2p, peer_id, request_id, timeout
+        self.rpc = rpc
         self.wire_bytes = 0  # serialized questions and answers, as sent over the wire
         self.failure: str | None = None  # why it forfeited, if it did
 
@@ -118,9 +134,8 @@ class RemoteParty:
         )
         self.wire_bytes += request.ByteSize()
         try:
-            stub = VerificationProtocol.stub(self.p2p, self.peer_id)
             response = await asyncio.wait_for(
-                stub.rpc_dispute_answer(request, timeout=self.timeout), self.timeout
+                self.rpc(self.p2p, self.peer_id, request, self.timeout), self.timeout
             )
             self.wire_bytes += response.ByteSize()
             if response.HasField("error"):

@@ -169,6 +169,19 @@ def test_attacker_is_banned_and_training_holds(
         ]
         assert matches, "no honest gradient was validated"
         print("\n".join(line[-120:] for line in matches[:4]))
+        # the honest peer that did not accuse judged the accusation by refereeing the bisection game: the
+        # lazy peer's trace is wrong at a weight gradient of its last block, the sign-flipper's trace (of its
+        # honest backward) does not end in the gradient it sent
+        lost = [
+            line
+            for log in outcome["logs"][:2]
+            for line in log.splitlines()
+            if f"bisection: {attacker}" in line
+        ]
+        assert lost, "no honest stage peer settled the accusation by bisection"
+        print(lost[0][lost[0].index("bisection") :])
+        expected = "wrong_leaf, the gradient of" if attack == "lazy_backward" else "contradiction, its trace"
+        assert expected in lost[0]
 
     if attack == "equivocate":  # the CLI judges the same accusations and shows the ban
         status = subprocess.run(
