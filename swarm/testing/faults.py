@@ -388,12 +388,13 @@ def _parse_perturb(args: list[str]) -> Fault:
 
 
 class LieInDispute(Fault):
-    """A serving node that answers every dispute round with digests other than the ones it committed to
-    (each digest's bits flipped, the proofs unchanged) and tensors other than the ones it traced (+1), as a
-    cheater might try to steer the bisection."""
+    """A node that answers every dispute round (about a forward it served, or a training node about its
+    gradient) with digests other than the ones it committed to (each digest's bits flipped, the proofs
+    unchanged) and tensors other than the ones it traced (+1), as a cheater might try to steer the
+    bisection."""
 
     name = "lie_in_dispute"
-    roles = frozenset({SERVING_NODE})
+    roles = frozenset({SERVING_NODE, TRAINING_NODE})
 
     def answer_dispute(self, answer: Answer) -> Answer | None:
         digests = {ref: bytes(byte ^ 0xFF for byte in digest) for ref, digest in answer.digests.items()}
@@ -402,10 +403,10 @@ class LieInDispute(Fault):
 
 
 class SilentInDispute(Fault):
-    """A serving node that never answers a dispute round (the referee's timeout makes it forfeit)."""
+    """A node that never answers a dispute round (the referee's timeout makes it forfeit)."""
 
     name = "silent_in_dispute"
-    roles = frozenset({SERVING_NODE})
+    roles = frozenset({SERVING_NODE, TRAINING_NODE})
 
     def answer_dispute(self, answer: Answer) -> Answer | None:
         return None

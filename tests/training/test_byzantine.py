@@ -40,7 +40,9 @@ def train(swarm: LocalSwarm, run, train_file, fault: str | None, trainer_fault: 
     """3 peers of the run's one stage (the last one with `fault`) and 2 trainers, STEPS steps; with
     `trainer_fault`, a third trainer that attacks (so that a majority of the trainers' round can judge it)."""
     swarm.start_bootstrap()
-    extras = [UPDATE, UPDATE, (*UPDATE, "--fault", fault) if fault else UPDATE]
+    # "a+b": the attacker runs with `--fault a --fault b`
+    attack = [arg for name in fault.split("+") for arg in ("--fault", name)] if fault else []
+    extras = [UPDATE, UPDATE, (*UPDATE, *attack)]
     peers = [swarm.start_training_node(run.path, 0, *extra, wait=False) for extra in extras]
     for peer in peers:
         swarm.wait_ready(peer)
@@ -139,13 +141,22 @@ def honest_loss(train_model, corpus_split, tmp_path_factory) -> float:
 # before their validation bans it (one or two rounds in flight): the loss bound covers that
 # lazy_backward skips its backward's work (zero gradients): validation's recomputation catches it too
 @pytest.mark.parametrize(
-    "fault", ["byzantine:sign_flip", "byzantine:equivocate", "byzantine:bad_reducer", "lazy_backward"]
+    "fault",
+    [
+        "byzantine:sign_flip",
+        "byzantine:equivocate",
+        "byzantine:bad_reducer",
+        "lazy_backward",
+        "lazy_backward+lie_in_dispute",
+    ],
 )
 def test_attacker_is_banned_and_training_holds(
     fault, honest_loss, train_model, corpus_split, local_swarm, tmp_path
 ):
     attack = fault.removeprefix("byzantine:")
-    run = write_test_run(tmp_path / "run.toml", train_model, f"byz{attack.replace('_', '')}", **SETTINGS)
+    run = write_test_run(
+        tmp_path / "run.toml", train_model, f"byz{attack.replace('_', '').replace('+', '')}", **SETTINGS
+    )
     outcome = train(local_swarm, run, corpus_split[0], fault)
     attacker = outcome["attacker"]
     banned = {ban["peer_id"]: ban for ban in outcome["bans"]}
@@ -162,7 +173,7 @@ def test_attacker_is_banned_and_training_holds(
         f"attacker, {honest_loss:.4f}); bans {outcome['bans']}"
     )
     assert keeps_most_of_the_gain(loss, initial, honest_loss)
-    if attack in ("sign_flip", "lazy_backward"):  # caught by validation, whose honest recomputations match
+    if attack in ("sign_flip", "lazy_backward", "lazy_backward+lie_in_dispute"):  # caught by validation
         assert any(f"accusing {attacker} of a bad gradient" in log for log in outcome["logs"][:2])
         matches = [
             line for log in outcome["logs"][:2] for line in log.splitlines() if "matches the recomp" in line
@@ -180,7 +191,11 @@ def test_attacker_is_banned_and_training_holds(
         ]
         assert lost, "no honest stage peer settled the accusation by bisection"
         print(lost[0][lost[0].index("bisection") :])
-        expected = "wrong_leaf, the gradient of" if attack == "lazy_backward" else "contradiction, its trace"
+        expected = {
+            "sign_flip": "contradiction, its trace",
+            "lazy_backward": "wrong_leaf, the gradient of",
+            "lazy_backward+lie_in_dispute": "a proof that fails",  # it lied in the game's first round
+        }[attack]
         assert expected in lost[0]
 
     if attack == "equivocate":  # the CLI judges the same accusations and shows the ban

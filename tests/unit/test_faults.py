@@ -411,7 +411,12 @@ def test_several_faults_combine_and_each_must_suit_the_process():
     assert isinstance(fault, CombinedFault) and fault.name == "perturb+silent_in_dispute"
     assert fault.answer_dispute(Answer(digests={1: b"x" * 32})) is None
     with pytest.raises(FaultError, match="applies to serving nodes only"):
-        fault_for(["byzantine:sign_flip", "lie_in_dispute"], TRAINING_NODE)
+        fault_for(["lazy_backward", "perturb:block=1"], TRAINING_NODE)
+    # a training node lies in gradient disputes as a serving node does in forward ones
+    combined = fault_for(["lazy_backward", "lie_in_dispute"], TRAINING_NODE)
+    assert combined.answer_dispute(Answer(digests={1: b"x" * 32})).digests[1] != b"x" * 32
+    with pytest.raises(FaultError, match="applies to trainers and training nodes only"):
+        fault_for(["byzantine:sign_flip", "lie_in_dispute"], SERVING_NODE)
     with pytest.raises(FaultError, match="takes no arguments"):
         parse_fault("lie_in_dispute:now")
 
