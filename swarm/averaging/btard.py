@@ -162,7 +162,7 @@ class RoundChecker:
         """Check one round; returns the accusations filed."""
         try:
             accusations = self._check(record)
-            for blob in accusations:
+            for blob in accusations:  # retried stores hold up only these checks: rounds go on meanwhile
                 file_accusation(self.dht, self.accusations_key, self.key, blob)
         except Exception as e:  # a check that breaks must never take training down with it
             if self.stopped.is_set():
@@ -277,10 +277,27 @@ class RoundChecker:
 ACCUSATION_TAG = "accuse"
 
 
-def file_accusation(dht: DHT, key: str, accuser: RSAPrivateKey, blob: bytes) -> bool:
-    """Store an accusation under the run's accusation key `key` (one subkey per accusation)."""
+FILE_ATTEMPTS = 4  # a DHT store that times out under load is tried again, after 1, 2 then 4 s
+
+
+def file_accusation(
+    dht: DHT, key: str, accuser: RSAPrivateKey, blob: bytes, attempts: int = FILE_ATTEMPTS
+) -> bool:
+    """Store an accusation under the run's accusation key `key` (one subkey per accusation), trying again
+    when a store fails or times out: an accusation nobody can read convicts nobody. False if none stored."""
     tag = f"{ACCUSATION_TAG}-{digest(blob).hex()[:16]}"
-    return store_statement(dht, key, tag, accuser, blob, ACCUSATION_TTL)
+    for attempt in range(attempts):
+        try:
+            if store_statement(dht, key, tag, accuser, blob, ACCUSATION_TTL):
+                return True
+            failure = "not stored"
+        except Exception as e:
+            failure = repr(e)
+        logger.info("filing an accusation failed (attempt %d of %d): %s", attempt + 1, attempts, failure)
+        if attempt + 1 < attempts:
+            time.sleep(2.0**attempt)
+    logger.warning("an accusation could not be filed in %d attempts", attempts)
+    return False
 
 
 def read_accusations(dht: DHT, key: str) -> list[bytes]:

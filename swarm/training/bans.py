@@ -26,6 +26,7 @@ from swarm.averaging.btard import (
     store_statement,
 )
 from swarm.averaging.reducers import get_reducer
+from swarm.averaging.statements import digest
 from swarm.dht.swarm_view import read_stage, read_trainers
 from swarm.proto import swarm_pb2
 from swarm.training.run import TRAINERS_GROUP, LoadedRun, group_of_prefix
@@ -73,6 +74,9 @@ class RunBans:
         self._attempts: dict[tuple, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._local: dict[
+            bytes, bytes
+        ] = {}  # accusations this peer filed, judged even before the DHT has them
 
     def _attempt(self, accusation: dict) -> int:
         key = (accusation.get("accuser"), accusation["accused"], accusation["step"], accusation["chunk"])
@@ -161,7 +165,9 @@ class RunBans:
             blobs = await asyncio.to_thread(read_accusations, self.dht, self.key)
         except Exception as e:
             logger.debug("reading accusations failed: %r", e)
-            return []
+            blobs = []
+        stored = {digest(blob) for blob in blobs}
+        blobs += [blob for key, blob in list(self._local.items()) if key not in stored]
         verdicts = []
         for blob in blobs:
             try:
@@ -188,6 +194,13 @@ class RunBans:
                 await asyncio.wait_for(self._wake.wait(), period)
             except TimeoutError:
                 pass
+
+    def add_local(self, accusations: list[bytes]) -> None:
+        """Judge accusations this peer filed now, whether or not their DHT stores went through yet
+        (thread-safe; e.g. a robust round's checks filed them)."""
+        for blob in accusations:
+            self._local[digest(blob)] = blob
+        self.wake()
 
     def wake(self, *_: object) -> None:
         """Judge new accusations now (thread-safe; e.g. right after this member filed some)."""

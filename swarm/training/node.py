@@ -234,7 +234,7 @@ class TrainingNode(Node):
             request_timeout=averaging.request_timeout,
             signing_key=self.signing_key,
             accusations_key=accusations_key(self.training_run),
-            on_accusations=self.bans.wake,
+            on_accusations=self.bans.add_local,
             on_round=lambda record: self.validation.on_round(record),
             fault=self.fault,
         )

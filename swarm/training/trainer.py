@@ -175,7 +175,7 @@ class SwarmTrainer:
                 request_timeout=averaging.request_timeout,
                 signing_key=self._signing_key,
                 accusations_key=accusations_key(self.run),
-                on_accusations=self.run_bans.wake,
+                on_accusations=self.run_bans.add_local,
                 on_round=lambda record: self.validation.on_round(record),
                 fault=fault,
             )

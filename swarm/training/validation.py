@@ -645,11 +645,11 @@ class GroupValidation:
         )
         logger.warning("accusing %s of a bad gradient: %s", target, why)
         self._filed[digest(blob).hex()] = (guilty, why)  # judged already: no second recomputation
+        self.bans.add_local([blob])  # judged here at once; the DHT store (retried) lets the others judge
         try:
             await asyncio.to_thread(file_accusation, self.dht, self.bans.key, self.key, blob)
         except Exception as e:
             logger.warning("filing an accusation against %s failed: %r", target, e)
-        self.bans.wake()
         return blob
 
     async def judge(self, accusation: dict) -> tuple[str | None, str]:
