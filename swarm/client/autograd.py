@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from swarm.client.errors import RequestRefused, blame
+from swarm.client.inference import BUSY_COOL_DOWN
 from swarm.client.remote import remote_backward, remote_forward
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES
 
@@ -99,10 +101,17 @@ class SwarmBlocks:
             return await asyncio.to_thread(self.client.find_route, start, end, "forward")
 
     def _failed(self, span: RemoteSpan, kind: str, error: Exception, failures: int) -> None:
+        """After a failed call: raise RequestRefused if the node refused our own request, else ban the node
+        (or skip a busy one for a moment) unless `failures` passed max_retries."""
+        culprit = blame(error)
+        if culprit == "request":
+            raise RequestRefused(error) from error
         logger.warning("node %s failed %s on [%d, %d): %r", span.peer_id, kind, span.start, span.end, error)
         if failures > self.client.config.max_retries:
             raise error
-        if span.peer_id not in self.client.bans:  # chunks that failed on it together ban it once
+        if culprit == "busy":
+            self.client.bans.cool_down(span.peer_id, BUSY_COOL_DOWN)
+        elif span.peer_id not in self.client.bans:  # chunks that failed on it together ban it once
             self.client.ban(span.peer_id)
 
     def _span_prompts(self, prompts, span: RemoteSpan):

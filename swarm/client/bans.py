@@ -24,6 +24,11 @@ class BanList:
             self._until[peer_id] = self.clock() + duration
             return duration
 
+    def cool_down(self, peer_id: str, seconds: float) -> None:
+        """Skip a busy node for `seconds` without counting a failure (its next ban does not double)."""
+        with self._lock:
+            self._until[peer_id] = max(self._until.get(peer_id, 0.0), self.clock() + seconds)
+
     def forgive(self, peer_id: str) -> None:
         """A node that served well starts from a clean slate."""
         with self._lock:

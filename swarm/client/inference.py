@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from hivemind.p2p import P2P
 
-from swarm.client.errors import RemoteError
+from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
 from swarm.client.routing import RemoteSpan
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from swarm.verification.spot_check import SpotCheck
 
 logger = logging.getLogger(__name__)
+
+BUSY_COOL_DOWN = 5.0  # seconds a node that answered OVERLOADED or TIMEOUT is skipped (no ban)
 
 # one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
 MAX_STEP_BYTES = 2 * 1024 * 1024
@@ -100,6 +102,7 @@ class SpanStream:
                 self.span.peer_id,
                 swarm_pb2.Error(message=f"output shape {tuple(output.shape)} != input {tuple(hidden.shape)}"),
             )
+        check_finite(self.span.peer_id, [output])
         return output
 
     async def close(self) -> None:
@@ -217,6 +220,9 @@ class InferenceSession:
                 else:
                     output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
             except Exception as e:
+                culprit = blame(e)
+                if culprit == "request":  # our own request: no node would take it
+                    raise RequestRefused(e) from e
                 failures += 1
                 logger.warning(
                     "node %s failed on blocks [%d, %d) at position %d: %r",
@@ -228,14 +234,14 @@ class InferenceSession:
                 )
                 if failures > client.config.max_retries:
                     raise
-                self._replace_span(index, mask)
+                failures = self._replace_span(index, mask, failures, ban=culprit == "node")
                 continue
             if self.on_hop is not None:
                 self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
             if checking:
                 force_check = not self._judge_check(state, check, output)
                 if force_check:  # a dispute's winner is only right about the disputed operator: check again
-                    self._replace_span(index, mask)  # re-routes and replays; this step runs again there
+                    failures = self._replace_span(index, mask, failures)  # re-routes, replays, runs it again
                     continue
             state.inputs.append(hidden)
             hidden = output
@@ -304,10 +310,15 @@ class InferenceSession:
             for span in route
         ]
 
-    def _replace_span(self, index: int, mask: torch.Tensor | None) -> None:
-        """Ban the failed node, route its blocks through others and replay its inputs there."""
+    def _replace_span(self, index: int, mask: torch.Tensor | None, failures: int, ban: bool = True) -> int:
+        """Ban the failed node (`ban` False: a busy one, skipped for a moment), route its blocks through
+        others and replay its inputs there. Each failed replay counts towards max_retries; returns the
+        failures."""
         failed = self._spans[index]
-        self.client.ban(failed.span.peer_id)
+        if ban:
+            self.client.ban(failed.span.peer_id)
+        else:
+            self.client.bans.cool_down(failed.span.peer_id, BUSY_COOL_DOWN)
         self.client.run_async(failed.stream.close())
         self.num_recoveries += 1
         while True:
@@ -318,9 +329,14 @@ class InferenceSession:
                 self._replay(replacement, torch.cat(failed.inputs, dim=1), mask)
                 break
             except Exception as e:
-                logger.warning("replay on a replacement chain failed: %r", e)
                 for state in replacement:
                     self.client.run_async(state.stream.close())
+                if blame(e) == "request":
+                    raise RequestRefused(e) from e
+                failures += 1
+                logger.warning("replay on a replacement chain failed (failure %d): %r", failures, e)
+                if failures > self.client.config.max_retries:
+                    raise
         logger.info(
             "blocks [%d, %d) moved from %s to %s; replayed %d tokens",
             failed.span.start,
@@ -330,6 +346,7 @@ class InferenceSession:
             self.position,
         )
         self._spans[index : index + 1] = replacement
+        return failures
 
     def _replay(self, chain: list[_SpanState], history: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Rebuild the caches of a new chain from a span's past inputs, in chunks."""

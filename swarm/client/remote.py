@@ -8,7 +8,7 @@ from contextlib import aclosing
 import torch
 from hivemind.p2p import P2P
 
-from swarm.client.errors import RemoteError
+from swarm.client.errors import RemoteError, check_finite
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
 from swarm.utils.streaming import TensorAssembler, split_tensors
@@ -159,12 +159,14 @@ async def _call(
 def _decode_outputs(peer_id: str, error: swarm_pb2.Error | None, tensors: list) -> list[torch.Tensor]:
     if error is not None:
         raise RemoteError(peer_id, error)
-    return [
+    outputs = [
         deserialize_checked(
             t, name="output", allowed_dtypes=FLOAT_DTYPES, ndim=None, max_bytes=MAX_RESPONSE_BYTES
         )
         for t in tensors
     ]
+    check_finite(peer_id, outputs)
+    return outputs
 
 
 def _expect_shapes(peer_id: str, tensors: list[torch.Tensor], shapes: list) -> None:

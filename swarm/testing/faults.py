@@ -460,6 +460,20 @@ class LazyBackward(Fault):
         return tuple(torch.zeros_like(g) for g in grads)
 
 
+class NanOutput(Fault):
+    """A serving node whose span outputs NaN (a broken kernel, a bad quantization): a client must ban it,
+    not the next node that refuses the NaN it would pass on."""
+
+    name = "nan_output"
+    roles = frozenset({SERVING_NODE})
+
+    def prepare_span(self, span: LlamaSpan) -> None:
+        def poison(module, args, output):
+            return output * float("nan")
+
+        span.layers[-1].register_forward_hook(poison)
+
+
 def _no_arguments(fault_type: type[Fault]) -> Callable[[list[str]], Fault]:
     def parse(args: list[str]) -> Fault:
         if args:
@@ -489,11 +503,12 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
         _parse_perturb,
     ),
     "lie_in_dispute": (
-        "lie_in_dispute (serving nodes) answers disputes with digests other than the committed ones",
+        "lie_in_dispute (serving and training nodes) answers disputes with digests other than the "
+        "committed ones",
         _no_arguments(LieInDispute),
     ),
     "silent_in_dispute": (
-        "silent_in_dispute (serving nodes) never answers a dispute round, so it forfeits",
+        "silent_in_dispute (serving and training nodes) never answers a dispute round, so it forfeits",
         _no_arguments(SilentInDispute),
     ),
     "frame": (
@@ -505,6 +520,10 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
     "lazy_backward": (
         "lazy_backward (training nodes) skips its backward's work: zero input and weight gradients",
         _no_arguments(LazyBackward),
+    ),
+    "nan_output": (
+        "nan_output (serving nodes) replies with NaN hidden states",
+        _no_arguments(NanOutput),
     ),
 }
 
