@@ -45,9 +45,7 @@ def blame(error: BaseException) -> str:
     if isinstance(error, RemoteError) and error.code in REFUSED_REQUEST_CODES:
         return "request"
     if isinstance(error, RemoteError) and error.code in BUSY_CODES:
-        return "busy"
-    if isinstance(error, TimeoutError):
-        return "busy"
+        return "busy"  # it answered, so it is alive; a node that does not answer at all is banned
     return "node"
 
 
