@@ -18,6 +18,7 @@ from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by 
 import torch
 from hivemind.p2p import P2P, P2PContext
 
+from swarm.node.errors import to_error_proto
 from swarm.proto import swarm_pb2
 from swarm.protocol import STREAM_CHUNK_BYTES, TrainStateProtocol
 from swarm.training.validation import Contribution, stream_contribution
@@ -101,7 +102,7 @@ class TrainStateServicer(TrainStateProtocol):
             state = await self.get_state(request.with_optimizer)
         except Exception as e:
             logger.warning("state for %s failed: %r", context.remote_id, e, exc_info=True)
-            error = swarm_pb2.Error(code=swarm_pb2.Error.INTERNAL, message=f"{type(e).__name__}: {e}")
+            error = to_error_proto(e)
             yield swarm_pb2.TrainStateResponse(error=error)
             return
         names = sorted(state.tensors)
