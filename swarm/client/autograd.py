@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,13 @@ class SwarmBlocks:
         return None if prompts is None else prompts[span.start : span.end]
 
     async def _forward_span(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
+        started = time.perf_counter()
+        outputs = await self._remote_forward(span, hidden, prompts, mask, positions)
+        block_tokens = hidden.shape[0] * hidden.shape[1] * (span.end - span.start)
+        self.client.record_hop(span.peer_id, block_tokens, time.perf_counter() - started)
+        return outputs
+
+    async def _remote_forward(self, span: RemoteSpan, hidden, prompts, mask, positions) -> torch.Tensor:
         return await remote_forward(
             self.client.p2p,
             span.peer_id,

@@ -236,8 +236,13 @@ class InferenceSession:
                     raise
                 failures = self._replace_span(index, mask, failures, ban=culprit == "node")
                 continue
+            elapsed = time.perf_counter() - started
+            span = state.span
+            client.record_hop(
+                span.peer_id, hidden.shape[0] * hidden.shape[1] * (span.end - span.start), elapsed
+            )
             if self.on_hop is not None:
-                self.on_hop(state.span, hidden.shape[1], time.perf_counter() - started)
+                self.on_hop(state.span, hidden.shape[1], elapsed)
             if checking:
                 force_check = not self._judge_check(state, check, output)
                 if force_check:  # a dispute's winner is only right about the disputed operator: check again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import random
 from dataclasses import dataclass
 
@@ -54,6 +55,44 @@ def missing_blocks(servers: list[swarm_pb2.ServerInfo], start: int, end: int) ->
     for info in servers:
         covered.update(range(max(start, info.start_block), min(end, info.end_block)))
     return [b for b in range(start, end) if b not in covered]
+
+
+# a node is believed at most this many times faster than the median node announces, or than the client
+# measured it: one node announcing 1e300 tokens/s must not draw all traffic
+MAX_OVER_MEDIAN = 10.0
+MAX_OVER_MEASURED = 10.0
+
+
+def block_rate(info: swarm_pb2.ServerInfo) -> float:
+    """Block-tokens per second a node announces (its throughput through its whole span); 0 if not finite."""
+    rate = info.throughput * max(1, info.end_block - info.start_block)
+    return rate if math.isfinite(rate) and rate > 0 else 0.0
+
+
+def believed(
+    servers: list[swarm_pb2.ServerInfo], measured: dict[str, float] | None = None
+) -> list[swarm_pb2.ServerInfo]:
+    """The servers with the throughput the client believes: what each announces, capped at MAX_OVER_MEDIAN
+    times the median announcement and at MAX_OVER_MEASURED times what the client measured of it
+    (`measured`: peer id -> block-tokens per second). Copies where the cap applies; others unchanged."""
+    rates = sorted(block_rate(s) for s in servers)
+    if not rates:
+        return servers
+    median = rates[len(rates) // 2]
+    result = []
+    for info in servers:
+        cap = MAX_OVER_MEDIAN * median if median > 0 else math.inf
+        if measured and info.peer_id in measured:
+            cap = min(cap, MAX_OVER_MEASURED * measured[info.peer_id])
+        rate = block_rate(info)
+        if rate <= cap and rate > 0 or info.throughput == 0:
+            result.append(info)
+            continue
+        capped = swarm_pb2.ServerInfo()
+        capped.CopyFrom(info)
+        capped.throughput = (min(rate, cap) if rate > 0 else 0.0) / max(1, info.end_block - info.start_block)
+        result.append(capped)
+    return result
 
 
 def step_time(info: swarm_pb2.ServerInfo, blocks: int) -> float:

@@ -19,7 +19,13 @@ from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.errors import MissingBlocksError
 from swarm.client.remote import get_info
-from swarm.client.routing import RemoteSpan, min_latency_route, throughput_weighted_route, usable_servers
+from swarm.client.routing import (
+    RemoteSpan,
+    believed,
+    min_latency_route,
+    throughput_weighted_route,
+    usable_servers,
+)
 from swarm.dht.factory import create_dht
 from swarm.dht.swarm_view import consensus_hashes, read_swarm
 from swarm.proto import swarm_pb2
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
     from swarm.verification.spot_check import SpotChecker
 
 logger = logging.getLogger(__name__)
+
+MAX_MEASURED_PEERS = 4096  # speeds remembered (oldest forgotten first)
 
 RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
 MAX_PINGS = 64  # nodes pinged at once when routing
@@ -73,6 +81,7 @@ class SwarmClient:
         self._view = None
         self._view_time = 0.0
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
+        self._measured: dict[str, float] = {}  # peer id -> block-tokens per second this client saw (EMA)
         self._rng = random.Random()
         # imported here: swarm.verification.remote imports swarm.client (its errors) in turn
         from swarm.verification.spot_check import SpotChecker
@@ -116,7 +125,19 @@ class SwarmClient:
         usable = usable_servers(servers, self.expected_hashes(model_infos), excluded)
         if config.allowed_servers is not None:
             usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
-        return [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+        usable = [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+        return believed(usable, self._measured)
+
+    def record_hop(self, peer_id: str, block_tokens: int, seconds: float) -> None:
+        """What a call to a node showed of its speed (`block_tokens`: tokens x blocks it ran), which caps
+        how fast routing believes it is (routing.believed)."""
+        if seconds <= 0 or block_tokens <= 0:
+            return
+        rate = block_tokens / seconds
+        previous = self._measured.get(peer_id)
+        self._measured[peer_id] = rate if previous is None else 0.7 * previous + 0.3 * rate
+        while len(self._measured) > MAX_MEASURED_PEERS:
+            self._measured.pop(next(iter(self._measured)))
 
     def find_route(self, start: int = 0, end: int | None = None, mode: str = "inference") -> list[RemoteSpan]:
         """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks.

@@ -6,7 +6,13 @@ from collections import Counter
 import pytest
 
 from swarm.client.errors import MissingBlocksError
-from swarm.client.routing import min_latency_route, throughput_weighted_route
+from swarm.client.routing import (
+    MAX_OVER_MEASURED,
+    MAX_OVER_MEDIAN,
+    believed,
+    min_latency_route,
+    throughput_weighted_route,
+)
 from swarm.proto import swarm_pb2
 
 
@@ -52,3 +58,22 @@ def test_batches_spread_over_replicas_by_throughput():
     rng = random.Random(0)
     counts = Counter(throughput_weighted_route(servers, 0, 6, rng)[0].peer_id for _ in range(4000))
     assert 0.70 < counts["big"] / 4000 < 0.80  # 30 / (30 + 10) = 0.75
+
+
+def test_a_node_announcing_absurd_throughput_does_not_draw_all_traffic():
+    honest = [info(f"honest{i}", 0, 6, 100.0) for i in range(3)]
+    liar = info("liar", 0, 6, 1e300)
+    servers = believed([*honest, liar])
+    assert servers[-1].throughput == pytest.approx(MAX_OVER_MEDIAN * 100.0)  # capped at 10x the median
+    assert liar.throughput == 1e300  # the announcement itself is left alone
+    assert servers[:3] == honest  # honest claims stand
+    rng = random.Random(0)
+    picks = Counter(throughput_weighted_route(servers, 0, 6, rng)[0].peer_id for _ in range(2000))
+    assert picks["liar"] < 0.85 * 2000 and all(picks[f"honest{i}"] > 100 for i in range(3))
+    # once measured, a node is believed at most 10x what the client saw of it (block-tokens per second)
+    measured = believed([*honest, liar], {"liar": 6.0})
+    assert measured[-1].throughput == pytest.approx(MAX_OVER_MEASURED * 6.0 / 6)
+    assert min_latency_route(measured, 0, 6)[0].peer_id != "liar"
+    # non-finite or negative claims count as nothing
+    weird = believed([info("nan", 0, 6, float("nan")), info("neg", 0, 6, -5.0), *honest])
+    assert weird[0].throughput == 0.0 and weird[1].throughput == 0.0
