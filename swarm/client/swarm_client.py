@@ -41,6 +41,7 @@ MAX_MEASURED_PEERS = 4096  # speeds remembered (oldest forgotten first)
 
 RTT_MAX_AGE = 60.0  # seconds before a node is pinged again
 MAX_PINGS = 64  # nodes pinged at once when routing
+RTT_FORGET_AFTER = 600.0  # seconds after which an unused node's round-trip time is forgotten
 PING_TIMEOUT = 2.0
 UNREACHABLE_RTT = 10.0  # what a node that does not answer a ping costs a route
 VERDICT_LIFETIME = 7 * 24 * 3600.0  # seconds a published verdict stays in the DHT
@@ -181,6 +182,9 @@ class SwarmClient:
 
             for peer, rtt in zip(todo, self.run_async(ping_all()), strict=True):
                 self._rtts[peer] = (rtt, now)
+            # forget nodes not measured for a long while (they left, or routing no longer sees them)
+            for peer in [p for p, (_, when) in self._rtts.items() if now - when > RTT_FORGET_AFTER]:
+                del self._rtts[peer]
         return {peer: rtt for peer, (rtt, _) in self._rtts.items()}
 
     def ban(self, peer_id: str) -> None:
