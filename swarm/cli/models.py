@@ -31,6 +31,6 @@ def run_fetch(args: argparse.Namespace) -> int:
     from swarm.models.fetch import prepare_builtin
 
     if args.name not in BUILTIN_MODELS:
-        raise SystemExit(f"unknown built-in model {args.name!r}; see `swarm models list`")
+        raise ValueError(f"unknown built-in model {args.name!r}; see `swarm models list`")
     print(prepare_builtin(args.name, args.cache_dir))
     return 0

@@ -1,0 +1,54 @@
+"""Every command fails the same way: one line and a hint on stderr, exit 1; usage errors exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MISSING = "/nonexistent/swarm-test/model"
+
+# a failing invocation of each command that fails before it would reach the network
+FAILURES = {
+    "node": ["node", "--model", MISSING, "--blocks", "0:1"],
+    "generate": ["generate", "--model", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--prompt", "x"],
+    "chat": ["chat", "--model", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1"],
+    "local": ["local", "--model", MISSING, "--nodes", "1"],
+    "models fetch": ["models", "fetch", "no-such-model"],
+}
+
+
+def _swarm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "swarm.cli.main", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("command", sorted(FAILURES))
+def test_a_failure_is_one_line_and_a_hint(command):
+    result = _swarm(*FAILURES[command])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in lines if line.startswith("swarm ")]
+    assert len(errors) == 1 and ": error: " in errors[0], lines
+    assert lines[-1].startswith("hint: "), lines
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["node", "--model", MISSING, "--blocks", "0:1", "--no-such-flag"],
+        ["node", "--model", MISSING],  # no --blocks, --num-blocks or --train
+        ["generate", "--no-such-flag"],
+        ["run", "status", "--run", f"{MISSING}.toml"],  # a run file that is not there
+        ["train", "--run", f"{MISSING}.toml", "--data", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1"],
+        ["health", "--no-such-flag"],
+        ["local", "--nodes", "x"],
+    ],
+)
+def test_a_usage_error_exits_2(args):
+    result = _swarm(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and ": error: " in result.stderr
