@@ -143,43 +143,17 @@ class Verdict:
     evidence: Evidence | None = None  # set when the referee recomputed the operator
 
 
-class Dispute:
-    """The referee's side of one dispute between parties "a" and "b"."""
+class RoundReferee:
+    """The rounds of a dispute between parties "a" and "b": one question to both at a time (next_question),
+    their answers (answer/forfeit) and, once settled, the verdict. A party that is silent or whose answer
+    fails its check loses at once. Subclasses check answers (`_check_digests`, `_check_tensors`), keep
+    what a round taught them (`_accept`), decide what to ask next or settle (`_plan`, `_ask`, `_finish`)."""
 
-    def __init__(
-        self,
-        a: SpanCommitment,
-        b: SpanCommitment,
-        span: LlamaSpan,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ):
-        """`span` holds the referee's weights for (at least) the committed blocks; the mask and positions
-        are the disputed forward's (public) ones, needed only to recompute attention."""
-        if (a.start, a.end, a.num_leaves) != (b.start, b.end, b.num_leaves):
-            raise ValueError("the commitments are to different spans")
-        if not span.start <= a.start < a.end <= span.end:
-            raise ValueError(f"the referee's span [{span.start}, {span.end}) lacks [{a.start}, {a.end})")
-        if a.input_digest != b.input_digest:
-            raise ValueError("the parties computed on different inputs")
-        if a.block_output_digests[-1] == b.block_output_digests[-1]:
-            raise ValueError("the parties agree on the span's output: nothing to dispute")
-        self.commitments = {"a": a, "b": b}
-        self._span, self._attention_mask, self._position_ids = span, attention_mask, position_ids
-        # digests proven against each party's root, by ref; the span's input is agreed from the start
-        self._known: dict[int, dict[str, bytes]] = {SPAN_INPUT: {"a": a.input_digest, "b": b.input_digest}}
-        self._proofs: dict[str, dict[int, tuple[bytes, ...]]] = {party: {} for party in PARTIES}
-        self._tensors: dict[int, torch.Tensor] | None = None
-        # bisection over positions of the current sequence: lo agrees (-1: the sequence's input), hi differs
-        self._phase = "blocks"
-        self._lo, self._hi = -1, a.end - a.start - 1
-        self._block: int | None = None
-        self._op: int | None = None
+    def __init__(self):
         self._question: Question | None = None
         self._answers: dict[str, Answer | None] = {}
         self._rounds = self._bytes = 0
-        self._verdict: Verdict | None = None
-        self._plan()
+        self._verdict = None
 
     def next_question(self) -> Question | None:
         """The question both parties must answer now, or None once the dispute is settled."""
@@ -193,7 +167,7 @@ class Dispute:
         """Record that `party` gave no answer in time (it loses)."""
         self._receive(party, None)
 
-    def verdict(self) -> Verdict:
+    def verdict(self):
         """The outcome; only once next_question() has returned None."""
         if self._verdict is None:
             raise RuntimeError("the dispute is not settled yet")
@@ -226,6 +200,70 @@ class Dispute:
         if failures:
             self._finish(failures)
             return
+        self._accept(question, answers)
+        self._plan()
+
+    def _ask(self, refs: list[int], tensors: bool = False) -> None:
+        self._rounds += 1
+        self._bytes += QUESTION_REF_SIZE * len(refs) * len(PARTIES)
+        self._question = Question(self._rounds, tuple(refs), tensors)
+
+    def _check_digests(self, party: str, question: Question, answer: Answer) -> str | None:
+        raise NotImplementedError
+
+    def _check_tensors(self, party: str, question: Question, answer: Answer) -> str | None:
+        raise NotImplementedError
+
+    def _accept(self, question: Question, answers: dict[str, Answer]) -> None:
+        raise NotImplementedError
+
+    def _plan(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self, failures: dict[str, str]) -> None:
+        raise NotImplementedError
+
+
+class Dispute(RoundReferee):
+    """The referee's side of one dispute between parties "a" and "b"."""
+
+    def __init__(
+        self,
+        a: SpanCommitment,
+        b: SpanCommitment,
+        span: LlamaSpan,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ):
+        """`span` holds the referee's weights for (at least) the committed blocks; the mask and positions
+        are the disputed forward's (public) ones, needed only to recompute attention."""
+        if (a.start, a.end, a.num_leaves) != (b.start, b.end, b.num_leaves):
+            raise ValueError("the commitments are to different spans")
+        if not span.start <= a.start < a.end <= span.end:
+            raise ValueError(f"the referee's span [{span.start}, {span.end}) lacks [{a.start}, {a.end})")
+        if a.input_digest != b.input_digest:
+            raise ValueError("the parties computed on different inputs")
+        if a.block_output_digests[-1] == b.block_output_digests[-1]:
+            raise ValueError("the parties agree on the span's output: nothing to dispute")
+        super().__init__()
+        self.commitments = {"a": a, "b": b}
+        self._span, self._attention_mask, self._position_ids = span, attention_mask, position_ids
+        # digests proven against each party's root, by ref; the span's input is agreed from the start
+        self._known: dict[int, dict[str, bytes]] = {SPAN_INPUT: {"a": a.input_digest, "b": b.input_digest}}
+        self._proofs: dict[str, dict[int, tuple[bytes, ...]]] = {party: {} for party in PARTIES}
+        self._tensors: dict[int, torch.Tensor] | None = None
+        # bisection over positions of the current sequence: lo agrees (-1: the sequence's input), hi differs
+        self._phase = "blocks"
+        self._lo, self._hi = -1, a.end - a.start - 1
+        self._block: int | None = None
+        self._op: int | None = None
+        self._plan()
+
+    def verdict(self) -> Verdict:
+        """The outcome; only once next_question() has returned None."""
+        return super().verdict()
+
+    def _accept(self, question: Question, answers: dict[str, Answer]) -> None:
         if question.tensors:
             # both sets match the agreed digests, so either will do
             self._tensors = {ref: answers["a"].tensors[ref].contiguous() for ref in question.refs}
@@ -234,7 +272,6 @@ class Dispute:
                 self._known[ref] = {party: answers[party].digests[ref] for party in PARTIES}
                 for party in PARTIES:
                     self._proofs[party][ref] = answers[party].proofs.get(ref, ())
-        self._plan()
 
     def _check_digests(self, party: str, question: Question, answer: Answer) -> str | None:
         commitment = self.commitments[party]
@@ -352,11 +389,6 @@ class Dispute:
             op=OPERATORS[self._op] if self._phase == "fetch" else None,
             evidence=evidence,
         )
-
-    def _ask(self, refs: list[int], tensors: bool = False) -> None:
-        self._rounds += 1
-        self._bytes += QUESTION_REF_SIZE * len(refs) * len(PARTIES)
-        self._question = Question(self._rounds, tuple(refs), tensors)
 
     def _ref_at(self, position: int) -> int:
         """The ref at `position` of the sequence being bisected: block outputs, or one block's operators."""

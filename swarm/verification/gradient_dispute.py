@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from swarm.models.span import LlamaSpan
-from swarm.verification.dispute import PARTIES, QUESTION_REF_SIZE, Answer, Question
+from swarm.verification.dispute import PARTIES, Answer, Question, RoundReferee
 from swarm.verification.merkle import MerkleTree, node_hashes, tensor_digest
 
 FORWARD, INPUT_GRAD, PARAM_GRAD, SUM, MEAN = "forward", "input_grad", "param_grad", "sum", "mean"
@@ -353,7 +353,7 @@ class _Party:
     digests: dict[int, bytes] = field(default_factory=dict)  # leaf -> digest, proven
 
 
-class GradientDispute:
+class GradientDispute(RoundReferee):
     """The referee's side of one gradient dispute between "a" (the accused) and "b" (its accuser).
 
     :param sent_digests: tensor digests of the gradient "a" sent (checked against its signed commitment
@@ -370,6 +370,7 @@ class GradientDispute:
     ):
         if a.layout != b.layout or a.step != b.step:
             raise ValueError("the commitments are to different contributions")
+        super().__init__()
         self.layout = a.layout
         if len(sent_digests) != self.layout.params:
             raise ValueError(f"{len(sent_digests)} sent tensors for a span of {self.layout.params} weights")
@@ -382,56 +383,14 @@ class GradientDispute:
         self._phase = "means"  # -> descend -> inputs -> tensors -> judged
         self._leaf: int | None = None
         self._tensors: dict[int, torch.Tensor] | None = None
-        self._question: Question | None = None
-        self._answers: dict[str, Answer | None] = {}
-        self._rounds = self._bytes = 0
-        self._verdict: GradientVerdict | None = None
         self._ask([self.layout.mean(i) for i in range(self.layout.params)])
 
-    def next_question(self) -> Question | None:
-        return None if self._verdict is not None else self._question
-
-    def answer(self, party: str, answer: Answer) -> None:
-        self._receive(party, answer)
-
-    def forfeit(self, party: str) -> None:
-        self._receive(party, None)
-
     def verdict(self) -> GradientVerdict:
-        if self._verdict is None:
-            raise RuntimeError("the dispute is not settled yet")
-        return self._verdict
+        return super().verdict()
 
-    def _receive(self, party: str, answer: Answer | None) -> None:
-        if party not in PARTIES:
-            raise ValueError(f"unknown party {party!r}")
-        if self._question is None or self._verdict is not None:
-            raise RuntimeError("no question is open")
-        if party in self._answers:
-            raise RuntimeError(f"party {party} already answered round {self._question.round}")
-        self._answers[party] = answer
-        if len(self._answers) == len(PARTIES):
-            self._close_round()
-
-    def _close_round(self) -> None:
-        question, answers = self._question, self._answers
-        self._question, self._answers = None, {}
-        failures: dict[str, str] = {}
-        for name in PARTIES:
-            answer = answers[name]
-            if answer is None:
-                failures[name] = "silent"
-                continue
-            self._bytes += answer.size()
-            check = self._check_tensors if question.tensors else self._check_digests
-            if failure := check(name, question, answer):
-                failures[name] = failure
-        if failures:
-            self._finish(failures)
-            return
-        if question.tensors:
+    def _accept(self, question: Question, answers: dict[str, Answer]) -> None:
+        if question.tensors:  # both sets match the agreed digests, so either will do
             self._tensors = {ref: answers["a"].tensors[ref] for ref in question.refs}
-        self._plan()
 
     def _check_digests(self, name: str, question: Question, answer: Answer) -> str | None:
         party = self._parties[name]
@@ -518,11 +477,6 @@ class GradientDispute:
 
     def _digest(self, name: str, ref: int) -> bytes | None:
         return self._parties[name].digests.get(ref)
-
-    def _ask(self, refs: list[int], tensors: bool = False) -> None:
-        self._rounds += 1
-        self._bytes += QUESTION_REF_SIZE * len(refs) * len(PARTIES)
-        self._question = Question(self._rounds, tuple(refs), tensors)
 
 
 def _split(n: int) -> int:
