@@ -29,7 +29,6 @@ from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, TrainStateProtocol
 from swarm.testing.faults import Fault
 from swarm.training.validation import Contribution, fetch_contribution
-from swarm.utils.tensors import serialize
 from swarm.verification.determinism import determinism_profile, is_deterministic, same_profile
 from swarm.verification.dispute import PARTIES, Answer, Question
 from swarm.verification.gradient_dispute import (
@@ -46,12 +45,18 @@ from swarm.verification.gradient_dispute import (
 )
 from swarm.verification.merkle import tensor_digest
 from swarm.verification.remote import RemoteParty
-from swarm.verification.service import TraceStore
+from swarm.verification.service import (
+    ENVELOPE_BYTES,
+    SILENT_FOR,
+    TraceStore,
+    check_request_id,
+    encode_answer,
+    trace_key,
+)
 
 logger = logging.getLogger(__name__)
 
 COMMIT_KIND = "gradient_commit"
-_ENVELOPE_BYTES = 64 * 1024
 
 
 class CannotSettle(RuntimeError):
@@ -130,8 +135,7 @@ class GradientDisputeService:
         self, request: swarm_pb2.TrainDisputeCommitRequest, context: P2PContext
     ) -> swarm_pb2.CommitResponse:
         try:
-            if not 0 < len(request.request_id) <= 128:
-                raise RequestError(swarm_pb2.Error.BAD_REQUEST, "request_id must have 1 to 128 characters")
+            check_request_id(request.request_id)
             step, accused = int(request.step), request.accused
             own = accused == self.own_id
             contribution = await self._contribution(step, accused, own)
@@ -153,7 +157,7 @@ class GradientDisputeService:
                 trace_gradient, self.backend.span, public, [weights[s] for s in steps], corrupt, steps
             )
             party = GradientParty(step, layout_of(self.backend.span, len(steps)), leaves)
-            self.store.put(_key(context, request.request_id), party, party.nbytes)
+            self.store.put(trace_key(context, request.request_id), party, party.nbytes)
             payload = _commit_payload(
                 self.run_hash, step, accused, request.contribution, party.commitment, _profile(self.backend)
             )
@@ -182,7 +186,7 @@ class GradientDisputeService:
         self, request: swarm_pb2.DisputeQuestionRequest, context: P2PContext
     ) -> swarm_pb2.DisputeAnswerResponse:
         try:
-            party: GradientParty = self.store.get(_key(context, request.request_id))
+            party: GradientParty = self.store.get(trace_key(context, check_request_id(request.request_id)))
             refs = tuple(request.refs)
             num_leaves = party.commitment.layout.num_leaves
             if not 0 < len(refs) <= num_leaves or len(set(refs)) != len(refs):
@@ -191,27 +195,17 @@ class GradientDisputeService:
                 raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"leaves {bad} are outside the trace")
             if request.tensors:
                 nbytes = sum(party.leaves[ref].numel() * party.leaves[ref].element_size() for ref in refs)
-                if nbytes > MAX_UNARY_MESSAGE_BYTES - _ENVELOPE_BYTES:
+                if nbytes > MAX_UNARY_MESSAGE_BYTES - ENVELOPE_BYTES:
                     raise RequestError(swarm_pb2.Error.TOO_LARGE, f"{nbytes} bytes of tensors are too many")
             answer: Answer | None = party.respond(Question(request.round, refs, request.tensors))
             if self.fault is not None:
                 answer = self.fault.answer_dispute(answer)
             if answer is None:  # a silent party (a fault): the judge's timeout makes it forfeit
-                await asyncio.sleep(self.timeout * 5)
+                await asyncio.sleep(SILENT_FOR)
                 raise RequestError(swarm_pb2.Error.TIMEOUT, "no answer")
-            response = swarm_pb2.DisputeAnswerResponse(refs=refs)
-            if request.tensors:
-                response.tensors.extend(serialize(answer.tensors[ref]) for ref in refs)
-            else:
-                response.digests.extend(answer.digests[ref] for ref in refs)
-                response.proofs.extend(b"".join(answer.proofs.get(ref, ())) for ref in refs)
-            return response
+            return encode_answer(refs, answer, request.tensors)
         except Exception as e:
             return error_reply(swarm_pb2.DisputeAnswerResponse, e, context, "train_dispute_answer", logger)
-
-
-def _key(context: P2PContext, request_id: str) -> str:
-    return f"{context.remote_id.to_base58()}/{request_id}"
 
 
 async def _remote_commit(

@@ -41,7 +41,7 @@ SILENT_FOR = 300.0  # how long a silent party (a fault) holds a question: longer
 MAX_KEPT_TRACES = 8
 MAX_KEPT_BYTES = 256 * 1024 * 1024
 TRACE_TTL = 600.0  # seconds a trace is kept for disputes after its commit
-_ENVELOPE_BYTES = 64 * 1024  # room left in a unary reply for everything but tensor buffers
+ENVELOPE_BYTES = 64 * 1024  # room left in a unary reply for everything but tensor buffers
 
 
 def trace_nbytes(trace: SpanTrace) -> int:
@@ -133,12 +133,12 @@ def sub_span(span: LlamaSpan, layers: slice) -> LlamaSpan:
     return view
 
 
-def _trace_key(context: P2PContext, request_id: str) -> str:
+def trace_key(context: P2PContext, request_id: str) -> str:
     """Traces are kept per caller: another peer that learns a request id can neither read nor replace it."""
     return f"{context.remote_id.to_base58()}/{request_id}"
 
 
-def _check_request_id(request_id: str) -> str:
+def check_request_id(request_id: str) -> str:
     if not 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH:
         raise RequestError(
             swarm_pb2.Error.BAD_REQUEST, f"request_id must have 1 to {MAX_REQUEST_ID_LENGTH} characters"
@@ -172,7 +172,7 @@ class VerificationServicer(VerificationProtocol):
         self, request: swarm_pb2.CommitRequest, context: P2PContext
     ) -> swarm_pb2.CommitResponse:
         try:
-            request_id = _check_request_id(request.request_id)
+            request_id = check_request_id(request.request_id)
             backend = self.get_backend()
             if len(request.tensors) != 1:
                 raise RequestError(
@@ -202,7 +202,7 @@ class VerificationServicer(VerificationProtocol):
                 )
             if response.ByteSize() > MAX_UNARY_MESSAGE_BYTES:
                 raise RequestError(swarm_pb2.Error.TOO_LARGE, "the output exceeds the unary message limit")
-            self.store.put(_trace_key(context, request_id), party, nbytes)
+            self.store.put(trace_key(context, request_id), party, nbytes)
             return response
         except Exception as e:
             return error_reply(swarm_pb2.CommitResponse, e, context, "commit", logger)
@@ -221,7 +221,7 @@ class VerificationServicer(VerificationProtocol):
         self, request: swarm_pb2.DisputeQuestionRequest, context: P2PContext
     ) -> swarm_pb2.DisputeAnswerResponse:
         try:
-            party = self.store.get(_trace_key(context, _check_request_id(request.request_id)))
+            party = self.store.get(trace_key(context, check_request_id(request.request_id)))
             refs = tuple(request.refs)
             num_leaves = party.commitment.num_leaves
             if not 0 < len(refs) <= num_leaves + 1 or len(set(refs)) != len(refs):
@@ -235,7 +235,7 @@ class VerificationServicer(VerificationProtocol):
                 )
             if request.tensors:
                 nbytes = sum(_tensor_nbytes(party.trace, ref) for ref in refs)
-                if nbytes > MAX_UNARY_MESSAGE_BYTES - _ENVELOPE_BYTES:
+                if nbytes > MAX_UNARY_MESSAGE_BYTES - ENVELOPE_BYTES:
                     raise RequestError(
                         swarm_pb2.Error.TOO_LARGE, f"{nbytes} bytes of tensors exceed the unary message limit"
                     )
@@ -244,15 +244,20 @@ class VerificationServicer(VerificationProtocol):
             if answer is None:  # a silent party (a fault): the referee's timeout makes it forfeit
                 await asyncio.sleep(SILENT_FOR)
                 raise RequestError(swarm_pb2.Error.TIMEOUT, "no answer")
-            response = swarm_pb2.DisputeAnswerResponse(refs=refs)
-            if request.tensors:
-                response.tensors.extend(serialize(answer.tensors[ref]) for ref in refs)
-            else:
-                response.digests.extend(answer.digests[ref] for ref in refs)
-                response.proofs.extend(b"".join(answer.proofs.get(ref, ())) for ref in refs)
-            return response
+            return encode_answer(refs, answer, request.tensors)
         except Exception as e:
             return error_reply(swarm_pb2.DisputeAnswerResponse, e, context, "dispute_answer", logger)
+
+
+def encode_answer(refs: tuple[int, ...], answer: Answer, tensors: bool) -> swarm_pb2.DisputeAnswerResponse:
+    """A party's Answer as a reply (remote.decode_answer reads it back)."""
+    response = swarm_pb2.DisputeAnswerResponse(refs=refs)
+    if tensors:
+        response.tensors.extend(serialize(answer.tensors[ref]) for ref in refs)
+    else:
+        response.digests.extend(answer.digests[ref] for ref in refs)
+        response.proofs.extend(b"".join(answer.proofs.get(ref, ())) for ref in refs)
+    return response
 
 
 def _tensor_nbytes(trace: SpanTrace, ref: int) -> int:
