@@ -35,6 +35,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.averaging.commitments import DEFAULT_PART_SIZE_BYTES
+from swarm.averaging.reducers import all_finite
 from swarm.utils.pipes import BlockingReads
 
 logger = logging.getLogger(__name__)
@@ -488,7 +489,7 @@ class GroupAverager:
             return AveragingOutcome([t.clone() for t in inputs], 1, False)
         with averager.get_tensors() as local:
             results = [t.clone() for t in local]
-        if not all(bool(torch.isfinite(r).all()) for r in results if r.is_floating_point()):
+        if not all(all_finite(r) for r in results if r.is_floating_point()):
             # a peer's NaN (or all-zero weights) poisons a plain mean: don't hand that to an optimizer
             logger.warning(
                 "averaging round in group %s produced non-finite values; keeping the inputs", self.prefix

@@ -185,7 +185,7 @@ def _deserialize(serialized: runtime_pb2.Tensor, buffer: bytes) -> torch.Tensor:
 
 
 def _stack_and_reduce(reducer: RobustReducer, parts: list[torch.Tensor]) -> torch.Tensor:
-    return reducer(torch.stack(parts))
+    return reducer(parts)
 
 
 @dataclass

@@ -8,6 +8,7 @@ about the same slot with different contents prove that the peer equivocated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -32,8 +33,19 @@ def signing_key_of(validator: RSASignatureValidator) -> RSAPrivateKey:
 def sign_statement(key: RSAPrivateKey, payload: dict[str, Any]) -> bytes:
     """Sign `payload` (a msgpack-able map) with `key`; returns the statement's bytes."""
     body = msgpack.packb(payload, use_bin_type=True)
-    public = key.get_public_key().to_bytes()
-    return msgpack.packb([body, public, key.sign(body)], use_bin_type=True)
+    return msgpack.packb([body, _public_bytes(key), key.sign(body)], use_bin_type=True)
+
+
+# a round signs and checks hundreds of statements by the same few keys: parsing or serializing an SSH
+# public key costs more than an RSA signature check
+@functools.lru_cache(maxsize=64)
+def _public_bytes(key: RSAPrivateKey) -> bytes:
+    return key.get_public_key().to_bytes()
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(public: bytes) -> RSAPublicKey:
+    return RSAPublicKey.from_bytes(public)
 
 
 def open_statement(blob: bytes) -> tuple[str, dict[str, Any]]:
@@ -43,7 +55,7 @@ def open_statement(blob: bytes) -> tuple[str, dict[str, Any]]:
     try:
         body, public, signature = msgpack.unpackb(blob, raw=False)
         payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        key = RSAPublicKey.from_bytes(public)
+        key = _public_key(public)
         valid = key.verify(body, signature)
     except Exception as e:
         raise InvalidStatement(f"unreadable statement: {e!r}") from None

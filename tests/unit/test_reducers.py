@@ -240,6 +240,47 @@ def test_median_network_matches_torch_median():
             assert torch.equal(median(values), values.median(dim=0).values), n
 
 
+def test_median_of_rows_matches_torch_median_and_leaves_the_rows_alone():
+    from swarm.averaging.reducers import _lower_median_rows
+
+    gen = torch.Generator().manual_seed(4)
+    for n in [1, 2, 3, 4, 5, 7, 8, 16, 17, 70]:
+        x = torch.randn(n, 257, generator=gen)
+        if n > 3:
+            x[1] = x[0]  # ties
+        for values in (x, x.double(), x.half(), x.round()):
+            rows = [r.clone() for r in values.unbind(0)]
+            area = torch.full((n + 2, 257), math.nan, dtype=torch.float64)
+            got = _lower_median_rows(rows, area)
+            assert torch.equal(got, values.median(dim=0).values), (n, values.dtype)
+            assert all(torch.equal(r, v) for r, v in zip(rows, values.unbind(0), strict=True))
+
+
+def test_centered_clip_of_nearly_equal_senders_takes_exact_distances():
+    # senders a few ulps apart next to their norm: ||x_i||^2 - 2 <x_i, v> + ||v||^2 would be all rounding
+    gen = torch.Generator().manual_seed(8)
+    base = 1000.0 + torch.randn(4096, generator=gen, dtype=torch.float64)
+    x = base + 1e-9 * torch.randn(5, 4096, generator=gen, dtype=torch.float64)
+    x[0] = base + 1e-6 * torch.randn(4096, generator=gen, dtype=torch.float64)  # one farther off
+    for tau in (1e-8, 1e-5, 1e-3):  # below about 1e-6 neither converges: steps are float64 rounding of v
+        result, info = centered_clip(x, tau=tau)
+        expected, iterations, converged = _reference_centered_clip(x, tau)
+        assert info.converged == converged and abs(info.iterations - iterations) <= 1, tau
+        assert torch.allclose(result, expected, rtol=0, atol=1e-12), tau
+    assert info.converged
+
+
+def test_centered_clip_takes_a_list_of_parts_like_their_stack():
+    gen = torch.Generator().manual_seed(9)
+    parts = [torch.randn(3, 50, generator=gen) for _ in range(6)]
+    parts[2] = parts[2] * -100
+    stacked, info = centered_clip(torch.stack(parts), tau=0.5)
+    listed, listed_info = centered_clip(parts, tau=0.5)
+    assert torch.equal(listed, stacked) and listed.shape == (3, 50) and listed_info == info
+    with pytest.raises(ValueError, match="dtypes"):
+        centered_clip([parts[0], parts[1].double()], tau=0.5)
+
+
 def test_all_finite_finds_nan_and_inf_anywhere():
     from swarm.averaging.reducers import all_finite
 
