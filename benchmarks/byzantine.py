@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -102,8 +103,11 @@ NOTES_TIMING = [
     "per chunk reduced a CenteredClip run to its convergence criterion (started at the median) and a signed "
     "result, per result received a signature check and a sha256; reducers check a sender's next part while "
     "the current one is reduced and sign a result while the next is reduced, as hivemind's runner prefetches",
+    "with --rate-mbit each peer's DHT, averager processes and p2p daemon run in a network namespace of "
+    "their own whose outgoing traffic is limited to that rate (tbf): rounds then wait for the links as they "
+    "would between volunteers' machines, and a robust round's CPU work overlaps its transfers",
     "both kinds of rounds are CPU-bound on this machine (4 averager processes, 4 p2p daemons and the caller "
-    "on 2 cores): the ratio is about that of the CPU time a round takes",
+    "on 2 cores) when on 127.0.0.1 or at 1 Gbit/s: the ratio is about that of the CPU time a round takes",
 ]
 
 
@@ -665,47 +669,50 @@ def timing(args) -> dict:
     first_chunk = torch.stack([x[0][: part_size // 4] for x in inputs])
     clip_iterations = centered_clip(first_chunk, tau=args.tau)[1].iterations
     tag = uuid.uuid4().hex[:8]
-    dhts, averagers = [], []
+    dhts, averagers, plain, robust = [], [], [], []
     plain_s, robust_s, check_s = [], [], []
     accusations = 0
-    try:
-        first, validator = create_dht()
-        dhts.append((first, validator))
-        maddrs = [str(m) for m in first.get_visible_maddrs()]
-        for _ in range(args.peers - 1):
-            dhts.append(create_dht(maddrs))
-        wait_until_connected([dht for dht, _ in dhts])
-        options = dict(min_matchmaking_time=args.matchmaking_time, request_timeout=args.matchmaking_time / 2)
-        plain = [GroupAverager(dht, f"bench_byz_plain_{tag}", templates, **options) for dht, _ in dhts]
-        averagers += plain
-        robust = [
-            GroupAverager(
-                dht,
-                f"bench_byz_robust_{tag}",
-                templates,
-                aggregator="centered_clip",
-                tau=args.tau,
-                signing_key=signing_key_of(validator),
-                accusations_key=f"bench_byz_{tag}_accusations",
-                check_timeout=args.check_timeout,
-                **options,
-            )
-            for dht, validator in dhts
-        ]
-        averagers += robust
-        for repeat in range(args.repeats + 1):  # the first of each warms up
-            plain_round, _, _ = timed_round(plain, inputs, repeat, args.timeout, checks=False)
-            robust_round, checks, filed = timed_round(robust, inputs, repeat, args.timeout, checks=True)
-            accusations += filed
-            if repeat:
-                plain_s.append(plain_round)
-                robust_s.append(robust_round)
-                check_s.append(checks)
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht, _ in reversed(dhts):
-            dht.shutdown()
+    options = dict(min_matchmaking_time=args.matchmaking_time, request_timeout=args.matchmaking_time / 2)
+    with contextlib.ExitStack() as stack:
+        hosts = peer_hosts(stack, args)
+        try:
+            maddrs = []
+            for peer in range(args.peers):
+                # each peer's DHT and averager processes (and its p2p daemon) start on its host, if any
+                with hosts[peer]() as address:
+                    dht, validator = create_dht(maddrs, host=address)
+                    dhts.append((dht, validator))
+                    maddrs = maddrs or [str(m) for m in dht.get_visible_maddrs()]
+                    plain.append(GroupAverager(dht, f"bench_byz_plain_{tag}", templates, **options))
+                    averagers.append(plain[-1])
+                    robust.append(
+                        GroupAverager(
+                            dht,
+                            f"bench_byz_robust_{tag}",
+                            templates,
+                            aggregator="centered_clip",
+                            tau=args.tau,
+                            signing_key=signing_key_of(validator),
+                            accusations_key=f"bench_byz_{tag}_accusations",
+                            check_timeout=args.check_timeout,
+                            **options,
+                        )
+                    )
+                    averagers.append(robust[-1])
+            wait_until_connected([dht for dht, _ in dhts])
+            for repeat in range(args.repeats + 1):  # the first of each warms up
+                plain_round, _, _ = timed_round(plain, inputs, repeat, args.timeout, checks=False)
+                robust_round, checks, filed = timed_round(robust, inputs, repeat, args.timeout, checks=True)
+                accusations += filed
+                if repeat:
+                    plain_s.append(plain_round)
+                    robust_s.append(robust_round)
+                    check_s.append(checks)
+        finally:
+            for averager in averagers:
+                averager.shutdown()
+            for dht, _ in reversed(dhts):
+                dht.shutdown()
 
     def median(values):
         done = [v for v in values if v is not None]
@@ -717,6 +724,7 @@ def timing(args) -> dict:
         "name": "byzantine_round",
         "benchmark": "byzantine",
         "peers": args.peers,
+        "rate_mbit": args.rate_mbit,  # null: every peer on 127.0.0.1, no bandwidth limit
         "floats": args.floats,
         "megabytes": round(args.floats * 4 / 2**20, 2),
         "part_size_bytes": part_size,
@@ -738,6 +746,29 @@ def timing(args) -> dict:
         "device_name": device_name("cpu"),
         "notes": NOTES_TIMING,
     }
+
+
+def peer_hosts(stack: contextlib.ExitStack, args) -> list:
+    """Per peer, a context manager giving the address its DHT listens on, with the calling thread on
+    that peer's host for the block: 127.0.0.1 for every peer, or with --rate-mbit one network namespace
+    per peer whose outgoing traffic is limited to that rate (`swarm.testing.netns`; needs root)."""
+    if args.rate_mbit is None:
+        return [lambda: contextlib.nullcontext("127.0.0.1")] * args.peers
+    from swarm.testing.netns import NetnsHarness
+
+    harness = stack.enter_context(NetnsHarness())
+
+    def on_host(name: str):
+        @contextlib.contextmanager
+        def entered():
+            with harness.entered(name) as host:
+                yield host.address
+
+        return entered
+
+    for peer in range(args.peers):
+        harness.add_host(f"peer{peer}", rate_mbit=args.rate_mbit)
+    return [on_host(f"peer{peer}") for peer in range(args.peers)]
 
 
 def timing_inputs(floats: int, peers: int, part_size: int, tau: float, seed: int) -> list[list[torch.Tensor]]:
@@ -814,6 +845,13 @@ def main(argv=None) -> None:
     parser.add_argument("--floats", type=int, default=10_000_000, help="float32 values of a timed round")
     parser.add_argument("--peers", type=int, default=4, help="real averaging peers for the timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of each kind (after a warm-up)")
+    parser.add_argument(
+        "--rate-mbit",
+        type=float,
+        default=None,
+        help="put each timed peer on its own host (network namespace, needs root) sending at most this "
+        "many Mbit/s; by default every peer is on 127.0.0.1 with no limit",
+    )
     parser.add_argument("--matchmaking-time", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for one timed round")
     parser.add_argument("--check-timeout", type=float, default=10.0)
@@ -833,6 +871,13 @@ def main(argv=None) -> None:
         parser.error("attacker counts must be >= 0 and below half of --sim-peers")
     if not (math.isfinite(args.tau) and args.tau > 0):
         parser.error("--tau must be a finite number > 0")
+    if args.rate_mbit is not None:
+        from swarm.testing.netns import unavailable_reason
+
+        if not (math.isfinite(args.rate_mbit) and args.rate_mbit > 0):
+            parser.error("--rate-mbit must be a finite number > 0")
+        if reason := unavailable_reason():
+            parser.error(f"--rate-mbit needs network namespaces: {reason}")
     run_until_sigterm(measure, args)
 
 

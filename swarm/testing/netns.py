@@ -14,12 +14,15 @@ Latency does not need sch_netem: a host with `delay_ms` runs its peers on 127.0.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from swarm.local.processes import LocalSwarm, ManagedProcess
 
 SUBNET_PREFIX = "10.231.0"
 BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
+CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 RELAYED_PORT_BASE = 41000  # each namespace has its own ports, so fixed ones can't clash with the machine's
 
 
@@ -192,6 +196,31 @@ class NetnsHarness:
             "--announce-maddrs",
             f"/ip4/{host.address}/tcp/{port}",
         ]
+
+    @contextlib.contextmanager
+    def entered(self, name: str) -> Iterator[Host]:
+        """Run the calling thread inside host `name` for the block: the processes it starts there (hivemind's
+        DHT and averager processes and their p2p daemons, which fork from it) live on that host's network.
+        Only this thread moves (setns(2) applies to the calling thread); it moves back on exit."""
+        host = self.hosts[name]
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(f"/var/run/netns/{host.namespace}", os.O_RDONLY)
+            try:
+                if libc.setns(target, CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns into {host.namespace}: {os.strerror(error)}")
+            finally:
+                os.close(target)
+            try:
+                yield host
+            finally:
+                if libc.setns(own, CLONE_NEWNET) != 0:  # a thread stranded in the namespace is a bug
+                    error = ctypes.get_errno()
+                    raise OSError(error, f"setns back to this machine's network: {os.strerror(error)}")
+        finally:
+            os.close(own)
 
     def start_bootstrap(self, name: str, timeout: float = 60.0) -> list[str]:
         """A bootstrap peer inside host `name`; returns its multiaddrs."""
