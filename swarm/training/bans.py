@@ -26,7 +26,7 @@ from swarm.averaging.btard import (
     store_statement,
 )
 from swarm.averaging.reducers import get_reducer
-from swarm.averaging.statements import digest
+from swarm.averaging.statements import InvalidStatement, digest, open_statement
 from swarm.dht.swarm_view import read_stage, read_trainers
 from swarm.proto import swarm_pb2
 from swarm.training.run import TRAINERS_GROUP, LoadedRun, group_of_prefix
@@ -44,6 +44,16 @@ logger = logging.getLogger(__name__)
 REFRESH_PERIOD = 2.0  # seconds between reads of the run's accusations
 DHT_TIMEOUT = 10.0  # seconds a read of a group's members may take
 MAX_RECHECK_ATTEMPTS = 5  # an accused reducer that can't show its evidence this many times is guilty
+
+
+def accused_in(blob: bytes) -> str:
+    """Whom a signed accusation accuses ("" if it is not one)."""
+    try:
+        _, payload = open_statement(blob)
+    except InvalidStatement:
+        return ""
+    accused = payload.get("accused") if payload.get("kind") == "accusation" else None
+    return accused if isinstance(accused, str) else ""
 
 
 def accusations_key(run: LoadedRun) -> str:
@@ -74,9 +84,9 @@ class RunBans:
         self._attempts: dict[tuple, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._local: dict[
-            bytes, bytes
-        ] = {}  # accusations this peer filed, judged even before the DHT has them
+        # accusations this peer filed, judged even before the DHT has them
+        self._local: dict[bytes, bytes] = {}
+        self._suspected: set[str] = set()  # accused in accusations not judged yet
 
     def _attempt(self, accusation: dict) -> int:
         key = (accusation.get("accuser"), accusation["accused"], accusation["step"], accusation["chunk"])
@@ -110,22 +120,30 @@ class RunBans:
             except CannotJudge as e:
                 logger.info("following the verdicts of the round's members on %s: %s", accused, e)
             except ContributionUnavailable as e:
-                if self._attempt(accusation) >= MAX_RECHECK_ATTEMPTS:
-                    guilty, why = accused, f"did not show its contribution to step {accusation['step']}"
-                else:
-                    raise EvidenceUnavailable(str(e)) from e
+                # busy, or hiding it from this member: the verdicts of the group's other members decide
+                # as soon as they are in, instead of after this member's own attempts run out
+                found = await self._group_verdict(accusation)
+                if found is None:
+                    raise EvidenceUnavailable(f"{e}; no majority of the group's verdicts yet") from e
+                logger.info("%s did not show its contribution; following its group's verdicts", accused)
+                return found
             else:
                 await asyncio.to_thread(self._publish_verdict, accusation, guilty)
                 return guilty, why
+        found = await self._group_verdict(accusation)
+        if found is None:
+            raise EvidenceUnavailable("waiting for the verdicts of the group's other members")
+        return found
+
+    async def _group_verdict(self, accusation: dict) -> tuple[str | None, str] | None:
+        """The majority of the published verdicts of the accused group's other members (the accused
+        round's, and those live in the group now), or None while there is none."""
         tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
         verdicts = await asyncio.to_thread(read_statements, self.dht, self.key, tag)
         voters = round_members(accusation)
         if verdicts:
             voters |= await asyncio.to_thread(self._live_members, accusation["prefix"])
-        found = majority_verdict(accusation, verdicts, voters)
-        if found is None:
-            raise EvidenceUnavailable("waiting for the verdicts of the group's other members")
-        return found
+        return majority_verdict(accusation, verdicts, voters)
 
     def _live_members(self, prefix: str) -> set[str]:
         """The peers announced live in the averaging group `prefix` names (empty: not a group of this run)."""
@@ -168,12 +186,13 @@ class RunBans:
             blobs = []
         stored = {digest(blob) for blob in blobs}
         blobs += [blob for key, blob in list(self._local.items()) if key not in stored]
-        verdicts = []
+        verdicts, suspected = [], set()
         for blob in blobs:
             try:
                 verdict = await self.list.consider(blob)
             except EvidenceUnavailable as e:
                 logger.info("accusation not judged yet: %s", e)
+                suspected.add(accused_in(blob))
                 continue
             except Exception as e:
                 logger.warning("judging an accusation failed: %r", e)
@@ -182,6 +201,7 @@ class RunBans:
                 verdicts.append(verdict)
                 if verdict.guilty == self.own_id:
                     logger.error("this peer was banned from the run: %s", verdict.reason)
+        self._suspected = suspected - {"", self.own_id}
         return verdicts
 
     async def run(self, period: float = REFRESH_PERIOD) -> None:
@@ -209,6 +229,11 @@ class RunBans:
 
     def banned(self) -> set[str]:
         return self.list.banned()
+
+    def suspected(self) -> set[str]:
+        """Peers accused in accusations this member could not judge yet (waiting for evidence or for the
+        verdicts of the accused's group): not banned, but not a peer to copy weights from either."""
+        return set(self._suspected)
 
     def refusal(self, peer_id: str) -> str | None:
         """Why `peer_id` may not talk to this member (None: it may)."""

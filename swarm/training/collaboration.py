@@ -124,12 +124,14 @@ class Collaboration:
         corrupt: Callable[[list[torch.Tensor], int], list[torch.Tensor]] | None = None,
         banned: Callable[[], set[str]] = set,
         on_sent: Callable[[int, list[torch.Tensor]], None] | None = None,
+        suspected: Callable[[], set[str]] = set,
     ):
         self.name, self.own_id, self.target = name, own_id, target_batch_size
         self.banned = banned  # peers banned from the run: never counted, waited for or averaged with
         self.progress, self.take, self.apply = progress, take, apply
         self.members = lambda: [m for m in members() if m.peer_id not in banned()]
         self.own_fingerprint, self.resync = own_fingerprint, resync
+        self.suspected = suspected  # peers accused and not judged yet: never a donor of weights
         self.corrupt = corrupt  # a --fault's hook: what this member sends instead of its gradients
         self.on_sent = on_sent  # told (step, gradients) of what this member hands to the averager
         self.resyncs = 0
@@ -178,11 +180,15 @@ class Collaboration:
         if self.resync is None:
             return None
         step, _ = self.progress()
-        ahead = [m for m in self.members() if m.step > step and m.fingerprint]
+        # an accused peer may be the one whose weights went astray (or one that serves poisoned state):
+        # while its accusation is being judged, it is neither copied nor counted as agreeing
+        suspected = self.suspected()
+        members = [m for m in self.members() if m.peer_id not in suspected and m.fingerprint]
+        ahead = [m for m in members if m.step > step]
         if ahead:
             return max(ahead, key=lambda m: (m.step, m.peer_id))
         mine = MemberProgress(self.own_id, step, 0, tuple(self.own_fingerprint()))
-        group = [m for m in self.members() if m.step == step and m.fingerprint] + [mine]
+        group = [m for m in members if m.step == step] + [mine]
         if all(fingerprints_agree(list(m.fingerprint), list(mine.fingerprint)) for m in group):
             return None
         # clusters of members that agree with each other's weights; the biggest (then the smallest id) wins

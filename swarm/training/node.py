@@ -264,6 +264,7 @@ class TrainingNode(Node):
             resync=self._resync,
             corrupt=self.fault.corrupt_gradients if self.fault is not None else None,
             banned=self.bans.banned,
+            suspected=self.bans.suspected,
             on_sent=self.backend.log.record_sent,
         )
         self.state = swarm_pb2.ServerInfo.ONLINE

@@ -209,6 +209,7 @@ class SwarmTrainer:
                 resync=self._resync,
                 corrupt=fault.corrupt_gradients if fault is not None else None,
                 banned=self.run_bans.banned,
+                suspected=self.run_bans.suspected,
                 on_sent=self.recomputer.log.record_sent,
             )
             self.announcer = RecordAnnouncer(self._publish, update_period, min_interval=0.2)

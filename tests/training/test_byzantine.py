@@ -71,8 +71,9 @@ def train(swarm: LocalSwarm, run, train_file, fault: str | None, trainer_fault: 
         if attacker is not None:  # every honest member judges the accusations itself; give them a moment
             deadline = time.monotonic() + 90  # outsiders wait for a third member's verdict: slow on 2 cores
             honest_peers = peers[:-1] if fault else peers
+            judges = trainers[:2] if trainer_fault else trainers[:1]  # an attacking trainer: both honest ones
             while time.monotonic() < deadline and not (
-                attacker in trainers[0].run_bans.banned()
+                all(attacker in t.run_bans.banned() for t in judges)
                 and all(f"banned {attacker}" in p.log() for p in honest_peers)
             ):
                 time.sleep(0.5)
