@@ -106,6 +106,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_LIMITS.session_timeout,
         help="seconds an inference session may stay idle before its cache is freed",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=_LIMITS.max_sessions,
+        help="open inference sessions, all peers together",
+    )
+    parser.add_argument("--max-sessions-per-peer", type=int, default=_LIMITS.max_sessions_per_peer)
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=_LIMITS.max_streams,
+        help="streamed forward/backward calls in progress, all peers together",
+    )
+    parser.add_argument("--max-streams-per-peer", type=int, default=_LIMITS.max_streams_per_peer)
+    parser.add_argument(
+        "--max-buffered-mb",
+        type=float,
+        default=_LIMITS.max_buffered_bytes / 2**20,
+        help="request bytes held across all streams at once",
+    )
+    parser.add_argument(
+        "--stream-message-timeout",
+        type=float,
+        default=_LIMITS.stream_message_timeout,
+        help="seconds a request stream may go without a complete message before it is dropped",
+    )
     add_cache_dir(parser)
     add_fault_argument(parser)
     parser.set_defaults(func=run)
@@ -126,6 +152,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         request_timeout=args.request_timeout,
         cache_tokens=args.cache_tokens,
         session_timeout=args.session_timeout,
+        max_sessions=args.max_sessions,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        max_streams=args.max_streams,
+        max_streams_per_peer=args.max_streams_per_peer,
+        max_buffered_bytes=int(args.max_buffered_mb * 2**20),
+        stream_message_timeout=args.stream_message_timeout,
     )
     return NodeConfig(
         model=args.model,

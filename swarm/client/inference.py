@@ -9,6 +9,7 @@ caches untouched.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -139,6 +140,7 @@ class InferenceSession:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.client, self.max_length = client, max_length
         self.session_id = uuid.uuid4().hex
+        self._streams_opened = itertools.count()  # each span's stream gets its own id (see _open_chain)
         self.position = 0  # tokens whose keys and values the nodes hold
         self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
         self.attention_mask: torch.Tensor | None = None  # (batch, len(output_ids))
@@ -310,8 +312,19 @@ class InferenceSession:
 
     def _open_chain(self, route: list[RemoteSpan]) -> list[_SpanState]:
         timeout = self.client.config.request_timeout
+        # one id per span and attempt: a route may pass a node twice, or a replacement land on a node
+        # already in the chain, and a node keeps one session per id
         return [
-            _SpanState(span, SpanStream(self.client.p2p, span, self.session_id, self.max_length, timeout))
+            _SpanState(
+                span,
+                SpanStream(
+                    self.client.p2p,
+                    span,
+                    f"{self.session_id}.{next(self._streams_opened)}",
+                    self.max_length,
+                    timeout,
+                ),
+            )
             for span in route
         ]
 

@@ -213,6 +213,10 @@ class SpanBackend:
 
     @torch.inference_mode()
     def _inference_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+        with self.sessions.computing(session):
+            return self._inference_step_sync(session, position, inputs)
+
+    def _inference_step_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         if session.cache is None:
             session.cache = SpanCache(first_layer=inputs.layers.start)
         if position < session.length:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by 
 import torch
 from hivemind.p2p import P2PContext
 
+from swarm.node.admission import Admission, BufferedBytes
 from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, error_reply
 from swarm.node.sessions import Session, check_step_shapes
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 # bounded so a peer can't keep a stream open forever by trickling parts
 MAX_STREAM_MESSAGES = 4096
 MAX_SESSION_ID_LENGTH = 128
+OFF_LOOP_BYTES = 1 << 20  # requests with more tensor bytes than this are decoded on a worker thread
 # after these the session's state is unknown (a step may still be running) or it never got a cache
 FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED)
 
@@ -39,6 +43,8 @@ class NodeServicer(NodeProtocol):
         get_stage_info: Callable[[], swarm_pb2.StageInfo] | None = None,
     ):
         self.backend, self.get_server_info, self.model_info = backend, get_server_info, model_info
+        # per node, not per backend: the caps hold across a move to other blocks
+        self.admission = Admission(backend.limits)
         self.get_stage_info = get_stage_info  # training nodes: their stage record
         # training nodes: why a peer may not call forward/backward (e.g. banned from the run), or None
         self.refuse_peer: Callable[[str], str | None] | None = None
@@ -104,14 +110,35 @@ class NodeServicer(NodeProtocol):
     async def _streamed(self, requests: AsyncIterator, context: P2PContext, kind: str, response_type):
         """A forward or backward call whose request and reply come in parts of at most 1 MiB."""
         try:
-            first, parts = await self._receive_stream(requests)
-            self._check_caller(context)  # after reading: replying mid-stream would reset the connection
-            outputs, step, receipt = await self._run_span(first, parts, context, backward=kind == "backward")
-            for index, part in enumerate(split_tensors([serialize(t) for t in outputs], STREAM_CHUNK_BYTES)):
+            with contextlib.ExitStack() as held:
+                try:
+                    held.enter_context(self.admission.stream(context.remote_id.to_base58()))
+                except RequestError:
+                    await self._drain(requests)  # replying mid-stream would reset the connection
+                    raise
+                buffered = held.enter_context(self.admission.buffer())
+                first, parts = await self._receive_stream(requests, buffered)
+                self._check_caller(context)  # after reading: replying mid-stream would reset the connection
+                outputs, step, receipt = await self._run_span(
+                    first, parts, context, backward=kind == "backward"
+                )
+                buffered.close()
+                serialized = [serialize(t) for t in outputs]
+            for index, part in enumerate(split_tensors(serialized, STREAM_CHUNK_BYTES)):
                 yield response_type(tensors=[part], step=step, receipt=receipt if index == 0 else b"")
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
         await hold_until_caller_closes()
+
+    async def _drain(self, requests: AsyncIterator) -> None:
+        """Read and drop a refused request stream, bounded by the message count and timeout."""
+        timeout = self.backend.limits.stream_message_timeout
+        iterator = aiter(requests)
+        for _ in range(MAX_STREAM_MESSAGES):
+            try:
+                await asyncio.wait_for(anext(iterator), timeout)
+            except (StopAsyncIteration, TimeoutError):
+                return
 
     async def _run_span(
         self, request, tensors, context: P2PContext, backward: bool
@@ -119,7 +146,8 @@ class NodeServicer(NodeProtocol):
         """([outputs] of a forward, or [grad_inputs, (grad_prompts)] of a backward), the weights' step and
         the reply's receipt (b"" unless this node signs its replies)."""
         backend = self.backend  # the node may move to other blocks meanwhile
-        inputs = backend.parse_inputs(
+        parse = functools.partial(
+            backend.parse_inputs,
             request.start_block,
             request.end_block,
             tensors,
@@ -127,6 +155,10 @@ class NodeServicer(NodeProtocol):
             request.position_ids if request.HasField("position_ids") else None,
             backward=backward,
         )
+        if sum(len(t.buffer) for t in tensors) > OFF_LOOP_BYTES:
+            inputs = await asyncio.to_thread(parse)  # decoding and checking megabytes: not on the event loop
+        else:
+            inputs = parse()
         inputs.caller = context.remote_id.to_base58()
         if backward:
             inputs.receipt = bytes(request.receipt)
@@ -138,11 +170,23 @@ class NodeServicer(NodeProtocol):
             receipt = self.sign_reply("backward" if backward else "forward", inputs, outputs[0])
         return outputs, inputs.step, receipt
 
-    async def _receive_stream(self, requests: AsyncIterator) -> tuple:
+    async def _receive_stream(self, requests: AsyncIterator, buffered: BufferedBytes) -> tuple:
         first, parts, count, total = None, [], 0, 0
-        limit = self.backend.limits.max_request_bytes
+        limits = self.backend.limits
+        limit = limits.max_request_bytes
         too_large = None
-        async for message in requests:
+        iterator = aiter(requests)
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(iterator), limits.stream_message_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                # a peer that trickles (or stalls) holds a handler and its buffers: drop it
+                raise RequestError(
+                    swarm_pb2.Error.TIMEOUT,
+                    f"no complete stream message within {limits.stream_message_timeout:g} s",
+                ) from None
             count += 1
             if count > MAX_STREAM_MESSAGES:
                 raise RequestError(
@@ -159,7 +203,14 @@ class NodeServicer(NodeProtocol):
                     )
                     parts.clear()
                 if too_large is None:
-                    parts.append(part)
+                    try:
+                        buffered.take(len(part.buffer))
+                    except RequestError as e:  # the node's buffers are full: drop the rest as above
+                        too_large = e
+                        parts.clear()
+                        buffered.close()
+                    else:
+                        parts.append(part)
         if too_large is not None:
             raise too_large
         if first is None:
@@ -180,6 +231,7 @@ class NodeServicer(NodeProtocol):
         sessions = backend.sessions
         idle_timeout = backend.limits.session_timeout
         iterator = aiter(requests)
+        held = contextlib.ExitStack()
         try:
             while True:
                 try:
@@ -195,7 +247,8 @@ class NodeServicer(NodeProtocol):
                     break
                 if session is None:
                     try:
-                        session = self._open_session(backend, request)
+                        held.enter_context(self.admission.session(context.remote_id.to_base58()))
+                        session = self._open_session(backend, request, context)
                     except Exception as e:
                         yield self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
                         break
@@ -214,8 +267,11 @@ class NodeServicer(NodeProtocol):
         finally:
             if session is not None:
                 sessions.release(session)
+            held.close()
 
-    def _open_session(self, backend: SpanBackend, request: swarm_pb2.InferenceRequest) -> Session:
+    def _open_session(
+        self, backend: SpanBackend, request: swarm_pb2.InferenceRequest, context: P2PContext
+    ) -> Session:
         backend.check_inference()
         layers = backend.check_blocks(request.start_block, request.end_block)
         if not 0 < len(request.session_id) <= MAX_SESSION_ID_LENGTH:
@@ -229,7 +285,12 @@ class NodeServicer(NodeProtocol):
                 f"max_length must be in [1, {max_length}], got {request.max_length}",
             )
         session = Session(
-            request.session_id, request.start_block, request.end_block, layers, request.max_length
+            request.session_id,
+            request.start_block,
+            request.end_block,
+            layers,
+            request.max_length,
+            owner=context.remote_id.to_base58(),
         )
         backend.sessions.register(session)
         return session

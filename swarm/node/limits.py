@@ -15,6 +15,17 @@ class NodeLimits:
     request_timeout: float = 180.0
     cache_tokens: int = 32768  # KV-cache budget: sum over open sessions of batch x max_length
     session_timeout: float = 300.0  # an inference session idle this long is closed and its cache freed
+    max_sessions: int = 512  # open inference sessions, all peers together
+    max_sessions_per_peer: int = 64
+    max_streams: int = 128  # streamed forward/backward calls in progress, all peers together
+    max_streams_per_peer: int = 16
+    max_buffered_bytes: int = 1024 * 1024 * 1024  # request bytes held across all streams at once
+    stream_message_timeout: float = 30.0  # a request stream with no complete message this long is dropped
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not value > 0:  # NaN fails too
+                raise ValueError(f"{name} must be > 0, got {value}")
 
     def to_proto(self):
         """The limits as advertised in rpc_info."""

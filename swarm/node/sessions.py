@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,9 @@ class Session:
     length: int = 0  # tokens held in the cache
     cache: SpanCache | None = None
     last_active: float = field(default_factory=time.monotonic)
+    owner: str = ""  # the peer that opened it: ids are the owner's, another peer's may be the same
+    computing: bool = False  # a step is running on the compute thread
+    closed: bool = False  # released: no step may start; one still computing frees the cache when done
 
 
 class SessionBudget:
@@ -73,11 +78,12 @@ class SessionBudget:
 
     def register(self, session: Session) -> None:
         with self._lock:
-            if session.session_id in self._sessions:
+            key = (session.owner, session.session_id)
+            if key in self._sessions:
                 raise RequestError(
                     swarm_pb2.Error.BAD_REQUEST, f"session {session.session_id!r} is already open here"
                 )
-            self._sessions[session.session_id] = session
+            self._sessions[key] = session
 
     def reserve(self, session: Session, batch_size: int) -> None:
         """Reserve the session's whole cache up front, or refuse at once so the client can go elsewhere."""
@@ -95,12 +101,37 @@ class SessionBudget:
             session.reserved_tokens, session.batch_size = tokens, batch_size
 
     def release(self, session: Session) -> None:
+        """Close a session and free its cache, or, while a step still computes into the cache (its
+        request timed out), once that step ends: its tokens stay reserved until then."""
         with self._lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
-                self._reserved -= session.reserved_tokens
-                session.reserved_tokens = 0
+            session.closed = True
+            if session.computing:
+                return
+            self._free(session)
+
+    def _free(self, session: Session) -> None:
+        key = (session.owner, session.session_id)
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+            self._reserved -= session.reserved_tokens
+            session.reserved_tokens = 0
         session.cache = None
+
+    @contextlib.contextmanager
+    def computing(self, session: Session) -> Iterator[None]:
+        """Around a step on the compute thread: a closed session gets no step, and one closed meanwhile
+        is freed when the step ends."""
+        with self._lock:
+            if session.closed:
+                raise RequestError(swarm_pb2.Error.BAD_REQUEST, f"session {session.session_id!r} is closed")
+            session.computing = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                session.computing = False
+                if session.closed:
+                    self._free(session)
 
 
 def check_step_shapes(

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from swarm.cli.main import PENDING, build_parser
+from swarm.cli.node import config_from_args
 from swarm.client.config import ClientConfig
 from swarm.node.config import NodeConfig
 from swarm.node.limits import NodeLimits
@@ -57,6 +58,16 @@ def test_node_cli_defaults_are_the_class_defaults():
     assert args.cache_tokens == limits.cache_tokens
     assert args.session_timeout == limits.session_timeout
     assert args.max_request_mb * 2**20 == limits.max_request_bytes
+    assert args.max_buffered_mb * 2**20 == limits.max_buffered_bytes
+    for name in (
+        "max_sessions",
+        "max_sessions_per_peer",
+        "max_streams",
+        "max_streams_per_peer",
+        "stream_message_timeout",
+    ):
+        assert getattr(args, name) == getattr(limits, name), name
+    assert config_from_args(args).limits == limits
 
 
 def test_announce_maddrs_reach_the_node_config_and_the_bootstrap_peer():
