@@ -35,13 +35,14 @@ class RequestRefused(ValueError):
 
 # what a node's error code says about who failed
 REFUSED_REQUEST_CODES = frozenset({swarm_pb2.Error.TOO_LARGE, swarm_pb2.Error.BAD_REQUEST})
-BUSY_CODES = frozenset({swarm_pb2.Error.OVERLOADED, swarm_pb2.Error.TIMEOUT})
+# UNKNOWN_BLOCKS: the node no longer serves the blocks (it moved since we read its record)
+BUSY_CODES = frozenset({swarm_pb2.Error.OVERLOADED, swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.UNKNOWN_BLOCKS})
 
 
 def blame(error: BaseException) -> str:
     """Who a failed call is on: "request" (the node refused our own request: raise it to the caller),
-    "busy" (the node is overloaded or slow: move on, come back soon) or "node" (it failed or sent
-    something wrong: ban it)."""
+    "busy" (the node is overloaded, slow or moved to other blocks: move on, come back soon) or "node" (it
+    failed or sent something wrong: ban it)."""
     if isinstance(error, RemoteError) and error.code in REFUSED_REQUEST_CODES:
         return "request"
     if isinstance(error, RemoteError) and error.code in BUSY_CODES:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,8 @@ from swarm.utils.tensors import (
     check_finite,
     deserialize_checked,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class SpanBackend:
             max_workers=1, thread_name_prefix="swarm-compute"
         )
         self.sessions = SessionBudget(limits.cache_tokens)
+        self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
 
     @property
     def start(self) -> int:
@@ -237,8 +242,30 @@ class SpanBackend:
 
     async def _run(self, fn, *args):
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, fn, *args)
+        try:
+            if self.retired is not None:
+                raise RuntimeError(self.retired)
+            future = loop.run_in_executor(self.executor, fn, *args)
+        except RuntimeError:  # retired, or its executor shut down meanwhile
+            raise RequestError(
+                swarm_pb2.Error.UNKNOWN_BLOCKS, self.retired or "this span is shut down"
+            ) from None
         return await asyncio.wait_for(future, timeout=self.limits.request_timeout)
+
+    def retire(self, now_serving: tuple[int, int]) -> None:
+        """Take no more work on this span (the node moved to `now_serving`): work already queued finishes,
+        new work gets UNKNOWN_BLOCKS (clients re-route and replay elsewhere, nobody is banned), and the
+        weights are freed as soon as the queue drains, whoever still holds this backend."""
+        self.retired = f"this node moved to blocks [{now_serving[0]}, {now_serving[1]})"
+        self.executor.shutdown(wait=False)
+        threading.Thread(target=self._free_when_drained, name="swarm-retire", daemon=True).start()
+
+    def _free_when_drained(self) -> None:
+        self.executor.shutdown(wait=True)
+        try:
+            self.span.to("meta")  # parameters and buffers without storage: their memory goes back now
+        except Exception as e:  # not worth failing a move over: the weights go when the last holder does
+            logger.warning("freeing the old span's weights failed: %r", e)
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

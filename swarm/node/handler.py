@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 MAX_STREAM_MESSAGES = 4096
 MAX_SESSION_ID_LENGTH = 128
 OFF_LOOP_BYTES = 1 << 20  # requests with more tensor bytes than this are decoded on a worker thread
-# after these the session's state is unknown (a step may still be running) or it never got a cache
-FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED)
+# after these the session's state is unknown (a step may still be running), it never got a cache, or
+# the node moved off its blocks (ending the session lets the old span's weights go)
+FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED, swarm_pb2.Error.UNKNOWN_BLOCKS)
 
 
 class NodeServicer(NodeProtocol):

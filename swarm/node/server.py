@@ -323,7 +323,9 @@ class Node:
             self.expiration,
             extra_blocks=tuple(range(old_start, old_end)),
         )
-        old_backend.shutdown()  # sessions on the old span get errors and their clients re-route
+        # requests in flight on the old span finish; later ones (its sessions' next steps) get
+        # UNKNOWN_BLOCKS, and their clients re-route and replay elsewhere
+        old_backend.retire(self.blocks)
         logger.info(
             "node %s serving blocks [%d, %d) of %s", self.peer_id, new_start, new_end, self.checkpoint.name
         )
