@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # where pip gets torch from: empty uses pip's own configuration; e.g. https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: install test lint proto demo bench bench-quick clean
+.PHONY: install test lint proto demo bench bench-quick fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ proto: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/swarm demo
+
+# 10,000 hostile requests (2,000 per handler group) with fresh random seeds, and the counts of outcomes
+fuzz: $(STAMP)
+	SWARM_FUZZ_EXAMPLES=2000 SWARM_FUZZ_RANDOM=1 $(PY) -m pytest -s --timeout 3600 tests/fuzz $(PYTEST_ARGS)
+
+# 5 minutes of churn: a node SIGKILLed every 10 s under 2 generating clients
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --duration 300
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -132,7 +132,9 @@ class NodeServicer(NodeProtocol):
         await hold_until_caller_closes()
 
     async def _drain(self, requests: AsyncIterator) -> None:
-        """Read and drop a refused request stream, bounded by the message count and timeout."""
+        """Read and drop what a caller still sends after the reply that ends its stream, until it closes
+        (bounded by the message count and timeout): closing first could reset the stream before the caller
+        has read that reply."""
         timeout = self.backend.limits.stream_message_timeout
         iterator = aiter(requests)
         for _ in range(MAX_STREAM_MESSAGES):
@@ -235,14 +237,19 @@ class NodeServicer(NodeProtocol):
         held = contextlib.ExitStack()
         try:
             while True:
+                # a stream that does not even open its session within the message timeout is dropped
+                # (it holds no session slot to count against the caps meanwhile)
+                wait = idle_timeout if session is not None else backend.limits.stream_message_timeout
                 try:
-                    request = await asyncio.wait_for(anext(iterator), idle_timeout)
+                    request = await asyncio.wait_for(anext(iterator), wait)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     error = swarm_pb2.Error(
                         code=swarm_pb2.Error.TIMEOUT,
-                        message=f"session idle for over {idle_timeout:.0f} s; closed",
+                        message=f"session idle for over {wait:g} s; closed"
+                        if session is not None
+                        else f"no complete stream message within {wait:g} s",
                     )
                     yield swarm_pb2.InferenceResponse(error=error)
                     break
@@ -252,6 +259,8 @@ class NodeServicer(NodeProtocol):
                         session = self._open_session(backend, request, context)
                     except Exception as e:
                         yield self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
+                        held.close()
+                        await self._drain(iterator)
                         break
                 if request.close:
                     break
@@ -264,6 +273,9 @@ class NodeServicer(NodeProtocol):
                     reply.position = session.length
                     yield reply
                     if reply.error.code in FATAL_SESSION_ERRORS:
+                        sessions.release(session)
+                        held.close()
+                        await self._drain(iterator)
                         break
         finally:
             if session is not None:
@@ -305,14 +317,21 @@ class NodeServicer(NodeProtocol):
                 f"session serves blocks [{session.start}, {session.end}), "
                 f"not [{request.start_block}, {request.end_block})",
             )
-        hidden = backend.parse_hidden(request.tensors)
-        mask = backend.parse_index_tensor(
-            request.attention_mask if request.HasField("attention_mask") else None, "attention_mask"
-        )
-        positions = backend.parse_index_tensor(
-            request.position_ids if request.HasField("position_ids") else None, "position_ids"
-        )
-        check_step_shapes(session, request.position, hidden, mask, positions)
+
+        def parse():
+            hidden = backend.parse_hidden(request.tensors)
+            mask = backend.parse_index_tensor(
+                request.attention_mask if request.HasField("attention_mask") else None, "attention_mask"
+            )
+            positions = backend.parse_index_tensor(
+                request.position_ids if request.HasField("position_ids") else None, "position_ids"
+            )
+            check_step_shapes(session, request.position, hidden, mask, positions)
+            return hidden, mask, positions
+
+        # a long prompt's step carries megabytes: decode it on a worker thread, off the event loop
+        large = sum(len(t.buffer) for t in request.tensors) > OFF_LOOP_BYTES
+        hidden, mask, positions = await asyncio.to_thread(parse) if large else parse()
         if not session.batch_size:
             backend.sessions.reserve(session, hidden.shape[0])
         inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype)

@@ -136,9 +136,19 @@ def test_a_stalled_request_stream_is_dropped_and_the_node_keeps_serving(node, cl
         replies = await stub.rpc_forward_stream(nothing_then_wait())
         return await asyncio.wait_for(anext(replies), 8)
 
-    reply = client.loop.run(stalled_forward())
-    assert reply.HasField("error") and reply.error.code == swarm_pb2.Error.TIMEOUT, reply
-    assert "no complete stream message" in reply.error.message
+    async def stalled_session():
+        async def nothing_then_wait():
+            await asyncio.sleep(10)  # never opens its session
+            yield swarm_pb2.InferenceRequest()
+
+        stub = NodeProtocol.stub(client.p2p, process.peer_id)
+        replies = await stub.rpc_inference(nothing_then_wait())
+        return await asyncio.wait_for(anext(replies), 8)
+
+    for stalled in (stalled_forward, stalled_session):
+        reply = client.loop.run(stalled())
+        assert reply.HasField("error") and reply.error.code == swarm_pb2.Error.TIMEOUT, reply
+        assert "no complete stream message" in reply.error.message
     hidden = torch.randn(1, 3, HIDDEN)
     out = client.loop.run(remote_forward(client.p2p, process.peer_id, 0, 4, hidden, None, None, TIMEOUT))
     assert out.shape == hidden.shape and torch.isfinite(out).all()

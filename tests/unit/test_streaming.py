@@ -31,3 +31,20 @@ def test_combine_parts_refuses_more_than_its_limit():
     with pytest.raises(TensorTooLargeError):
         combine_parts(parts, 3999)
     assert len(combine_parts(parts, 4000)) == 1
+
+
+def test_a_streamed_reply_is_refused_at_the_part_that_passes_the_cap():
+    """A hostile node streaming an endless reply costs the client at most its cap, not the whole stream."""
+    parts = split_tensors([serialize(torch.randn(10_000)) for _ in range(50)], 4096)  # ~2 MB in 4 kB parts
+    cap = 100_000
+    assembler = TensorAssembler(cap)
+    received = 0
+    with pytest.raises(TensorTooLargeError, match="exceed the limit"):
+        for part in parts:
+            received += len(part.buffer)
+            assembler.add(part)
+    assert cap < received <= cap + 4096  # it stopped at the first part past the cap
+    # a tensor that declares more than the cap is refused at its first part
+    huge = split_tensors([serialize(torch.randn(40_000))], 4096)
+    with pytest.raises(TensorTooLargeError, match="streamed tensor of 160000 bytes"):
+        TensorAssembler(cap).add(huge[0])
