@@ -37,13 +37,7 @@ class ClipInfo:
 def stack_inputs(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Return senders' tensors stacked as (n_senders, ...), checking that there is something to reduce."""
     if not isinstance(x, torch.Tensor):
-        parts = list(x)
-        if not parts:
-            raise ValueError("nothing to reduce: no senders")
-        shapes = {tuple(p.shape) for p in parts}
-        if len(shapes) != 1:
-            raise ValueError(f"senders' tensors have mismatched shapes: {sorted(shapes)}")
-        x = torch.stack([p.detach() for p in parts])
+        x = torch.stack(_same_shape_parts(x))
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"nothing to reduce: input of shape {tuple(x.shape)} has no senders")
     if x.ndim == 1:
@@ -61,12 +55,7 @@ def sender_rows(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[torch.Te
     if isinstance(x, torch.Tensor):
         x = stack_inputs(x)
         return list(x.reshape(x.shape[0], -1).unbind(0)), x.shape[1:]
-    parts = [p.detach() for p in x]
-    if not parts:
-        raise ValueError("nothing to reduce: no senders")
-    shapes = {tuple(p.shape) for p in parts}
-    if len(shapes) != 1:
-        raise ValueError(f"senders' tensors have mismatched shapes: {sorted(shapes)}")
+    parts = _same_shape_parts(x)
     dtypes = {p.dtype for p in parts}
     if len(dtypes) != 1:
         raise ValueError(f"senders' tensors have mismatched dtypes: {sorted(map(str, dtypes))}")
@@ -76,6 +65,17 @@ def sender_rows(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[torch.Te
         raise ValueError("input contains NaN or inf")
     shape = parts[0].shape if parts[0].ndim else torch.Size([1])  # as stack_inputs: one scalar per sender
     return [p.reshape(-1) for p in parts], shape
+
+
+def _same_shape_parts(x: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The senders' tensors (detached), checked to be at least one and all of one shape."""
+    parts = [p.detach() for p in x]
+    if not parts:
+        raise ValueError("nothing to reduce: no senders")
+    shapes = {tuple(p.shape) for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"senders' tensors have mismatched shapes: {sorted(shapes)}")
+    return parts
 
 
 def all_finite(x: torch.Tensor) -> bool:
