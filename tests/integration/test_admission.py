@@ -2,18 +2,19 @@
 and two sessions of one client on one node (#15 item 2)."""
 
 import asyncio
+import contextlib
+from typing import NamedTuple
 
 import pytest
 import torch
+from verification_helpers import p2p_client
 
 from swarm.client.errors import RemoteError
 from swarm.client.inference import SpanStream
 from swarm.client.remote import remote_forward
 from swarm.client.routing import RemoteSpan
-from swarm.dht.factory import create_dht
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
-from swarm.utils.aio import BackgroundLoop
 from swarm.utils.tensors import serialize
 
 HIDDEN = 64
@@ -43,27 +44,18 @@ def node(tiny_model, tmp_path_factory):
     swarm.close()
 
 
-class Client:
+class Client(NamedTuple):
     """A client peer of its own (its own peer id) on a background loop."""
 
-    def __init__(self, swarm):
-        self.loop = BackgroundLoop()
-        self.dht, _ = create_dht(swarm.initial_peers, client_mode=True)
-        self.p2p = self.loop.run(self.dht.replicate_p2p())
-
-    def close(self):
-        self.loop.run(self.p2p.shutdown())
-        self.dht.shutdown()
-        self.loop.close()
+    loop: object
+    p2p: object
 
 
 @pytest.fixture
 def clients(node):
     swarm, _ = node
-    made = [Client(swarm), Client(swarm)]
-    yield made
-    for client in made:
-        client.close()
+    with contextlib.ExitStack() as stack:
+        yield [Client(*stack.enter_context(p2p_client(swarm.initial_peers))) for _ in range(2)]
 
 
 def span_of(process, start=0, end=4):
