@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from swarm.client.errors import RequestRefused, blame
+from swarm.client.errors import blame
 from swarm.client.inference import BUSY_COOL_DOWN
 from swarm.client.remote import remote_backward, remote_forward
+from swarm.client.second_opinion import SecondOpinion
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES
 
 if TYPE_CHECKING:
@@ -94,19 +95,23 @@ class SwarmBlocks:
         self.spot_checks: list[SpotCheck] = []  # what spot checks of forward calls found, oldest first
         self._route_lock: asyncio.Lock | None = None
 
-    async def _route(self, start: int, end: int) -> list[RemoteSpan]:
+    async def _route(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[RemoteSpan]:
         """A fresh forward route, looked up off the event loop (the lookup itself uses the loop)."""
         if self._route_lock is None:
             self._route_lock = asyncio.Lock()
         async with self._route_lock:  # chunks failing together look up one at a time
-            return await asyncio.to_thread(self.client.find_route, start, end, "forward")
+            return await asyncio.to_thread(self.client.find_route, start, end, "forward", exclude)
 
-    def _failed(self, span: RemoteSpan, kind: str, error: Exception, failures: int) -> None:
-        """After a failed call: raise RequestRefused if the node refused our own request, else ban the node
-        (or skip a busy one for a moment) unless `failures` passed max_retries."""
+    async def _failed(
+        self, span: RemoteSpan, kind: str, error: Exception, failures: int, opinion: SecondOpinion
+    ) -> None:
+        """After a failed call: if the node refused our own request, ask another node (RequestRefused when
+        none serves it or it refuses too), else ban the node (or skip a busy one for a moment) unless
+        `failures` passed max_retries."""
         culprit = blame(error)
         if culprit == "request":
-            raise RequestRefused(error) from error
+            await asyncio.to_thread(opinion.refused, error, span)
+            return
         logger.warning("node %s failed %s on [%d, %d): %r", span.peer_id, kind, span.start, span.end, error)
         if failures > self.client.config.max_retries:
             raise error
@@ -182,6 +187,7 @@ class SwarmBlocks:
     async def _forward_chunk(self, rows, hidden, prompts, mask, positions, start, end, route):
         mask, positions = _optional_rows(mask, rows), _optional_rows(positions, rows)
         block, failures, spans, used = start, 0, [], []
+        opinion = SecondOpinion(self.client)
         force_check = False  # the call that replaces a convicted node's is checked too
         while block < end:
             span = route[0]
@@ -195,9 +201,10 @@ class SwarmBlocks:
                     outputs = await self._forward_span(span, hidden, prompts, mask, positions)
             except Exception as e:
                 failures += 1
-                self._failed(span, "forward", e, failures)
-                route = await self._route(block, end)
+                await self._failed(span, "forward", e, failures, opinion)
+                route = await self._route(block, end, opinion.excluded)
                 continue
+            opinion.served()
             spans.append(SpanRecord(span, hidden))
             used.append(span)
             hidden, block, route = outputs, span.end, route[1:]
@@ -263,6 +270,7 @@ class SwarmBlocks:
         """Backward through [start, end) for one chunk, on the same node unless it failed; then ban it and
         cover the range again (recomputing intermediate inputs if the new route has more hops)."""
         failures, route = 0, [record.span]
+        opinion = SecondOpinion(self.client)
         if record.span.peer_id in self.client.convicted:  # convicted after this chunk's forward
             route = await self._route(record.start, record.end)
         while True:
@@ -282,11 +290,12 @@ class SwarmBlocks:
                     if grad_prompts is not None:
                         offset = current.start - record.start
                         grad_prompts[offset : offset + current.end - current.start] += span_grad_prompts
+                opinion.served()
                 return grad, grad_prompts
             except Exception as e:
                 failures += 1
-                self._failed(current, "backward", e, failures)
-                route = await self._route(record.start, record.end)
+                await self._failed(current, "backward", e, failures, opinion)
+                route = await self._route(record.start, record.end, opinion.excluded)
 
 
 class RemoteBlocksFunction(torch.autograd.Function):

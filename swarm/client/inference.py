@@ -22,6 +22,7 @@ from hivemind.p2p import P2P
 
 from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
 from swarm.client.routing import RemoteSpan
+from swarm.client.second_opinion import SecondOpinion
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
@@ -207,6 +208,7 @@ class InferenceSession:
             self._spans = self._open_chain(client.find_route())
         position = self.position
         index, failures = 0, 0
+        opinion = SecondOpinion(client)
         force_check = False  # the step that replaces a convicted node's is checked too
         while index < len(self._spans):
             state = self._spans[index]
@@ -223,8 +225,10 @@ class InferenceSession:
                     output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
             except Exception as e:
                 culprit = blame(e)
-                if culprit == "request":  # our own request: no node would take it
-                    raise RequestRefused(e) from e
+                if culprit == "request":  # our own request, unless another node takes it
+                    excluded = opinion.refused(e, state.span)
+                    failures = self._replace_span(index, mask, failures, punish=None, exclude=excluded)
+                    continue
                 failures += 1
                 logger.warning(
                     "node %s failed on blocks [%d, %d) at position %d: %r",
@@ -236,8 +240,9 @@ class InferenceSession:
                 )
                 if failures > client.config.max_retries:
                     raise
-                failures = self._replace_span(index, mask, failures, ban=culprit == "node")
+                failures = self._replace_span(index, mask, failures, punish=culprit, exclude=opinion.excluded)
                 continue
+            opinion.served()
             elapsed = time.perf_counter() - started
             span = state.span
             client.record_hop(
@@ -328,19 +333,27 @@ class InferenceSession:
             for span in route
         ]
 
-    def _replace_span(self, index: int, mask: torch.Tensor | None, failures: int, ban: bool = True) -> int:
-        """Ban the failed node (`ban` False: a busy one, skipped for a moment), route its blocks through
-        others and replay its inputs there. Each failed replay counts towards max_retries; returns the
-        failures."""
+    def _replace_span(
+        self,
+        index: int,
+        mask: torch.Tensor | None,
+        failures: int,
+        punish: str | None = "node",
+        exclude: frozenset[str] = frozenset(),
+    ) -> int:
+        """Ban the failed node (`punish` "node"; "busy": skip it for a moment; None: neither), route its
+        blocks through others (none in `exclude`) and replay its inputs there. Each failed replay counts
+        towards max_retries; returns the failures."""
         failed = self._spans[index]
-        if ban:
+        if punish == "node":
             self.client.ban(failed.span.peer_id)
-        else:
+        elif punish == "busy":
             self.client.bans.cool_down(failed.span.peer_id, BUSY_COOL_DOWN)
         self.client.run_async(failed.stream.close())
         self.num_recoveries += 1
         while True:
-            replacement = self._open_chain(self.client.find_route(failed.span.start, failed.span.end))
+            route = self.client.find_route(failed.span.start, failed.span.end, exclude=exclude)
+            replacement = self._open_chain(route)
             if not failed.inputs:
                 break
             try:

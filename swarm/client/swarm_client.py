@@ -129,6 +129,10 @@ class SwarmClient:
         usable = [s for s in usable if s.peer_id not in set(config.blocked_servers)]
         return believed(usable, self._measured)
 
+    def measured_rates(self) -> dict[str, float]:
+        """Peer id -> block-tokens per second this client measured of that node (a moving average)."""
+        return dict(self._measured)
+
     def record_hop(self, peer_id: str, block_tokens: int, seconds: float) -> None:
         """What a call to a node showed of its speed (`block_tokens`: tokens x blocks it ran), which caps
         how fast routing believes it is (routing.believed)."""
@@ -140,8 +144,21 @@ class SwarmClient:
         while len(self._measured) > MAX_MEASURED_PEERS:
             self._measured.pop(next(iter(self._measured)))
 
-    def find_route(self, start: int = 0, end: int | None = None, mode: str = "inference") -> list[RemoteSpan]:
-        """A chain of nodes covering blocks [start, end); waits a bounded time for missing blocks.
+    def serves_without(self, peer_id: str, block: int) -> bool:
+        """Whether a usable node other than `peer_id` serves `block`."""
+        return any(
+            s.peer_id != peer_id and s.start_block <= block < s.end_block for s in self.usable_servers()
+        )
+
+    def find_route(
+        self,
+        start: int = 0,
+        end: int | None = None,
+        mode: str = "inference",
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[RemoteSpan]:
+        """A chain of nodes covering blocks [start, end), none of them in `exclude`; waits a bounded time for
+        missing blocks.
 
         `inference`: the lowest-latency chain (measured RTTs, announced throughput, fewer hops);
         `forward`: a throughput-weighted random chain, which spreads batches over replicas.
@@ -150,7 +167,7 @@ class SwarmClient:
         deadline = time.monotonic() + self.config.wait_for_blocks
         refresh = False
         while True:
-            usable = self.usable_servers(refresh=refresh)
+            usable = [s for s in self.usable_servers(refresh=refresh) if s.peer_id not in exclude]
             try:
                 if mode == "inference":
                     return min_latency_route(usable, start, end, self.measure_rtts(usable))

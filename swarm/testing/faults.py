@@ -474,6 +474,23 @@ class NanOutput(Fault):
         span.layers[-1].register_forward_hook(poison)
 
 
+class RefuseRequests(Fault):
+    """A serving node that calls every forward, backward and inference step malformed (BAD_REQUEST): a
+    client must not take its word for it when another node serves the same request."""
+
+    name = "refuse_requests"
+    roles = frozenset({SERVING_NODE})
+
+    def prepare_span(self, span: LlamaSpan) -> None:
+        from swarm.node.errors import RequestError
+        from swarm.proto import swarm_pb2
+
+        def refuse(module, args):
+            raise RequestError(swarm_pb2.Error.BAD_REQUEST, "refused by the refuse_requests fault")
+
+        span.layers[0].register_forward_pre_hook(refuse)
+
+
 def _no_arguments(fault_type: type[Fault]) -> Callable[[list[str]], Fault]:
     def parse(args: list[str]) -> Fault:
         if args:
@@ -524,6 +541,11 @@ FAULTS: dict[str, tuple[str, Callable[[list[str]], Fault]]] = {
     "nan_output": (
         "nan_output (serving nodes) replies with NaN hidden states",
         _no_arguments(NanOutput),
+    ),
+    "refuse_requests": (
+        "refuse_requests (serving nodes) answers every forward, backward and inference step with "
+        "BAD_REQUEST, as if the client's request were malformed",
+        _no_arguments(RefuseRequests),
     ),
 }
 
