@@ -20,7 +20,7 @@ import logging
 import uuid
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.averaging.statements import InvalidStatement, expect, sign_statement
@@ -172,6 +172,10 @@ class GradientDisputeService:
         if own:
             contribution = self.backend.log.get(step)
         else:  # the accuser traces what the accused shows, with its own weights
+            try:
+                PeerID.from_base58(accused)
+            except Exception:
+                raise RequestError(swarm_pb2.Error.BAD_REQUEST, "accused is not a peer id") from None
             shapes = self.backend.gradient_shapes()
             contribution = await fetch_contribution(
                 self.p2p, accused, self.run_hash, step, len(shapes), self.timeout

@@ -13,6 +13,7 @@ from swarm.averaging.statements import signing_key_of
 from swarm.client.errors import RemoteError
 from swarm.client.remote import get_info, remote_backward, remote_forward
 from swarm.proto import swarm_pb2
+from swarm.protocol import TrainStateProtocol
 from swarm.training.state import fetch_progress, fetch_state
 from swarm.training.trainer import SwarmTrainer
 from swarm.training.validation import sign_receipt
@@ -134,3 +135,30 @@ def check_bad_requests(client, peer_id: str, run) -> None:
         call(remote_backward(client.p2p, peer_id, start, end, hidden, grad, None, None, 30, None, receipt))
     assert other.value.code == swarm_pb2.Error.BAD_REQUEST and "receipt" in str(other.value)
     assert call(remote_forward(client.p2p, peer_id, start, end, hidden, None, None, 30)).shape == hidden.shape
+    check_bad_dispute_requests(client, peer_id, run)
+
+
+def check_bad_dispute_requests(client, peer_id: str, run) -> None:
+    """Malformed requests to a stage peer's side of the gradient dispute game get error replies."""
+    stub = TrainStateProtocol.stub(client.p2p, peer_id)
+    good = dict(run_hash=run.sha256, step=0, accused=peer_id, request_id="dispute-1", contribution=b"\0" * 32)
+
+    def commit(**fields) -> int:
+        request = swarm_pb2.TrainDisputeCommitRequest(**{**good, **fields})
+        return client.run_async(stub.rpc_train_dispute_commit(request, timeout=30)).error.code
+
+    def answer(**fields) -> int:
+        request = swarm_pb2.DisputeQuestionRequest(
+            **{"request_id": "dispute-1", "round": 0, "refs": [0], **fields}
+        )
+        return client.run_async(stub.rpc_train_dispute_answer(request, timeout=30)).error.code
+
+    codes = swarm_pb2.Error
+    assert commit(run_hash="0" * 64) == codes.BAD_REQUEST  # another run
+    assert commit(request_id="") == codes.BAD_REQUEST
+    assert commit(request_id="x" * 10_000) == codes.BAD_REQUEST
+    assert commit(accused="not a peer id") == codes.BAD_REQUEST
+    assert commit(step=2**63) == codes.UNKNOWN_SESSION  # no contribution of that round
+    assert answer() == codes.UNKNOWN_SESSION  # no trace was committed under that id
+    assert answer(request_id="") == codes.BAD_REQUEST
+    assert answer(refs=[-1, 2**62], tensors=True) == codes.UNKNOWN_SESSION
