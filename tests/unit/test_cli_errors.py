@@ -19,15 +19,45 @@ FAILURES = {
 }
 
 
-def _swarm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", *args], capture_output=True, text=True, timeout=120
-    )
+USAGE_ERRORS = [
+    ["node", "--model", MISSING, "--blocks", "0:1", "--no-such-flag"],
+    ["node", "--model", MISSING],  # no --blocks, --num-blocks or --train
+    ["generate", "--no-such-flag"],
+    ["run", "status", "--run", f"{MISSING}.toml"],  # a run file that is not there
+    ["train", "--run", f"{MISSING}.toml", "--data", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1"],
+    ["health", "--no-such-flag"],
+    ["local", "--nodes", "x"],
+]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every invocation below, run at once (each one spends seconds importing torch and transformers)."""
+    invocations = [tuple(args) for args in [*FAILURES.values(), *USAGE_ERRORS]]
+    processes = {
+        args: subprocess.Popen(
+            [sys.executable, "-m", "swarm.cli.main", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in invocations
+    }
+    done = {}
+    try:
+        for args, process in processes.items():
+            stdout, stderr = process.communicate(timeout=180)
+            done[args] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+    return done
 
 
 @pytest.mark.parametrize("command", sorted(FAILURES))
-def test_a_failure_is_one_line_and_a_hint(command):
-    result = _swarm(*FAILURES[command])
+def test_a_failure_is_one_line_and_a_hint(command, results):
+    result = results[tuple(FAILURES[command])]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -36,19 +66,8 @@ def test_a_failure_is_one_line_and_a_hint(command):
     assert lines[-1].startswith("hint: "), lines
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["node", "--model", MISSING, "--blocks", "0:1", "--no-such-flag"],
-        ["node", "--model", MISSING],  # no --blocks, --num-blocks or --train
-        ["generate", "--no-such-flag"],
-        ["run", "status", "--run", f"{MISSING}.toml"],  # a run file that is not there
-        ["train", "--run", f"{MISSING}.toml", "--data", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1"],
-        ["health", "--no-such-flag"],
-        ["local", "--nodes", "x"],
-    ],
-)
-def test_a_usage_error_exits_2(args):
-    result = _swarm(*args)
+@pytest.mark.parametrize("args", USAGE_ERRORS)
+def test_a_usage_error_exits_2(args, results):
+    result = results[tuple(args)]
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and ": error: " in result.stderr
