@@ -135,13 +135,16 @@ def test_verify_rate_outside_zero_one_is_refused_before_joining():
 def test_forward_and_backward_use_the_winner_of_a_dispute(nodes, tiny_model):
     """Prompt tuning through the swarm with verify_rate=1.0: the forward through the back half is checked
     against a second node, the cheater is one of the two (as the routed node or as the second: routes prefer
-    it, but on a loaded machine the ping can outweigh its throughput), the winner's output is used, and
-    backward avoids the convicted node, so logits and prompt gradients equal an honest-only client's."""
+    it, but on a loaded machine the ping can outweigh its throughput; the checked client sees only one honest
+    node there), the winner's output is used, and backward avoids the convicted node, so logits and prompt
+    gradients equal an honest-only client's."""
     swarm, peers = nodes
     input_ids = prompt(seed=2).expand(2, -1)
     results = {}
     for name, options in {
-        "checked": dict(verify_rate=1.0, honour_verdicts=False),  # else the first test's verdict excludes it
+        # honour_verdicts: else the first test's verdict excludes the cheater; honest2 blocked: else a call
+        # routed to an honest node may pick the other honest one as its second, and no dispute happens
+        "checked": dict(verify_rate=1.0, honour_verdicts=False, blocked_servers=[peers["honest2"]]),
         "honest_only": dict(blocked_servers=[peers["cheater"]]),
     }.items():
         with DistributedModelForCausalLM.from_pretrained(
