@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.models.span import LlamaSpan
+from swarm.node.compute import SERVE, ComputeThread
 from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
 from swarm.node.sessions import Session, SessionBudget, SpanCache
@@ -48,9 +48,7 @@ class SpanBackend:
     def __init__(self, span: LlamaSpan, limits: NodeLimits, device: str, dtype: torch.dtype):
         self.span, self.limits, self.device, self.dtype = span, limits, device, dtype
         self.hidden_size = span.config.hidden_size
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="swarm-compute"
-        )
+        self.executor = ComputeThread()
         self.sessions = SessionBudget(limits.cache_tokens)
         self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
 
@@ -240,12 +238,11 @@ class SpanBackend:
         """One step of a session: new tokens' hidden states through the span, extending its KV cache."""
         return await self._run(self._inference_sync, session, position, inputs)
 
-    async def _run(self, fn, *args):
-        loop = asyncio.get_running_loop()
+    async def _run(self, fn, *args, priority: int = SERVE):
         try:
             if self.retired is not None:
                 raise RuntimeError(self.retired)
-            future = loop.run_in_executor(self.executor, fn, *args)
+            future = asyncio.wrap_future(self.executor.submit(fn, *args, priority=priority))
         except RuntimeError:  # retired, or its executor shut down meanwhile
             raise RequestError(
                 swarm_pb2.Error.UNKNOWN_BLOCKS, self.retired or "this span is shut down"

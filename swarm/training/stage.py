@@ -144,10 +144,10 @@ class TrainableSpanBackend(SpanBackend):
             self.on_accumulate()
         return [grads[0].to("cpu", inputs.wire_dtype)]
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn, *args, **kwargs):
         self.queue_length += 1
         try:
-            return await super()._run(fn, *args)
+            return await super()._run(fn, *args, **kwargs)
         finally:
             self.queue_length -= 1
 

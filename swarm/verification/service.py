@@ -25,6 +25,7 @@ from torch import nn
 
 from swarm.models.span import LlamaSpan
 from swarm.node.backend import SpanBackend, SpanInputs
+from swarm.node.compute import VERIFY
 from swarm.node.errors import RequestError, error_reply
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
@@ -192,7 +193,7 @@ class VerificationServicer(VerificationProtocol):
             self.store.check_fits(
                 estimate_trace_nbytes(backend.span.config, blocks, batch * seq_len, element_size)
             )
-            party, output, nbytes = await backend._run(self._commit_sync, backend, inputs)
+            party, output, nbytes = await backend._run(self._commit_sync, backend, inputs, priority=VERIFY)
             commitment = json.dumps(party.commitment.to_dict()).encode()
             response = swarm_pb2.CommitResponse(commitment=commitment, tensors=[serialize(output)])
             if self.signing_key is not None:
@@ -240,7 +241,9 @@ class VerificationServicer(VerificationProtocol):
                         swarm_pb2.Error.TOO_LARGE, f"{nbytes} bytes of tensors exceed the unary message limit"
                     )
             question = Question(request.round, refs, request.tensors)
-            answer = self.answer_dispute(await self.get_backend()._run(party.respond, question))
+            answer = self.answer_dispute(
+                await self.get_backend()._run(party.respond, question, priority=VERIFY)
+            )
             if answer is None:  # a silent party (a fault): the referee's timeout makes it forfeit
                 await asyncio.sleep(SILENT_FOR)
                 raise RequestError(swarm_pb2.Error.TIMEOUT, "no answer")

@@ -1,0 +1,66 @@
+"""One compute thread per span, taking work by priority: requests a client is waiting on go before
+verification work that nobody waits on step by step (a spot check's trace of a whole prefix)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+SERVE = 0  # forward, backward and inference steps
+VERIFY = 1  # spot-check traces and dispute answers: they run when no request waits
+
+
+class ComputeThread:
+    """Runs submitted calls one at a time on its own thread: lowest priority value first, in submission
+    order within a priority. A call that is running is never interrupted."""
+
+    def __init__(self, name: str = "swarm-compute"):
+        self._queue: list[tuple[int, int, Callable, tuple, concurrent.futures.Future]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._shut = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args: Any, priority: int = SERVE) -> concurrent.futures.Future:
+        """Queue `fn(*args)`; RuntimeError after shutdown."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._shut:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            heapq.heappush(self._queue, (priority, next(self._order), fn, args, future))
+            self._wake.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._shut:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                *_, fn, args, future = heapq.heappop(self._queue)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Take no more work; with `cancel_futures`, drop what is queued; with `wait`, let the rest finish."""
+        with self._wake:
+            self._shut = True
+            if cancel_futures:
+                for *_, future in self._queue:
+                    future.cancel()
+                self._queue.clear()
+            self._wake.notify_all()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
