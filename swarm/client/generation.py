@@ -116,29 +116,56 @@ def generate(
         warpers = make_warpers(do_sample, temperature, top_k, top_p)
         if streamer is not None:
             streamer.put(session.output_ids[:, session.position :].cpu())
+        # spot checks run beside the next steps; a failed one takes generation back to the step it checked.
+        # Not with a streamer: the tokens it has shown could not be taken back
+        session.defer_checks = streamer is None
+        start = session.output_ids.shape[1]
+        eos = torch.tensor(sorted(eos_ids)) if eos_ids else None
         unfinished = torch.ones(session.batch_size, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            logits = _next_token_logits(model, session)
-            scores = warpers(session.output_ids, logits)
-            if do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-            else:
-                next_tokens = scores.argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            _append(session, next_tokens.unsqueeze(1), unfinished.long().unsqueeze(1))
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if eos_ids:
-                unfinished &= ~torch.isin(next_tokens, torch.tensor(sorted(eos_ids)))
-                if not unfinished.any():
-                    break
+        while True:
+            while session.output_ids.shape[1] - start < max_new_tokens and unfinished.any():
+                rewound = session.settle_checks(session.check_backlog)
+                if rewound is not None:
+                    unfinished = _drop_tokens_after(session, rewound, start, eos)
+                    continue
+                logits = _next_token_logits(model, session)
+                scores = warpers(session.output_ids, logits)
+                if do_sample:
+                    probs = torch.softmax(scores, dim=-1)
+                    next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                else:
+                    next_tokens = scores.argmax(dim=-1)
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+                _append(session, next_tokens.unsqueeze(1), unfinished.long().unsqueeze(1))
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos is not None:
+                    unfinished &= ~torch.isin(next_tokens, eos)
+            # what is returned rests on steps whose checks held up, or on their winners' recomputation
+            rewound = session.settle_checks()
+            if rewound is None:
+                break
+            unfinished = _drop_tokens_after(session, rewound, start, eos)
         if streamer is not None:
             streamer.end()
         return session.output_ids.to(output_device, copy=True)
     finally:
+        session.defer_checks = False
         if own_session:
             session.close()
+
+
+def _drop_tokens_after(
+    session: InferenceSession, position: int, start: int, eos: torch.Tensor | None
+) -> torch.Tensor:
+    """The session rewound to a step at `position`: drop the tokens generated from its output and later
+    ones (the fed tokens of this call before them stay); returns which rows are unfinished."""
+    keep = max(position + 1, start)
+    session.output_ids = session.output_ids[:, :keep]
+    session.attention_mask = session.attention_mask[:, :keep]
+    if eos is None:
+        return torch.ones(session.batch_size, dtype=torch.bool)
+    return ~torch.isin(session.output_ids[:, start:], eos).any(dim=1)
 
 
 def _extend(session: InferenceSession, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None):

@@ -9,6 +9,7 @@ caches untouched.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -38,6 +39,9 @@ BUSY_COOL_DOWN = 5.0  # seconds a node that answered OVERLOADED or TIMEOUT is sk
 # one step's hidden states stay well below hivemind's message limits; longer prefills go in chunks
 MAX_STEP_BYTES = 2 * 1024 * 1024
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# spot checks left running behind generation at once; past this a step's check is waited for (each one
+# recomputes the span's whole prefix on two nodes, so a backlog would only grow)
+MAX_DEFERRED_CHECKS = 4
 
 
 class SpanStream:
@@ -121,11 +125,21 @@ class SpanStream:
         self._queue = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _SpanState:
     span: RemoteSpan
     stream: SpanStream
     inputs: list[torch.Tensor] = field(default_factory=list)  # every step's input, for replay
+
+
+@dataclass(eq=False)
+class _DeferredCheck:
+    """A spot check still running after its step's output was used: if it fails, the session rewinds."""
+
+    future: concurrent.futures.Future
+    state: _SpanState
+    position: int  # where the checked step started
+    output: torch.Tensor  # what the node served for it
 
 
 class InferenceSession:
@@ -150,6 +164,13 @@ class InferenceSession:
         self._closed = False
         self.num_recoveries = 0
         self.spot_checks: list[SpotCheck] = []  # what the client's spot checks found in this session
+        # spot checks that do not hold up the steps after theirs (generate() turns this on): the caller
+        # settles them with settle_checks(), and a failed one rewinds the session to the step it checked
+        self.defer_checks = False
+        self.num_rewinds = 0
+        self._deferred: list[_DeferredCheck] = []
+        self._recheck_start: int | None = None  # after a rewind, the replaced span's next step is checked
+        self._mask: torch.Tensor | None = None  # the last step's attention mask, for replays after a rewind
         # called with the new position after every step that reached the last block (tests, progress bars)
         self.on_step: Callable[[int], None] | None = None
         # called as (span, new tokens, seconds) after every successful round trip to one span (profiling)
@@ -158,6 +179,11 @@ class InferenceSession:
     @property
     def route(self) -> list[RemoteSpan]:
         return [state.span for state in self._spans]
+
+    @property
+    def check_backlog(self) -> int:
+        """How many deferred checks may stay running before a step: room for one check per span of it."""
+        return max(0, MAX_DEFERRED_CHECKS - max(1, len(self._spans)))
 
     @property
     def batch_size(self) -> int | None:
@@ -188,6 +214,7 @@ class InferenceSession:
         position_ids = position_ids.cpu()
         if attention_mask is not None:
             attention_mask = attention_mask.cpu()
+        self._mask = attention_mask
         bytes_per_token = batch * hidden_size * hidden.element_size()
         chunk = self._chunk_tokens(bytes_per_token)
         outputs = []
@@ -214,9 +241,17 @@ class InferenceSession:
             state = self._spans[index]
             started = time.perf_counter()
             checker = client.spot_checker
+            if state.span.start == self._recheck_start:
+                force_check, self._recheck_start = True, None
             checking = checker is not None and (force_check or checker.should_check())
+            deferred = (
+                checking
+                and self.defer_checks
+                and not force_check
+                and len(self._deferred) < MAX_DEFERRED_CHECKS
+            )
             try:
-                if checking:
+                if checking and not deferred:
                     servers = client.usable_servers()
                     output, check = client.run_async(
                         self._step_and_check(state, hidden, position, mask, position_ids, servers)
@@ -250,7 +285,9 @@ class InferenceSession:
             )
             if self.on_hop is not None:
                 self.on_hop(state.span, hidden.shape[1], elapsed)
-            if checking:
+            if deferred:
+                self._defer_check(state, hidden, position, mask, position_ids, output)
+            elif checking:
                 force_check = not self._judge_check(state, check, output)
                 if force_check:  # a dispute's winner is only right about the disputed operator: check again
                     failures = self._replace_span(index, mask, failures)  # re-routes, replays, runs it again
@@ -296,6 +333,66 @@ class InferenceSession:
             check.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody awaits it
             raise
         return output, await check
+
+    def _defer_check(
+        self,
+        state: _SpanState,
+        hidden: torch.Tensor,
+        position: int,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        output: torch.Tensor,
+    ) -> None:
+        history = torch.cat([*state.inputs, hidden], dim=1)
+        positions = (
+            position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
+        )
+        span, client = state.span, self.client
+        check = client.spot_checker.check(
+            span.info, span.start, span.end, history, mask, positions, client.usable_servers()
+        )
+        self._deferred.append(_DeferredCheck(client.submit_async(check), state, position, output))
+
+    def settle_checks(self, backlog: int = 0) -> int | None:
+        """Judge the deferred spot checks in step order: those that are done, and the oldest ones until at
+        most `backlog` are left running. On the first that failed, ban its node, rewind the session to the
+        step it checked (the nodes' caches are overwritten from there, the failed span is replayed
+        elsewhere) and return that position; the caller must drop whatever it computed from later steps.
+        None: every check judged held up."""
+        timeout = self.client.config.request_timeout * 3
+        while self._deferred:
+            pending = self._deferred[0]
+            if len(self._deferred) <= backlog and not pending.future.done():
+                return None
+            self._deferred.pop(0)
+            try:
+                result = pending.future.result(timeout)
+            except Exception as e:  # a check that could not run proves nothing either way
+                logger.warning("a spot check of %s could not finish: %r", pending.state.span.peer_id, e)
+                continue
+            if not self._judge_check(pending.state, result, pending.output):
+                self._rewind(pending)
+                return pending.position
+        return None
+
+    def _rewind(self, failed: _DeferredCheck) -> None:
+        for later in self._deferred:
+            later.future.cancel()
+        self._deferred.clear()
+        position = failed.position
+        for state in self._spans:
+            kept = torch.cat(state.inputs, dim=1)[:, :position] if state.inputs else None
+            state.inputs = [kept] if kept is not None and kept.shape[1] else []
+        self._position_ids = None if position == 0 else self._position_ids[:, :position]
+        self.position = position
+        self.num_rewinds += 1
+        logger.warning(
+            "rewinding the session to position %d: a spot check of %s failed", position, failed.state.span
+        )
+        index = next((i for i, state in enumerate(self._spans) if state is failed.state), None)
+        if index is not None:  # still on the route: replace it (the others overwrite their caches)
+            self._replace_span(index, self._mask, 0)
+        self._recheck_start = failed.state.span.start  # its replacement's next step is checked at once
 
     def _judge_check(self, state: _SpanState, result: SpotCheck, output: torch.Tensor) -> bool:
         """Record a spot check of the span's step; False when its node was convicted or answered the session
@@ -406,6 +503,9 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
+        for pending in self._deferred:
+            pending.future.cancel()
+        self._deferred.clear()
         for state in self._spans:
             try:
                 self.client.run_async(state.stream.close())

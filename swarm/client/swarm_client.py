@@ -7,6 +7,7 @@ SwarmClient; none of them owns the machinery, so a trainer can use it without a 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import time
@@ -251,6 +252,10 @@ class SwarmClient:
     def run_async(self, coro, timeout: float | None = None):
         """Run a coroutine on the client's event loop thread and wait for its result."""
         return self._loop.run(coro, timeout=timeout)
+
+    def submit_async(self, coro) -> concurrent.futures.Future:
+        """Start a coroutine on the client's event loop thread without waiting for it."""
+        return self._loop.submit(coro)
 
     def close(self) -> None:
         """Leave the swarm: stop the P2P replica, the DHT process and the event loop."""

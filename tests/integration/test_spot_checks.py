@@ -76,6 +76,8 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
     assert verdict.reasons == {"a": "wrong_output"}
     assert verdict.bytes_moved < MAX_DISPUTE_BYTES
     assert session.num_recoveries == 1 and peers["cheater"] not in route_after
+    # the check ran behind the next step (generate() defers checks) and its conviction rewound the session
+    assert session.num_rewinds == 1
     # after the conviction, checks of [3, 6) compare the two honest nodes, which agree bit for bit
     later = [c for c in checks if c.start == 3 and c is not dispute]
     assert later and all(c.outcome == "agreed" for c in later)
@@ -109,6 +111,37 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
     assert verdict["by"] == author
     assert not any(nodes_by_id[peers[name]]["banned"] for name in ("front", "honest", "honest2"))
     assert all(not nodes_by_id[peers[name]]["verdicts"] for name in ("front", "honest", "honest2"))
+
+
+def test_a_conviction_behind_generation_rewinds_it_to_the_checked_step(nodes, tiny_model, local_model):
+    """Checks start at the third step (position 9): the cheater's check runs while generation goes on, and
+    its conviction takes the session back to position 9; the tokens after it are generated again through
+    an honest node and the text equals local greedy."""
+    swarm, peers = nodes
+    input_ids = prompt(seed=3)
+    expected = local_greedy(local_model, input_ids, max_new_tokens=8)
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model,
+        swarm.initial_peers,
+        verify_rate=1.0,
+        honour_verdicts=False,  # else the first test's verdict
+    ) as model:
+        draws = iter(range(10**6))
+        model.swarm.spot_checker.should_check = lambda: next(draws) >= 4  # two spans per step: from step 3
+        positions = []
+        with model.inference_session(max_length=32) as session:
+            session.on_step = positions.append
+            output = model.generate(input_ids, max_new_tokens=8, do_sample=False, session=session)
+        convicted = set(model.swarm.convicted)
+    assert torch.equal(output, expected)
+    assert convicted == {peers["cheater"]}
+    assert session.num_rewinds == 1 and session.num_recoveries == 1
+    assert positions[:3] == [8, 9, 10]
+    back = [i for i in range(1, len(positions)) if positions[i] <= positions[i - 1]]
+    assert len(back) == 1 and positions[back[0]] == 10, positions  # the step at 9 ran again
+    assert positions[-1] == 8 + 8 - 1  # the last new token is returned, not fed
+    [dispute] = [c for c in session.spot_checks if c.outcome == "disputed"]
+    assert dispute.peer_id == peers["cheater"]
 
 
 def test_honest_nodes_agree_and_nobody_is_convicted(nodes, tiny_model, local_model):
