@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Callable
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -114,6 +115,8 @@ class GradientDisputeService:
     :param backend: the stage's TrainableSpanBackend (its span, weights log and compute thread)
     :param fault: a testing fault; its corrupt_backward shapes this peer's own traces as it shaped what it
         sent, and its answer_dispute its answers
+    :param judge_refusal: why a caller may not ask for a trace (None: it may); the node passes its group
+        validation's, so that only a member of its recent rounds makes it fetch and trace
     """
 
     def __init__(
@@ -126,56 +129,79 @@ class GradientDisputeService:
         fault: Fault | None = None,
         timeout: float = 60.0,
         store: TraceStore | None = None,
+        judge_refusal: Callable[[str], str | None] | None = None,
     ):
         self.backend, self.p2p, self.run_hash, self.own_id = backend, p2p, run_hash, own_id
         self.key, self.fault, self.timeout = signing_key, fault, timeout
         self.store = store if store is not None else TraceStore()
+        self.judge_refusal = judge_refusal
+        self._tracing: set[str] = set()  # callers with a commit in progress: one at a time each
 
     async def commit(
         self, request: swarm_pb2.TrainDisputeCommitRequest, context: P2PContext
     ) -> swarm_pb2.CommitResponse:
+        caller = context.remote_id.to_base58()
         try:
             check_request_id(request.request_id)
             step, accused = int(request.step), request.accused
             own = accused == self.own_id
-            contribution = await self._contribution(step, accused, own)
-            if contribution_digest(contribution) != request.contribution:
-                raise RequestError(
-                    swarm_pb2.Error.BAD_REQUEST,
-                    f"the contribution {accused} shows this peer for step {step} is not the judge's",
-                )
-            steps = [m.weights_step for m in contribution.microbatches]
-            weights = {s: self.backend.log.weights(s) for s in set(steps)}
-            if missing := sorted(s for s, w in weights.items() if w is None):
-                raise RequestError(
-                    swarm_pb2.Error.UNKNOWN_SESSION,
-                    f"this peer no longer holds the weights of steps {missing}",
-                )
-            corrupt = self.fault.corrupt_backward if own and self.fault is not None else None
-            public = public_data(contribution)
-            leaves = await self.backend.run_on_compute_thread(
-                trace_gradient, self.backend.span, public, [weights[s] for s in steps], corrupt, steps
-            )
-            party = GradientParty(step, layout_of(self.backend.span, len(steps)), leaves)
-            self.store.put(trace_key(context, request.request_id), party, party.nbytes)
-            payload = _commit_payload(
-                self.run_hash, step, accused, request.contribution, party.commitment, _profile(self.backend)
-            )
-            return swarm_pb2.CommitResponse(
-                commitment=json.dumps(party.commitment.to_dict()).encode(),
-                signature=sign_statement(self.key, payload),
-            )
+            if not own:
+                try:
+                    PeerID.from_base58(accused)
+                except Exception:
+                    raise RequestError(swarm_pb2.Error.BAD_REQUEST, "accused is not a peer id") from None
+            if self.judge_refusal is not None and (reason := self.judge_refusal(caller)) is not None:
+                raise RequestError(swarm_pb2.Error.FORBIDDEN, reason)
+            if caller in self._tracing:
+                raise RequestError(swarm_pb2.Error.OVERLOADED, "this caller's previous trace is in progress")
+            self._tracing.add(caller)
+            try:
+                return await self._commit(request, context, step, accused, own)
+            finally:
+                self._tracing.discard(caller)
         except Exception as e:
             return error_reply(swarm_pb2.CommitResponse, e, context, "train_dispute_commit", logger)
+
+    async def _commit(
+        self,
+        request: swarm_pb2.TrainDisputeCommitRequest,
+        context: P2PContext,
+        step: int,
+        accused: str,
+        own: bool,
+    ) -> swarm_pb2.CommitResponse:
+        contribution = await self._contribution(step, accused, own)
+        if contribution_digest(contribution) != request.contribution:
+            raise RequestError(
+                swarm_pb2.Error.BAD_REQUEST,
+                f"the contribution {accused} shows this peer for step {step} is not the judge's",
+            )
+        steps = [m.weights_step for m in contribution.microbatches]
+        weights = {s: self.backend.log.weights(s) for s in set(steps)}
+        if missing := sorted(s for s, w in weights.items() if w is None):
+            raise RequestError(
+                swarm_pb2.Error.UNKNOWN_SESSION,
+                f"this peer no longer holds the weights of steps {missing}",
+            )
+        corrupt = self.fault.corrupt_backward if own and self.fault is not None else None
+        public = public_data(contribution)
+        leaves = await self.backend.run_on_compute_thread(
+            trace_gradient, self.backend.span, public, [weights[s] for s in steps], corrupt, steps
+        )
+        party = GradientParty(step, layout_of(self.backend.span, len(steps)), leaves)
+        self.store.put(trace_key(context, request.request_id), party, party.nbytes)
+        payload = _commit_payload(
+            self.run_hash, step, accused, request.contribution, party.commitment, _profile(self.backend)
+        )
+        return swarm_pb2.CommitResponse(
+            commitment=json.dumps(party.commitment.to_dict()).encode(),
+            signature=sign_statement(self.key, payload),
+        )
 
     async def _contribution(self, step: int, accused: str, own: bool) -> Contribution:
         if own:
             contribution = self.backend.log.get(step)
         else:  # the accuser traces what the accused shows, with its own weights
-            try:
-                PeerID.from_base58(accused)
-            except Exception:
-                raise RequestError(swarm_pb2.Error.BAD_REQUEST, "accused is not a peer id") from None
             shapes = self.backend.gradient_shapes()
             contribution = await fetch_contribution(
                 self.p2p, accused, self.run_hash, step, len(shapes), self.timeout

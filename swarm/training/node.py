@@ -200,6 +200,11 @@ class TrainingNode(Node):
         trainable = self.backend.trainable
         return trainable.step, trainable.announced_samples, trainable.fingerprint
 
+    def _judge_refusal(self, peer: str) -> str | None:
+        if self.validation is None:
+            return "this peer has not joined its averaging group yet"
+        return self.validation.judge_refusal(peer)
+
     async def _get_state(self, with_optimizer: bool) -> TrainState:
         return await self.backend.run_on_compute_thread(self.backend.trainable.state, with_optimizer)
 
@@ -219,7 +224,13 @@ class TrainingNode(Node):
         )
         state_servicer.refuse_peer = self.bans.refusal
         state_servicer.disputes = GradientDisputeService(
-            self.backend, self.p2p, run_hash, self.peer_id, key, fault=self.fault
+            self.backend,
+            self.p2p,
+            run_hash,
+            self.peer_id,
+            key,
+            fault=self.fault,
+            judge_refusal=self._judge_refusal,
         )
         await self._add_servicer(state_servicer)
         averaging = run.averaging

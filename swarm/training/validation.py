@@ -598,6 +598,16 @@ class GroupValidation:
             return f"{peer} was not in this peer's round at step {step - 1}: its weights of {step} differ"
         return None
 
+    def judge_refusal(self, peer: str) -> str | None:
+        """Why `peer` may not ask this member to trace a gradient for a dispute (None: it may). Judges are
+        members of the accused's group, so only a peer of one of this member's recent rounds may ask: a
+        trace costs a contribution's fetch and a forward and backward of every microbatch."""
+        if any(peer in members for members in list(self._round_members.values())):
+            return None
+        return (
+            f"{peer} was in none of this peer's last {KEEP_STEPS} rounds, so it judges none of its disputes"
+        )
+
     def on_round(self, record) -> None:
         """After a robust round's checks (a `btard.RoundRecord`, on their thread): remember who took part,
         and start the validations this member owes the round."""

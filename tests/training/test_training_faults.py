@@ -158,7 +158,9 @@ def check_bad_dispute_requests(client, peer_id: str, run) -> None:
     assert commit(request_id="") == codes.BAD_REQUEST
     assert commit(request_id="x" * 10_000) == codes.BAD_REQUEST
     assert commit(accused="not a peer id") == codes.BAD_REQUEST
-    assert commit(step=2**63) == codes.UNKNOWN_SESSION  # no contribution of that round
+    # a peer of none of its rounds judges none of its disputes: it cannot make it fetch and trace
+    assert commit() == codes.FORBIDDEN
+    assert commit(accused=client.p2p.peer_id.to_base58()) == codes.FORBIDDEN
     assert answer() == codes.UNKNOWN_SESSION  # no trace was committed under that id
     assert answer(request_id="") == codes.BAD_REQUEST
     assert answer(refs=[-1, 2**62], tensors=True) == codes.UNKNOWN_SESSION
