@@ -30,7 +30,7 @@ from collections import Counter
 import torch
 
 from benchmarks.common import device_name, random_token_ids, run_until_sigterm
-from swarm.utils.timing import TokenTimer, percentile
+from swarm.utils.timing import percentile
 
 RATES = (0.0, 0.1, 1.0)
 GOAL_RATIO = 1.1  # at verify_rate 0.1, on the honest path
@@ -52,18 +52,24 @@ def latency_fields(gaps: list[float]) -> dict:
 
 
 def generate_once(model, input_ids: torch.Tensor, new_tokens: int):
-    """Greedy generation in its own session: (token ids, decode gaps in seconds, the session)."""
-    timer = TokenTimer()
+    """Greedy generation in its own session: (token ids, decode gaps in seconds, the session).
+
+    No streamer: with one, generate() must wait for each spot check before showing the next token, while
+    without one the checks run beside the next steps. A gap is the time between two steps reaching the
+    last block; the last gap ends when generate() returns, so it holds the wait for checks still running."""
+    step_times: list[float] = []
     with model.inference_session(max_length=input_ids.shape[1] + new_tokens) as session:
+        session.on_step = lambda _position: step_times.append(time.perf_counter())
         output = model.generate(
             input_ids,
             max_new_tokens=new_tokens,
             do_sample=False,
             session=session,
-            streamer=timer,
             eos_token_id=[],
         )
-    return output, timer.gaps(), session
+    step_times.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(step_times[:-1], step_times[1:], strict=True)]
+    return output, gaps, session
 
 
 def start_nodes(swarm, model: str, spans: list[str], block: int) -> dict[str, list]:
