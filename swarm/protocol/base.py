@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 from hivemind.p2p import P2P, PeerID, ServicerBase
 from hivemind.p2p.servicer import StubBase
+
+# hivemind fills a class's handler list before its stub type: two threads building their first stubs at
+# once could see the list and a stub type of None
+_COLLECTING = threading.RLock()
 
 
 class Protocol(ServicerBase):
@@ -30,6 +36,11 @@ class Protocol(ServicerBase):
 
     @classmethod
     def _collect_rpc_handlers(cls) -> None:
+        with _COLLECTING:
+            cls._collect_rpc_handlers_once()
+
+    @classmethod
+    def _collect_rpc_handlers_once(cls) -> None:
         protocol = cls._protocol()
         if cls is not protocol:
             protocol._collect_rpc_handlers()
