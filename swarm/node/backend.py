@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.models.span import LlamaSpan
-from swarm.node.compute import LOWEST_CPU_PRIORITY, SERVE, VERIFY, ComputeThread
+from swarm.node.compute import SERVE, ComputeThread
 from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
 from swarm.node.sessions import Session, SessionBudget, SpanCache
@@ -43,19 +43,12 @@ class SpanInputs:
 
 
 class SpanBackend:
-    """Owns the span module; requests run on one compute thread, off the event loop."""
-
-    # verification traces run on a second thread while requests go on: they only read the weights, which
-    # never change in a frozen span (a trainable one steps its optimizer on the compute thread)
-    VERIFY_BESIDE_REQUESTS = True
+    """Owns the span module; all tensor work runs on one compute thread, off the event loop."""
 
     def __init__(self, span: LlamaSpan, limits: NodeLimits, device: str, dtype: torch.dtype):
         self.span, self.limits, self.device, self.dtype = span, limits, device, dtype
         self.hidden_size = span.config.hidden_size
         self.executor = ComputeThread()
-        self.verifier = (
-            ComputeThread("swarm-verify", nice=LOWEST_CPU_PRIORITY) if self.VERIFY_BESIDE_REQUESTS else None
-        )
         self.sessions = SessionBudget(limits.cache_tokens)
         self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
 
@@ -246,13 +239,10 @@ class SpanBackend:
         return await self._run(self._inference_sync, session, position, inputs)
 
     async def _run(self, fn, *args, priority: int = SERVE):
-        """Run `fn(*args)` on a compute thread: requests on the span's own thread, verification work (VERIFY)
-        on its low-priority second thread when it has one, else after the requests queued before it."""
-        executor = self.verifier if priority == VERIFY and self.verifier is not None else self.executor
         try:
             if self.retired is not None:
                 raise RuntimeError(self.retired)
-            future = asyncio.wrap_future(executor.submit(fn, *args, priority=priority))
+            future = asyncio.wrap_future(self.executor.submit(fn, *args, priority=priority))
         except RuntimeError:  # retired, or its executor shut down meanwhile
             raise RequestError(
                 swarm_pb2.Error.UNKNOWN_BLOCKS, self.retired or "this span is shut down"
@@ -264,21 +254,15 @@ class SpanBackend:
         new work gets UNKNOWN_BLOCKS (clients re-route and replay elsewhere, nobody is banned), and the
         weights are freed as soon as the queue drains, whoever still holds this backend."""
         self.retired = f"this node moved to blocks [{now_serving[0]}, {now_serving[1]})"
-        for executor in self._executors():
-            executor.shutdown(wait=False)
+        self.executor.shutdown(wait=False)
         threading.Thread(target=self._free_when_drained, name="swarm-retire", daemon=True).start()
 
     def _free_when_drained(self) -> None:
-        for executor in self._executors():
-            executor.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
         try:
             self.span.to("meta")  # parameters and buffers without storage: their memory goes back now
         except Exception as e:  # not worth failing a move over: the weights go when the last holder does
             logger.warning("freeing the old span's weights failed: %r", e)
 
-    def _executors(self) -> list[ComputeThread]:
-        return [self.executor] + ([self.verifier] if self.verifier is not None else [])
-
     def shutdown(self) -> None:
-        for executor in self._executors():
-            executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -37,8 +37,6 @@ class TrainableSpanBackend(SpanBackend):
     (`swarm.training.validation`).
     """
 
-    VERIFY_BESIDE_REQUESTS = False  # a trace must not read weights that an optimizer step is changing
-
     def __init__(
         self,
         span: LlamaSpan,

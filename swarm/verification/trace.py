@@ -8,7 +8,6 @@ residual after attention), is taken as the input of the module that consumes it.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -129,16 +128,10 @@ def trace_span(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> SpanTrace:
-    """Run span(hidden_states, ...) without gradients and keep a copy of every operator's output.
-
-    Only this thread's forward is recorded: a node serves requests with the same modules on another thread
-    while it traces."""
+    """Run span(hidden_states, ...) without gradients and keep a copy of every operator's output."""
     records: list[dict[str, torch.Tensor]] = [{} for _ in span.layers]
-    tracing = threading.get_ident()
 
     def record(block: int, op: str, tensor: torch.Tensor) -> None:
-        if threading.get_ident() != tracing:
-            return
         if op in records[block]:
             raise RuntimeError(f"{op} ran twice in block {block}: the trace would not be well defined")
         records[block][op] = tensor.detach().clone()
