@@ -14,9 +14,9 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hivemind.p2p import P2P
@@ -318,14 +318,7 @@ class InferenceSession:
         The committed forward recomputes the prefix without a cache, so it matches the session's output only
         within a tolerance; a node that lies in its sessions by less than that is not caught here.
         """
-        history = torch.cat([*state.inputs, hidden], dim=1)
-        positions = (
-            position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
-        )
-        span = state.span
-        check = asyncio.ensure_future(
-            self.client.spot_checker.check(span.info, span.start, span.end, history, mask, positions, servers)
-        )
+        check = asyncio.ensure_future(self._check(state, hidden, mask, position_ids, servers))
         try:
             output = await state.stream.step(hidden, position, mask, position_ids)
         except BaseException:
@@ -343,15 +336,26 @@ class InferenceSession:
         position_ids: torch.Tensor,
         output: torch.Tensor,
     ) -> None:
+        check = self._check(state, hidden, mask, position_ids, self.client.usable_servers())
+        self._deferred.append(_DeferredCheck(self.client.submit_async(check), state, position, output))
+
+    def _check(
+        self,
+        state: _SpanState,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        servers: list[swarm_pb2.ServerInfo],
+    ) -> Coroutine[Any, Any, SpotCheck]:
+        """A spot check of the span's step on `hidden`: its whole input so far, committed by two nodes."""
         history = torch.cat([*state.inputs, hidden], dim=1)
         positions = (
             position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
         )
-        span, client = state.span, self.client
-        check = client.spot_checker.check(
-            span.info, span.start, span.end, history, mask, positions, client.usable_servers()
+        span = state.span
+        return self.client.spot_checker.check(
+            span.info, span.start, span.end, history, mask, positions, servers
         )
-        self._deferred.append(_DeferredCheck(client.submit_async(check), state, position, output))
 
     def settle_checks(self, backlog: int = 0) -> int | None:
         """Judge the deferred spot checks in step order: those that are done, and the oldest ones until at
