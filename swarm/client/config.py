@@ -11,6 +11,9 @@ class ClientConfig:
 
     initial_peers: list[str] = field(default_factory=list)
     request_timeout: float = 60.0
+    # a session step's reply late by this many seconds: check on a new stream that the node still answers,
+    # and fail over at once if it does not (an open stream to a dead node can stay silent until the timeout)
+    liveness_period: float = 5.0
     dht_timeout: float = 10.0
     max_retries: int = 3
     wait_for_blocks: float = 30.0  # how long to wait for missing blocks to appear before giving up
@@ -25,5 +28,7 @@ class ClientConfig:
     honour_verdicts: bool = True  # re-check verdicts found in the DHT and avoid the nodes they convict
 
     def __post_init__(self):
+        if self.liveness_period <= 0:
+            raise ValueError(f"liveness_period must be positive, got {self.liveness_period}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError(f"verify_rate must be within [0, 1], got {self.verify_rate}")

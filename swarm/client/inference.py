@@ -22,6 +22,7 @@ import torch
 from hivemind.p2p import P2P
 
 from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
+from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
 from swarm.client.second_opinion import SecondOpinion
 from swarm.proto import swarm_pb2
@@ -47,9 +48,17 @@ MAX_DEFERRED_CHECKS = 4
 class SpanStream:
     """One node's part of a session: an open `rpc_inference` stream, one reply per step."""
 
-    def __init__(self, p2p: P2P, span: RemoteSpan, session_id: str, max_length: int, timeout: float):
+    def __init__(
+        self,
+        p2p: P2P,
+        span: RemoteSpan,
+        session_id: str,
+        max_length: int,
+        timeout: float,
+        liveness_period: float = 5.0,
+    ):
         self.p2p, self.span, self.session_id = p2p, span, session_id
-        self.max_length, self.timeout = max_length, timeout
+        self.max_length, self.timeout, self.liveness_period = max_length, timeout, liveness_period
         # requests wait here for the stream, which opens with the first step (libp2p may not finish
         # opening it earlier); the queue binds to the client's loop on first use
         self._queue: asyncio.Queue | None = asyncio.Queue()
@@ -87,7 +96,7 @@ class SpanStream:
             stub = NodeProtocol.stub(self.p2p, self.span.peer_id)
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
         try:
-            response = await asyncio.wait_for(anext(self._responses), self.timeout)
+            response = await self._next_reply()
         except StopAsyncIteration:
             raise RemoteError(
                 self.span.peer_id, swarm_pb2.Error(message="the node closed the session stream")
@@ -110,6 +119,33 @@ class SpanStream:
             )
         check_finite(self.span.peer_id, [output])
         return output
+
+    async def _next_reply(self) -> swarm_pb2.InferenceResponse:
+        """The stream's next reply, within the request timeout. A reply late by `liveness_period` has the
+        node asked for its info on a new stream: an open stream to a node that died (killed, or its link cut)
+        can stay silent until the timeout, while a busy node still answers at once."""
+        reply = asyncio.ensure_future(anext(self._responses))
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                done, _ = await asyncio.wait({reply}, timeout=max(0.0, min(self.liveness_period, left)))
+                if done:
+                    return reply.result()
+                if left <= self.liveness_period:
+                    raise TimeoutError(f"no reply from {self.span.peer_id} within {self.timeout:g} s")
+                try:
+                    await get_info(self.p2p, self.span.peer_id, min(self.liveness_period, left))
+                except Exception as e:
+                    if reply.done():
+                        return reply.result()
+                    raise ConnectionError(
+                        f"{self.span.peer_id} sent no reply for {self.liveness_period:g} s and does not "
+                        f"answer: {e!r}"
+                    ) from e
+        finally:
+            if not reply.done():
+                reply.cancel()
 
     async def close(self) -> None:
         """Ask the node to free the cache, then drop the stream (the node frees it on disconnect too)."""
@@ -429,6 +465,7 @@ class InferenceSession:
                     f"{self.session_id}.{next(self._streams_opened)}",
                     self.max_length,
                     timeout,
+                    self.client.config.liveness_period,
                 ),
             )
             for span in route

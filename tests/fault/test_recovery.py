@@ -4,6 +4,8 @@ Each span [0, 2), [2, 4), [4, 6) has a preferred node (announced throughput 100)
 so the route is predictable: the test knows which node to kill and which one should take over.
 """
 
+import os
+import signal
 import threading
 
 import pytest
@@ -146,3 +148,25 @@ def test_nodes_die_between_chunks_then_new_nodes_replace_the_last_originals(
         out = client.generate(None, max_new_tokens=NEW_TOKENS - 32, session=session)
         assert torch.equal(out, expected)
         assert route_peers(session) == [(int(span[0]), int(span[2]), swarm.peer(span, 2)) for span in SPANS]
+
+
+def test_a_frozen_node_is_left_after_the_liveness_period_not_the_request_timeout(
+    tiny_model, swarm, input_ids, expected
+):
+    """SIGSTOP of a node's whole process group (a frozen machine, a cut link): its open stream stays silent,
+    with no reset. The request timeout here is longer than the test may run, so only the liveness probe
+    (a new stream to the node, unanswered) can move the session on."""
+    frozen = swarm.nodes[("2:4", 0)]
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, swarm.local.initial_peers, request_timeout=600, liveness_period=2, max_retries=5
+    ) as client:
+        with client.inference_session(max_length=PROMPT_LEN + NEW_TOKENS) as session:
+            froze = kill_at(session, PROMPT_LEN + 8, lambda: os.killpg(frozen.popen.pid, signal.SIGSTOP))
+            try:
+                out = client.generate(input_ids, max_new_tokens=NEW_TOKENS, session=session)
+            finally:
+                os.killpg(frozen.popen.pid, signal.SIGCONT)
+            assert froze.is_set()
+            assert torch.equal(out, expected)
+            assert session.num_recoveries == 1
+            assert route_peers(session)[1] == (2, 4, swarm.peer("2:4", 1))
