@@ -538,13 +538,15 @@ class SwarmTrainer:
             await self._wait_for_stage_step(step)
 
     async def _wait_for_stage_step(self, step: int) -> None:
-        """Until every live stage peer announces `step` (they step on the same global batch)."""
+        """Until every stage peer this trainer routes to announces `step` (they step on the same global
+        batch). The view is read afresh each time: a peer banned or gone meanwhile is not waited for (a
+        banned stage peer is refused by the others, so it may never reach the step)."""
         from swarm.client.remote import get_info
 
         deadline = time.monotonic() + self.wait_for_stages + self.run.config.averaging.averaging_timeout
-        for stage, view in enumerate(self._stage_views):
-            for peer in list(view):
-                while True:
+        for stage in range(len(self._stage_views)):
+            for peer in list(self._stage_views[stage]):
+                while peer in self._stage_views[stage]:
                     try:
                         info = await get_info(self.client.p2p, peer, self.forward_timeout)
                         if info.stage.step >= step:
