@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PHandlerError
 
 from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
 from swarm.client.remote import get_info
@@ -122,8 +122,8 @@ class SpanStream:
 
     async def _next_reply(self) -> swarm_pb2.InferenceResponse:
         """The stream's next reply, within the request timeout. A reply late by `liveness_period` has the
-        node asked for its info on a new stream: an open stream to a node that died (killed, or its link cut)
-        can stay silent until the timeout, while a busy node still answers at once."""
+        node asked for its info on a new stream (within twice that): an open stream to a node that died
+        (killed, or its link cut) can stay silent until the timeout, while a busy node still answers."""
         reply = asyncio.ensure_future(anext(self._responses))
         deadline = time.monotonic() + self.timeout
         try:
@@ -134,8 +134,10 @@ class SpanStream:
                     return reply.result()
                 if left <= self.liveness_period:
                     raise TimeoutError(f"no reply from {self.span.peer_id} within {self.timeout:g} s")
-                try:
-                    await get_info(self.p2p, self.span.peer_id, min(self.liveness_period, left))
+                try:  # a generous bound: a node whose event loop is merely slow must not be left for dead
+                    await get_info(self.p2p, self.span.peer_id, min(2 * self.liveness_period, left))
+                except P2PHandlerError:
+                    pass  # its handler answered, with an error: the node is alive
                 except Exception as e:
                     if reply.done():
                         return reply.result()
