@@ -263,12 +263,6 @@ class NodeServicer(NodeProtocol):
                         await self._drain(iterator)
                         break
                 if request.close:
-                    # the caller ends its side right after `close`; returning before that end could reset the
-                    # stream under the caller's last write
-                    sessions.release(session)
-                    session = None
-                    held.close()
-                    await self._drain(iterator)
                     break
                 session.last_active = time.monotonic()
                 try:

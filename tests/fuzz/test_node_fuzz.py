@@ -348,9 +348,17 @@ def test_inference_sessions(fuzzed, first, rest, good_first, good_hidden):
         )
     requests = [first, *rest]
     closing = next((i for i, r in enumerate(requests) if r.close), None)
-    if closing is not None:  # `close` ends the session: the node stops reading there
-        requests = requests[: closing + 1]
-    fuzzed.call(streamed(fuzzed.p2p, fuzzed.node.peer_id, "rpc_inference", requests, len(requests)))
+    if closing is None:
+        fuzzed.call(streamed(fuzzed.p2p, fuzzed.node.peer_id, "rpc_inference", requests, len(requests)))
+        return
+    # `close` ends the session: the node stops reading there and ends the stream, which may reset it under
+    # our own last write (the client SDK's close() expects that too)
+    try:
+        fuzzed.call(
+            streamed(fuzzed.p2p, fuzzed.node.peer_id, "rpc_inference", requests[: closing + 1], closing)
+        )
+    except (BrokenPipeError, ConnectionResetError):
+        COUNTS["rpc_inference: reset after close"] += 1
 
 
 @FUZZ
