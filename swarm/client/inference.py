@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from hivemind.p2p import P2P, P2PHandlerError
 
+from swarm.client.config import ClientConfig
 from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
 from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
@@ -55,7 +56,7 @@ class SpanStream:
         session_id: str,
         max_length: int,
         timeout: float,
-        liveness_period: float = 5.0,
+        liveness_period: float = ClientConfig.liveness_period,
     ):
         self.p2p, self.span, self.session_id = p2p, span, session_id
         self.max_length, self.timeout, self.liveness_period = max_length, timeout, liveness_period
