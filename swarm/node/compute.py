@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from swarm.verification.determinism import adopt_thread_count
+
 SERVE = 0  # forward, backward and inference steps
 VERIFY = 1  # spot-check traces and dispute answers: they run when no request waits
 
@@ -37,6 +39,7 @@ class ComputeThread:
         return future
 
     def _work(self) -> None:
+        adopt_thread_count()  # a node's traces must round as its profile (and a referee) does
         while True:
             with self._wake:
                 while not self._queue and not self._shut:

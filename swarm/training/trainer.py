@@ -48,6 +48,7 @@ from swarm.training.validation import (
     sign_receipt,
 )
 from swarm.training.wiring import StageWiring
+from swarm.verification.determinism import adopt_thread_count
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ class SwarmTrainer:
         self.max_retries, self.wait_for_stages = max_retries, wait_for_stages
         self.concurrency = concurrency
         self.update_period = update_period
-        self._compute = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-head")
+        self._compute = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="swarm-head", initializer=adopt_thread_count
+        )
         self._loss_sum = 0.0  # behind the samples accumulated toward the next step
         self._stage_views: list[dict[str, swarm_pb2.StageInfo]] = [{} for _ in config.stages]
         self._members = MemberView(keep_for=MEMBER_KEEP_FOR)

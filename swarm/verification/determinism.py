@@ -40,6 +40,18 @@ def apply_deterministic_profile(threads: int = 1) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def adopt_thread_count() -> None:
+    """Make the calling thread run its kernels with the process's thread count (torch.set_num_threads).
+
+    Call it first in every thread that computes what must be bit-reproducible. torch.set_num_threads pins
+    the thread that calls it, and other threads only read the setting when they first enter ATen's parallel
+    code: until then MKL runs their GEMMs on every core, which rounds some shapes differently (a new
+    thread's q_proj of 9 tokens of the tiny model differed from the pinning thread's by one ulp, and a spot
+    check convicted an honest node for it).
+    """
+    torch.set_num_threads(torch.get_num_threads())
+
+
 _PROFILE_LOCK = threading.RLock()
 
 

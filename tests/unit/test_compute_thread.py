@@ -3,8 +3,11 @@
 import threading
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from swarm.node.compute import SERVE, VERIFY, ComputeThread
+from swarm.verification.determinism import deterministic_profile
 
 
 def test_requests_go_before_verification_work_and_each_priority_keeps_its_order():
@@ -42,3 +45,25 @@ def test_errors_reach_the_caller_and_shutdown_cancels_what_is_queued():
     release.set()
     assert running.result(10) is True  # the call that was running finishes
     compute.shutdown(wait=True)
+
+
+def test_gemms_on_the_compute_thread_round_as_the_thread_that_pinned_the_profile():
+    """torch.set_num_threads pins its own thread; a new thread's MKL GEMMs use every core until the thread
+    enters ATen's parallel code, and some shapes round differently then (one ulp was enough to convict an
+    honest node). The compute thread adopts the pinned count before its first call."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(9, 256, generator=generator), torch.randn(256, 256, generator=generator)
+    with deterministic_profile():
+        expected = F.linear(x, weight)
+        plain: list[torch.Tensor] = []
+        thread = threading.Thread(target=lambda: plain.append(F.linear(x, weight)))
+        thread.start()
+        thread.join()
+        compute = ComputeThread()
+        try:
+            got = compute.submit(F.linear, x, weight).result(10)
+        finally:
+            compute.shutdown()
+    if torch.equal(plain[0], expected):
+        pytest.skip("this machine's BLAS rounds a new thread's GEMM as the pinned thread's: nothing to show")
+    assert torch.equal(got, expected)
