@@ -152,7 +152,10 @@ _WEIGHT_DIGESTS: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
 
 def weight_digest(tensor: torch.Tensor) -> bytes:
     """tensor_digest of a weight, remembered until the tensor changes (any in-place update bumps its
-    version counter; a swapped `.data` moves its storage)."""
+    version counter; a swapped `.data` moves its storage). Inference tensors (made under
+    torch.inference_mode, e.g. a span loaded during generate()) have no version counter: never remembered."""
+    if tensor.is_inference():
+        return tensor_digest(tensor)
     key, address, version = id(tensor), tensor.data_ptr(), tensor._version
     cached = _WEIGHT_DIGESTS.get(key)
     if cached is not None and cached[0]() is tensor and cached[1:3] == (address, version):

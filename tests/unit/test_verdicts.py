@@ -332,6 +332,18 @@ def test_the_validator_takes_verdicts_only_from_their_author(record):
         encode_record(one_commit)
 
 
+def test_a_verdict_rechecked_inside_generate_holds(record, span):
+    """generate() runs under torch.inference_mode, so a span its client loads to re-check a verdict holds
+    inference tensors, which have no version counter to remember weight digests by: the verdict must still
+    hold and its author must not be banned for it."""
+    with torch.inference_mode():
+        loaded = LlamaSpan(span.config, START, START + BLOCKS)
+        loaded.load_state_dict(span.state_dict())
+        assert next(loaded.parameters()).is_inference()
+        judgement = VerdictBook(MODEL).consider(IDS["referee"], record, lambda block: loaded)
+    assert judgement.false_because is None and judgement.convicted == (IDS["cheater"],)
+
+
 def test_a_verdict_book_rechecks_once_and_bans_false_authors(record, span):
     loads: list[int] = []
 
