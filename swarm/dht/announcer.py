@@ -33,8 +33,10 @@ def store_records(
     expiration: float,
     timeout: float = 10.0,
     await_all_replicas: bool = False,
+    tag: str = "",
 ) -> bool:
-    """Store records in `peer_id`'s name: each (key, message) under the peer's signed owner subkey."""
+    """Store records in `peer_id`'s name: each (key, message) under the peer's signed owner subkey (the one
+    for `tag`: a later store with the same tag replaces the record, one with another tag does not)."""
     # one encoded value per distinct message, shared by its keys: pickle then sends it once. hivemind's
     # DHT process reads its pipe non-blocking and breaks on a message above the pipe buffer (64 KiB);
     # a ServerInfo copied under each of 30 blocks used to exceed it
@@ -45,7 +47,7 @@ def store_records(
         keys=[key for key, _ in entries],
         values=values,
         expiration_time=get_dht_time() + expiration,
-        subkey=owner_subkey(peer_id, owner_public_key),
+        subkey=owner_subkey(peer_id, owner_public_key, tag),
         await_all_replicas=await_all_replicas,
     )
     try:

@@ -53,9 +53,12 @@ def trainers_key(run_id: str) -> str:
 MODELS_KEY = "_swarm.models"
 
 
-def owner_subkey(peer_id: str, owner_public_key: bytes) -> bytes:
-    """Subkey binding a record to a peer id and to the RSA key that must sign it."""
-    return peer_id.encode() + owner_public_key
+def owner_subkey(peer_id: str, owner_public_key: bytes, tag: str = "") -> bytes:
+    """Subkey binding a record to a peer id and to the RSA key that must sign it. A peer keeps one record
+    per subkey under a key: a `tag` (letters and digits) lets it keep several, one per tag."""
+    if tag and not tag.isalnum():
+        raise ValueError(f"a subkey tag is letters and digits, got {tag!r}")
+    return peer_id.encode() + (b"/" + tag.encode() if tag else b"") + owner_public_key
 
 
 def split_owner_subkey(subkey: bytes) -> tuple[str, bytes] | None:
@@ -66,7 +69,7 @@ def split_owner_subkey(subkey: bytes) -> tuple[str, bytes] | None:
     if index <= 0 or not subkey.endswith(b"]"):
         return None
     try:
-        peer_id = subkey[:index].decode()
+        peer_id = subkey[:index].decode().split("/", 1)[0]  # without the tag, if any
     except UnicodeDecodeError:
         return None
-    return peer_id, subkey[index:]
+    return (peer_id, subkey[index:]) if peer_id else None

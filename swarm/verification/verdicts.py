@@ -525,7 +525,8 @@ def publish_verdict(
     timeout: float = 10.0,
 ) -> bool:
     """Store `record` under `{model}.verdicts` in this peer's signed owner subkey (the key create_dht's
-    signer holds: `signer.local_public_key`); returns whether the DHT took it within `timeout` s.
+    signer holds: `signer.local_public_key`), tagged by whom it convicts: a verdict replaces this peer's
+    earlier one against the same peers only. Returns whether the DHT took it within `timeout` s.
 
     The record's author is this peer: filled in if empty, refused (ValueError) if it names another.
     """
@@ -538,8 +539,9 @@ def publish_verdict(
     mine.CopyFrom(record)
     mine.author = peer_id
     check_record_size(mine)
+    tag = hashlib.sha256(",".join(sorted(mine.losers)).encode()).hexdigest()[:16]
     return store_records(
-        dht, owner_public_key, peer_id, [(verdicts_key(model), mine)], expiration_s, timeout=timeout
+        dht, owner_public_key, peer_id, [(verdicts_key(model), mine)], expiration_s, timeout=timeout, tag=tag
     )
 
 

@@ -232,6 +232,18 @@ def test_two_cheaters_both_lose_to_an_honest_third(tiny_model, local_model, loca
     disputes = [c for c in session.spot_checks if c.outcome == "disputed"]
     assert len(disputes) == 2 and all(len(c.convicted) == 1 for c in disputes)
 
+    # both verdicts stay in the DHT (one client's second verdict does not replace its first), and another
+    # client re-checks and honours both
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, local_swarm.initial_peers) as reader:
+        deadline = time.monotonic() + 20  # a DHT read under load can miss a fresh record: read again
+        while True:
+            usable = {s.peer_id for s in reader.swarm.usable_servers(refresh=True)}
+            if not usable & convicted or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        assert usable == {peers["front"], peers["honest"]}
+        assert reader.swarm.verdicts.convicted() == convicted
+
 
 def test_a_liar_and_a_silent_party_lose_their_dispute(tiny_model, local_model, local_swarm):
     """A cheater that also lies about its trace in the dispute, and one that goes silent: both lose (bad

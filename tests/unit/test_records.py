@@ -70,6 +70,7 @@ def test_validator_requires_owner_subkey_naming_the_same_peer():
     value = encode_record(server_info())
     assert validator.validate(record(value))
     assert not validator.validate(record(value, subkey=PEER.encode()))  # unsigned
+    assert validator.validate(record(value, subkey=owner_subkey(PEER, OWNER, tag="ab12")))
     other = RSAPrivateKey()
     # someone else's peer id under this key, or this peer id under someone else's key: both forged
     assert not validator.validate(record(value, subkey=owner_subkey(peer_id_of(other), OWNER)))
@@ -86,6 +87,13 @@ def test_keys():
     assert block_key("tiny-llama", 3) == "tiny-llama.3"
     assert model_info_key("tiny-llama") == "tiny-llama.info"
     assert split_owner_subkey(owner_subkey("peer", OWNER)) == ("peer", OWNER)
+    # a tag keeps several records of one peer apart and still names the peer
+    assert split_owner_subkey(owner_subkey("peer", OWNER, tag="ab12")) == ("peer", OWNER)
+    assert owner_subkey("peer", OWNER, tag="ab12") != owner_subkey("peer", OWNER, tag="cd34")
+    for bad_tag in ("a/b", "[owner:", "x y"):
+        with pytest.raises(ValueError, match="tag"):
+            owner_subkey("peer", OWNER, tag=bad_tag)
+    assert split_owner_subkey(b"/tag" + OWNER) is None  # a tag without a peer id names nobody
     assert PEER.startswith("Qm")
     assert split_owner_subkey(b"peer") is None
     with pytest.raises(ValueError):
