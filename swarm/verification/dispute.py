@@ -19,7 +19,7 @@ it, verdict() tells the outcome. run_dispute() drives it with in-process parties
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -87,9 +87,11 @@ class Responder(Protocol):
 class HonestParty:
     """Answers every question truthfully from its trace and its commitment to it."""
 
-    def __init__(self, trace: SpanTrace, commitment: SpanCommitment):
+    def __init__(self, trace: SpanTrace, commitment: SpanCommitment, leaves: Sequence[bytes] | None = None):
+        """`leaves`: the trace's operator_digests when the caller has them (hashing a trace costs about
+        as much as computing it); checked against the commitment either way."""
         self.trace, self.commitment = trace, commitment
-        self.tree = MerkleTree(operator_digests(trace))
+        self.tree = MerkleTree(operator_digests(trace) if leaves is None else leaves)
         if self.tree.root != commitment.operator_root:
             raise ValueError("the commitment is not to this trace")
 

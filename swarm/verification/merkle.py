@@ -28,7 +28,7 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     tensor = tensor.detach().to("cpu").contiguous()
     digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     # raw bytes through a uint8 view: works for every dtype, bfloat16 included, without conversion
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return digest.digest()
 
 
@@ -231,11 +231,11 @@ def _digest(text: str) -> bytes:
     return digest
 
 
-def commit_trace(trace: SpanTrace, span: LlamaSpan) -> SpanCommitment:
-    """The commitment to a trace of `span`'s forward."""
+def commit_trace(trace: SpanTrace, span: LlamaSpan, leaves: Sequence[bytes] | None = None) -> SpanCommitment:
+    """The commitment to a trace of `span`'s forward; `leaves`: its operator_digests, if already known."""
     if len(trace.blocks) != len(span.layers):
         raise ValueError(f"the trace has {len(trace.blocks)} blocks, the span {len(span.layers)}")
-    leaves = operator_digests(trace)
+    leaves = operator_digests(trace) if leaves is None else list(leaves)
     return SpanCommitment(
         start=span.start,
         end=span.end,

@@ -31,7 +31,7 @@ from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
 from swarm.utils.tensors import TensorTooLargeError, serialize
 from swarm.verification.dispute import SPAN_INPUT, Answer, HonestParty, Question
-from swarm.verification.merkle import commit_trace
+from swarm.verification.merkle import commit_trace, operator_digests
 from swarm.verification.trace import OPERATORS, SpanTrace, trace_span
 from swarm.verification.verdicts import sign_commitment
 
@@ -134,6 +134,18 @@ def sub_span(span: LlamaSpan, layers: slice) -> LlamaSpan:
     return view
 
 
+def _trace_block(
+    span: LlamaSpan,
+    layer: int,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+) -> tuple[SpanTrace, list[bytes]]:
+    """One block of a commitment's trace, and its operator digests."""
+    trace = trace_span(sub_span(span, slice(layer, layer + 1)), hidden, mask, positions)
+    return trace, operator_digests(trace)
+
+
 def trace_key(context: P2PContext, request_id: str) -> str:
     """Traces are kept per caller: another peer that learns a request id can neither read nor replace it."""
     return f"{context.remote_id.to_base58()}/{request_id}"
@@ -193,7 +205,7 @@ class VerificationServicer(VerificationProtocol):
             self.store.check_fits(
                 estimate_trace_nbytes(backend.span.config, blocks, batch * seq_len, element_size)
             )
-            party, output, nbytes = await backend._run(self._commit_sync, backend, inputs, priority=VERIFY)
+            party, output, nbytes = await self._commit(backend, inputs)
             commitment = json.dumps(party.commitment.to_dict()).encode()
             response = swarm_pb2.CommitResponse(commitment=commitment, tensors=[serialize(output)])
             if self.signing_key is not None:
@@ -209,13 +221,27 @@ class VerificationServicer(VerificationProtocol):
             return error_reply(swarm_pb2.CommitResponse, e, context, "commit", logger)
 
     @staticmethod
-    def _commit_sync(backend: SpanBackend, inputs: SpanInputs) -> tuple[HonestParty, torch.Tensor, int]:
-        span = sub_span(backend.span, inputs.layers)
+    async def _commit(backend: SpanBackend, inputs: SpanInputs) -> tuple[HonestParty, torch.Tensor, int]:
+        """Trace and commit, one block per job on the compute thread: a request that arrives meanwhile waits
+        for one block's trace at most, not the whole span's (the checked node is on the client's route)."""
         hidden = inputs.hidden_states.to(backend.device, backend.dtype)
         mask = inputs.attention_mask.to(backend.device) if inputs.attention_mask is not None else None
         positions = inputs.position_ids.to(backend.device) if inputs.position_ids is not None else None
-        trace = trace_span(span, hidden, mask, positions)
-        party = HonestParty(trace, commit_trace(trace, span))
+        pieces, leaves = [], []
+        for layer in range(inputs.layers.start, inputs.layers.stop):
+            piece, digests = await backend._run(
+                _trace_block, backend.span, layer, hidden, mask, positions, priority=VERIFY
+            )
+            pieces.append(piece)
+            leaves.extend(digests)
+            hidden = piece.output
+        trace = SpanTrace(
+            input=pieces[0].input, blocks=[piece.blocks[0] for piece in pieces], output=pieces[-1].output
+        )
+        span = sub_span(backend.span, inputs.layers)
+        # the weights' digests are hashed once per span and remembered: the first commit pays for them
+        commitment = await backend._run(commit_trace, trace, span, leaves, priority=VERIFY)
+        party = HonestParty(trace, commitment, leaves)
         return party, trace.output.to("cpu", inputs.wire_dtype), trace_nbytes(trace)
 
     async def rpc_dispute_answer(
