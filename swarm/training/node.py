@@ -59,6 +59,7 @@ class TrainingNode(Node):
         self._members = MemberView(keep_for=MEMBER_KEEP_FOR)
         self._member_ids: list[str] = []
         self.validation: GroupValidation | None = None
+        self._loaded_from: tuple[int, str] | None = None  # (step, donor) of the state this peer joined with
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
@@ -130,6 +131,7 @@ class TrainingNode(Node):
                 if loaded.hash() != state.hash():
                     raise RuntimeError("the loaded state's hash differs from the donor's")
                 logger.info("loaded stage %d at step %d from %s", self.stage, state.step, donor.peer_id)
+                self._loaded_from = (state.step, donor.peer_id)
                 return
             except Exception as e:
                 logger.warning("loading state from %s failed: %r", donor.peer_id, e)
@@ -260,6 +262,8 @@ class TrainingNode(Node):
         self.validation = GroupValidation(
             validator, self.bans, self.dht, self.signing_key, self.peer_id, averaging.validators, self._loop
         )
+        if self._loaded_from is not None:
+            self.validation.loaded_state(*self._loaded_from)
         trainable = self.backend.trainable
         self.collaboration = Collaboration(
             f"stage {self.stage}",
@@ -327,6 +331,8 @@ class TrainingNode(Node):
         """Replace this peer's parameters, optimizer state and step with another stage peer's."""
         state = await fetch_state(self.p2p, peer_id, self.training_run.sha256, True, STATE_TIMEOUT)
         await self.backend.run_on_compute_thread(self.backend.load, state)
+        if self.validation is not None:
+            self.validation.loaded_state(state.step, peer_id)
         self.announcer.announce_now()
 
     def _stop_announcer(self) -> None:

@@ -304,6 +304,8 @@ class SwarmTrainer:
         """Replace this trainer's head, optimizer state and step with another trainer's."""
         state = await fetch_state(self.client.p2p, peer_id, self.run.sha256, True, self.backward_timeout)
         await self._on_compute(self._load_head, state)
+        if self.validation is not None:
+            self.validation.loaded_state(state.step, peer_id)
         self.announcer.announce_now()
 
     def _load_head(self, state: TrainState) -> None:

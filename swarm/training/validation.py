@@ -582,20 +582,29 @@ class GroupValidation:
         self.own_id, self.validators, self.loop = own_id, validators, loop
         self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
         self._round_members: dict[int, set[str]] = {}  # step -> members of this member's round at that step
+        # step -> the peers whose weights (and optimizer state) of that step are this member's; None: everyone
+        # (the run's checkpoint). A round averages gradients: two members that apply the same aggregate keep
+        # equal weights only if they had them before, so equality runs unbroken from a common start
+        self._same_at: dict[int, frozenset[str] | None] = {0: None}
         bans.gradient_judge = self.judge
         validator.same_weights = self.same_weights
 
+    def loaded_state(self, step: int, donor: str) -> None:
+        """This member took `donor`'s parameters and optimizer state of `step` (joining, or resyncing): from
+        there its weights are the donor's, and nobody else's for sure (at step 0, everyone's: the
+        checkpoint's, as a peer that joins before the first step loads them)."""
+        self._same_at = {step: None if step == 0 else frozenset({donor})}
+
     def same_weights(self, peer: str, step: int) -> str | None:
-        """Why this member's weights of `step` may differ from `peer`'s (None: both took part in the round
-        that made them, so both copied its aggregates). A member that stepped alone, or missed that round,
-        holds weights of its own: recomputing with them, or against them, would accuse an honest peer."""
-        if step == 0:
-            return None  # everyone starts from the run's checkpoint
-        members = self._round_members.get(step - 1)
-        if members is None:
-            return f"this peer was in no round at step {step - 1}: its weights of step {step} are its own"
-        if peer not in members:
-            return f"{peer} was not in this peer's round at step {step - 1}: its weights of {step} differ"
+        """Why this member's weights of `step` may differ from `peer`'s (None: they are equal). They are when
+        both started from the checkpoint (or one loaded the other's state) and took part in every round
+        since together: a member that stepped alone, or missed a round, holds weights of its own from then
+        on, and recomputing with them, or against them, would accuse an honest peer."""
+        if step not in self._same_at:
+            return f"this peer's weights of step {step} are its own (it stepped alone, or kept no record)"
+        same = self._same_at[step]
+        if same is not None and peer not in same:
+            return f"{peer} missed a round of this peer's since their weights matched: those of {step} differ"
         return None
 
     def judge_refusal(self, peer: str) -> str | None:
@@ -612,9 +621,18 @@ class GroupValidation:
         """After a robust round's checks (a `btard.RoundRecord`, on their thread): remember who took part,
         and start the validations this member owes the round."""
         if record.members:
-            self._round_members[record.transcript.step] = set(record.members)
+            step = record.transcript.step
+            self._round_members[step] = set(record.members)
             for old in sorted(self._round_members)[:-KEEP_STEPS]:
                 del self._round_members[old]
+            if step in self._same_at:
+                before = self._same_at[step]
+                members = frozenset(record.members)
+                self._same_at[step + 1] = members if before is None else before & members
+            else:  # weights of its own at this step: after it, too
+                self._same_at[step + 1] = frozenset()
+            for old in sorted(self._same_at)[: -(KEEP_STEPS + 1)]:
+                del self._same_at[old]
         if record.seed is None or not self.validators or self.loop.is_closed():
             return
         for validator, target in choose_pairs(record.seed, record.members, self.validators):
