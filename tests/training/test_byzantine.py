@@ -230,7 +230,11 @@ def test_label_flipping_trainer_is_caught_by_validation(
     """A trainer that trains on flipped labels: the trainer that validates it recomputes its head
     gradient from its token ids and the stage's signed reply and accuses it; the third trainer confirms,
     and the stage peers follow that majority and refuse its calls."""
-    run = write_test_run(tmp_path / "run.toml", train_model, "byzlabelflip", **SETTINGS)
+    # three trainers in one process: on 2 loaded cores one falls a step behind, loads the group's state,
+    # and with 16-sample steps the others are a step further by then, every time (it was never in a round,
+    # so never validated). Steps of 48 samples leave it time to catch up and join.
+    settings = {**SETTINGS, "target_batch_size": 48, "matchmaking_time": 3.0, "averaging_timeout": 10.0}
+    run = write_test_run(tmp_path / "run.toml", train_model, "byzlabelflip", **settings)
     outcome = train(local_swarm, run, corpus_split[0], None, "byzantine:label_flip")
     attacker = outcome["attacker"]
     for bans in outcome["trainer_bans"]:  # both honest trainers banned it, and nobody else
