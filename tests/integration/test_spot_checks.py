@@ -46,6 +46,17 @@ def prompt(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(seed))
 
 
+def usable_once_avoiding(reader, convicted: set[str], timeout: float = 20.0) -> set[str]:
+    """The nodes `reader` would route to, read until none of `convicted` is among them or `timeout` s pass
+    (a DHT read under load can miss a fresh verdict: read again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        usable = {s.peer_id for s in reader.swarm.usable_servers(refresh=True)}
+        if not usable & convicted or time.monotonic() > deadline:
+            return usable
+        time.sleep(1.0)
+
+
 def local_greedy(local_model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     with torch.no_grad():
         return local_model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens)
@@ -87,12 +98,7 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
 
     # another client, checking nothing itself, finds the verdict in the DHT, re-checks it, avoids the cheater
     with DistributedModelForCausalLM.from_pretrained(tiny_model, swarm.initial_peers) as reader:
-        deadline = time.monotonic() + 20  # a DHT read under load can miss a fresh record: read again
-        while True:
-            usable = {s.peer_id for s in reader.swarm.usable_servers(refresh=True)}
-            if peers["cheater"] not in usable or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
+        usable = usable_once_avoiding(reader, {peers["cheater"]})
         against = reader.swarm.verdicts.verdicts_against(peers["cheater"])
         assert peers["cheater"] not in usable and peers["honest"] in usable
         assert [(v["block"], v["op"], v["reason"]) for v in against] == [
@@ -235,12 +241,7 @@ def test_two_cheaters_both_lose_to_an_honest_third(tiny_model, local_model, loca
     # both verdicts stay in the DHT (one client's second verdict does not replace its first), and another
     # client re-checks and honours both
     with DistributedModelForCausalLM.from_pretrained(tiny_model, local_swarm.initial_peers) as reader:
-        deadline = time.monotonic() + 20  # a DHT read under load can miss a fresh record: read again
-        while True:
-            usable = {s.peer_id for s in reader.swarm.usable_servers(refresh=True)}
-            if not usable & convicted or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
+        usable = usable_once_avoiding(reader, convicted)
         assert usable == {peers["front"], peers["honest"]}
         assert reader.swarm.verdicts.convicted() == convicted
 
