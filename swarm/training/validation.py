@@ -600,6 +600,8 @@ class GroupValidation:
         both started from the checkpoint (or one loaded the other's state) and took part in every round
         since together: a member that stepped alone, or missed a round, holds weights of its own from then
         on, and recomputing with them, or against them, would accuse an honest peer."""
+        if step == 0:
+            return None  # the run's checkpoint, however long ago (the record below keeps the last steps)
         if step not in self._same_at:
             return f"this peer's weights of step {step} are its own (it stepped alone, or kept no record)"
         same = self._same_at[step]

@@ -249,6 +249,7 @@ def test_members_judge_only_gradients_of_weights_they_share(keys):
             group.on_round(round_at(step, "me", "peer"))
         assert group.same_weights("peer", 20) is None
         assert "its own" in group.same_weights("peer", 7)  # too old to tell
+        assert group.same_weights("peer", 0) is None  # the checkpoint's never is
     finally:
         loop.close()
 
