@@ -76,9 +76,10 @@ NOTES_SIMULATION = [
     "attackers run the honest code except for their fault's hooks (as `--fault byzantine:ATTACK` does), "
     "their checks and accusations included; a peer whose parts were refused (its round failed) runs no "
     "checks, as GroupAverager skips them after a failed round",
-    "part statements of honest senders are signed when evidence needs them (an accusation's re-check), "
-    "not for every part sent: they sign the committed hash, so signing all of them would change no outcome "
-    "and cost 16 x chunks RSA signatures a round; commitments, results, after and projections statements "
+    "parts statements (one per sender and reducer) of honest senders are signed when evidence needs them "
+    "(an accusation's re-check), not for every reducer: they sign the committed hashes, so signing all of "
+    "them would change no outcome and cost 16 x 16 RSA signatures a round; commitments, results, after and "
+    "projections statements "
     "and accusations are all signed and verified",
     "each peer's secret is derived from --seed, the round and the peer (a real peer draws os.urandom) so "
     "that runs repeat; the group id is derived from the round",
@@ -97,9 +98,9 @@ NOTES_TIMING = [
     "iterations, as it does when tau is set above the honest spread",
     "accusations_filed counts the accusations the checks of the timed robust rounds filed (all peers are "
     "honest: it should be 0)",
-    "a robust round's own work: the commitment (sha256 of every chunk, in the caller), its part statements "
-    "(one RSA signature per chunk, signed while matchmaking waits for the group: they depend on the "
-    "commitment only), per part received a signature check and a sha256 against the sender's commitment, "
+    "a robust round's own work: the commitment (sha256 of every chunk, in the caller), its parts statements "
+    "(one RSA signature per reducer, over the committed hashes of the chunks that reducer reduces), per "
+    "sender a signature check of its parts statement, per part received a sha256 against it, "
     "per chunk reduced a CenteredClip run to its convergence criterion (started at the median) and a signed "
     "result, per result received a signature check and a sha256; reducers check a sender's next part while "
     "the current one is reduced and sign a result while the next is reduced, as hivemind's runner prefetches",
@@ -195,6 +196,7 @@ class Simulation:
         self.reduce = get_reducer("centered_clip", tau=args.tau)
         self.loop = asyncio.new_event_loop()
         self._part_statements: dict[tuple[int, int, int], bytes] = {}
+        self.round_chunks: dict[int, tuple[dict, list]] = {}  # step -> (every member's chunks, reducers)
         self.records: dict[tuple[int, int], ChunkRecord] = {}  # (step, chunk) -> record, this round's
         self.unconverged = 0  # CenteredClip runs that stopped at max_iter
         self.accusations = 0
@@ -204,16 +206,32 @@ class Simulation:
 
     # -- statements ----------------------------------------------------------------------------------------
 
-    def part_statement(self, peer: Peer, step: int, chunk: int, part: torch.Tensor, commit: bytes) -> bytes:
-        """The sender's signed statement of a part it sent (under its commit statement `commit`)."""
-        from swarm.averaging.commitments import part_bytes, part_payload
+    def parts_statement(
+        self, peer: Peer, step: int, first: int, parts: Sequence[torch.Tensor], commit: bytes
+    ) -> bytes:
+        """The sender's signed statement of the parts it sent one reducer (chunks `first`, `first + 1`, ...,
+        under its commit statement `commit`)."""
+        from swarm.averaging.commitments import part_bytes, parts_payload
         from swarm.averaging.statements import digest, sign_statement
 
-        key = (peer.index, step, chunk)
+        key = (peer.index, step, first)
         if key not in self._part_statements:
-            payload = part_payload(PREFIX, step, chunk, digest(part_bytes(part)), digest(commit))
-            self._part_statements[key] = sign_statement(peer.key, payload)
+            hashes = [digest(part_bytes(part)) for part in parts]
+            self._part_statements[key] = sign_statement(
+                peer.key, parts_payload(PREFIX, step, first, hashes, digest(commit))
+            )
         return self._part_statements[key]
+
+    def sent_statement(self, peer: Peer, step: int, chunk: int, commit: bytes) -> bytes:
+        """`peer`'s parts statement for the reducer of `chunk` this round: it covers every chunk that reducer
+        reduces, as `peer` sent them."""
+        chunks, reducers = self.round_chunks[step]
+        reducer = reducers[chunk]
+        owned = [c for c, r in enumerate(reducers) if r is reducer]
+        parts = [chunks[peer.id][c] for c in owned]
+        if peer.fault is not None and peer is not reducer:  # its own parts never leave the reducer
+            parts = [peer.fault.tamper_part(part, c, step) for part, c in zip(parts, owned, strict=True)]
+        return self.parts_statement(peer, step, owned[0], parts, commit)
 
     # -- the training loop ---------------------------------------------------------------------------------
 
@@ -255,6 +273,7 @@ class Simulation:
                         banned_at[verdict.guilty] = step + 1
                 self.accusations += len(accusations)
                 self._part_statements.clear()
+                self.round_chunks.clear()
                 self.records.clear()
                 wrongly = [v for v in bans.bans() if v.guilty not in attackers and v.step == step]
                 for verdict in wrongly:  # reported in the row; the run fails at the end (see `measure`)
@@ -359,6 +378,7 @@ class Simulation:
 
         group = hashlib.sha256(f"group/{step}".encode()).digest()[:20]
         chunks, reducers = self.split(active, sent)
+        self.round_chunks[step] = chunks, reducers
 
         # 1. every member commits to its chunks and to a secret (its gathered data in a real round)
         secrets, commits, committed = {}, {}, {}
@@ -388,7 +408,7 @@ class Simulation:
                 if peer.fault is not None and peer is not reducer:  # its own part never leaves the reducer
                     part = peer.fault.tamper_part(part, c, step)
                 if digest(part_bytes(part)) != committed[peer.id][c]:
-                    statement = self.part_statement(peer, step, c, part, commits[peer.id])
+                    statement = self.sent_statement(peer, step, c, commits[peer.id])
                     evidence = [commits[peer.id], statement]
                     accusation = make_accusation(
                         reducer.key, EQUIVOCATION, peer.id, PREFIX, step, group, c, evidence
@@ -513,7 +533,7 @@ class Simulation:
             verdict = GOOD_FAITH, f"the seed of chunk {chunk} at step {step} can't be rebuilt"
         else:
             parts = [
-                (peer.id, part, self.part_statement(peer, step, chunk, part, record.commits[peer.id]))
+                (peer.id, part, self.sent_statement(peer, step, chunk, record.commits[peer.id]))
                 for peer, part in zip(record.senders, record.parts, strict=True)
             ]
             verdict = judge_aggregate(

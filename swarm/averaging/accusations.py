@@ -5,9 +5,9 @@ An accusation is a statement signed by the accuser (see `swarm.averaging.stateme
     {kind: "accusation", reason, accused, prefix, step, group, chunk, evidence: [statement blobs]}
 
 Reasons:
-- "equivocation": a sender sent bytes other than it committed to. evidence = [its commit, its part
-  statement for `chunk`], both signed by the accused: proven when the part's hash differs from the
-  commit's hash of that chunk;
+- "equivocation": a sender sent bytes other than it committed to. evidence = [its commit, its parts
+  statement covering `chunk`], both signed by the accused: proven when the parts statement's hash of that
+  chunk differs from the commit's;
 - "reducer_equivocation": a reducer sent a result other than the one it published afterwards.
   evidence = [its result statement for `chunk`, its after statement], both signed by the accused: proven
   when the after statement gives another hash for that chunk (or none);
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.averaging.commitments import part_bytes
+from swarm.averaging.commitments import part_bytes, part_hash
 from swarm.averaging.projection import check_chunk, fixed_point_residual, project, projection_vector
 from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
 
@@ -91,19 +91,22 @@ class _Malformed(Exception):
 def _equivocated(payload: dict[str, Any], evidence: list[bytes]) -> bool:
     accused, prefix, step, chunk = payload["accused"], payload["prefix"], payload["step"], payload["chunk"]
     if len(evidence) != 2:
-        raise _Malformed("equivocation needs [commit, part] as evidence")
+        raise _Malformed("equivocation needs [commit, parts] as evidence")
     try:
         commit = expect(evidence[0], signer=accused, kind="commit", prefix=prefix, step=step)
-        part = expect(evidence[1], signer=accused, kind="part", prefix=prefix, step=step, chunk=chunk)
+        parts = expect(evidence[1], signer=accused, kind="parts", prefix=prefix, step=step)
     except InvalidStatement as e:
         raise _Malformed(f"bad evidence: {e}") from None
     chunks = commit.get("chunks")
     if not isinstance(chunks, list) or not 0 <= chunk < len(chunks):
         raise _Malformed(f"the commitment has no chunk {chunk}")
-    if part.get("commit") != digest(evidence[0]):
-        # the part was sent under another commitment (e.g. an earlier round of the same step): no proof
-        raise _Malformed("the part statement belongs to another commitment")
-    return chunks[chunk] != part.get("hash")
+    sent = part_hash(parts, chunk)
+    if sent is None:
+        raise _Malformed(f"the parts statement covers no chunk {chunk}")
+    if parts.get("commit") != digest(evidence[0]):
+        # the parts were sent under another commitment (e.g. an earlier round of the same step): no proof
+        raise _Malformed("the parts statement belongs to another commitment")
+    return chunks[chunk] != sent
 
 
 def _reducer_equivocated(payload: dict[str, Any], evidence: list[bytes]) -> bool:
@@ -241,7 +244,7 @@ def judge_aggregate(
 
     :param result_statement: the reducer's signed result for the chunk
     :param commits: sender -> its commit statement
-    :param parts: (sender, part, its part statement) for every part the reducer says it reduced
+    :param parts: (sender, part, its parts statement) for every part the reducer says it reduced
     :param aggregate: the reducer's result
     :param projections: sender -> its published (<z, x_i - v>, ||x_i - v||) for this chunk
     :param seed: the chunk's seed (from the senders' revealed secrets)
@@ -296,11 +299,11 @@ def judge_aggregate(
         tensor, statement = held[sender]
         try:
             commit = expect(commits[sender], signer=sender, kind="commit", prefix=prefix, step=step)
-            part = expect(statement, signer=sender, kind="part", prefix=prefix, step=step, chunk=chunk)
+            parts = expect(statement, signer=sender, kind="parts", prefix=prefix, step=step)
             committed = commit["chunks"][chunk]
         except (InvalidStatement, KeyError, IndexError, TypeError) as e:
             return reducer_id, f"kept no valid statements for {sender}'s part {chunk}: {e}"
-        if not part.get("hash") == committed == digest(part_bytes(tensor)):
+        if not part_hash(parts, chunk) == committed == digest(part_bytes(tensor)):
             return reducer_id, f"kept a part {chunk} of {sender} other than the one {sender} signed"
         tensors.append(tensor)
 

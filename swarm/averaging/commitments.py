@@ -9,7 +9,9 @@ Statements of one round (all signed, see `swarm.averaging.statements`; `prefix` 
 name, `step` the round key the members agreed on, `group` hivemind's group id):
 - commit   {prefix, step, chunks: [sha256 of chunk g], seed_commit: sha256(secret)}  before the round,
            carried in hivemind's gathered data
-- part     {prefix, step, chunk, hash, commit: sha256 of the sender's commit}  with every part it sends
+- parts    {prefix, step, first, hashes: [sha256 of chunk first + i], commit: sha256 of the sender's commit}
+           once per reducer, with the first part a sender sends it: the hashes of the chunks that reducer
+           reduces (a contiguous range), one signature per reducer instead of one per part
 - result   {prefix, step, group, chunk, hash, senders: [peer ids whose parts were reduced]}  with every
            reduced part a reducer sends back
 - after    {prefix, step, group, seed: secret, results: {chunk: hash}}  published by every sender after
@@ -79,10 +81,27 @@ def commit_payload(prefix: str, step: int, chunks: list[bytes], seed_commit: byt
     return {"kind": "commit", "prefix": prefix, "step": step, "chunks": chunks, "seed_commit": seed_commit}
 
 
-def part_payload(prefix: str, step: int, chunk: int, hash_: bytes, commit: bytes) -> dict:
-    """`commit` is the sha256 of the sender's commit statement: a part of one round can't be paired with
-    the commitment of another round of the same step as false proof of equivocation."""
-    return {"kind": "part", "prefix": prefix, "step": step, "chunk": chunk, "hash": hash_, "commit": commit}
+def parts_payload(prefix: str, step: int, first: int, hashes: Sequence[bytes], commit: bytes) -> dict:
+    """What a sender sends one reducer: chunks `first`, `first + 1`, ... with these hashes. `commit` is the
+    sha256 of the sender's commit statement: parts of one round can't be paired with the commitment of
+    another round of the same step as false proof of equivocation."""
+    return {
+        "kind": "parts",
+        "prefix": prefix,
+        "step": step,
+        "first": first,
+        "hashes": list(hashes),
+        "commit": commit,
+    }
+
+
+def part_hash(parts: dict, chunk: int) -> bytes | None:
+    """The hash a parts statement's payload signs for `chunk`; None when it covers no such chunk."""
+    first, hashes = parts.get("first"), parts.get("hashes")
+    if not isinstance(first, int) or not isinstance(hashes, list) or not 0 <= chunk - first < len(hashes):
+        return None
+    hash_ = hashes[chunk - first]
+    return hash_ if isinstance(hash_, bytes) else None
 
 
 def result_payload(

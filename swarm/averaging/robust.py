@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import typing
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -54,7 +53,7 @@ from hivemind.utils.asyncio import (
 )
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.averaging.commitments import part_digest, part_payload, result_payload
+from swarm.averaging.commitments import part_digest, part_hash, parts_payload, result_payload
 from swarm.averaging.group import SwarmDecentralizedAverager
 from swarm.averaging.reducers import all_finite
 from swarm.averaging.statements import InvalidStatement, digest, expect, open_statement, sign_statement
@@ -203,7 +202,7 @@ class ChunkEvidence:
     """What a reducer keeps about one chunk it reduced, to show anyone who re-checks it."""
 
     commits: dict[str, bytes]  # sender -> its commit statement
-    parts: list[tuple[str, torch.Tensor, bytes]]  # (sender, part, its part statement), in reduction order
+    parts: list[tuple[str, torch.Tensor, bytes]]  # (sender, part, its parts statement), in reduction order
     result: bytes  # this reducer's result statement
     aggregate: torch.Tensor
 
@@ -226,10 +225,11 @@ class RoundTranscript:
 class RobustAllReduceRunner(AllReduceRunner):
     """hivemind's butterfly all-reduce with `RobustTensorPartReducer`, signed parts and signed results.
 
-    - Every part a sender sends carries its signed part statement (hash of the bytes, in the message's
-      otherwise unused `peer_id` field); a reducer refuses a part that is unsigned, does not match its own
-      signature, or differs from the sender's commitment (the last is an equivocation, proven by the two
-      statements; the sender is dropped from this all-reduce).
+    - The first part a sender sends a reducer carries its signed parts statement (the hashes of every part
+      it sends that reducer, in the message's otherwise unused `peer_id` field): one signature per reducer.
+      A reducer refuses a sender whose statement is missing or differs from its commitment (an
+      equivocation, proven by the two statements; the sender is dropped from this all-reduce), and a part
+      whose bytes do not match the statement.
     - A reducer sends back the aggregate itself (not hivemind's delta), with its signed result statement;
       a sender refuses a result whose bytes do not match it, or that left its own part out.
     - Compressed parts are refused: a lossy codec would make sent bytes differ from committed bytes.
@@ -242,8 +242,6 @@ class RobustAllReduceRunner(AllReduceRunner):
     :param step: the round key every member committed to
     :param round_prefix: the averaging group's name (in every statement)
     :param commits: sender peer id -> (commit statement, its opened payload), for every sender
-    :param part_statements: this peer's part statements for the hashes it committed to, mostly signed
-      ahead of the round (`PartStatements`); None signs each part as it is sent
     :param tamper_part, tamper_aggregate: --fault hooks (see swarm.testing.faults); None when honest
     Other parameters are AllReduceRunner's.
     """
@@ -258,7 +256,6 @@ class RobustAllReduceRunner(AllReduceRunner):
         step: int,
         round_prefix: str,
         commits: dict[str, tuple[bytes, dict]],
-        part_statements: PartStatements | None = None,
         tamper_part: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
         tamper_aggregate: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
         **kwargs: Any,
@@ -275,10 +272,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
         self.own_id = self.peer_id.to_base58()
         self.own_commit = digest(commits[self.own_id][0]) if self.own_id in commits else b""
-        # statements signed ahead for this very commitment (an attacker's hook signs what it really sends)
-        self.own_statements = None
-        if tamper_part is None and part_statements is not None and part_statements.commit == self.own_commit:
-            self.own_statements = part_statements
+        own = commits.get(self.own_id)
+        self.own_hashes: list[bytes] | None = own[1]["chunks"] if own is not None else None
         self.sender_ids = [peer.to_base58() for peer in self.sender_peer_ids]
         counts = self.tensor_part_container.num_parts_by_peer
         # parts are assigned to reducers in chunk order, so reducer j holds a contiguous range of chunks
@@ -287,7 +282,8 @@ class RobustAllReduceRunner(AllReduceRunner):
         self.results: dict[int, bytes] = {}
         self.findings: list[Finding] = []
         self.evidence: dict[int, ChunkEvidence] = {}
-        self._part_statements: dict[int, dict[int, bytes]] = {}  # own part index -> sender index -> stmt
+        # sender index -> (its parts statement for this reducer, the hashes it signs for this reducer's parts)
+        self._sender_parts: dict[int, tuple[bytes, list[bytes]]] = {}
         self._signed_results: dict[int, asyncio.Future] = {}
 
     @property
@@ -301,43 +297,45 @@ class RobustAllReduceRunner(AllReduceRunner):
 
     # ---- sending parts ------------------------------------------------------------------------------------
 
-    def _signed_part(self, part: torch.Tensor, chunk: int) -> tuple[runtime_pb2.Tensor, bytes]:
-        if self.tamper_part is not None:
-            part = self.tamper_part(part, chunk, self.step)
-        serialized = serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
-        if self.own_statements is not None:
-            # the part is the chunk this peer committed to (its tensors are what it hashed), and the
-            # statement signs that committed hash: the reducer still hashes the bytes it receives
-            return serialized, self.own_statements.get(chunk)
-        return serialized, self._part_statement(chunk, digest(serialized.buffer))
-
-    def _part_statement(self, chunk: int, hash_: bytes) -> bytes:
-        """This sender's signed hash of what it sends for `chunk`, under its commitment of this round."""
-        payload = part_payload(self.round_prefix, self.step, chunk, hash_, self.own_commit)
+    def _parts_statement(self, first: int, hashes: Sequence[bytes]) -> bytes:
+        """This sender's signed hashes of the parts it sends one reducer (chunks first, first + 1, ...)."""
+        payload = parts_payload(self.round_prefix, self.step, first, hashes, self.own_commit)
         return sign_statement(self.signing_key, payload)
 
-    def _own_part_statement(self, chunk: int, part: torch.Tensor) -> bytes:
-        if self.own_statements is not None:
-            return self.own_statements.get(chunk)
-        return self._part_statement(chunk, part_digest(part))
+    def _parts_for_reducer(self, parts: Sequence[torch.Tensor], first: int) -> tuple[bytes, list[Any] | None]:
+        """(the parts statement for a reducer, the serialized parts if they had to be serialized to hash them)
+
+        An honest sender signs the hashes it committed to (its parts are the chunks it hashed); a --fault hook
+        that changes them signs what it really sends."""
+        if self.tamper_part is None and self.own_hashes is not None:
+            return self._parts_statement(first, self.own_hashes[first : first + len(parts)]), None
+        if self.tamper_part is not None:
+            parts = [self.tamper_part(part, first + i, self.step) for i, part in enumerate(parts)]
+        serialized = [self._serialized(part) for part in parts]
+        return self._parts_statement(first, [digest(s.buffer) for s in serialized]), serialized
+
+    @staticmethod
+    def _serialized(part: torch.Tensor) -> runtime_pb2.Tensor:
+        return serialize_torch_tensor(part.detach().contiguous(), runtime_pb2.CompressionType.NONE)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         parts = self.tensor_part_container.get_raw_input_parts(peer_index)
-        offset = self.chunk_offsets[peer_index]
-        # serialized (and signed, if not ahead) in the background, a part ahead of the stream, as hivemind
-        # compresses its parts (TensorPartContainer.iterate_input_parts_for)
-        signed_parts = amap_in_executor(
-            lambda numbered: self._signed_part(numbered[1], offset + numbered[0]),
-            as_aiter(*enumerate(parts)),
-            max_prefetch=PREFETCH,
+        loop = asyncio.get_running_loop()
+        statement, serialized = await loop.run_in_executor(
+            None, self._parts_for_reducer, parts, self.chunk_offsets[peer_index]
         )
+        if serialized is None:
+            # serialized in the background, a part ahead of the stream, as hivemind compresses its parts
+            # (TensorPartContainer.iterate_input_parts_for)
+            serialized_parts = amap_in_executor(self._serialized, as_aiter(*parts), max_prefetch=PREFETCH)
+        else:
+            serialized_parts = as_aiter(*serialized)
         part_index = 0
-        async for serialized, statement in signed_parts:
-            message = averaging_pb2.AveragingData(
-                tensor_part=serialized, weight=self.weight, peer_id=statement
-            )
+        async for tensor_part in serialized_parts:
+            message = averaging_pb2.AveragingData(tensor_part=tensor_part, weight=self.weight)
             if part_index == 0:
                 message.code, message.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+                message.peer_id = statement
             part_index += 1
             yield message
 
@@ -403,15 +401,18 @@ class RobustAllReduceRunner(AllReduceRunner):
         offset = self.chunk_offsets[peer_index]
 
         async def accumulate() -> AsyncIterator[tuple[int, torch.Tensor]]:
-            for part_index, part in enumerate(self.parts_for_local_averaging):
-                chunk = offset + part_index
-                if self.own_statements is not None and self.own_statements.ready(chunk):
-                    own_part = self.own_statements.get(chunk)
-                else:
-                    own_part = await asyncio.get_running_loop().run_in_executor(
-                        None, self._own_part_statement, chunk, part
-                    )
-                self._part_statements.setdefault(part_index, {})[sender_index] = own_part
+            parts = list(self.parts_for_local_averaging)
+            # this peer's own parts never travel, so a --fault hook leaves them as they are
+            hashes = (
+                self.own_hashes[offset : offset + len(parts)]
+                if self.own_hashes is not None
+                else [part_digest(part) for part in parts]
+            )
+            statement = await asyncio.get_running_loop().run_in_executor(
+                None, self._parts_statement, offset, hashes
+            )
+            self._sender_parts[sender_index] = (statement, hashes)
+            for part_index, part in enumerate(parts):
                 yield (
                     part_index,
                     await self.tensor_part_reducer.accumulate_part(
@@ -426,6 +427,33 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.results[offset + part_index] = statement
             self.tensor_part_container.register_processed_part(peer_index, part_index, aggregate)
 
+    def _open_parts_statement(self, message: averaging_pb2.AveragingData, sender_index: int) -> None:
+        """Check the parts statement a sender's first message carries against its commitment and keep it."""
+        sender = self.sender_ids[sender_index]
+        first, count = self.chunk_offsets[self.own_index], self.tensor_part_reducer.num_parts
+        try:
+            parts = expect(
+                message.peer_id,
+                signer=sender,
+                kind="parts",
+                prefix=self.round_prefix,
+                step=self.step,
+                first=first,
+                commit=self.commit_digests[sender],  # sent under the commitment of this round
+            )
+        except InvalidStatement as e:
+            raise AllreduceException(f"sender {sender}'s parts are not signed: {e}") from None
+        hashes = [part_hash(parts, chunk) for chunk in range(first, first + count)]
+        if None in hashes or len(parts["hashes"]) != count:
+            last = first + count - 1
+            raise AllreduceException(f"{sender}'s parts statement does not cover chunks {first} to {last}")
+        commit_blob, commit = self.commits[sender]
+        for chunk, hash_ in enumerate(hashes, start=first):
+            if hash_ != commit["chunks"][chunk]:
+                self.findings.append(Finding("equivocation", sender, chunk, [commit_blob, message.peer_id]))
+                raise AllreduceException(f"{sender} equivocated: part {chunk} differs from its commitment")
+        self._sender_parts[sender_index] = (message.peer_id, hashes)
+
     def _check_part(
         self, message: averaging_pb2.AveragingData, sender_index: int, part_index: int
     ) -> torch.Tensor:
@@ -434,27 +462,23 @@ class RobustAllReduceRunner(AllReduceRunner):
         if message.tensor_part.compression != runtime_pb2.CompressionType.NONE:
             name = runtime_pb2.CompressionType.Name(message.tensor_part.compression)
             raise AllreduceException(f"sender {sender} sent a {name}-compressed part")
-        try:
-            part = expect(
-                message.peer_id,
-                signer=sender,
-                kind="part",
-                prefix=self.round_prefix,
-                step=self.step,
-                chunk=chunk,
-                commit=self.commit_digests[sender],  # sent under the commitment of this round
-            )
-        except InvalidStatement as e:
-            raise AllreduceException(f"sender {sender}'s part {chunk} is not signed: {e}") from None
         buffer = message.tensor_part.buffer  # each read of a bytes field copies it: read it once
-        if part["hash"] != digest(buffer):
+        if self._sender_parts[sender_index][1][part_index] != digest(buffer):
             raise AllreduceException(f"sender {sender}'s part {chunk} differs from its own signature")
-        commit_blob, commit = self.commits[sender]
-        if part["hash"] != commit["chunks"][chunk]:
-            self.findings.append(Finding("equivocation", sender, chunk, [commit_blob, message.peer_id]))
-            raise AllreduceException(f"sender {sender} equivocated: part {chunk} differs from its commitment")
-        self._part_statements.setdefault(part_index, {})[sender_index] = message.peer_id
         return _deserialize(message.tensor_part, buffer)
+
+    async def _with_parts_statement(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """`stream`, once its first message's parts statement is checked (before any part is)."""
+        first = True
+        async for message in stream:
+            if first:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._open_parts_statement, message, sender_index
+                )
+                first = False
+            yield message
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
@@ -464,7 +488,7 @@ class RobustAllReduceRunner(AllReduceRunner):
             # waits for the others, as hivemind's runner deserializes its next part in the background
             checked = amap_in_executor(
                 lambda numbered: self._check_part(numbered[1], sender_index, numbered[0]),
-                _numbered(stream),
+                _numbered(self._with_parts_statement(stream, sender_index)),
                 max_prefetch=PREFETCH,
             )
             part_index, reducer = 0, self.tensor_part_reducer
@@ -523,7 +547,6 @@ class RobustAllReduceRunner(AllReduceRunner):
             self.round_prefix, self.step, self.group_id, chunk, part_digest(aggregate), senders
         )
         statement = sign_statement(self.signing_key, payload)
-        statements = self._part_statements.get(part_index, {})
         self.evidence[chunk] = ChunkEvidence(
             commits={sender: self.commits[sender][0] for sender in senders},
             # this peer's own part is a view of the averager's tensors, which the next round overwrites
@@ -531,7 +554,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 (
                     self.sender_ids[i],
                     tensor.clone() if self.sender_ids[i] == self.own_id else tensor,
-                    statements.get(i, b""),
+                    self._sender_parts.get(i, (b"", []))[0],
                 )
                 for i, tensor in inputs.items()
             ],
@@ -647,22 +670,7 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
         self.reducer, self.signing_key = reducer, signing_key
         self.tamper_part, self.tamper_aggregate = tamper_part, tamper_aggregate
         self._evidence: OrderedDict[tuple[int, bytes], dict[int, ChunkEvidence]] = OrderedDict()
-        self._presigned: PartStatements | None = None  # this step's part statements, being signed
         super().__init__(*args, **kwargs)
-
-    async def _step(self, *, step: Any, future_for_init: Any) -> None:
-        # A part statement only depends on this peer's commitment (its gathered data), not on the group:
-        # start signing them while matchmaking waits for the group (the round signs any it needs first)
-        self._presigned = None
-        if self.tamper_part is None:
-            try:
-                _, _, user_data = self.serializer.loads(step.data_for_gather)
-                statements = PartStatements(self.signing_key, self.prefix, self.serializer.loads(user_data))
-                asyncio.get_running_loop().run_in_executor(None, _sign_all_quietly, statements)
-                self._presigned = statements
-            except Exception as e:  # the round signs each part as it sends it
-                logger.debug("could not sign part statements ahead: %r", e)
-        await super()._step(step=step, future_for_init=future_for_init)
 
     def _make_runner(self, **kwargs: Any) -> AllReduceRunner:
         return RobustAllReduceRunner(
@@ -718,7 +726,6 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
                 modes=tuple(modes),
                 step=step,
                 commits=commits,
-                part_statements=self._presigned,  # the runner checks they are for this commitment
                 **kwargs,
             )
         self._evidence[(step, group_info.group_id)] = runner.evidence
@@ -730,7 +737,7 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:  # hivemind knows typing's only
         """What this reducer reduced for one chunk: first its result statement, the senders' commitments and
-        the aggregate; then each sender's part with its part statement. Empty when it kept nothing."""
+        the aggregate; then each sender's part with its parts statement. Empty when it kept nothing."""
         try:
             query = msgpack.unpackb(request.peer_id, raw=False)
             evidence = self._evidence.get((int(query["step"]), request.group_id), {}).get(int(query["chunk"]))
@@ -749,70 +756,6 @@ class RobustDecentralizedAverager(SwarmDecentralizedAverager):
                 tensor_part=serialize_torch_tensor(part, runtime_pb2.CompressionType.NONE),
             )
         await hold_until_caller_closes()
-
-
-class PartStatements:
-    """This peer's part statements for one commitment: for every chunk, the statement that sending that
-    chunk needs (the committed hash, under that commitment), each signed once, by whichever asks first:
-    `sign_all` (a thread started before the group has met) or the round (`get`, for one it needs now).
-
-    These are exactly the statements `RobustAllReduceRunner` would sign as it sends the committed chunks
-    (each its own signature, so each serves as evidence alone: `accusations.judge_aggregate` and
-    `_equivocated` read them as before); only the time of signing moves.
-    """
-
-    def __init__(self, key: RSAPrivateKey, prefix: str, commit_blob: bytes):
-        _, commit = open_statement(commit_blob)
-        self.key, self.prefix, self.step = key, prefix, int(commit["step"])
-        self.hashes: list[bytes] = list(commit["chunks"])
-        self.commit = digest(commit_blob)  # the sha256 of the commit statement, as parts carry it
-        self._statements: list[bytes | None] = [None] * len(self.hashes)
-        self._signing: dict[int, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.hashes)
-
-    def ready(self, chunk: int) -> bool:
-        return self._statements[chunk] is not None
-
-    def get(self, chunk: int) -> bytes:
-        """The statement of `chunk`, signed now if nobody has (waits while another thread signs it)."""
-        with self._lock:
-            statement, signing = self._statements[chunk], self._signing.get(chunk)
-            if statement is not None:
-                return statement
-            if signing is None:
-                signing = self._signing[chunk] = threading.Event()
-                mine = True
-            else:
-                mine = False
-        if not mine:
-            signing.wait()
-            if self._statements[chunk] is not None:
-                return self._statements[chunk]
-        try:
-            payload = part_payload(self.prefix, self.step, chunk, self.hashes[chunk], self.commit)
-            statement = self._statements[chunk] = sign_statement(self.key, payload)
-        finally:
-            signing.set()
-        return statement
-
-    def sign_all(self) -> list[bytes]:
-        return [self.get(chunk) for chunk in range(len(self))]
-
-
-def _sign_all_quietly(statements: PartStatements) -> None:
-    try:
-        statements.sign_all()
-    except Exception as e:  # the round signs what it still needs itself
-        logger.debug("signing part statements ahead failed: %r", e)
-
-
-def presign_parts(key: RSAPrivateKey, prefix: str, commit_blob: bytes) -> tuple[bytes, list[bytes]]:
-    """Every part statement of a commitment, signed now: (sha256 of the commit statement, statements)."""
-    statements = PartStatements(key, prefix, commit_blob)
-    return statements.commit, statements.sign_all()
 
 
 async def fetch_evidence(

@@ -283,9 +283,13 @@ def test_mean_is_dragged_by_the_attacker(dhts):
 class _CompressingRunner(RobustAllReduceRunner):
     """Signs float16-compressed parts (a cheater's modified code: honest runners never compress)."""
 
-    def _signed_part(self, part, chunk):
-        serialized = serialize_torch_tensor(part, runtime_pb2.CompressionType.FLOAT16)
-        return serialized, self._part_statement(chunk, digest(serialized.buffer))
+    @staticmethod
+    def _serialized(part):
+        return serialize_torch_tensor(part, runtime_pb2.CompressionType.FLOAT16)
+
+    def _parts_for_reducer(self, parts, first):
+        serialized = [self._serialized(part) for part in parts]
+        return self._parts_statement(first, [digest(s.buffer) for s in serialized]), serialized
 
 
 class _CompressingAverager(RobustDecentralizedAverager):

@@ -16,7 +16,7 @@ from swarm.averaging.commitments import (
     after_payload,
     commit_payload,
     part_bytes,
-    part_payload,
+    parts_payload,
     projections_payload,
     result_payload,
 )
@@ -241,15 +241,18 @@ def _judge(blob: bytes, recheck=None) -> Verdict | None:
 
 
 def _sender_statements(key: RSAPrivateKey, chunks: list[torch.Tensor], sent: dict[int, torch.Tensor]):
-    """(commit to `chunks`, {chunk: part statement of what was really sent})."""
+    """(commit to `chunks`, {chunk: parts statement of what was really sent, covering that chunk alone})."""
     commit = sign_statement(
         key, commit_payload(PREFIX, STEP, [digest(part_bytes(c)) for c in chunks], digest(b"s" * 32))
     )
-    parts = {
-        g: sign_statement(key, part_payload(PREFIX, STEP, g, digest(part_bytes(t)), digest(commit)))
-        for g, t in sent.items()
-    }
+    parts = {g: _parts_statement(key, commit, g, [t]) for g, t in sent.items()}
     return commit, parts
+
+
+def _parts_statement(key: RSAPrivateKey, commit: bytes, first: int, sent: list[torch.Tensor]) -> bytes:
+    """A sender's statement of the parts it sent one reducer: chunks first, first + 1, ..."""
+    hashes = [digest(part_bytes(t)) for t in sent]
+    return sign_statement(key, parts_payload(PREFIX, STEP, first, hashes, digest(commit)))
 
 
 def test_equivocation_bans_the_sender_and_a_false_accusation_bans_the_accuser(keys, caplog):
@@ -452,7 +455,7 @@ def test_ban_list_retries_an_accusation_whose_recheck_failed(keys):
     assert asyncio.run(bans.consider(blob)) is None and len(calls) == 2
 
 
-# ---- part statements signed ahead of the round, chunk hashes from memory --------------------------------
+# ---- parts statements, chunk hashes from memory -----------------------------------------------------------
 
 
 def test_part_digest_is_the_hash_of_the_bytes_sent():
@@ -466,74 +469,46 @@ def test_part_digest_is_the_hash_of_the_bytes_sent():
     assert chunk_digests(tensors, 256) == [digest(part_bytes(c)) for c in split_chunks(tensors, 256)]
 
 
-def test_presigned_part_statements_are_the_ones_sent_and_serve_as_evidence(keys):
-    """`presign_parts` signs, before the round, exactly the statements a sender would sign as it sends its
-    committed chunks: accusations built from them and re-checks that read them judge as before."""
-    from swarm.averaging.robust import presign_parts
-    from swarm.averaging.statements import open_statement
-
+def test_one_parts_statement_per_reducer_proves_each_chunk_it_covers(keys):
+    """A sender signs one statement for all the parts it sends a reducer: it proves an equivocation on the
+    chunk it lies about, and nothing about the chunks it sent honestly or does not cover."""
     sender, accuser = keys[0], keys[1]
     sender_id, accuser_id = peer_id_of(sender), peer_id_of(accuser)
-    chunks = [torch.full((8,), float(i)) for i in range(3)]
-    commit, signed_when_sent = _sender_statements(sender, chunks, dict(enumerate(chunks)))
-    signed_for, presigned = presign_parts(sender, PREFIX, commit)
-    assert signed_for == digest(commit) and len(presigned) == len(chunks)
-    for chunk, statement in enumerate(presigned):
-        signer, payload = open_statement(statement)
-        assert signer == sender_id
-        assert payload == open_statement(signed_when_sent[chunk])[1]
-        assert payload == part_payload(PREFIX, STEP, chunk, digest(part_bytes(chunks[chunk])), digest(commit))
-    # an honest sender's presigned statement proves no equivocation: its accuser is the one banned
-    false = make_accusation(
-        accuser, "equivocation", sender_id, PREFIX, STEP, GROUP, 1, [commit, presigned[1]]
-    )
-    assert _judge(false).guilty == accuser_id
+    chunks = [torch.full((8,), float(i)) for i in range(4)]
+    commit, _ = _sender_statements(sender, chunks, {})
+    parts = _parts_statement(sender, commit, 1, [chunks[1], chunks[2] * -1000, chunks[3]])
+    for chunk, guilty in ((2, sender_id), (1, accuser_id), (3, accuser_id), (0, accuser_id)):
+        blob = make_accusation(
+            accuser, "equivocation", sender_id, PREFIX, STEP, GROUP, chunk, [commit, parts]
+        )
+        assert _judge(blob).guilty == guilty, chunk
+    # an honest sender's statement (the committed hashes) proves nothing about any chunk
+    honest = _parts_statement(sender, commit, 0, chunks)
+    for chunk in range(len(chunks)):
+        blob = make_accusation(
+            accuser, "equivocation", sender_id, PREFIX, STEP, GROUP, chunk, [commit, honest]
+        )
+        assert _judge(blob).guilty == accuser_id
 
 
-def test_a_reducer_keeping_presigned_statements_is_cleared_by_a_recheck(keys):
-    from swarm.averaging.robust import presign_parts
-
+def test_a_reducer_keeping_multi_chunk_parts_statements_is_cleared_by_a_recheck(keys):
     r = _Round(keys)
-    # the senders' statements for the reduced chunk, signed ahead of the round instead of as parts were sent
+    # each sender's statement covers chunks 0 and 1 (the whole range the reducer reduces), not chunk 1 alone
     r.parts = [
-        (peer, part, presign_parts(key, PREFIX, r.commits[peer])[1][r.chunk])
+        (peer, part, _parts_statement(key, r.commits[peer], 0, [torch.zeros(7), part]))
         for key, (peer, part, _) in zip(keys, r.parts, strict=True)
     ]
     aggregate, result, values = r.reduced()
     verdict = _judge(r.accuse(result), r.recheck(result, aggregate, values))
     assert verdict.guilty == r.ids[1] and "false accusation" in verdict.reason
-
-
-def test_part_statements_are_each_signed_once_whoever_asks_first(keys, monkeypatch):
-    """The round and the thread signing ahead may ask for the same chunk at once: one signature each."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import swarm.averaging.robust as robust
-    from swarm.averaging.statements import open_statement
-
-    key = keys[0]
-    chunks = [torch.full((4,), float(i)) for i in range(12)]
-    commit, _ = _sender_statements(key, chunks, {})
-    signed = []
-
-    def counting_sign(signer, payload):
-        signed.append(payload["chunk"])
-        return sign_statement(signer, payload)
-
-    monkeypatch.setattr(robust, "sign_statement", counting_sign)
-    statements = robust.PartStatements(key, PREFIX, commit)
-    assert statements.commit == digest(commit) and len(statements) == len(chunks)
-    assert not statements.ready(3)
-    with ThreadPoolExecutor(4) as pool:
-        ahead = pool.submit(statements.sign_all)
-        asked = list(pool.map(statements.get, [7, 3, 11, 3, 7, 0] * 3))
-    assert sorted(signed) == list(range(len(chunks)))  # every chunk once
-    every = ahead.result()
-    assert asked == [every[g] for g in [7, 3, 11, 3, 7, 0] * 3] and statements.ready(3)
-    for chunk, statement in enumerate(every):
-        assert open_statement(statement)[1] == part_payload(
-            PREFIX, STEP, chunk, digest(part_bytes(chunks[chunk])), digest(commit)
-        )
+    # a statement that does not cover the reduced chunk is no evidence: the reducer kept nothing valid
+    r.parts[2] = (
+        r.parts[2][0],
+        r.parts[2][1],
+        _parts_statement(keys[2], r.commits[r.ids[2]], 0, [torch.zeros(7)]),
+    )
+    verdict = _judge(r.accuse(result), r.recheck(result, aggregate, values))
+    assert verdict.guilty == r.ids[0]
 
 
 def test_parts_deserialize_as_hivemind_does():
