@@ -7,6 +7,7 @@ import sys
 
 from swarm.cli import dht, generate, health, local, models, node, run, train
 from swarm.cli.common import not_implemented, setup_logging
+from swarm.cli.config_file import apply_config_file
 
 PENDING: dict[str, tuple[str, str]] = {}  # subcommand -> (help, title of the issue that adds it)
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A failure is one line and a hint on stderr, exit 1 (usage errors exit 2, from
     argparse); `swarm -v ...` shows the traceback instead."""
-    args = build_parser().parse_args(argv)
+    args = apply_config_file(build_parser(), sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.verbose)
     try:
         return args.func(args) or 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
+from swarm.cli.config_file import add_config_arguments, print_config
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
 from swarm.testing.faults import SERVING_NODE, TRAINING_NODE, FaultError, add_fault_argument, fault_for
@@ -30,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--model-name", default=None, help="name in the DHT (default: built-in name or folder name)"
     )
     add_initial_peers(parser, required=False)
-    where = parser.add_mutually_exclusive_group(required=True)
+    # one of them is required, on the command line or in --config (checked in run)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--blocks", type=_blocks, help="span of blocks to serve, START:END")
     where.add_argument(
         "--train",
@@ -133,6 +135,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="seconds a request stream may go without a complete message before it is dropped",
     )
     add_cache_dir(parser)
+    add_config_arguments(parser)
     add_fault_argument(parser)
     parser.set_defaults(func=run)
 
@@ -197,6 +200,11 @@ def _fault(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_config:
+        print_config(args._config_parser, args)
+        return 0
+    if args.blocks is None and args.train is None and args.num_blocks is None:
+        _usage_error("one of --blocks, --train or --num-blocks is required (as a flag or in --config)")
     if args.stage is not None and args.train is None:
         _usage_error("--stage needs --train RUN_FILE")
     fault = _fault(args)

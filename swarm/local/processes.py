@@ -146,17 +146,19 @@ class LocalSwarm:
 
     def start_node(
         self,
-        model: str,
+        model: str | None,
         blocks: str | None,
         *extra: str,
         wait: bool = True,
         timeout: float = 120.0,
         name: str | None = None,
     ) -> ManagedProcess:
-        """Start `swarm node` on `blocks` ("A:B"; None: --num-blocks in `extra`); wait until it serves."""
+        """Start `swarm node` on `blocks` ("A:B"; None: --num-blocks or --config in `extra`) with `model`
+        (None: in --config); wait until it serves."""
         name = name or f"node{len([p for p in self.processes if p.name.startswith('node')])}"
         where = ["--blocks", blocks] if blocks is not None else []
-        args = ["node", "--model", model, *where, "--initial-peers", *self.initial_peers, *extra]
+        which = ["--model", model] if model is not None else []
+        args = ["node", *which, *where, "--initial-peers", *self.initial_peers, *extra]
         process = self._spawn(name, args)
         if wait:
             self.wait_ready(process, timeout)

@@ -249,3 +249,16 @@ def test_bad_backward_requests_get_errors_and_backward_is_exact(node, client, ti
     torch.testing.assert_close(grad_hidden, reference_hidden.grad, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad_prompts, reference_prompts.grad, rtol=0, atol=1e-5)
     assert all(not p.requires_grad for p in span.parameters())  # served weights are frozen
+
+
+def test_a_node_runs_from_a_config_file(tiny_model, local_swarm, tmp_path):
+    """`swarm node --config node.toml`: model, span and limits from the file; the command line still wins."""
+    config = tmp_path / "node.toml"
+    config.write_text(f'model = "{tiny_model}"\nblocks = "0:6"\nmax-batch-size = 3\ncache-tokens = 999\n')
+    local_swarm.start_bootstrap()
+    node = local_swarm.start_node(None, None, "--config", str(config), "--cache-tokens", "777")
+    assert node.span == (0, 6)
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, local_swarm.initial_peers) as client:
+        info = client.run_async(get_info(client.p2p, node.peer_id, 10))
+    assert info.limits.max_batch_size == 3  # from the file
+    assert info.server.cache_tokens_left == 777  # the flag over the file's 999
