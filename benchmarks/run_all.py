@@ -11,7 +11,18 @@ import json
 
 import torch
 
-from benchmarks import byzantine, finetune, forward, gpu, inference, recovery, training, verification, wan
+from benchmarks import (
+    byzantine,
+    finetune,
+    forward,
+    gateway,
+    gpu,
+    inference,
+    recovery,
+    training,
+    verification,
+    wan,
+)
 
 
 def skipped(name: str, reason: str) -> None:
@@ -30,12 +41,14 @@ def main(argv=None) -> None:
         forward.main([*model, "--batch", "2", "--seq", "128", "--repeats", "1"])
         finetune.main([*model, "--steps", "2", "--batch", "4", "--seq", "16"])
         training.main(["--quick"])  # its own tiny random Llama, not --model
+        gateway.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1"])
     else:
         inference.main([*model, "--nodes", "1", "2", "3", "--new-tokens", "32", "--repeats", "2"])
         recovery.main([*model, "--new-tokens", "32"])
         forward.main([*model, "--nodes", "1", "3", "--batch", "8", "--seq", "512"])
         finetune.main([*model, "--steps", "5", "--batch", "8", "--seq", "32"])
         training.main(["--steps", "8"])
+        gateway.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3"])
 
     from swarm.testing.netns import unavailable_reason
 

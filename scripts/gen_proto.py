@@ -29,14 +29,22 @@ def generate(out_dir: Path) -> list[Path]:
     args += [str(p) for p in sources]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    # gRPC stubs for the files that declare a service (the gateway); the P2P protocol uses hivemind's RPC
+    services = [p for p in sources if re.search(r"^service ", p.read_text(), flags=re.M)]
+    grpc_args = ["protoc", f"-I{PROTO_DIR}", f"-I{hivemind_proto_dir()}", f"--grpc_python_out={out_dir}"]
+    if services and protoc.main(grpc_args + [str(p) for p in services]) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(grpc_args)}")
     outputs = []
-    for source in sources:
-        generated = out_dir / f"{source.stem}_pb2.py"
+    for generated in [out_dir / f"{p.stem}_pb2.py" for p in sources] + [
+        out_dir / f"{p.stem}_pb2_grpc.py" for p in services
+    ]:
         text = generated.read_text()
         # protoc writes `import runtime_pb2`; hivemind's module lives in the hivemind.proto package
         text = re.sub(
             r"^import runtime_pb2 as", "from hivemind.proto import runtime_pb2 as", text, flags=re.M
         )
+        # and `import gateway_pb2` in the stubs: ours live in the swarm.proto package
+        text = re.sub(r"^import (\w+_pb2) as", r"from swarm.proto import \1 as", text, flags=re.M)
         generated.write_text(text)
         outputs.append(generated)
     return outputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import dht, generate, health, local, models, node, run, train
+from swarm.cli import dht, gateway, generate, health, local, models, node, run, train
 from swarm.cli.common import not_implemented, setup_logging
 from swarm.cli.config_file import apply_config_file
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parsers(sub)
     local.add_parsers(sub)
     health.add_parser(sub)
+    gateway.add_parser(sub)
     run.add_parser(sub)
     train.add_parser(sub)
     for name, (help_text, issue) in PENDING.items():

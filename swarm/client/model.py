@@ -53,7 +53,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
             self.num_blocks,
             config,
             self._local_block_hashes,
-            referee_span=self._referee_span,
+            referee_span=self.local_span,
         )
         self.blocks = SwarmBlocks(self.swarm)
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
@@ -94,7 +94,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         """Hashes of this checkpoint's blocks when it holds them (it may hold only the head)."""
         return all_block_hashes(self.checkpoint) if self.checkpoint.block_tensor_names(0) else None
 
-    def _referee_span(self, start: int, end: int) -> LlamaSpan | None:
+    def local_span(self, start: int, end: int) -> LlamaSpan | None:
         """Blocks [start, end) of this checkpoint in fp32, to referee a dispute (None without blocks)."""
         if not self.checkpoint.block_tensor_names(start):
             return None

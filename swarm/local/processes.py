@@ -21,6 +21,7 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
 _READY_RE = re.compile(r"node (\S+) serving blocks \[(\d+), (\d+)\)")
+_GATEWAY_RE = re.compile(r"swarm gateway: serving (\S+) on (\S+):(\d+)")
 
 
 def _shared_machine_env() -> dict[str, str]:
@@ -54,6 +55,7 @@ class ManagedProcess:
         )
         self.peer_id: str | None = None
         self.span: tuple[int, int] | None = None  # a node's blocks, once it serves
+        self.address: str | None = None  # a gateway's host:port, once it serves
         _LIVE.add(self)
 
     @property
@@ -180,6 +182,16 @@ class LocalSwarm:
         process = self._spawn(name, args)
         if wait:
             self.wait_ready(process, timeout)
+        return process
+
+    def start_gateway(self, model: str, *extra: str, timeout: float = 120.0) -> ManagedProcess:
+        """Start `swarm gateway` on a free port of 127.0.0.1; wait until it serves. Its address
+        ("127.0.0.1:PORT") is in the returned process's `address`."""
+        name = f"gateway{len([p for p in self.processes if p.name.startswith('gateway')])}"
+        args = ["gateway", "--model", model, "--port", "0", "--initial-peers", *self.initial_peers, *extra]
+        process = self._spawn(name, args)
+        match = process.wait_for(_GATEWAY_RE, timeout)
+        process.address = f"{match.group(2)}:{match.group(3)}"
         return process
 
     def start_nodes(self, model: str, spans: list[str], *extra: str, timeout: float = 300.0):

@@ -171,3 +171,23 @@ def test_verification_benchmark_quick_mode_measures_checks_and_convicts_the_chea
     assert caught["cheater_convicted"] and caught["convicted"] == [caught["cheater"]]
     assert (caught["convicted_block"], caught["convicted_op"]) == (4, "down_proj")
     assert caught["text_equals_honest"] and caught["seconds"] > 0
+
+
+def test_gateway_benchmark_compares_the_gateway_with_the_python_client(tiny_model):
+    result = run_benchmark(
+        "benchmarks.gateway",
+        "--model",
+        str(tiny_model),
+        "--nodes",
+        "1",
+        "--new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["name"] == "gateway" and row["model"] == "tiny-llama" and row["new_tokens"] == 6
+    assert row["python_ms_per_token"] > 0 and row["gateway_ms_per_token"] > 0 and row["ratio"] > 0
+    assert row["overhead_ms_per_token"] == round(row["gateway_ms_per_token"] - row["python_ms_per_token"], 2)

@@ -50,6 +50,12 @@ def test_client_never_imports_the_node():
     assert _crossing("client", "swarm.node") == []
 
 
+def test_the_gateway_is_a_client_of_the_swarm():
+    """The gateway serves through the client SDK: it never reaches into nodes or training."""
+    assert _crossing("gateway", "swarm.node") == [] and _crossing("gateway", "swarm.training") == []
+    assert _crossing("client", "swarm.gateway") == []
+
+
 def test_importing_the_client_loads_no_node_code():
     """A fresh interpreter: the client SDK must not pull in the node or its span backend."""
     code = (
