@@ -72,6 +72,14 @@ def tiny_swarm(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_nodes(tiny_swarm):
+    """The 3 nodes tiny_swarm started with, in span order: tests add (and stop) others beside them."""
+    nodes = [p for p in tiny_swarm.processes[:4] if p.span is not None]
+    assert [p.span for p in nodes] == [(0, 2), (2, 5), (5, 6)]
+    return nodes
+
+
+@pytest.fixture(scope="session")
 def builtin_cache(swarm_cache) -> Path:
     """The session cache with the built-in model prepared (once; kept with SWARM_TEST_CACHE)."""
     from swarm.models.fetch import prepare_builtin

@@ -100,8 +100,8 @@ def test_seeded_sampling_repeats_and_the_seed_matters(stub):
     assert any(generate(stub, seed=seed, **request)[0] != first for seed in (8, 9, 10))
 
 
-def test_a_client_that_goes_away_frees_its_session_on_the_nodes(stub, tiny_model, tiny_swarm):
-    nodes = [p for p in tiny_swarm.processes if p.span is not None]
+def test_a_client_that_goes_away_frees_its_session_on_the_nodes(stub, tiny_model, tiny_swarm, tiny_nodes):
+    nodes = tiny_nodes
     with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as observer:
 
         def tokens_left() -> list[int]:
