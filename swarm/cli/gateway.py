@@ -58,6 +58,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=ClientConfig.verify_rate,
         help="fraction of span calls also run on a second node and compared (default: %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; default: off)",
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics page")
+    parser.add_argument(
+        "--map-port",
+        type=int,
+        default=None,
+        help="serve the live swarm map as a web page at http://--host:PORT/ (0: any free port; default: off)",
+    )
     add_cache_dir(parser)
     parser.set_defaults(func=run)
     return parser
@@ -77,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from swarm.client import DistributedModelForCausalLM
     from swarm.gateway.service import GatewayService
     from swarm.models import load_tokenizer
+    from swarm.utils.metrics import serve_metrics
+    from swarm.web import MapPage
 
     try:
         tokenizer = load_tokenizer(args.model, args.cache_dir)
@@ -92,9 +107,19 @@ def run(args: argparse.Namespace) -> int:
         verify_rate=args.verify_rate,
     ) as model:
         service = GatewayService(model, tokenizer, limits)
+        metrics = page = None
         try:
+            if args.metrics_port is not None:
+                metrics = serve_metrics(service.metrics.registry, args.metrics_host, args.metrics_port)
+                print(f"swarm gateway: metrics at {metrics.url}", file=sys.stderr, flush=True)
+            if args.map_port is not None:
+                page = MapPage(lambda: [service.swarm_map()], args.host, args.map_port)
+                print(f"swarm gateway: map at {page.url}", file=sys.stderr, flush=True)
             asyncio.run(_serve_until_stopped(service, args.host, args.port))
         finally:
+            for server in (metrics, page):
+                if server is not None:
+                    server.close()
             service.close()
     return 0
 

@@ -32,6 +32,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="weights to re-check verdicts with (built-in name or checkpoint folder; default: the built-in "
         "model of that name if it is in the local cache); verdicts not re-checked are only counted",
     )
+    parser.add_argument(
+        "--serve",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="instead of printing, serve the live map as a web page on PORT (0: any free port) until Ctrl-C",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on")
     add_cache_dir(parser)
     parser.set_defaults(func=run)
     return parser
@@ -47,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = checkpoint or args.model
         args.model = default_model_name(args.model)
     dht, _ = create_dht(args.initial_peers, client_mode=True)
+    if args.serve is not None:
+        try:
+            return _serve(args, dht, checkpoint)
+        finally:
+            dht.shutdown()
     try:
         models = [args.model] if args.model else list_models(dht, args.timeout)
         if not models:
@@ -60,6 +73,35 @@ def run(args: argparse.Namespace) -> int:
         return 0 if complete else 1
     finally:
         dht.shutdown()
+
+
+def _serve(args: argparse.Namespace, dht, checkpoint: str | None) -> int:
+    """Serve the live map page until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from swarm.dht.swarm_map import list_models, model_map
+    from swarm.web import MapPage
+
+    loaders: dict = {}
+
+    def read_maps() -> list[dict]:
+        models = [args.model] if args.model else list_models(dht, args.timeout)
+        for model in models:
+            if model not in loaders:
+                loaders[model] = _block_loader(checkpoint, model, args.cache_dir)
+        return [model_map(dht, model, args.timeout, loaders[model]) for model in models]
+
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    page = MapPage(read_maps, args.host, args.serve)
+    print(f"swarm health: map at {page.url}", file=sys.stderr, flush=True)
+    try:
+        stopped.wait()
+    finally:
+        page.close()
+    return 0
 
 
 def _block_loader(checkpoint: str | None, model: str, cache_dir):

@@ -134,6 +134,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_LIMITS.stream_message_timeout,
         help="seconds a request stream may go without a complete message before it is dropped",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_DEFAULTS.metrics_port,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; default: off)",
+    )
+    parser.add_argument("--metrics-host", default=_DEFAULTS.metrics_host, help="address of the metrics page")
     add_cache_dir(parser)
     add_config_arguments(parser)
     add_fault_argument(parser)
@@ -181,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         balance_quality=args.balance_quality,
         limits=limits,
         deterministic=args.deterministic,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import grpc
 import torch
 
 from swarm.client.errors import MissingBlocksError, RequestRefused
+from swarm.gateway.metrics import GatewayMetrics
 from swarm.gateway.streaming import GenerationCancelled, IncrementalText, TokenQueue
 from swarm.proto import gateway_pb2, gateway_pb2_grpc
 
@@ -46,6 +48,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.limits = limits or GatewayLimits()
         self._threads = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="gateway-generate")
         self._running = 0
+        self.metrics = GatewayMetrics(lambda: self._running)
 
     def close(self) -> None:
         """Cancel queued work; generations in progress end at their next token (their streams are gone)."""
@@ -55,6 +58,21 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        started, outcome = time.perf_counter(), "CANCELLED"  # unless it ends otherwise
+        try:
+            async for response in self._generate_stream(request, context, started):
+                yield response
+            outcome = "OK"
+        except grpc.aio.AbortError:
+            outcome = context.code().name if context.code() is not None else "UNKNOWN"
+            raise
+        finally:
+            self.metrics.requests.labels("Generate", outcome).inc()
+            self.metrics.latency.labels("Generate").observe(time.perf_counter() - started)
+
+    async def _generate_stream(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext, started: float
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
             input_ids, kwargs = self._parse(request)
@@ -80,7 +98,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                     await context.abort(code, message)
                 if kind == "end":
                     break
+                if not last:
+                    self.metrics.first_token.observe(time.perf_counter() - started)
                 last = value
+                self.metrics.tokens.inc(len(value))
                 yield gateway_pb2.GenerateResponse(token_ids=value, text=text.add(value))
             reason = "stop" if last and last[-1] in eos else "length"
             yield gateway_pb2.GenerateResponse(text=text.flush(), finished=True, finish_reason=reason)
@@ -170,7 +191,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
     async def Health(
         self, request: gateway_pb2.HealthRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.HealthResponse:
+        started = time.perf_counter()
         swarm_map = await asyncio.to_thread(self.swarm_map)
+        self.metrics.requests.labels("Health", "OK").inc()
+        self.metrics.latency.labels("Health").observe(time.perf_counter() - started)
         response = gateway_pb2.HealthResponse(
             model=swarm_map["model"],
             num_blocks=swarm_map["num_blocks"],

@@ -32,6 +32,8 @@ class NodeConfig:
     limits: NodeLimits = field(default_factory=NodeLimits)
     # pin bit-reproducible kernels and announce the profile; None: decided by deterministic_by_default
     deterministic: bool | None = None
+    metrics_port: int | None = None  # serve Prometheus text at http://metrics_host:PORT/metrics (0: any port)
+    metrics_host: str = "127.0.0.1"
 
     @property
     def is_deterministic(self) -> bool:

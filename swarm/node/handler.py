@@ -16,6 +16,7 @@ from hivemind.p2p import P2PContext
 from swarm.node.admission import Admission, BufferedBytes
 from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, error_reply
+from swarm.node.metrics import NodeMetrics
 from swarm.node.sessions import Session, check_step_shapes
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
@@ -52,6 +53,8 @@ class NodeServicer(NodeProtocol):
         # training nodes: sign(kind, inputs, first output) -> a receipt for the reply, which shows that
         # this node returned it (trainers keep them for validators: swarm.training.validation)
         self.sign_reply: Callable[[str, SpanInputs, torch.Tensor], bytes] | None = None
+        # served over HTTP with --metrics-port; counted either way (a few dictionary lookups a request)
+        self.metrics = NodeMetrics(lambda: self.backend.sessions)
 
     def _check_caller(self, context: P2PContext) -> None:
         reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
@@ -90,6 +93,13 @@ class NodeServicer(NodeProtocol):
 
     async def _unary(self, request, context: P2PContext, kind: str, response_type):
         """A forward or backward call in one message; the reply must fit one message too."""
+        with self.metrics.request(kind) as outcome:
+            reply = await self._unary_reply(request, context, kind, response_type)
+            if reply.HasField("error"):
+                outcome["outcome"] = swarm_pb2.Error.Code.Name(reply.error.code)
+            return reply
+
+    async def _unary_reply(self, request, context: P2PContext, kind: str, response_type):
         started = time.perf_counter()
         try:
             self._check_caller(context)
@@ -110,6 +120,14 @@ class NodeServicer(NodeProtocol):
 
     async def _streamed(self, requests: AsyncIterator, context: P2PContext, kind: str, response_type):
         """A forward or backward call whose request and reply come in parts of at most 1 MiB."""
+        with self.metrics.request(f"{kind}_stream") as outcome:
+            async for reply in self._streamed_replies(requests, context, kind, response_type):
+                if reply.HasField("error"):
+                    outcome["outcome"] = swarm_pb2.Error.Code.Name(reply.error.code)
+                yield reply
+        await hold_until_caller_closes()
+
+    async def _streamed_replies(self, requests: AsyncIterator, context: P2PContext, kind: str, response_type):
         try:
             with contextlib.ExitStack() as held:
                 try:
@@ -129,7 +147,6 @@ class NodeServicer(NodeProtocol):
                 yield response_type(tensors=[part], step=step, receipt=receipt if index == 0 else b"")
         except Exception as e:
             yield self._error_reply(response_type, e, context, f"{kind}_stream")
-        await hold_until_caller_closes()
 
     async def _drain(self, requests: AsyncIterator) -> None:
         """Read and drop what a caller still sends after the reply that ends its stream, until it closes
@@ -163,6 +180,10 @@ class NodeServicer(NodeProtocol):
         else:
             inputs = parse()
         inputs.caller = context.remote_id.to_base58()
+        hidden = inputs.hidden_states
+        self.metrics.tokens.labels("backward" if backward else "forward").inc(
+            hidden.shape[0] * hidden.shape[1]
+        )
         if backward:
             inputs.receipt = bytes(request.receipt)
             outputs = await backend.backward(inputs)
@@ -265,13 +286,18 @@ class NodeServicer(NodeProtocol):
                 if request.close:
                     break
                 session.last_active = time.monotonic()
-                try:
-                    outputs = await self._inference_step(backend, session, request)
-                    yield swarm_pb2.InferenceResponse(tensors=[serialize(outputs)], position=session.length)
-                except Exception as e:
-                    reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
-                    reply.position = session.length
-                    yield reply
+                with self.metrics.request("inference_step") as outcome:
+                    try:
+                        outputs = await self._inference_step(backend, session, request)
+                        reply = swarm_pb2.InferenceResponse(
+                            tensors=[serialize(outputs)], position=session.length
+                        )
+                    except Exception as e:
+                        reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
+                        reply.position = session.length
+                        outcome["outcome"] = swarm_pb2.Error.Code.Name(reply.error.code)
+                yield reply
+                if reply.HasField("error"):
                     if reply.error.code in FATAL_SESSION_ERRORS:
                         sessions.release(session)
                         held.close()
@@ -335,8 +361,11 @@ class NodeServicer(NodeProtocol):
         if not session.batch_size:
             backend.sessions.reserve(session, hidden.shape[0])
         inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype)
-        return await backend.inference_step(session, request.position, inputs)
+        outputs = await backend.inference_step(session, request.position, inputs)
+        self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
+        return outputs
 
-    @staticmethod
-    def _error_reply(response_type, exc: BaseException, context: P2PContext, what: str):
-        return error_reply(response_type, exc, context, what, logger)
+    def _error_reply(self, response_type, exc: BaseException, context: P2PContext, what: str):
+        reply = error_reply(response_type, exc, context, what, logger)
+        self.metrics.errors.labels(swarm_pb2.Error.Code.Name(reply.error.code)).inc()
+        return reply

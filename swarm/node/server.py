@@ -24,6 +24,7 @@ from swarm.node.placement import block_throughputs, choose_start, should_move
 from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault, ServingNode
+from swarm.utils.metrics import serve_metrics
 from swarm.utils.tensors import FLOAT_DTYPES
 from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
 from swarm.verification.service import VerificationServicer
@@ -138,6 +139,7 @@ class Node:
             announce_maddrs=config.announce_maddrs,
         )
         self.p2p = None
+        metrics = None
         self._servicers: list = []  # (servicer) registered on p2p, removed on shutdown
         self._tasks: list[asyncio.Task] = []
         self.announcer = None
@@ -150,10 +152,17 @@ class Node:
             self.p2p = await dht.replicate_p2p()
             await self._join()
             await self._start_serving()
+            if config.metrics_port is not None:
+                metrics = serve_metrics(
+                    self.servicer.metrics.registry, config.metrics_host, config.metrics_port
+                )
+                logger.info("node %s: metrics at %s", self.peer_id, metrics.url)
             await self.stop_event.wait()
             logger.info("node %s shutting down", self.peer_id)
         finally:
             self.state = swarm_pb2.ServerInfo.OFFLINE
+            if metrics is not None:
+                metrics.close()
             for task in self._tasks:
                 task.cancel()
             if self.announcer is not None:

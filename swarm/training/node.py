@@ -216,6 +216,7 @@ class TrainingNode(Node):
         self.bans = RunBans(self.dht, self.p2p, self.training_run, self.peer_id, self.signing_key)
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info(), self.stage_info)
         self.servicer.refuse_peer = self.bans.refusal
+        self.servicer.metrics.banned_peers = lambda: len(self.bans.banned())
         run_hash, key, stage = self.training_run.sha256, self.signing_key, self.stage
         self.servicer.sign_reply = lambda call, inputs, output: sign_reply(
             key, run_hash, stage, call, inputs.hidden_states, output

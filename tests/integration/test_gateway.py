@@ -4,6 +4,7 @@ generated stubs, as a client in another language would drive it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from metrics_helpers import scrape, value
 from transformers import AutoTokenizer
 
 from swarm.client import DistributedModelForCausalLM
@@ -33,7 +35,9 @@ def model_folder(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(model_folder, tiny_swarm):
-    process = tiny_swarm.start_gateway(str(model_folder), "--max-new-tokens", "300", "--max-concurrent", "4")
+    process = tiny_swarm.start_gateway(
+        str(model_folder), "--max-new-tokens", "300", "--max-concurrent", "4", "--metrics-port", "0"
+    )
     try:
         yield process
     finally:
@@ -180,3 +184,24 @@ def test_a_model_nobody_serves_is_unavailable_and_one_without_tokenizer_takes_id
             assert not health.complete and health.num_blocks == 0
     finally:
         process.terminate()
+
+
+def test_metrics_count_calls_outcomes_and_tokens(stub, gateway):
+    url = re.search(r"metrics at (http://\S+/metrics)", gateway.log()).group(1)
+    before = scrape(url)
+    generate(stub, input_ids=prompt_ids(8), max_new_tokens=5)
+    with pytest.raises(grpc.RpcError):
+        generate(stub, input_ids=[5, 999])
+    stub.Health(gateway_pb2.HealthRequest(), timeout=TIMEOUT)
+    after = scrape(url)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("swarm_gateway_requests_total", rpc="Generate", outcome="OK") == 1
+    assert delta("swarm_gateway_requests_total", rpc="Generate", outcome="INVALID_ARGUMENT") == 1
+    assert delta("swarm_gateway_requests_total", rpc="Health", outcome="OK") == 1
+    assert delta("swarm_gateway_tokens_total") == 5
+    assert delta("swarm_gateway_first_token_seconds_count") == 1
+    assert delta("swarm_gateway_request_seconds_count", rpc="Generate") == 2
+    assert value(after, "swarm_gateway_generations_running") == 0
