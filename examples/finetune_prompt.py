@@ -3,7 +3,10 @@
 The swarm's blocks stay frozen; only a few prompt vectors on this machine are trained. Without
 --initial-peers the script starts a local swarm of 3 nodes itself.
 
-    python examples/finetune_prompt.py --steps 20
+It ends by generating with the trained prompts (they go into the nodes' KV caches), and with
+--save writes them to a file that `from_pretrained(..., prompts=PATH)` loads:
+
+    python examples/finetune_prompt.py --steps 20 --save sentiment.safetensors
     python examples/finetune_prompt.py --initial-peers /ip4/.../p2p/Qm... --mode deep_ptune
 """
 
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--save", default=None, help="write the trained prompts to this safetensors file")
     args = parser.parse_args()
 
     from swarm.client import DistributedModelForCausalLM
@@ -118,6 +122,15 @@ def main() -> None:
             )
         loss, acc = evaluate(model, test, pad_id, choices)
         print(f"held-out after:  loss {loss:.4f}, accuracy {acc:.2f}")
+        if args.save:
+            model.save_prompts(args.save)
+            print(f"prompts saved to {args.save}")
+        # generation with what was trained: the prompts go in front of the review in the nodes' caches
+        for prompt, label in test[:3]:
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=2)
+            answer = tokenizer.decode(output[0, len(prompt) :]).strip()
+            review = tokenizer.decode(prompt).replace("\n", " ")
+            print(f"{review[-60:]!r} -> {answer!r} (labelled {tokenizer.decode([label]).strip()!r})")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 messages.append({"role": "user", "content": line.strip()})
                 new_ids = next_turn_ids(tokenizer, session, messages)
                 new_tokens = new_ids.shape[1] if new_ids is not None else 0
-                needed = session.position + new_tokens + args.max_new_tokens
+                needed = session.num_tokens + new_tokens + args.max_new_tokens
                 if new_ids is None or needed > args.max_length:
                     session.close()  # start over with the whole conversation in a fresh session
                     session = model.inference_session(max_length=args.max_length)

@@ -69,10 +69,6 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate after `input_ids` (or continue `session`); returns every token of the session so far."""
-    if getattr(model, "tuning_mode", None):
-        raise NotImplementedError(
-            "generate() does not use trained prompts yet; run model(input_ids) for logits with prompts"
-        )
     if input_ids is None and (session is None or session.output_ids is None):
         raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
@@ -115,7 +111,7 @@ def generate(
         _extend(session, input_ids, attention_mask)
         warpers = make_warpers(do_sample, temperature, top_k, top_p)
         if streamer is not None:
-            streamer.put(session.output_ids[:, session.position :].cpu())
+            streamer.put(session.output_ids[:, session.num_tokens :].cpu())
         # spot checks run beside the next steps; a failed one takes generation back to the step it checked.
         # Not with a streamer: the tokens it has shown could not be taken back
         session.defer_checks = streamer is None
@@ -186,9 +182,9 @@ def _append(session: InferenceSession, ids: torch.Tensor, mask: torch.Tensor) ->
 
 def _next_token_logits(model: DistributedModelForCausalLM, session: InferenceSession) -> torch.Tensor:
     """Feed the tokens the nodes haven't seen yet; logits for the last one."""
-    new_ids = session.output_ids[:, session.position :]
+    new_ids = session.output_ids[:, session.num_tokens :]
     mask = session.attention_mask
-    positions = positions_from_mask(mask)[:, session.position :]
+    positions = positions_from_mask(mask)[:, session.num_tokens :]
     padded = bool((mask == 0).any())
     device = getattr(model, "device", torch.device("cpu"))
     hidden = model.head.embed(new_ids.to(device))

@@ -79,8 +79,10 @@ class SpanStream:
         position: int,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Send new tokens' hidden states; returns the span's outputs for them."""
+        """Send new tokens' hidden states (with the span's deep prompts at position 0); returns the span's
+        outputs for them."""
         request = swarm_pb2.InferenceRequest(
             position=position,
             tensors=[serialize(hidden)],
@@ -88,6 +90,8 @@ class SpanStream:
         )
         if attention_mask is not None:
             request.attention_mask.CopyFrom(serialize(attention_mask))
+        if prompts is not None:
+            request.prompts.CopyFrom(serialize(prompts))
         if not self._opened:
             request.session_id, request.max_length = self.session_id, self.max_length
             request.start_block, request.end_block = self.span.start, self.span.end
@@ -164,6 +168,18 @@ class SpanStream:
         self._queue = None
 
 
+@dataclass(frozen=True, eq=False)
+class SessionPrompts:
+    """Trained prompts a session puts in front of the caller's tokens in every node's KV cache."""
+
+    embeddings: torch.Tensor  # (prefix, hidden): the input prompts, before the first token (ptune)
+    deep: torch.Tensor | None = None  # (blocks, prefix, hidden): added to each block's input (deep_ptune)
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[0]
+
+
 @dataclass(eq=False)
 class _SpanState:
     span: RemoteSpan
@@ -187,15 +203,21 @@ class InferenceSession:
     Use it as a context manager (`with model.inference_session(max_length=...) as session`) so the
     nodes free their caches when you are done. Generation state (the tokens so far) lives here too,
     so `model.generate(None, session=session)` continues where the last call stopped.
+
+    With `prompts` (a prompt-tuned model's), the first step puts them before the caller's tokens: the nodes
+    hold `prompts.length` more positions than the caller fed (`position` counts them, `num_tokens` does
+    not), and `max_length` counts the caller's tokens only.
     """
 
-    def __init__(self, client: SwarmClient, max_length: int):
+    def __init__(self, client: SwarmClient, max_length: int, prompts: SessionPrompts | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.client, self.max_length = client, max_length
+        self.prompts = prompts
+        self.prefix_length = 0 if prompts is None else prompts.length
         self.session_id = uuid.uuid4().hex
         self._streams_opened = itertools.count()  # each span's stream gets its own id (see _open_chain)
-        self.position = 0  # tokens whose keys and values the nodes hold
+        self.position = 0  # positions whose keys and values the nodes hold (the prompts' included)
         self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
         self.attention_mask: torch.Tensor | None = None  # (batch, len(output_ids))
         self._position_ids: torch.Tensor | None = None  # (batch, position): for replay
@@ -225,6 +247,11 @@ class InferenceSession:
         return max(0, MAX_DEFERRED_CHECKS - max(1, len(self._spans)))
 
     @property
+    def num_tokens(self) -> int:
+        """The caller's tokens the nodes hold (the tuned prompts' positions not counted)."""
+        return max(0, self.position - self.prefix_length)
+
+    @property
     def batch_size(self) -> int | None:
         return None if self.output_ids is None else self.output_ids.shape[0]
 
@@ -236,23 +263,30 @@ class InferenceSession:
     ) -> torch.Tensor:
         """New tokens' hidden states through every block; long inputs go in chunks.
 
-        `attention_mask` covers the whole session including these tokens: (batch, position + new).
+        `attention_mask` covers the caller's tokens so far including these: (batch, num_tokens + new), and
+        `position_ids` count from the caller's first token (the tuned prompts' positions are added here).
         The result is on `hidden`'s device; inputs kept for replay stay on CPU.
         """
         if self._closed:
             raise RuntimeError("the inference session is closed")
         batch, new_tokens, hidden_size = hidden.shape
-        if self.position + new_tokens > self.max_length:
+        if self.num_tokens + new_tokens > self.max_length:
             raise ValueError(
-                f"the session's max_length is {self.max_length}: it holds {self.position} tokens "
+                f"the session's max_length is {self.max_length}: it holds {self.num_tokens} tokens "
                 f"and cannot take {new_tokens} more"
             )
         device, hidden = hidden.device, hidden.cpu()
         if position_ids is None:
-            position_ids = torch.arange(self.position, self.position + new_tokens).expand(batch, -1)
+            position_ids = torch.arange(self.num_tokens, self.num_tokens + new_tokens).expand(batch, -1)
         position_ids = position_ids.cpu()
         if attention_mask is not None:
             attention_mask = attention_mask.cpu()
+        prefix = 0
+        if self.prompts is not None:
+            hidden, position_ids, attention_mask, prefix = self._with_prompts(
+                hidden, position_ids, attention_mask
+            )
+            new_tokens = hidden.shape[1]
         self._mask = attention_mask
         bytes_per_token = batch * hidden_size * hidden.element_size()
         chunk = self._chunk_tokens(bytes_per_token)
@@ -263,10 +297,33 @@ class InferenceSession:
             if attention_mask is not None:
                 mask = attention_mask[:, : self.position + end - offset]
             outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
-        return torch.cat(outputs, dim=1).to(device)
+        return torch.cat(outputs, dim=1)[:, prefix:].to(device)
+
+    def _with_prompts(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
+        """A step in the nodes' positions: the caller's shifted past the prompts, which go before the first
+        step (again after a rewind to 0). Returns (hidden, position_ids, mask, prompt positions added)."""
+        prefix = self.prefix_length
+        batch = hidden.shape[0]
+        position_ids = position_ids + prefix
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, prefix), mask], dim=1)
+        if self.position > 0:
+            return hidden, position_ids, mask, 0
+        prompts = self.prompts.embeddings.to(hidden.dtype).expand(batch, -1, -1)
+        hidden = torch.cat([prompts, hidden], dim=1)
+        position_ids = torch.cat([torch.arange(prefix).expand(batch, -1), position_ids], dim=1)
+        return hidden, position_ids, mask, prefix
+
+    def _deep_prompts(self, span: RemoteSpan, position: int) -> torch.Tensor | None:
+        """The span's deep prompts (blocks, 1, prefix, hidden) for a step at `position` (only at 0)."""
+        if self.prompts is None or self.prompts.deep is None or position != 0:
+            return None
+        return self.prompts.deep[span.start : span.end].unsqueeze(1)
 
     def _chunk_tokens(self, bytes_per_token: int) -> int:
-        return max(1, min(self.client.config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))
+        # the first chunk carries the whole tuned prefix: deep prompts apply to one step's first positions
+        chunk = max(1, min(self.client.config.max_step_tokens, MAX_STEP_BYTES // bytes_per_token))
+        return max(chunk, self.prefix_length)
 
     def _step_chunk(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
         client = self.client
@@ -279,7 +336,8 @@ class InferenceSession:
         while index < len(self._spans):
             state = self._spans[index]
             started = time.perf_counter()
-            checker = client.spot_checker
+            # commitments cover the blocks' plain forward: steps with deep prompts cannot be checked
+            checker = None if self._deep_prompts(state.span, 0) is not None else client.spot_checker
             if state.span.start == self._recheck_start:
                 force_check, self._recheck_start = True, None
             checking = checker is not None and (force_check or checker.should_check())
@@ -296,7 +354,10 @@ class InferenceSession:
                         self._step_and_check(state, hidden, position, mask, position_ids, servers)
                     )
                 else:
-                    output = client.run_async(state.stream.step(hidden, position, mask, position_ids))
+                    prompts = self._deep_prompts(state.span, position)
+                    output = client.run_async(
+                        state.stream.step(hidden, position, mask, position_ids, prompts)
+                    )
             except Exception as e:
                 culprit = blame(e)
                 if culprit == "request":  # our own request, unless another node takes it
@@ -400,8 +461,8 @@ class InferenceSession:
         """Judge the deferred spot checks in step order: those that are done, and the oldest ones until at
         most `backlog` are left running. On the first that failed, ban its node, rewind the session to the
         step it checked (the nodes' caches are overwritten from there, the failed span is replayed
-        elsewhere) and return that position; the caller must drop whatever it computed from later steps.
-        None: every check judged held up."""
+        elsewhere) and return that position in the caller's tokens (`num_tokens` after the rewind); the
+        caller must drop whatever it computed from later steps. None: every check judged held up."""
         timeout = self.client.config.request_timeout * 3
         while self._deferred:
             pending = self._deferred[0]
@@ -415,7 +476,7 @@ class InferenceSession:
                 continue
             if not self._judge_check(pending.state, result, pending.output):
                 self._rewind(pending)
-                return pending.position
+                return self.num_tokens
         return None
 
     def _rewind(self, failed: _DeferredCheck) -> None:
@@ -466,7 +527,7 @@ class InferenceSession:
                     self.client.p2p,
                     span,
                     f"{self.session_id}.{next(self._streams_opened)}",
-                    self.max_length,
+                    self.max_length + self.prefix_length,
                     timeout,
                     self.client.config.liveness_period,
                 ),
@@ -532,8 +593,9 @@ class InferenceSession:
                 part = history[:, offset:end]
                 step_mask = None if full_mask is None else full_mask[:, :end]
                 try:
+                    prompts = self._deep_prompts(state.span, offset)
                     out = self.client.run_async(
-                        state.stream.step(part, offset, step_mask, position_ids[:, offset:end])
+                        state.stream.step(part, offset, step_mask, position_ids[:, offset:end], prompts)
                     )
                 except Exception:
                     self.client.ban(state.span.peer_id)

@@ -13,7 +13,8 @@ from swarm.client.autograd import RemoteBlocksFunction, SwarmBlocks
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
 from swarm.client.generation import generate
-from swarm.client.inference import InferenceSession
+from swarm.client.inference import InferenceSession, SessionPrompts
+from swarm.client.prompts_file import SavedPrompts, load_prompts, save_prompts
 from swarm.client.routing import RemoteSpan
 from swarm.client.swarm_client import SwarmClient
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
@@ -78,15 +79,71 @@ class DistributedModelForCausalLM(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
+        prompts: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         **config_kwargs,
     ) -> DistributedModelForCausalLM:
-        """Load the client-side parts of a model (same names and paths as `swarm node`) and join the swarm."""
+        """Load the client-side parts of a model (same names and paths as `swarm node`) and join the swarm.
+
+        `prompts`: a file written by `save_prompts`; its tuning mode and prompt length are used (they must
+        agree with `tuning_mode` and `pre_seq_len` when those are given too).
+        """
         checkpoint = resolve_checkpoint(name_or_path, cache_dir, model_name)
+        saved = None
+        if prompts is not None:
+            saved = load_prompts(prompts)
+            tuning_mode, pre_seq_len = _agree_with_saved(saved, prompts, tuning_mode, pre_seq_len)
         config = ClientConfig(initial_peers=list(initial_peers), **config_kwargs)
-        return cls(
+        model = cls(
             checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, device=device
         )
+        if saved is not None:
+            try:
+                model._load_prompt_tensors(saved.tensors, prompts)
+            except BaseException:
+                model.close()
+                raise
+        return model
+
+    # ---- trained prompts ----------------------------------------------------------------------------------
+
+    def save_prompts(self, path: str | os.PathLike) -> None:
+        """Write only the trained prompts (safetensors, with the tuning mode) to `path`."""
+        if not self.tuning_mode:
+            raise ValueError("this model has no trained prompts (tuning_mode is None)")
+        save_prompts(path, self.tuning_mode, self._prompt_tensors())
+
+    def _prompt_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"prompt_embeddings": self.prompt_embeddings.weight}
+        if self.tuning_mode == "deep_ptune":
+            tensors["intermediate_prompt_embeddings"] = self.intermediate_prompt_embeddings.weight
+        return tensors
+
+    def _load_prompt_tensors(self, tensors: dict[str, torch.Tensor], source) -> None:
+        own = self._prompt_tensors()
+        if set(tensors) != set(own):
+            raise ValueError(
+                f"{source} holds {sorted(tensors)}, a {self.tuning_mode} model needs {sorted(own)}"
+            )
+        for name, weight in own.items():
+            if tensors[name].shape != weight.shape:
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(tensors[name].shape)}, this model's is "
+                    f"{tuple(weight.shape)} (another model or prompt length?)"
+                )
+            with torch.no_grad():
+                weight.copy_(tensors[name])
+
+    def session_prompts(self) -> SessionPrompts | None:
+        """The trained prompts as they are now, for an inference session (None without prompt tuning)."""
+        if not self.tuning_mode:
+            return None
+        embeddings = self.prompt_embeddings.weight.detach().cpu()
+        deep = None
+        if self.tuning_mode == "deep_ptune":
+            weight = self.intermediate_prompt_embeddings.weight.detach().cpu()  # (prefix, blocks * hidden)
+            deep = weight.view(self.pre_seq_len, self.num_blocks, -1).permute(1, 0, 2).contiguous()
+        return SessionPrompts(embeddings, deep)
 
     # ---- the swarm (delegated to the SwarmClient) -------------------------------------------------------
 
@@ -182,8 +239,9 @@ class DistributedModelForCausalLM(torch.nn.Module):
     # ---- generation ---------------------------------------------------------------------------------------
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """A session with a KV cache for up to `max_length` tokens on every node of its route."""
-        return InferenceSession(self.swarm, max_length)
+        """A session with a KV cache for up to `max_length` tokens on every node of its route; with prompt
+        tuning, the prompts as they are now go in front of the tokens (the caches hold them too)."""
+        return InferenceSession(self.swarm, max_length, self.session_prompts())
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Like transformers' generate(): greedy or sampled, EOS, batches with attention_mask, sessions.
@@ -203,3 +261,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _agree_with_saved(
+    saved: SavedPrompts, source, tuning_mode: str | None, pre_seq_len: int
+) -> tuple[str, int]:
+    """The tuning mode and prompt length of saved prompts, checked against those asked for (if any)."""
+    if tuning_mode not in (None, saved.tuning_mode):
+        raise ValueError(f"{source} holds {saved.tuning_mode} prompts, not {tuning_mode}")
+    if pre_seq_len not in (0, saved.pre_seq_len):
+        raise ValueError(f"{source} holds {saved.pre_seq_len} prompt positions, not {pre_seq_len}")
+    return saved.tuning_mode, saved.pre_seq_len

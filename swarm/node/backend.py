@@ -127,7 +127,7 @@ class SpanBackend:
                 )
         prompts = None
         if len(tensors) == expected[1]:
-            prompts = self._parse_prompts(tensors[-1], end - start, batch, seq_len)
+            prompts = self.parse_prompts(tensors[-1], end - start, batch, seq_len)
         mask = self.parse_index_tensor(attention_mask, "attention_mask")
         positions = self.parse_index_tensor(position_ids, "position_ids")
         for name, tensor in (("attention_mask", mask), ("position_ids", positions)):
@@ -138,7 +138,8 @@ class SpanBackend:
                 )
         return SpanInputs(hidden, mask, positions, layers, hidden.dtype, prompts, grad_outputs)
 
-    def _parse_prompts(self, proto, num_layers: int, batch: int, seq_len: int) -> torch.Tensor:
+    def parse_prompts(self, proto, num_layers: int, batch: int, seq_len: int) -> torch.Tensor:
+        """Deep prompts (num_layers, 1 or batch, prefix <= seq_len, hidden); raises RequestError."""
         prompts = deserialize_checked(
             proto,
             name="prompts",
@@ -227,7 +228,8 @@ class SpanBackend:
             session.length = position
         try:
             hidden = inputs.hidden_states.to(self.device, self.dtype)
-            out = self._call_span(inputs, hidden, cache=session.cache)
+            prompts = inputs.prompts.to(self.device, self.dtype) if inputs.prompts is not None else None
+            out = self._call_span(inputs, hidden, prompts, cache=session.cache)
         except BaseException:
             session.cache.truncate(position)  # a step that fails half-way leaves the cache as it was
             raise

@@ -353,14 +353,23 @@ class NodeServicer(NodeProtocol):
                 request.position_ids if request.HasField("position_ids") else None, "position_ids"
             )
             check_step_shapes(session, request.position, hidden, mask, positions)
-            return hidden, mask, positions
+            prompts = None
+            if request.HasField("prompts"):
+                if request.position != 0:
+                    raise RequestError(
+                        swarm_pb2.Error.BAD_REQUEST,
+                        f"deep prompts go with the step at position 0, not {request.position}",
+                    )
+                num_layers = session.end - session.start
+                prompts = backend.parse_prompts(request.prompts, num_layers, *hidden.shape[:2])
+            return hidden, mask, positions, prompts
 
         # a long prompt's step carries megabytes: decode it on a worker thread, off the event loop
         large = sum(len(t.buffer) for t in request.tensors) > OFF_LOOP_BYTES
-        hidden, mask, positions = await asyncio.to_thread(parse) if large else parse()
+        hidden, mask, positions, prompts = await asyncio.to_thread(parse) if large else parse()
         if not session.batch_size:
             backend.sessions.reserve(session, hidden.shape[0])
-        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype)
+        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts)
         outputs = await backend.inference_step(session, request.position, inputs)
         self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
         return outputs
