@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from swarm.client import DistributedModelForCausalLM
     from swarm.gateway.service import GatewayService
     from swarm.models import load_tokenizer
+    from swarm.utils.aio import run as run_event_loop
     from swarm.utils.metrics import serve_metrics
     from swarm.web import MapPage
 
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             if args.map_port is not None:
                 page = MapPage(lambda: [service.swarm_map()], args.host, args.map_port)
                 print(f"swarm gateway: map at {page.url}", file=sys.stderr, flush=True)
-            asyncio.run(_serve_until_stopped(service, args.host, args.port))
+            run_event_loop(_serve_until_stopped(service, args.host, args.port))
         finally:
             for server in (metrics, page):
                 if server is not None:
@@ -129,6 +130,7 @@ async def _serve_until_stopped(service, host: str, port: int) -> None:
 
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
+    print(f"swarm gateway: event loop {type(loop).__module__.split('.')[0]}", file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     server, bound = await serve(service, host, port)

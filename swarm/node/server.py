@@ -24,6 +24,7 @@ from swarm.node.placement import block_throughputs, choose_start, should_move
 from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault, ServingNode
+from swarm.utils.aio import run as run_event_loop
 from swarm.utils.metrics import serve_metrics
 from swarm.utils.tensors import FLOAT_DTYPES
 from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
@@ -101,7 +102,7 @@ class Node:
         """
         if self.config.is_deterministic:
             apply_deterministic_profile(threads=DETERMINISTIC_THREADS)
-        asyncio.run(self._serve())
+        run_event_loop(self._serve())
 
     def stop(self) -> None:
         if self.stop_event is not None:
@@ -109,6 +110,7 @@ class Node:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        logger.info("event loop: %s", type(loop).__module__.split(".")[0])
         self.stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)

@@ -1,14 +1,41 @@
-"""A private asyncio loop in a daemon thread: the client's public API is synchronous, its core async."""
+"""The event loops the project owns: a node's or gateway's main loop (uvloop's on request), and a private
+loop in a daemon thread (the client's public API is synchronous, its core async)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+EVENT_LOOP_ENV = "SWARM_EVENT_LOOP"  # "uvloop": a node's or gateway's process runs uvloop's loop
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A loop for a process the project owns (a node, the gateway): asyncio's, or uvloop's when
+    $SWARM_EVENT_LOOP is "uvloop" and it is installed. uvloop was not faster here: 3 tiny nodes and the
+    gateway, 9 alternating runs each, per-token latency 6.88 vs 7.44 ms by medians but slower in 6 of 9
+    pairs (benchmarks/results/event-loop-cpu-tiny.jsonl); a hop's cost is the P2P daemons', not the loop's.
+    The client's loop is always asyncio's: it lives in the user's process."""
+    if os.environ.get(EVENT_LOOP_ENV, "asyncio") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logging.getLogger(__name__).warning("%s=uvloop but uvloop is not installed", EVENT_LOOP_ENV)
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(coro)` on a loop from `new_event_loop`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coro)
 
 
 class BackgroundLoop:

@@ -80,6 +80,7 @@ def test_info_describes_the_node(node, client):
     assert info.server.state == swarm_pb2.ServerInfo.ONLINE
     assert info.limits.max_batch_size == 4 and info.limits.max_request_bytes == 2**20
     assert info.model.num_blocks == 6 and len(info.model.block_hashes) == 6
+    assert "event loop: asyncio" in process.log()  # unless SWARM_EVENT_LOOP=uvloop (test_gateway.py)
 
 
 def test_bad_requests_get_errors_and_node_keeps_serving(node, client, tiny_model):
