@@ -160,6 +160,11 @@ class DistributedModelForCausalLM(torch.nn.Module):
         return load_span(self.checkpoint, start, end, dtype=torch.float32)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the local embeddings and head (what `from_pretrained(dtype=...)` asked for)."""
+        return self.head.embed_tokens.weight.dtype
+
+    @property
     def client_config(self) -> ClientConfig:
         return self.swarm.config
 
@@ -188,19 +193,31 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids`, as transformers' LlamaForCausalLM computes them (positions 0..n-1).
+        """Logits for `input_ids` (or `inputs_embeds`), as transformers' LlamaForCausalLM computes them
+        (positions 0..n-1); with `labels`, also its loss (the next token's cross-entropy, -100 ignored).
 
         With prompt tuning, the trainable prompts go before the tokens; logits are returned for the
         tokens only, and gradients flow back to the prompts through the swarm.
         """
-        if input_ids.dim() != 2:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
+        if inputs_embeds is not None and (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+        ):
+            expected = f"(batch, seq, {self.config.hidden_size})"
+            raise ValueError(f"inputs_embeds must be {expected}, got {tuple(inputs_embeds.shape)}")
+        batch, seq_len = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if labels is not None and tuple(labels.shape) != (batch, seq_len):
+            raise ValueError(f"labels must have shape {(batch, seq_len)}, got {tuple(labels.shape)}")
         prefix = self.pre_seq_len if self.tuning_mode else 0
         if attention_mask is not None and prefix:
             attention_mask = torch.cat([attention_mask.new_ones(batch, prefix), attention_mask], dim=1)
@@ -211,7 +228,10 @@ class DistributedModelForCausalLM(torch.nn.Module):
         if attention_mask is not None:
             attention_mask = attention_mask.cpu()
         position_ids = position_ids.cpu()
-        hidden = self.head.embed(input_ids.to(self.device))
+        if inputs_embeds is not None:
+            hidden = inputs_embeds.to(self.device, self.dtype)
+        else:
+            hidden = self.head.embed(input_ids.to(self.device))
         deep_prompts = None
         if self.tuning_mode:
             prompts = self.prompt_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
@@ -234,7 +254,12 @@ class DistributedModelForCausalLM(torch.nn.Module):
                     position_ids,
                 )
         logits = self.head.logits(hidden[:, prefix:])
-        return CausalLMOutputWithPast(logits=logits)
+        loss = None
+        if labels is not None:
+            from transformers.loss.loss_utils import ForCausalLMLoss  # 0.3 s of imports: only when asked
+
+            loss = ForCausalLMLoss(logits, labels.to(logits.device), vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # ---- generation ---------------------------------------------------------------------------------------
 

@@ -24,6 +24,32 @@ def test_logits_match_local_transformers(client, local_model):
     assert spans == [(0, 2), (2, 5), (5, 6)]
 
 
+def test_labels_give_transformers_loss_and_inputs_embeds_the_same_logits(client, local_model):
+    input_ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    labels = input_ids.clone()
+    labels[0, :4] = -100  # ignored positions, as a prompt's are in supervised fine-tuning
+    out = client(input_ids, labels=labels)
+    with torch.no_grad():
+        expected = local_model(input_ids, labels=labels)
+    assert out.loss is not None and out.loss.dim() == 0
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=1e-5)
+    assert client(input_ids).loss is None  # no labels, no loss
+
+    embeds = client.head.embed(input_ids)
+    torch.testing.assert_close(client(inputs_embeds=embeds).logits, out.logits, rtol=0, atol=1e-6)
+    assert client.dtype == torch.float32 == local_model.dtype
+
+    # wrong arguments are refused before anything is sent
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        client(input_ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        client()
+    with pytest.raises(ValueError, match="labels must have shape"):
+        client(input_ids, labels=labels[:, :3])
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        client(inputs_embeds=embeds[..., :10])
+
+
 def test_an_empty_batch_is_refused_clearly(client):
     with pytest.raises(ValueError, match="empty"):
         client(torch.zeros(0, 5, dtype=torch.long))
