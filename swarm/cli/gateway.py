@@ -51,6 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=GatewayLimits.max_concurrent,
         help="generations at once; more get RESOURCE_EXHAUSTED (default: %(default)s)",
     )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="trained prompts (a file from model.save_prompts) put in front of every request's tokens",
+    )
     parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
     parser.add_argument(
         "--verify-rate",
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         cache_dir=args.cache_dir,
         device=args.device,
+        prompts=args.prompts,
         verify_rate=args.verify_rate,
     ) as model:
         service = GatewayService(model, tokenizer, limits)

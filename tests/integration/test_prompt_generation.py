@@ -4,6 +4,7 @@ block's input (deep_ptune). Saved prompts load into a new client and generate th
 
 import time
 
+import grpc
 import pytest
 import torch
 from prompt_helpers import PRE_SEQ_LEN, deep_prompts_of, local_logits, make_client
@@ -15,7 +16,7 @@ from swarm.client.inference import SpanStream
 from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
 from swarm.local import LocalSwarm
-from swarm.proto import swarm_pb2
+from swarm.proto import gateway_pb2, gateway_pb2_grpc, swarm_pb2
 
 
 def local_greedy(local_model, model, input_ids, new_tokens: int) -> torch.Tensor:
@@ -178,3 +179,23 @@ def test_a_node_killed_mid_generation_is_replayed_with_the_deep_prompts(tiny_mod
             with torch.no_grad():
                 expected = local_logits(local_model, out, prompts, deep_prompts_of(model).detach())[:, -1]
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_the_gateway_generates_with_saved_prompts(tiny_model, tiny_swarm, local_model, tmp_path):
+    path = tmp_path / "prompts.safetensors"
+    input_ids = prompt_ids(7)
+    with make_client(tiny_model, tiny_swarm, "deep_ptune", seed=6) as model:
+        with torch.no_grad():
+            model.prompt_embeddings.weight.normal_(std=1.0)
+        model.save_prompts(path)
+        expected = model.generate(input_ids, max_new_tokens=8)[0, input_ids.shape[1] :].tolist()
+    plain = local_model.generate(input_ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert expected != plain[0, input_ids.shape[1] :].tolist()  # so the gateway must have used them
+    gateway = tiny_swarm.start_gateway(str(tiny_model), "--prompts", str(path))
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            request = gateway_pb2.GenerateRequest(input_ids=input_ids[0].tolist(), max_new_tokens=8)
+            messages = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+        assert [t for m in messages for t in m.token_ids] == expected
+    finally:
+        gateway.terminate()
