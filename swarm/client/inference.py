@@ -80,9 +80,10 @@ class SpanStream:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Send new tokens' hidden states (with the span's deep prompts at position 0); returns the span's
-        outputs for them."""
+        """Send new tokens' hidden states (with the span's deep prompts at position 0, and the cache rows
+        to keep before the step); returns the span's outputs for them."""
         request = swarm_pb2.InferenceRequest(
             position=position,
             tensors=[serialize(hidden)],
@@ -92,6 +93,8 @@ class SpanStream:
             request.attention_mask.CopyFrom(serialize(attention_mask))
         if prompts is not None:
             request.prompts.CopyFrom(serialize(prompts))
+        if hypo_ids is not None:
+            request.hypo_ids.CopyFrom(serialize(hypo_ids))
         if not self._opened:
             request.session_id, request.max_length = self.session_id, self.max_length
             request.start_block, request.end_block = self.span.start, self.span.end
@@ -185,6 +188,7 @@ class _SpanState:
     span: RemoteSpan
     stream: SpanStream
     inputs: list[torch.Tensor] = field(default_factory=list)  # every step's input, for replay
+    reorder: torch.Tensor | None = None  # hypo_ids its node has yet to apply, with its next step
 
 
 @dataclass(eq=False)
@@ -260,11 +264,14 @@ class InferenceSession:
         hidden: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """New tokens' hidden states through every block; long inputs go in chunks.
 
         `attention_mask` covers the caller's tokens so far including these: (batch, num_tokens + new), and
         `position_ids` count from the caller's first token (the tuned prompts' positions are added here).
+        `hypo_ids` (batch,) reorder the rows the session holds before this step: row i continues what row
+        hypo_ids[i] was (beam search); the caller's mask and positions must already be in the new order.
         The result is on `hidden`'s device; inputs kept for replay stay on CPU.
         """
         if self._closed:
@@ -276,6 +283,8 @@ class InferenceSession:
                 f"and cannot take {new_tokens} more"
             )
         device, hidden = hidden.device, hidden.cpu()
+        if hypo_ids is not None:
+            self._reorder(hypo_ids, batch)
         if position_ids is None:
             position_ids = torch.arange(self.num_tokens, self.num_tokens + new_tokens).expand(batch, -1)
         position_ids = position_ids.cpu()
@@ -298,6 +307,27 @@ class InferenceSession:
                 mask = attention_mask[:, : self.position + end - offset]
             outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
         return torch.cat(outputs, dim=1)[:, prefix:].to(device)
+
+    def _reorder(self, hypo_ids: torch.Tensor, batch: int) -> None:
+        """Reorder what the session keeps for replay and checks; each node reorders its cache with its
+        next step. A replacement node replays the reordered history and so needs no reordering."""
+        hypo_ids = torch.as_tensor(hypo_ids).cpu()
+        in_range = bool(((hypo_ids >= 0) & (hypo_ids < batch)).all())
+        if hypo_ids.shape != (batch,) or hypo_ids.is_floating_point() or not in_range:
+            raise ValueError(f"hypo_ids must be {batch} row indices in [0, {batch}), got {hypo_ids.tolist()}")
+        if self.position == 0:
+            raise ValueError("hypo_ids reorder what the session holds: it holds nothing yet")
+        if self.defer_checks:
+            raise ValueError(
+                "hypo_ids cannot go with deferred spot checks (a failed one could not be undone)"
+            )
+        hypo_ids = hypo_ids.long()
+        for state in self._spans:
+            if state.inputs:
+                state.inputs = [torch.cat(state.inputs, dim=1)[hypo_ids]]
+            state.reorder = hypo_ids if state.reorder is None else state.reorder[hypo_ids]
+        if self._position_ids is not None:
+            self._position_ids = self._position_ids[hypo_ids]
 
     def _with_prompts(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None):
         """A step in the nodes' positions: the caller's shifted past the prompts, which go before the first
@@ -356,7 +386,7 @@ class InferenceSession:
                 else:
                     prompts = self._deep_prompts(state.span, position)
                     output = client.run_async(
-                        state.stream.step(hidden, position, mask, position_ids, prompts)
+                        state.stream.step(hidden, position, mask, position_ids, prompts, state.reorder)
                     )
             except Exception as e:
                 culprit = blame(e)
@@ -378,6 +408,7 @@ class InferenceSession:
                 failures = self._replace_span(index, mask, failures, punish=culprit, exclude=opinion.excluded)
                 continue
             opinion.served()
+            state.reorder = None  # its node applied it
             elapsed = time.perf_counter() - started
             span = state.span
             client.record_hop(
@@ -420,7 +451,7 @@ class InferenceSession:
         """
         check = asyncio.ensure_future(self._check(state, hidden, mask, position_ids, servers))
         try:
-            output = await state.stream.step(hidden, position, mask, position_ids)
+            output = await state.stream.step(hidden, position, mask, position_ids, hypo_ids=state.reorder)
         except BaseException:
             check.cancel()  # the node failed the step: it is replaced, and its replacement checked
             check.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody awaits it

@@ -40,6 +40,7 @@ class SpanInputs:
     step: int = 0  # set by trainable backends: the optimizer step of the weights that ran this request
     caller: str = ""  # the calling peer's id
     receipt: bytes = b""  # backward calls in training runs: the caller's signed receipt for the tensors
+    hypo_ids: torch.Tensor | None = None  # inference: the cache rows to keep, in order, before the step
 
 
 class SpanBackend:
@@ -226,12 +227,16 @@ class SpanBackend:
         if position < session.length:
             session.cache.truncate(position)  # the client rewinds: recompute from `position`
             session.length = position
+        before = session.cache.snapshot()
         try:
+            if inputs.hypo_ids is not None:
+                session.cache.reorder(inputs.hypo_ids)
             hidden = inputs.hidden_states.to(self.device, self.dtype)
             prompts = inputs.prompts.to(self.device, self.dtype) if inputs.prompts is not None else None
             out = self._call_span(inputs, hidden, prompts, cache=session.cache)
         except BaseException:
-            session.cache.truncate(position)  # a step that fails half-way leaves the cache as it was
+            session.cache.restore(before)  # a step that fails half-way leaves the cache as it was
+            session.cache.truncate(position)
             raise
         session.length = position + hidden.shape[1]
         return out.to("cpu", inputs.wire_dtype)

@@ -17,7 +17,7 @@ from swarm.node.admission import Admission, BufferedBytes
 from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, error_reply
 from swarm.node.metrics import NodeMetrics
-from swarm.node.sessions import Session, check_step_shapes
+from swarm.node.sessions import Session, check_step_shapes, parse_hypo_ids
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
 from swarm.utils.streaming import combine_parts, hold_until_caller_closes, split_tensors
@@ -362,14 +362,18 @@ class NodeServicer(NodeProtocol):
                     )
                 num_layers = session.end - session.start
                 prompts = backend.parse_prompts(request.prompts, num_layers, *hidden.shape[:2])
-            return hidden, mask, positions, prompts
+            hypo_ids = None
+            if request.HasField("hypo_ids"):
+                limit = backend.limits.max_request_bytes
+                hypo_ids = parse_hypo_ids(request.hypo_ids, request.position, hidden.shape[0], limit)
+            return hidden, mask, positions, prompts, hypo_ids
 
         # a long prompt's step carries megabytes: decode it on a worker thread, off the event loop
         large = sum(len(t.buffer) for t in request.tensors) > OFF_LOOP_BYTES
-        hidden, mask, positions, prompts = await asyncio.to_thread(parse) if large else parse()
+        hidden, mask, positions, prompts, hypo_ids = await asyncio.to_thread(parse) if large else parse()
         if not session.batch_size:
             backend.sessions.reserve(session, hidden.shape[0])
-        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts)
+        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts, hypo_ids=hypo_ids)
         outputs = await backend.inference_step(session, request.position, inputs)
         self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
         return outputs

@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 from swarm.node.errors import RequestError
 from swarm.proto import swarm_pb2
+from swarm.utils.tensors import deserialize_checked
 
 
 class SpanCache(DynamicCache):
@@ -28,6 +29,23 @@ class SpanCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return super().update(key_states, value_states, layer_idx - self.first_layer, *args, **kwargs)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes what row rows[i] was, in every layer (beam search's hypotheses)."""
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is not None and keys.dim() == 4:
+                layer.keys = keys.index_select(0, rows.to(keys.device))
+                layer.values = layer.values.index_select(0, rows.to(keys.device))
+
+    def snapshot(self) -> list[tuple]:
+        """References to every layer's tensors, which `restore` puts back (no copy: steps replace them)."""
+        return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in self.layers]
+
+    def restore(self, snapshot: list[tuple]) -> None:
+        for layer, (keys, values) in zip(self.layers, snapshot, strict=False):
+            if keys is not None:
+                layer.keys, layer.values = keys, values
 
     def truncate(self, length: int) -> None:
         """Forget every token from `length` on (used to undo a step that failed half-way)."""
@@ -164,3 +182,22 @@ def check_step_shapes(
             swarm_pb2.Error.BAD_REQUEST,
             f"position_ids has shape {tuple(positions.shape)}, expected {(batch, new_tokens)}",
         )
+
+
+def parse_hypo_ids(proto, position: int, batch: int, max_bytes: int) -> torch.Tensor:
+    """A step's beam reordering: (batch,) integers in [0, batch), for a step after the first."""
+    hypo_ids = deserialize_checked(
+        proto,
+        name="hypo_ids",
+        allowed_dtypes={"int64": torch.int64, "int32": torch.int32},
+        ndim=1,
+        max_bytes=max_bytes,
+    ).long()
+    if tuple(hypo_ids.shape) != (batch,) or (hypo_ids < 0).any() or (hypo_ids >= batch).any():
+        raise RequestError(
+            swarm_pb2.Error.BAD_REQUEST,
+            f"hypo_ids must be {batch} row indices in [0, {batch}), got shape {tuple(hypo_ids.shape)}",
+        )
+    if position == 0:
+        raise RequestError(swarm_pb2.Error.BAD_REQUEST, "hypo_ids reorder the cache: not with the first step")
+    return hypo_ids
