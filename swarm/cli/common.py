@@ -41,6 +41,15 @@ def add_announce_maddrs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_prompts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="trained prompts (a file from model.save_prompts) put in front of every generation's tokens",
+    )
+
+
 def add_cache_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir",

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 
-from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.cli.common import add_cache_dir, add_initial_peers, add_prompts
 from swarm.client.config import ClientConfig
 from swarm.gateway.service import GatewayLimits
 
@@ -51,12 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=GatewayLimits.max_concurrent,
         help="generations at once; more get RESOURCE_EXHAUSTED (default: %(default)s)",
     )
-    parser.add_argument(
-        "--prompts",
-        default=None,
-        metavar="PATH",
-        help="trained prompts (a file from model.save_prompts) put in front of every request's tokens",
-    )
+    add_prompts(parser)
     parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
     parser.add_argument(
         "--verify-rate",

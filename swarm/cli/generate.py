@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli.common import add_cache_dir, add_initial_peers
+from swarm.cli.common import add_cache_dir, add_initial_peers, add_prompts
 from swarm.client.config import ClientConfig
 
 
@@ -18,6 +18,7 @@ def add_model_and_decoding(parser: argparse.ArgumentParser, default_max_new_toke
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    add_prompts(parser)
     parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
     parser.add_argument(
         "--verify-rate",
@@ -83,6 +84,7 @@ def open_model(args: argparse.Namespace):
         model_name=args.model_name,
         cache_dir=args.cache_dir,
         device=args.device,
+        prompts=args.prompts,
         verify_rate=args.verify_rate,
     )
     return tokenizer, model

@@ -2,6 +2,9 @@
 tokens equal transformers' greedy decoding with the same prompts prepended (ptune) or also added to each
 block's input (deep_ptune). Saved prompts load into a new client and generate the same."""
 
+import shutil
+import subprocess
+import sys
 import time
 
 import grpc
@@ -9,6 +12,7 @@ import pytest
 import torch
 from prompt_helpers import PRE_SEQ_LEN, deep_prompts_of, local_logits, make_client
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.errors import RemoteError
@@ -16,6 +20,7 @@ from swarm.client.inference import SpanStream
 from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
 from swarm.local import LocalSwarm
+from swarm.models.tiny import write_tiny_tokenizer
 from swarm.proto import gateway_pb2, gateway_pb2_grpc, swarm_pb2
 
 
@@ -199,3 +204,29 @@ def test_the_gateway_generates_with_saved_prompts(tiny_model, tiny_swarm, local_
         assert [t for m in messages for t in m.token_ids] == expected
     finally:
         gateway.terminate()
+
+
+def test_swarm_generate_takes_saved_prompts(tiny_model, tiny_swarm, local_model, tmp_path):
+    folder = tmp_path / tiny_model.name  # the tiny Llama with a tokenizer, which `swarm generate` needs
+    shutil.copytree(tiny_model, folder)
+    write_tiny_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    path = tmp_path / "prompts.safetensors"
+    prompt = "the swarm says"
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with make_client(folder, tiny_swarm, "ptune", seed=8) as model:
+        with torch.no_grad():
+            model.prompt_embeddings.weight.normal_(std=1.0)
+        model.save_prompts(path)
+        expected = model.generate(input_ids, max_new_tokens=6)[0, input_ids.shape[1] :]
+    plain = local_model.generate(input_ids, do_sample=False, max_new_tokens=6, pad_token_id=0)
+    assert expected.tolist() != plain[0, input_ids.shape[1] :].tolist()  # the prompts change the answer
+    result = subprocess.run(
+        [sys.executable, "-m", "swarm.cli.main", "generate", "--model", str(folder), "--prompt", prompt]
+        + ["--max-new-tokens", "6", "--prompts", str(path), "--initial-peers", *tiny_swarm.initial_peers],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
