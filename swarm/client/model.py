@@ -93,6 +93,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         if prompts is not None:
             saved = load_prompts(prompts)
             tuning_mode, pre_seq_len = _agree_with_saved(saved, prompts, tuning_mode, pre_seq_len)
+            _check_saved_widths(saved, prompts, checkpoint.config.hidden_size, checkpoint.num_blocks)
         config = ClientConfig(initial_peers=list(initial_peers), **config_kwargs)
         model = cls(
             checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, device=device
@@ -297,3 +298,14 @@ def _agree_with_saved(
     if pre_seq_len not in (0, saved.pre_seq_len):
         raise ValueError(f"{source} holds {saved.pre_seq_len} prompt positions, not {pre_seq_len}")
     return saved.tuning_mode, saved.pre_seq_len
+
+
+def _check_saved_widths(saved: SavedPrompts, source, hidden_size: int, num_blocks: int) -> None:
+    """Saved prompts must be of this model's size (checked before joining the swarm)."""
+    widths = {"prompt_embeddings": hidden_size, "intermediate_prompt_embeddings": hidden_size * num_blocks}
+    for name, tensor in saved.tensors.items():
+        if tensor.shape[1] != widths[name]:
+            raise ValueError(
+                f"{source}: {name} has width {tensor.shape[1]}, this model's is {widths[name]} "
+                "(prompts trained for another model?)"
+            )

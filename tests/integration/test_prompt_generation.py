@@ -109,6 +109,10 @@ def test_saved_prompts_load_into_a_new_client_and_generate_the_same(tiny_model, 
     save_file({"weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(ValueError, match="is not a prompts file"):
         DistributedModelForCausalLM.from_pretrained(tiny_model, [], prompts=other)
+    wide = tmp_path / "wide.safetensors"
+    save_file({"prompt_embeddings": torch.zeros(3, 65)}, str(wide), metadata={"swarm.tuning_mode": "ptune"})
+    with pytest.raises(ValueError, match="prompts trained for another model"):
+        DistributedModelForCausalLM.from_pretrained(tiny_model, [], prompts=wide)
     nan = tmp_path / "nan.safetensors"
     save_file(
         {"prompt_embeddings": torch.full((3, 64), float("nan"))},
