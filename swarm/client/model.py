@@ -269,6 +269,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
         tuning, the prompts as they are now go in front of the tokens (the caches hold them too)."""
         return InferenceSession(self.swarm, max_length, self.session_prompts())
 
+    def as_transformers(self):
+        """This model as a transformers `PreTrainedModel` with `GenerationMixin`: transformers' own
+        `generate()` (beam search, repetition penalty, stop strings, every logits processor) and pipelines,
+        over an inference session per call. It shares this model's client and prompts."""
+        from swarm.client.transformers_model import TransformersModel  # imports transformers' model code
+
+        return TransformersModel(self)
+
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Like transformers' generate(): greedy or sampled, EOS, batches with attention_mask, sessions.
 

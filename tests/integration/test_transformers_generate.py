@@ -1,0 +1,112 @@
+"""transformers' own generate() over the swarm (`model.as_transformers()`): token for token what
+transformers gives locally on the same weights, for greedy, beam search, repetition penalty, seeded
+sampling, left-padded batches and a text-generation pipeline; beam search survives a node killed mid-way."""
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoTokenizer, pipeline
+
+from swarm.client import DistributedModelForCausalLM
+from swarm.local import LocalSwarm
+from swarm.models.tiny import write_tiny_tokenizer
+
+IDS = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model, tiny_swarm):
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+        yield model.as_transformers()
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, num_beams=3),
+        dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        dict(do_sample=False, repetition_penalty=1.3),
+        dict(do_sample=True, top_k=20, temperature=1.5),
+    ],
+    ids=["greedy", "beams", "beams-2-returned", "repetition-penalty", "sampling"],
+)
+def test_generate_equals_local_transformers(hf_model, local_model, decoding):
+    torch.manual_seed(5)
+    out = hf_model.generate(IDS, max_new_tokens=12, pad_token_id=0, **decoding)
+    torch.manual_seed(5)
+    expected = local_model.generate(IDS, max_new_tokens=12, pad_token_id=0, **decoding)
+    assert out.tolist() == expected.tolist()
+
+
+def test_left_padded_batch_equals_local(hf_model, local_model):
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = local_model.generate(
+        ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    assert out.tolist() == expected.tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer") / tiny_model.name
+    shutil.copytree(tiny_model, folder)
+    write_tiny_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_stop_strings_end_generation_where_they_do_locally(hf_model, local_model, tokenizer):
+    free = local_model.generate(IDS, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    pieces = [tokenizer.decode([token]) for token in free[0, IDS.shape[1] :].tolist()]
+    # two tokens greedy decoding says, as text (the tiny tokenizer's bytes do not always decode alone)
+    first = next(i for i in range(1, len(pieces) - 1) if (pieces[i - 1] + pieces[i]).isprintable())
+    stop = pieces[first - 1] + pieces[first]
+    kwargs = dict(
+        max_new_tokens=12, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tokenizer
+    )
+    out = hf_model.generate(IDS, **kwargs)
+    assert out.tolist() == local_model.generate(IDS, **kwargs).tolist()
+    assert out.shape[1] < free.shape[1]  # it stopped early
+
+
+def test_a_text_generation_pipeline(hf_model, local_model, tokenizer):
+    swarm_pipe = pipeline("text-generation", model=hf_model, tokenizer=tokenizer)
+    local_pipe = pipeline("text-generation", model=local_model, tokenizer=tokenizer)
+    kwargs = dict(max_new_tokens=10, do_sample=False)
+    assert swarm_pipe("the swarm says", **kwargs) == local_pipe("the swarm says", **kwargs)
+
+
+def test_beam_search_survives_a_node_killed_mid_way(tiny_model, local_model, tmp_path):
+    with LocalSwarm(workdir=tmp_path) as swarm:
+        swarm.start_bootstrap()
+        nodes = [swarm.start_node(str(tiny_model), span, wait=False) for span in ("0:3", "3:6", "3:6")]
+        for node in nodes:
+            swarm.wait_ready(node)
+        with DistributedModelForCausalLM.from_pretrained(
+            tiny_model, swarm.initial_peers, max_retries=5
+        ) as model:
+            hf = model.as_transformers()
+            killed = []
+            original_step = model.inference_session
+
+            def session_that_kills(max_length):
+                session = original_step(max_length)
+
+                def kill_after_a_few_steps(position):
+                    if position >= IDS.shape[1] + 4 and not killed:
+                        victim = next(p for p in nodes if p.peer_id == session.route[-1].peer_id)
+                        victim.kill()
+                        killed.append(session)
+
+                session.on_step = kill_after_a_few_steps
+                return session
+
+            model.inference_session = session_that_kills
+            out = hf.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+            assert killed and killed[0].num_recoveries >= 1
+    expected = local_model.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.tolist() == expected.tolist()
