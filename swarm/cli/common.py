@@ -41,6 +41,17 @@ def add_announce_maddrs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_metrics(parser: argparse.ArgumentParser, port: int | None = None, host: str = "127.0.0.1") -> None:
+    """--metrics-port and --metrics-host, with the caller's defaults (a node's come from NodeConfig)."""
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=port,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; default: off)",
+    )
+    parser.add_argument("--metrics-host", default=host, help="address of the metrics page")
+
+
 def add_prompts(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts",

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import sys
 
-from swarm.cli.common import add_cache_dir, add_initial_peers, add_prompts
+from swarm.cli.common import add_cache_dir, add_initial_peers, add_metrics, add_prompts
 from swarm.client.config import ClientConfig
 from swarm.gateway.service import GatewayLimits
 
@@ -59,13 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=ClientConfig.verify_rate,
         help="fraction of span calls also run on a second node and compared (default: %(default)s)",
     )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; default: off)",
-    )
-    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics page")
+    add_metrics(parser)
     parser.add_argument(
         "--map-port",
         type=int,
@@ -92,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from swarm.gateway.service import GatewayService
     from swarm.models import load_tokenizer
     from swarm.utils.aio import run as run_event_loop
-    from swarm.utils.metrics import serve_metrics
+    from swarm.utils.metrics import MetricsServer
     from swarm.web import MapPage
 
     try:
@@ -113,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = page = None
         try:
             if args.metrics_port is not None:
-                metrics = serve_metrics(service.metrics.registry, args.metrics_host, args.metrics_port)
+                metrics = MetricsServer(service.metrics.registry, args.metrics_host, args.metrics_port)
                 print(f"swarm gateway: metrics at {metrics.url}", file=sys.stderr, flush=True)
             if args.map_port is not None:
                 page = MapPage(lambda: [service.swarm_map()], args.host, args.map_port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers
+from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers, add_metrics
 from swarm.cli.config_file import add_config_arguments, print_config
 from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
 from swarm.node.limits import NodeLimits
@@ -134,13 +134,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=_LIMITS.stream_message_timeout,
         help="seconds a request stream may go without a complete message before it is dropped",
     )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_DEFAULTS.metrics_port,
-        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; default: off)",
-    )
-    parser.add_argument("--metrics-host", default=_DEFAULTS.metrics_host, help="address of the metrics page")
+    add_metrics(parser, _DEFAULTS.metrics_port, _DEFAULTS.metrics_host)
     add_cache_dir(parser)
     add_config_arguments(parser)
     add_fault_argument(parser)

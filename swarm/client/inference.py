@@ -367,7 +367,8 @@ class InferenceSession:
             state = self._spans[index]
             started = time.perf_counter()
             # commitments cover the blocks' plain forward: steps with deep prompts cannot be checked
-            checker = None if self._deep_prompts(state.span, 0) is not None else client.spot_checker
+            deep_prompts = self.prompts is not None and self.prompts.deep is not None
+            checker = None if deep_prompts else client.spot_checker
             if state.span.start == self._recheck_start:
                 force_check, self._recheck_start = True, None
             checking = checker is not None and (force_check or checker.should_check())

@@ -25,7 +25,7 @@ from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault, ServingNode
 from swarm.utils.aio import run as run_event_loop
-from swarm.utils.metrics import serve_metrics
+from swarm.utils.metrics import MetricsServer
 from swarm.utils.tensors import FLOAT_DTYPES
 from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
 from swarm.verification.service import VerificationServicer
@@ -155,7 +155,7 @@ class Node:
             await self._join()
             await self._start_serving()
             if config.metrics_port is not None:
-                metrics = serve_metrics(
+                metrics = MetricsServer(
                     self.servicer.metrics.registry, config.metrics_host, config.metrics_port
                 )
                 logger.info("node %s: metrics at %s", self.peer_id, metrics.url)

@@ -9,7 +9,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class MetricsServer:
-    """Serves `registry` at http://host:port/metrics from a daemon thread until `close()`."""
+    """Serves `registry` at http://host:port/metrics from a daemon thread until `close()`; port 0 picks a
+    free port (see `port`)."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
@@ -23,8 +24,3 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
-    """Start serving `registry`; port 0 picks a free one (see `MetricsServer.port`)."""
-    return MetricsServer(registry, host, port)

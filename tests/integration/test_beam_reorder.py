@@ -83,9 +83,7 @@ def test_nodes_refuse_bad_hypo_ids(tiny_model, tiny_swarm, tiny_nodes):
 def test_a_node_killed_between_reorders_is_replayed_in_the_new_order(tiny_model, local_model, tmp_path):
     with LocalSwarm(workdir=tmp_path) as swarm:
         swarm.start_bootstrap()
-        nodes = [swarm.start_node(str(tiny_model), span, wait=False) for span in ("0:3", "3:6", "3:6")]
-        for node in nodes:
-            swarm.wait_ready(node)
+        nodes = swarm.start_nodes(str(tiny_model), ["0:3", "3:6", "3:6"])
         prompts = torch.randint(3, 256, (3, 4), generator=torch.Generator().manual_seed(1))
         with DistributedModelForCausalLM.from_pretrained(
             tiny_model, swarm.initial_peers, max_retries=5

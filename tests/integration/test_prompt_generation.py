@@ -162,9 +162,7 @@ def test_deep_prompts_go_only_with_the_first_step(tiny_model, tiny_swarm, tiny_n
 def test_a_node_killed_mid_generation_is_replayed_with_the_deep_prompts(tiny_model, local_model, tmp_path):
     with LocalSwarm(workdir=tmp_path) as swarm:
         swarm.start_bootstrap()
-        nodes = [swarm.start_node(str(tiny_model), span, wait=False) for span in ("0:3", "3:6", "3:6")]
-        for node in nodes:
-            swarm.wait_ready(node)
+        nodes = swarm.start_nodes(str(tiny_model), ["0:3", "3:6", "3:6"])
         with make_client(tiny_model, swarm, "deep_ptune", seed=5) as model:
             input_ids = prompt_ids(6)
             with model.inference_session(max_length=20) as session:

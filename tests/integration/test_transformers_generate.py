@@ -83,9 +83,7 @@ def test_a_text_generation_pipeline(hf_model, local_model, tokenizer):
 def test_beam_search_survives_a_node_killed_mid_way(tiny_model, local_model, tmp_path):
     with LocalSwarm(workdir=tmp_path) as swarm:
         swarm.start_bootstrap()
-        nodes = [swarm.start_node(str(tiny_model), span, wait=False) for span in ("0:3", "3:6", "3:6")]
-        for node in nodes:
-            swarm.wait_ready(node)
+        nodes = swarm.start_nodes(str(tiny_model), ["0:3", "3:6", "3:6"])
         with DistributedModelForCausalLM.from_pretrained(
             tiny_model, swarm.initial_peers, max_retries=5
         ) as model:
