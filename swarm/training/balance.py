@@ -1,0 +1,74 @@
+"""Which stage of a training run a peer serves: newcomers join the weakest stage, and a peer of the
+strongest stage moves to the weakest when that raises the pipeline's bottleneck by enough.
+
+Every sample passes every stage, so the pipeline runs at the pace of its stage with the least total
+throughput (samples/s, summed over the stage's peers). Pure functions over announced records: the nodes and
+the placement simulator (`swarm.sim`) run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+UNMEASURED_THROUGHPUT = 1e-9  # a peer that has not measured itself yet still counts as present
+
+
+@dataclass(frozen=True)
+class StagePeer:
+    """One peer of a stage as its record announces it."""
+
+    peer_id: str
+    throughput: float
+    queue_length: int = 0
+
+
+def stage_totals(stages: Sequence[Sequence[StagePeer]]) -> list[float]:
+    """Total throughput of each stage (an unmeasured peer counts as a tiny positive throughput)."""
+    return [sum(max(p.throughput, UNMEASURED_THROUGHPUT) for p in peers) for peers in stages]
+
+
+def choose_stage(stages: Sequence[Sequence[StagePeer]]) -> int:
+    """The stage a newcomer joins: the least total throughput, then the longest queues, then the fewest
+    peers, then the lowest index."""
+    if not stages:
+        raise ValueError("a run has at least one stage")
+    totals = stage_totals(stages)
+    return min(
+        range(len(stages)),
+        key=lambda s: (totals[s], -sum(p.queue_length for p in stages[s]), len(stages[s]), s),
+    )
+
+
+def plan_move(stages: Sequence[Sequence[StagePeer]], me: str, min_gain: float = 0.1) -> int | None:
+    """The stage `me` should move to now, or None to stay.
+
+    Only one peer in the whole run is chosen, so that peers deciding on the same records do not all move at
+    once: a peer of the stage with the most throughput (that has more than one peer), the one whose move to
+    the weakest stage gives the highest bottleneck (ties: the shortest queue, the most spare capacity, then
+    the lowest peer id). It moves only when the bottleneck rises by more than `min_gain` (a fraction), so a
+    balanced run does not oscillate.
+    """
+    if len(stages) < 2:
+        return None
+    totals = stage_totals(stages)
+    target = choose_stage(stages)
+    donors = [s for s in range(len(stages)) if s != target and len(stages[s]) > 1]
+    if not donors:
+        return None
+    source = max(donors, key=lambda s: (totals[s], -s))
+    before = min(totals)
+
+    def bottleneck_after(peer: StagePeer) -> float:
+        moved = max(peer.throughput, UNMEASURED_THROUGHPUT)
+        after = list(totals)
+        after[source] -= moved
+        after[target] += moved
+        return min(after)
+
+    mover = min(
+        stages[source], key=lambda p: (-bottleneck_after(p), p.queue_length, -p.throughput, p.peer_id)
+    )
+    if mover.peer_id != me:
+        return None
+    return target if bottleneck_after(mover) > before * (1.0 + min_gain) else None

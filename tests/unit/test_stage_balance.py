@@ -1,0 +1,53 @@
+"""Training stage placement: join the weakest stage; one peer moves when it raises the bottleneck enough."""
+
+import pytest
+
+from swarm.training.balance import StagePeer, choose_stage, plan_move, stage_totals
+
+
+def stage(*throughputs, prefix="p", queue=0):
+    return [StagePeer(f"{prefix}{i}", t, queue) for i, t in enumerate(throughputs)]
+
+
+def test_newcomers_join_the_weakest_stage_then_the_busier_then_the_smaller():
+    assert choose_stage([stage(10, 10), stage(5)]) == 1
+    assert choose_stage([[], stage(5)]) == 0
+    # equal throughput: the stage whose queues are longer needs help more
+    assert choose_stage([stage(5, prefix="a"), stage(5, prefix="b", queue=4)]) == 1
+    assert choose_stage([stage(5, 0), stage(5)]) == 1  # an unmeasured peer still counts, a bit
+    with pytest.raises(ValueError):
+        choose_stage([])
+
+
+def test_three_to_one_moves_exactly_one_peer_and_only_it():
+    stages = [stage(10, 10, 10, prefix="a"), stage(10, prefix="b")]
+    moves = {p.peer_id: plan_move(stages, p.peer_id) for peers in stages for p in peers}
+    assert list(moves.values()).count(1) == 1
+    assert all(target in (None, 1) for target in moves.values())
+    mover = next(peer for peer, target in moves.items() if target == 1)
+    after = [[p for p in stages[0] if p.peer_id != mover], stages[1] + [StagePeer(mover, 10)]]
+    assert stage_totals(after) == [20, 20]
+    # balanced now: nobody moves, over and over
+    assert all(plan_move(after, p.peer_id) is None for peers in after for p in peers)
+
+
+def test_no_move_below_the_gain_threshold_nor_out_of_a_lone_stage():
+    # moving the 2 would give min(10, 12) = 10 > 9, an 11% gain: only above a 10% threshold
+    stages = [stage(10, 2, prefix="a"), stage(9, prefix="b")]
+    assert plan_move(stages, "a1", min_gain=0.1) == 1
+    assert plan_move(stages, "a1", min_gain=0.2) is None
+    assert plan_move([stage(30, prefix="a"), stage(1, prefix="b")], "a0") is None
+    assert plan_move([stage(30, prefix="a")], "a0") is None
+
+
+def test_the_mover_is_the_peer_whose_move_helps_most():
+    # moving the 8 balances best (12 vs 13); the 3 would leave the gap; the 20 would empty the other side
+    stages = [stage(20, 8, 3, prefix="a"), stage(5, prefix="b")]
+    assert plan_move(stages, "a1") == 1
+    assert plan_move(stages, "a0") is None and plan_move(stages, "a2") is None
+
+
+def test_an_empty_stage_draws_a_peer_at_once():
+    stages = [stage(4, 4, prefix="a"), [], stage(4, 4, prefix="c")]
+    targets = {p.peer_id: plan_move(stages, p.peer_id) for peers in stages for p in peers}
+    assert sorted(t for t in targets.values() if t is not None) == [1]
