@@ -2,7 +2,8 @@
 
 Prints one JSON object per line. Per-token latency is the time between consecutive new tokens (the
 prefill is reported apart); per-hop overhead compares swarms with different node counts on the same
-weights, so compute is equal and the difference is hops.
+weights, so compute is equal and the difference is hops. `--decoding-loop both` times the swarm's own
+decoding loop and transformers' generate() over the same swarm, alternating runs (same tokens, greedy).
 
     python -m benchmarks.inference --model smollm2-135m-instruct --nodes 1 2 3 --new-tokens 32
 """
@@ -41,19 +42,26 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
     return [t for run in runs[1:] for t in run]
 
 
-def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int):
+def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops):
+    """Per-token gaps for each decoding loop in `loops` (runs alternate), the route's hops, the RPC RTT."""
     from swarm.client import DistributedModelForCausalLM
 
     with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype, device=device) as model:
-        runs, hops = [], 0
+        runs, hops = {loop: [] for loop in loops}, 0
         for _ in range(repeats + 1):
-            timer = TokenTimer()
-            with model.inference_session(max_length=input_ids.shape[1] + new_tokens) as session:
-                model.generate(
-                    input_ids, max_new_tokens=new_tokens, session=session, streamer=timer, eos_token_id=[]
-                )
-                hops = len(session.route)
-            runs.append(timer.gaps())
+            for loop in loops:
+                timer = TokenTimer()
+                with model.inference_session(max_length=input_ids.shape[1] + new_tokens) as session:
+                    model.generate(
+                        input_ids,
+                        max_new_tokens=new_tokens,
+                        session=session,
+                        streamer=timer,
+                        eos_token_id=[],
+                        decoding_loop=loop,
+                    )
+                    hops = len(session.route)
+                runs[loop].append(timer.gaps())
         rtts = []
         route = model.find_route()
         from swarm.client.remote import get_info
@@ -62,7 +70,8 @@ def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, device
             started = time.perf_counter()
             model.run_async(get_info(model.p2p, route[0].peer_id, 10))
             rtts.append(time.perf_counter() - started)
-    return [t for run in runs[1:] for t in run], hops, statistics.median(rtts)
+    latencies = {loop: [t for run in loop_runs[1:] for t in run] for loop, loop_runs in runs.items()}
+    return latencies, hops, statistics.median(rtts)
 
 
 def main(argv=None) -> None:
@@ -76,7 +85,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decoding-loop", choices=["swarm", "transformers", "both"], default="swarm")
     args = parser.parse_args(argv)
+    loops = ["swarm", "transformers"] if args.decoding_loop == "both" else [args.decoding_loop]
 
     from swarm.local import LocalSwarm
     from swarm.models.checkpoint import resolve_checkpoint
@@ -91,30 +102,40 @@ def main(argv=None) -> None:
     for nodes in args.nodes:
         with LocalSwarm() as swarm:
             start_split_swarm(swarm, args.model, checkpoint.num_blocks, nodes, args.device, args.dtype)
-            latencies, hops, rtt = swarm_latencies(
-                args.model, swarm.initial_peers, input_ids, args.new_tokens, dtype, args.device, args.repeats
+            latencies_by_loop, hops, rtt = swarm_latencies(
+                args.model,
+                swarm.initial_peers,
+                input_ids,
+                args.new_tokens,
+                dtype,
+                args.device,
+                args.repeats,
+                loops,
             )
-        median = statistics.median(latencies)
-        row = {
-            "name": "inference",
-            "model": checkpoint.name,
-            "device": args.device,
-            "dtype": args.dtype,
-            "device_name": device_name(args.device),
-            "nodes": nodes,
-            "hops": hops,
-            "new_tokens": args.new_tokens,
-            "local_tokens_per_s": round(1 / local_median, 2),
-            "swarm_tokens_per_s": round(1 / median, 2),
-            "ratio": round(local_median / median, 3),
-            "local_ms_per_token_median": round(1000 * local_median, 2),
-            "local_ms_per_token_p90": round(1000 * percentile(local, 0.9), 2),
-            "swarm_ms_per_token_median": round(1000 * median, 2),
-            "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
-            "rpc_info_round_trip_ms": round(1000 * rtt, 3),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for loop, latencies in latencies_by_loop.items():
+            median = statistics.median(latencies)
+            row = {
+                "name": "inference",
+                "model": checkpoint.name,
+                "device": args.device,
+                "dtype": args.dtype,
+                "device_name": device_name(args.device),
+                "nodes": nodes,
+                "hops": hops,
+                "decoding_loop": loop,
+                "new_tokens": args.new_tokens,
+                "local_tokens_per_s": round(1 / local_median, 2),
+                "swarm_tokens_per_s": round(1 / median, 2),
+                "ratio": round(local_median / median, 3),
+                "local_ms_per_token_median": round(1000 * local_median, 2),
+                "local_ms_per_token_p90": round(1000 * percentile(local, 0.9), 2),
+                "swarm_ms_per_token_median": round(1000 * median, 2),
+                "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
+                "rpc_info_round_trip_ms": round(1000 * rtt, 3),
+            }
+            if loop == loops[0]:
+                rows.append(row)
+            print(json.dumps(row), flush=True)
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         extra_hops = last["hops"] - first["hops"]

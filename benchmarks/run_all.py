@@ -43,7 +43,21 @@ def main(argv=None) -> None:
         training.main(["--quick"])  # its own tiny random Llama, not --model
         gateway.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1"])
     else:
-        inference.main([*model, "--nodes", "1", "2", "3", "--new-tokens", "32", "--repeats", "2"])
+        inference.main(
+            [
+                *model,
+                "--nodes",
+                "1",
+                "2",
+                "3",
+                "--new-tokens",
+                "32",
+                "--repeats",
+                "2",
+                "--decoding-loop",
+                "both",
+            ]
+        )
         recovery.main([*model, "--new-tokens", "32"])
         forward.main([*model, "--nodes", "1", "3", "--batch", "8", "--seq", "512"])
         finetune.main([*model, "--steps", "5", "--batch", "8", "--seq", "32"])

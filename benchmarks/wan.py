@@ -50,9 +50,10 @@ def main(argv=None) -> None:
             nodes.append(harness.start_node(f"host{index}", args.model, blocks, peers))
         for node in nodes:
             harness.wait_ready(node)
-        latencies, hops, rtt = swarm_latencies(
-            args.model, peers, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats
+        latencies_by_loop, hops, rtt = swarm_latencies(
+            args.model, peers, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats, ["swarm"]
         )
+        latencies = latencies_by_loop["swarm"]
     local_median, median = statistics.median(local), statistics.median(latencies)
     print(
         json.dumps(

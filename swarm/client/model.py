@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import TYPE_CHECKING
 
 import torch
 from hivemind.p2p import P2P
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from swarm.client.autograd import RemoteBlocksFunction, SwarmBlocks
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
-from swarm.client.generation import generate
+from swarm.client.generation import DEFAULT_MAX_NEW_TOKENS, generate, positions_from_mask
 from swarm.client.inference import InferenceSession, SessionPrompts
 from swarm.client.prompts_file import SavedPrompts, load_prompts, save_prompts
 from swarm.client.routing import RemoteSpan
+from swarm.client.session_cache import SessionCache
 from swarm.client.swarm_client import SwarmClient
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.head import load_client_head, load_generation_config
@@ -24,8 +27,21 @@ if TYPE_CHECKING:
     from swarm.models.span import LlamaSpan
 
 
-class DistributedModelForCausalLM(torch.nn.Module):
-    """Embeddings and LM head run here; the transformer blocks run on nodes found through the DHT."""
+# what the swarm's own decoding loop does exactly as transformers would; anything else goes to transformers'
+SWARM_LOOP_SETTINGS = frozenset(
+    {"do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "max_length", "eos_token_id"}
+    | {"pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config"}
+)
+DECODING_LOOPS = ("auto", "swarm", "transformers")
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A transformers causal LM whose embeddings and LM head run here and whose transformer blocks run on
+    nodes found through the DHT. `generate()` is transformers' own (every decoding strategy, logits
+    processor and pipeline), over an inference session whose KV cache lives on the nodes."""
+
+    _supports_sdpa = True  # attention runs on the nodes; nothing here to dispatch
+    _supports_attention_backend = True
 
     def __init__(
         self,
@@ -36,18 +52,19 @@ class DistributedModelForCausalLM(torch.nn.Module):
         pre_seq_len: int = 0,
         device: str | torch.device = "cpu",
     ):
-        super().__init__()
+        # transformers may annotate its config (attention implementation): keep the checkpoint's untouched
+        super().__init__(copy.deepcopy(checkpoint.config))
         # checked before the DHT starts, so a bad argument leaves no process behind
         if tuning_mode not in (None, "ptune", "deep_ptune"):
             raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
         if tuning_mode and pre_seq_len < 1:
             raise ValueError("prompt tuning needs pre_seq_len >= 1")
         self.checkpoint = checkpoint
-        self.config = checkpoint.config
         # the head computes on `device`; what crosses the network, and the session's bookkeeping, is on CPU
-        self.device = torch.device(device)
-        self.head = load_client_head(checkpoint, dtype=dtype).to(self.device)
-        self.generation_config = load_generation_config(checkpoint.path)
+        self.head = load_client_head(checkpoint, dtype=dtype).to(device)
+        self.generation_config = load_generation_config(
+            checkpoint.path
+        ) or GenerationConfig.from_model_config(checkpoint.config)
         self.num_blocks = checkpoint.num_blocks
         self.swarm = SwarmClient(
             checkpoint.name,
@@ -166,6 +183,17 @@ class DistributedModelForCausalLM(torch.nn.Module):
         return self.head.embed_tokens.weight.dtype
 
     @property
+    def device(self) -> torch.device:
+        """Where the embeddings and head compute (what `from_pretrained(device=...)` asked for)."""
+        return self.head.embed_tokens.weight.device
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head.lm_head
+
+    @property
     def client_config(self) -> ClientConfig:
         return self.swarm.config
 
@@ -199,6 +227,7 @@ class DistributedModelForCausalLM(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: SessionCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits for `input_ids` (or `inputs_embeds`), as transformers' LlamaForCausalLM computes them
@@ -206,9 +235,14 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
         With prompt tuning, the trainable prompts go before the tokens; logits are returned for the
         tokens only, and gradients flow back to the prompts through the swarm.
+
+        With a `SessionCache` (what `generate()` passes): only the new tokens, through its inference
+        session; `attention_mask` then covers every token of the session.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None:
+            return self._step_session(cache, input_ids, inputs_embeds, attention_mask)
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if inputs_embeds is not None and (
@@ -262,6 +296,29 @@ class DistributedModelForCausalLM(torch.nn.Module):
             loss = ForCausalLMLoss(logits, labels.to(logits.device), vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def _step_session(
+        self,
+        cache: SessionCache,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> CausalLMOutputWithPast:
+        """One step of transformers' decoding loop: the new tokens through the cache's session."""
+        if not isinstance(cache, SessionCache):
+            raise TypeError(
+                f"the swarm keeps its cache on the nodes: expected a SessionCache, got {type(cache)}"
+            )
+        hidden = self.head.embed(input_ids.to(self.device)) if inputs_embeds is None else inputs_embeds
+        positions, mask = None, None
+        if attention_mask is not None:
+            mask = attention_mask.cpu()
+            positions = positions_from_mask(mask)[:, -hidden.shape[1] :]
+            cache.seen_mask = mask
+            mask = mask if bool((mask == 0).any()) else None  # a full mask is the default
+        hypo_ids, cache.pending_reorder = cache.pending_reorder, None
+        out = cache.session.step(hidden, position_ids=positions, attention_mask=mask, hypo_ids=hypo_ids)
+        return CausalLMOutputWithPast(logits=self.head.logits(out.to(self.device)).float())
+
     # ---- generation ---------------------------------------------------------------------------------------
 
     def inference_session(self, max_length: int) -> InferenceSession:
@@ -269,20 +326,112 @@ class DistributedModelForCausalLM(torch.nn.Module):
         tuning, the prompts as they are now go in front of the tokens (the caches hold them too)."""
         return InferenceSession(self.swarm, max_length, self.session_prompts())
 
-    def as_transformers(self):
-        """This model as a transformers `PreTrainedModel` with `GenerationMixin`: transformers' own
-        `generate()` (beam search, repetition penalty, stop strings, every logits processor) and pipelines,
-        over an inference session per call. It shares this model's client and prompts."""
-        from swarm.client.transformers_model import TransformersModel  # imports transformers' model code
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        session: InferenceSession | None = None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        decoding_loop: str = "auto",
+        **kwargs,
+    ) -> torch.Tensor:
+        """transformers' `generate()` over an inference session: every argument it takes, with the
+        checkpoint's generation config as defaults. Returns the whole sequence (prompt and new tokens).
 
-        return TransformersModel(self)
-
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Like transformers' generate(): greedy or sampled, EOS, batches with attention_mask, sessions.
-
-        Returns the whole sequence so far: the prompt plus every token generated (in the session).
+        `session`: continue that session (its tokens so far come first; `inputs` may then be None).
+        `decoding_loop`: "auto" runs the swarm's own loop when the settings are ones it covers (greedy or
+        sampling with temperature, top-k, top-p; EOS; `generator`), which gives the same tokens, is faster
+        per token and runs spot checks beside the next steps instead of waiting for them; anything else
+        (beam search, repetition penalty, stop strings, logits processors...) goes to transformers' loop.
+        "swarm" or "transformers" force one. Without max_new_tokens or max_length, 20 new tokens.
         """
-        return generate(self, input_ids, **kwargs)
+        if decoding_loop not in DECODING_LOOPS:
+            raise ValueError(f"decoding_loop must be one of {DECODING_LOOPS}, got {decoding_loop!r}")
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        other_arguments = config.update(**kwargs)  # not generation settings: processors, a tokenizer...
+        beyond_swarm_loop = _settings_beyond_swarm_loop(config) + sorted(other_arguments)
+        use_swarm_loop = decoding_loop == "swarm" or (decoding_loop == "auto" and not beyond_swarm_loop)
+        if use_swarm_loop:
+            if beyond_swarm_loop:
+                raise ValueError(f"the swarm's own decoding loop cannot apply {beyond_swarm_loop}")
+            return generate(
+                self,
+                input_ids,
+                max_new_tokens=config.max_new_tokens,
+                max_length=config.max_length,
+                do_sample=bool(config.do_sample),
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                attention_mask=attention_mask,
+                eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id,
+                session=session,
+                streamer=streamer,
+                generator=generator,
+            )
+        if generator is not None:
+            raise ValueError(
+                "generator= is for the swarm's own decoding loop; transformers' samples from torch's global "
+                "generator (seed it with torch.manual_seed)"
+            )
+        if config.max_new_tokens is None and config.max_length is None:
+            config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        return self._generate_with_transformers(
+            input_ids, attention_mask, config, session, streamer, other_arguments
+        )
+
+    def _generate_with_transformers(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        config: GenerationConfig,
+        session: InferenceSession | None,
+        streamer,
+        other_arguments: dict,
+    ) -> torch.Tensor:
+        """transformers' decoding loop over `session`, or over a session sized for this call."""
+        if input_ids is None and (session is None or session.output_ids is None):
+            raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
+        if session is not None and session.output_ids is not None:
+            if (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1:
+                raise ValueError("a session continues one row per sequence: no beams or extra sequences")
+            # transformers feeds what the session's cache has not seen: its last token and the new ones
+            history, history_mask = session.output_ids, session.attention_mask
+            if input_ids is not None:
+                input_ids = input_ids.cpu()
+                mask = attention_mask.cpu() if attention_mask is not None else torch.ones_like(input_ids)
+                history = torch.cat([history, input_ids], dim=1)
+                history_mask = torch.cat([history_mask, mask.to(history_mask.dtype)], dim=1)
+            input_ids, attention_mask = history, history_mask
+        prompt_len = input_ids.shape[1]
+        max_new_tokens = config.max_new_tokens
+        max_length = prompt_len + max_new_tokens if max_new_tokens is not None else config.max_length
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(max_length=max_length)
+        try:
+            cache = SessionCache(session)
+            out = GenerationMixin.generate(
+                self,
+                input_ids,
+                generation_config=config,
+                attention_mask=attention_mask,
+                cache=cache,
+                streamer=streamer,
+                **other_arguments,
+            )
+            if not own_session:
+                _record_session_tokens(session, out, cache)
+            return out
+        finally:
+            if own_session:
+                session.close()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -295,6 +444,31 @@ class DistributedModelForCausalLM(torch.nn.Module):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _settings_beyond_swarm_loop(config: GenerationConfig) -> list[str]:
+    """The generation settings that differ from transformers' defaults and that the swarm's own loop does
+    not apply (a setting left off, False or None, counts as its default)."""
+    defaults = GenerationConfig()
+    return sorted(
+        key
+        for key in config.to_diff_dict()
+        if key not in SWARM_LOOP_SETTINGS and (getattr(config, key, None) or getattr(defaults, key, None))
+    )
+
+
+def _record_session_tokens(session: InferenceSession, sequences: torch.Tensor, cache: SessionCache) -> None:
+    """After transformers' loop over a caller's session: the tokens so far as the session keeps them (the
+    last one is returned but not yet fed), with the mask its nodes saw, so that the session continues."""
+    if not torch.is_tensor(sequences) or session.batch_size not in (None, sequences.shape[0]):
+        return
+    sequences = sequences.cpu()
+    seen = cache.seen_mask if cache.seen_mask is not None else session.attention_mask
+    if seen is None:
+        seen = torch.ones(sequences.shape[0], 0, dtype=torch.long)
+    pending = sequences.shape[1] - seen.shape[1]
+    session.output_ids = sequences.clone()
+    session.attention_mask = torch.cat([seen, seen.new_ones(seen.shape[0], pending)], dim=1)
 
 
 def _agree_with_saved(

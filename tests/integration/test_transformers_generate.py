@@ -1,6 +1,8 @@
-"""transformers' own generate() over the swarm (`model.as_transformers()`): token for token what
-transformers gives locally on the same weights, for greedy, beam search, repetition penalty, seeded
-sampling, left-padded batches and a text-generation pipeline; beam search survives a node killed mid-way."""
+"""The swarm model is a transformers model: its generate() gives token for token what transformers gives
+locally on the same weights, for greedy, beam search, repetition penalty, seeded sampling, left-padded
+batches, stop strings and a text-generation pipeline; beam search survives a node killed mid-way; the
+swarm's own decoding loop and transformers' give the same tokens, in new sessions, continued sessions and
+with trained prompts."""
 
 import shutil
 
@@ -18,7 +20,7 @@ IDS = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(0))
 @pytest.fixture(scope="module")
 def hf_model(tiny_model, tiny_swarm):
     with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
-        yield model.as_transformers()
+        yield model
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,79 @@ def test_generate_equals_local_transformers(hf_model, local_model, decoding):
     torch.manual_seed(5)
     expected = local_model.generate(IDS, max_new_tokens=12, pad_token_id=0, **decoding)
     assert out.tolist() == expected.tolist()
+
+
+def test_it_is_a_transformers_model(hf_model, local_model):
+    from transformers import GenerationMixin, PreTrainedModel
+
+    assert isinstance(hf_model, PreTrainedModel) and isinstance(hf_model, GenerationMixin)
+    assert hf_model.can_generate()
+    assert hf_model.dtype == torch.float32 and hf_model.device == torch.device("cpu")
+    assert hf_model.get_input_embeddings().weight.shape == local_model.get_input_embeddings().weight.shape
+    assert hf_model.generation_config.eos_token_id == local_model.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [dict(do_sample=False), dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5)],
+    ids=["greedy", "sampling"],
+)
+def test_the_swarm_loop_and_transformers_loop_give_the_same_tokens(hf_model, decoding):
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for loop in ("swarm", "transformers"):
+        torch.manual_seed(11)
+        outputs[loop] = hf_model.generate(ids, max_new_tokens=10, decoding_loop=loop, **decoding).tolist()
+    assert outputs["swarm"] == outputs["transformers"]
+
+
+def test_the_swarm_loop_refuses_what_it_cannot_apply(hf_model):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        hf_model.generate(IDS, max_new_tokens=2, repetition_penalty=1.2, decoding_loop="swarm")
+    with pytest.raises(ValueError, match="generator"):
+        hf_model.generate(IDS, max_new_tokens=2, num_beams=2, generator=torch.Generator())
+    with pytest.raises(ValueError, match="decoding_loop"):
+        hf_model.generate(IDS, max_new_tokens=2, decoding_loop="fast")
+
+
+def test_a_session_continues_through_either_loop_with_the_same_tokens(hf_model, local_model):
+    more = torch.randint(3, 256, (1, 3), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for loop in ("swarm", "transformers"):
+        with hf_model.inference_session(max_length=40) as session:
+            first = hf_model.generate(IDS, session=session, max_new_tokens=5, decoding_loop=loop)
+            # continue with nothing new, then with new tokens; the repetition penalty needs transformers' loop
+            second = hf_model.generate(None, session=session, max_new_tokens=4, decoding_loop=loop)
+            third = hf_model.generate(more, session=session, max_new_tokens=4, decoding_loop=loop)
+            results[loop] = (first.tolist(), second.tolist(), third.tolist())
+            penalized = hf_model.generate(None, session=session, max_new_tokens=3, repetition_penalty=1.3)
+            results[loop] += (penalized.tolist(),)
+    assert results["swarm"] == results["transformers"]
+    # and all of it is what one local generation over the whole text gives
+    first, second, third, penalized = results["swarm"]
+    assert second[0][: len(first[0])] == first[0] and third[0][: len(second[0])] == second[0]
+    local = local_model.generate(IDS, max_new_tokens=9, do_sample=False)
+    assert second == local.tolist()
+    local_third = local_model.generate(torch.cat([local, more], 1), max_new_tokens=4, do_sample=False)
+    assert third == local_third.tolist()
+    local_penalized = local_model.generate(local_third, max_new_tokens=3, repetition_penalty=1.3)
+    assert penalized == local_penalized.tolist()
+
+
+def test_trained_prompts_generate_the_same_through_either_loop(tiny_model, tiny_swarm):
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, tiny_swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=3
+    ) as model:
+        with torch.no_grad():
+            model.prompt_embeddings.weight.normal_(0, 1)
+            model.intermediate_prompt_embeddings.weight.normal_(0, 0.5)
+        plain = model.generate(IDS, max_new_tokens=8, decoding_loop="swarm")
+        assert model.generate(IDS, max_new_tokens=8, decoding_loop="transformers").tolist() == plain.tolist()
+        # the prompts change what comes out, and the swarm model's own forward agrees with its steps
+        logits = model(plain[:, :-1]).logits
+        assert logits[:, IDS.shape[1] - 1 :].argmax(-1).tolist() == plain[:, IDS.shape[1] :].tolist()
+        beams = model.generate(IDS, max_new_tokens=8, num_beams=2)
+        assert beams.shape == plain.shape
 
 
 def test_left_padded_batch_equals_local(hf_model, local_model):
@@ -87,7 +162,6 @@ def test_beam_search_survives_a_node_killed_mid_way(tiny_model, local_model, tmp
         with DistributedModelForCausalLM.from_pretrained(
             tiny_model, swarm.initial_peers, max_retries=5
         ) as model:
-            hf = model.as_transformers()
             killed = []
             original_step = model.inference_session
 
@@ -104,7 +178,7 @@ def test_beam_search_survives_a_node_killed_mid_way(tiny_model, local_model, tmp
                 return session
 
             model.inference_session = session_that_kills
-            out = hf.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+            out = model.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
             assert killed and killed[0].num_recoveries >= 1
     expected = local_model.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     assert out.tolist() == expected.tolist()
