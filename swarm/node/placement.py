@@ -82,3 +82,41 @@ def should_move(
     if bottleneck(best) > 0 and bottleneck(current) / bottleneck(best) < balance_quality:
         return best_start
     return None
+
+
+def should_move_damped(
+    throughputs_without_me: list[float],
+    current_start: int,
+    length: int,
+    throughput: float,
+    chance: float,
+    min_gain: float = 1.0,
+    damping: float = 0.2,
+) -> int | None:
+    """The start to move to, or None to stay: a rule that still works with a thousand nodes.
+
+    `should_move` compares the swarm's bottleneck before and after, which one node among hundreds per block
+    can never change by 25%, so at scale it moves only to cover a block nobody serves. Here a move is
+    judged by what it does with this node's own throughput: worth it when the bottleneck rises by at least
+    `min_gain` of it (all of it, by default). Every node reads the same records and sees the same weak
+    blocks, so to keep them from all moving there at once (and leaving holes behind), each one whose move is
+    worth it goes with
+    probability `damping` x (throughput missing below the blocks' mean) / (all throughput), so that about
+    `damping` of the gap is filled per balance period (a move shows in the records only once loaded, minutes
+    later, hence a small damping); `chance` is the node's uniform draw in [0, 1).
+    A block left with no node is covered at once, as in `should_move`.
+    """
+    best_start = choose_start(throughputs_without_me, length, throughput)
+    if best_start == current_start:
+        return None
+    current = with_span(throughputs_without_me, current_start, length, throughput)
+    best = with_span(throughputs_without_me, best_start, length, throughput)
+    uncovered_now, uncovered_after = sum(t <= 0 for t in current), sum(t <= 0 for t in best)
+    if uncovered_after < uncovered_now:
+        return best_start
+    if bottleneck(best) - bottleneck(current) < min_gain * throughput:
+        return None
+    total = sum(current)
+    mean = total / len(current)
+    missing = sum(mean - t for t in current if t < mean)
+    return best_start if chance < damping * missing / total else None

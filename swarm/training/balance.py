@@ -49,6 +49,38 @@ def plan_move(stages: Sequence[Sequence[StagePeer]], me: str, min_gain: float = 
     the lowest peer id). It moves only when the bottleneck rises by more than `min_gain` (a fraction), so a
     balanced run does not oscillate.
     """
+    move = best_move(stages)
+    if move is None or move.peer.peer_id != me:
+        return None
+    return move.target if move.bottleneck_after > move.bottleneck_before * (1.0 + min_gain) else None
+
+
+def plan_move_paying(stages: Sequence[Sequence[StagePeer]], me: str, min_share: float = 0.5) -> int | None:
+    """As `plan_move`, with a threshold that holds at any scale: the chosen peer moves when at least
+    `min_share` of its own throughput lands on the bottleneck.
+
+    `plan_move`'s threshold is a fraction of the whole bottleneck, which one peer among a hundred per stage
+    can never reach, so a large run rebalances only by its newcomers. Measured against the mover's own
+    throughput, a move is made when it pays for its reload, and a balanced run (where a move would only
+    swap which stage is weakest) still does not oscillate.
+    """
+    move = best_move(stages)
+    if move is None or move.peer.peer_id != me:
+        return None
+    gain = move.bottleneck_after - move.bottleneck_before
+    return move.target if gain >= min_share * max(move.peer.throughput, UNMEASURED_THROUGHPUT) else None
+
+
+@dataclass(frozen=True)
+class StageMove:
+    peer: StagePeer
+    target: int
+    bottleneck_before: float
+    bottleneck_after: float
+
+
+def best_move(stages: Sequence[Sequence[StagePeer]]) -> StageMove | None:
+    """The one move the run would make now, whatever it gains (see `plan_move`), or None without a donor."""
     if len(stages) < 2:
         return None
     totals = stage_totals(stages)
@@ -57,7 +89,6 @@ def plan_move(stages: Sequence[Sequence[StagePeer]], me: str, min_gain: float = 
     if not donors:
         return None
     source = max(donors, key=lambda s: (totals[s], -s))
-    before = min(totals)
 
     def bottleneck_after(peer: StagePeer) -> float:
         moved = max(peer.throughput, UNMEASURED_THROUGHPUT)
@@ -69,6 +100,4 @@ def plan_move(stages: Sequence[Sequence[StagePeer]], me: str, min_gain: float = 
     mover = min(
         stages[source], key=lambda p: (-bottleneck_after(p), p.queue_length, -p.throughput, p.peer_id)
     )
-    if mover.peer_id != me:
-        return None
-    return target if bottleneck_after(mover) > before * (1.0 + min_gain) else None
+    return StageMove(mover, target, min(totals), bottleneck_after(mover))

@@ -58,3 +58,26 @@ def test_should_move_respects_balance_quality():
 def test_choose_start_rejects_impossible_spans():
     with pytest.raises(ValueError):
         choose_start([0.0] * 4, 5, 1)
+
+
+def test_damped_rule_moves_at_scale_where_the_ratio_rule_never_would():
+    from swarm.node.placement import should_move_damped
+
+    # hundreds of nodes per block: one node cannot change the bottleneck by 25%, but it can lift a dip by
+    # its whole throughput (97 -> 98)
+    without_me = [100.0] * 6 + [97.0, 97.0] + [100.0] * 2
+    assert should_move(without_me, 0, 2, 1.0, 0.75) is None
+    assert should_move_damped(without_me, 0, 2, 1.0, chance=0.0) == 6
+    # only a few of the nodes that see the dip go: about a fifth of the missing throughput per period
+    assert should_move_damped(without_me, 0, 2, 1.0, chance=0.5) is None
+    # a move that lifts the bottleneck by less than the node's throughput (99.5 -> 100) is not worth a reload
+    shallow = [100.0] * 6 + [99.5, 99.5] + [100.0] * 2
+    assert should_move_damped(shallow, 0, 2, 1.0, chance=0.0) is None
+    # where it already is best, it stays
+    assert should_move_damped(without_me, 6, 2, 1.0, chance=0.0) is None
+
+
+def test_damped_rule_covers_an_empty_block_whatever_the_draw():
+    from swarm.node.placement import should_move_damped
+
+    assert should_move_damped([5.0, 5.0, 5.0, 0.0], 0, 1, 1.0, chance=0.999) == 3

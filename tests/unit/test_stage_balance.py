@@ -51,3 +51,24 @@ def test_an_empty_stage_draws_a_peer_at_once():
     stages = [stage(4, 4, prefix="a"), [], stage(4, 4, prefix="c")]
     targets = {p.peer_id: plan_move(stages, p.peer_id) for peers in stages for p in peers}
     assert sorted(t for t in targets.values() if t is not None) == [1]
+
+
+def test_paying_rule_rebalances_a_large_run_where_the_relative_threshold_never_fires():
+    from swarm.training.balance import plan_move_paying
+
+    # a hundred peers a stage: the weakest is short by ten peers, yet one move gains only 1/90 < 10%
+    stages = [stage(*[1.0] * 100, prefix=f"s{s}") for s in range(3)] + [stage(*[1.0] * 90, prefix="w")]
+    everyone = [p.peer_id for peers in stages for p in peers]
+    assert all(plan_move(stages, me) is None for me in everyone)
+    targets = {me: plan_move_paying(stages, me) for me in everyone}
+    movers = {me: t for me, t in targets.items() if t is not None}
+    assert list(movers.values()) == [3] and len(movers) == 1
+
+
+def test_paying_rule_leaves_a_balanced_run_alone():
+    from swarm.training.balance import plan_move_paying
+
+    balanced = [stage(*[1.0] * 10, prefix="a"), stage(*[1.0] * 10, prefix="b")]
+    nearly = [stage(*[1.0] * 10, prefix="a"), stage(*[1.0] * 9, 0.6, prefix="b")]
+    for stages in (balanced, nearly):
+        assert all(plan_move_paying(stages, p.peer_id) is None for peers in stages for p in peers)
