@@ -54,13 +54,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--balance-period",
         type=float,
         default=_DEFAULTS.balance_period,
-        help="seconds between rebalancing checks, randomized by +-50%% (with --num-blocks)",
+        help="seconds between rebalancing checks, randomized by +-50%% (with --num-blocks; with --train, a "
+        "peer of the strongest stage moves to the weakest)",
     )
     parser.add_argument(
         "--balance-quality",
         type=float,
         default=_DEFAULTS.balance_quality,
         help="move when bottleneck now / bottleneck after moving is below this (0 disables)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="with --train: save this node's stage state into this folder every --checkpoint-every steps, "
+        "and restore a lost stage from it (instead of rebuilding it from the neighbouring stages)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="with --checkpoint-dir: steps between checkpoints (default: 50)",
     )
     parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
@@ -210,14 +223,21 @@ def run(args: argparse.Namespace) -> int:
         _usage_error("one of --blocks, --train or --num-blocks is required (as a flag or in --config)")
     if args.stage is not None and args.train is None:
         _usage_error("--stage needs --train RUN_FILE")
+    if args.checkpoint_dir is not None and args.train is None:
+        _usage_error("--checkpoint-dir needs --train RUN_FILE")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        _usage_error("--checkpoint-every needs --checkpoint-dir")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        _usage_error(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     fault = _fault(args)
     if args.train is not None:
-        from swarm.training.node import TrainingNode
+        from swarm.training.node import DEFAULT_CHECKPOINT_EVERY, TrainingNode
         from swarm.training.run import load_run
 
         run = load_run(args.train)
         args.model = args.model or run.config.model.source
-        TrainingNode(config_from_args(args), run, args.stage, fault).run()
+        every = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+        TrainingNode(config_from_args(args), run, args.stage, fault, args.checkpoint_dir, every).run()
         return 0
     if args.model is None:
         _usage_error("--model is required (unless --train gives the run's model)")

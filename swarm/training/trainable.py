@@ -8,6 +8,7 @@ backward never sees half-updated weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from swarm.training.state import TrainState, state_hash
 FINGERPRINT_SEED = 20261124
 FINGERPRINT_PROJECTIONS = 2
 FINGERPRINT_TOLERANCE = 1e-4  # relative to the parameters' RMS
+GRAD_NORM_EMA = 0.5  # weight of the newest step in `recent_grad_norm`
 
 
 def fingerprints_agree(a: list[float], b: list[float]) -> bool:
@@ -53,6 +55,9 @@ class TrainableParameters:
         self.stepping_samples = 0  # taken for the step in progress, not applied yet
         self.step = 0
         self.last_grad_norm = 0.0
+        self.recent_grad_norm = 0.0  # EMA over steps of the applied gradients' norm (before clipping)
+        self.base_lr = lr
+        self.boosted_steps = 0  # steps left at a raised learning rate (see boost_lr)
         self._patterns: list[torch.Tensor] | None = None
         self._refresh_identity()
 
@@ -120,12 +125,34 @@ class TrainableParameters:
             param.grad = grad.to(param.device, param.dtype).clone()
         if self.clip_grad_norm > 0:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm))
+        else:
+            norms = [param.grad.detach().norm() for param in self.params]
+            self.last_grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        if math.isfinite(self.last_grad_norm):
+            self.recent_grad_norm = (
+                self.last_grad_norm
+                if not self.recent_grad_norm
+                else (1 - GRAD_NORM_EMA) * self.recent_grad_norm + GRAD_NORM_EMA * self.last_grad_norm
+            )
         self.optimizer.step()
         for param in self.params:
             param.grad = None
         self.step += 1
         self.stepping_samples = 0
+        if self.boosted_steps:
+            self.boosted_steps -= 1
+            if not self.boosted_steps:
+                self._set_lr(self.base_lr)
         self._refresh_identity()
+
+    def boost_lr(self, factor: float, steps: int) -> None:
+        """Take the next `steps` steps at `factor` x the run's learning rate (a rebuilt stage catching up)."""
+        self.boosted_steps = steps
+        self._set_lr(self.base_lr * factor if steps else self.base_lr)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     # ---- state -------------------------------------------------------------------------------------------
 

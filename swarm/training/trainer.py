@@ -23,6 +23,7 @@ import torch
 from swarm.averaging import GroupAverager
 from swarm.averaging.statements import signing_key_of
 from swarm.client.config import ClientConfig
+from swarm.client.errors import RemoteError
 from swarm.client.remote import remote_backward, remote_forward
 from swarm.client.swarm_client import SwarmClient
 from swarm.dht.announcer import RecordAnnouncer, store_records
@@ -421,10 +422,18 @@ class SwarmTrainer:
                 return result
             except Exception as e:
                 failures += 1
-                logger.warning(
-                    "stage %d peer %s failed %s: %r", stage, peer, "backward" if backward else "forward", e
-                )
-                self.client.ban(peer)
+                if isinstance(e, RemoteError) and e.code == swarm_pb2.Error.UNKNOWN_BLOCKS:
+                    # it moved to another stage since we read its record: retry elsewhere, ban nobody
+                    logger.info("stage %d peer %s moved away: %s", stage, peer, e)
+                else:
+                    logger.warning(
+                        "stage %d peer %s failed %s: %r",
+                        stage,
+                        peer,
+                        "backward" if backward else "forward",
+                        e,
+                    )
+                    self.client.ban(peer)
                 self._wiring[stage].forget(peer)
                 self._stage_views[stage].pop(peer, None)
                 if failures > self.max_retries:
