@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import dht, gateway, generate, health, local, models, node, run, train
+from swarm.cli import api, dht, gateway, generate, health, local, models, node, run, train
 from swarm.cli.common import not_implemented, setup_logging
 from swarm.cli.config_file import apply_config_file
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_parsers(sub)
     health.add_parser(sub)
     gateway.add_parser(sub)
+    api.add_parser(sub)
     run.add_parser(sub)
     train.add_parser(sub)
     for name, (help_text, issue) in PENDING.items():

@@ -67,8 +67,12 @@ def generate(
     session: InferenceSession | None = None,
     streamer=None,
     generator: torch.Generator | None = None,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> torch.Tensor:
-    """Generate after `input_ids` (or continue `session`); returns every token of the session so far."""
+    """Generate after `input_ids` (or continue `session`); returns every token of the session so far.
+
+    `logits_processor` runs on each step's logits before the sampling warpers, as in transformers.
+    """
     if input_ids is None and (session is None or session.output_ids is None):
         raise ValueError("generate() needs input_ids unless it continues a session that has tokens")
     if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
@@ -125,6 +129,8 @@ def generate(
                     unfinished = _drop_tokens_after(session, rewound, start, eos)
                     continue
                 logits = _next_token_logits(model, session)
+                if logits_processor is not None:
+                    logits = logits_processor(session.output_ids, logits)
                 scores = warpers(session.output_ids, logits)
                 if do_sample:
                     probs = torch.softmax(scores, dim=-1)

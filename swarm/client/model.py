@@ -343,7 +343,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         `session`: continue that session (its tokens so far come first; `inputs` may then be None).
         `decoding_loop`: "auto" runs the swarm's own loop when the settings are ones it covers (greedy or
-        sampling with temperature, top-k, top-p; EOS; `generator`), which gives the same tokens, is faster
+        sampling with temperature, top-k, top-p; EOS; `generator`; a `logits_processor` list), which gives the same tokens, is faster
         per token and runs spot checks beside the next steps instead of waiting for them; anything else
         (beam search, repetition penalty, stop strings, logits processors...) goes to transformers' loop.
         "swarm" or "transformers" force one. Without max_new_tokens or max_length, 20 new tokens.
@@ -354,6 +354,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         attention_mask = kwargs.pop("attention_mask", None)
         other_arguments = config.update(**kwargs)  # not generation settings: processors, a tokenizer...
+        logits_processor = other_arguments.pop("logits_processor", None)
         beyond_swarm_loop = _settings_beyond_swarm_loop(config) + sorted(other_arguments)
         use_swarm_loop = decoding_loop == "swarm" or (decoding_loop == "auto" and not beyond_swarm_loop)
         if use_swarm_loop:
@@ -374,7 +375,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 session=session,
                 streamer=streamer,
                 generator=generator,
+                logits_processor=logits_processor,
             )
+        if logits_processor is not None:
+            other_arguments["logits_processor"] = logits_processor
         if generator is not None:
             raise ValueError(
                 "generator= is for the swarm's own decoding loop; transformers' samples from torch's global "

@@ -22,6 +22,7 @@ _PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
 _READY_RE = re.compile(r"node (\S+) serving blocks \[(\d+), (\d+)\)")
 _GATEWAY_RE = re.compile(r"swarm gateway: serving (\S+) on (\S+):(\d+)")
+_API_RE = re.compile(r"swarm api: serving .* at (http://\S+:\d+/v1)")
 
 
 def _shared_machine_env() -> dict[str, str]:
@@ -192,6 +193,16 @@ class LocalSwarm:
         process = self._spawn(name, args)
         match = process.wait_for(_GATEWAY_RE, timeout)
         process.address = f"{match.group(2)}:{match.group(3)}"
+        return process
+
+    def start_api(self, models: list[str], *extra: str, timeout: float = 120.0) -> ManagedProcess:
+        """Start `swarm api` for `models` on a free port of 127.0.0.1; wait until it serves. Its base URL
+        ("http://127.0.0.1:PORT/v1") is in the returned process's `address`."""
+        name = f"api{len([p for p in self.processes if p.name.startswith('api')])}"
+        model_args = [arg for model in models for arg in ("--model", model)]
+        args = ["api", *model_args, "--port", "0", "--initial-peers", *self.initial_peers, *extra]
+        process = self._spawn(name, args)
+        process.address = process.wait_for(_API_RE, timeout).group(1)
         return process
 
     def start_nodes(self, model: str, spans: list[str], *extra: str, timeout: float = 300.0):

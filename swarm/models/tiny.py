@@ -54,6 +54,12 @@ def _byte_level_chars() -> dict[int, str]:
     return chars
 
 
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> Path:
     """Save a byte-level tokenizer for the tiny Llama into `path` (no download, no training data).
 
@@ -61,7 +67,8 @@ def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> Path
     ASCII, then the bytes UTF-8 uses. All ids are < vocab_size. ASCII text always round-trips exactly
     (vocab_size >= 132); any UTF-8 text does once vocab_size >= 247, and below that the non-ASCII bytes
     left without an id encode as <unk>. Nothing is added around the text (no automatic <s>), and the
-    special tokens' own strings in a text encode as those tokens.
+    special tokens' own strings in a text encode as those tokens. Its chat template is a plain ChatML-like
+    one (`<s>role\ntext</s>\n` per message) over those special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -91,6 +98,7 @@ def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> Path
         clean_up_tokenization_spaces=False,  # its cleanup rewrites " ." to "." and would break round trips
         model_max_length=tiny_llama_config().max_position_embeddings,
     )
+    fast.chat_template = TINY_CHAT_TEMPLATE
     path = Path(path)
     fast.save_pretrained(path)
     return path
