@@ -343,9 +343,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
         `session`: continue that session (its tokens so far come first; `inputs` may then be None).
         `decoding_loop`: "auto" runs the swarm's own loop when the settings are ones it covers (greedy or
-        sampling with temperature, top-k, top-p; EOS; `generator`; a `logits_processor` list), which gives the same tokens, is faster
-        per token and runs spot checks beside the next steps instead of waiting for them; anything else
-        (beam search, repetition penalty, stop strings, logits processors...) goes to transformers' loop.
+        sampling with temperature, top-k, top-p; EOS; `generator`; a `logits_processor` list), which gives
+        the same tokens, is lighter per token and runs spot checks beside the next steps instead of waiting
+        for them; anything else (beam search, repetition penalty, stop strings...) goes to transformers' loop.
         "swarm" or "transformers" force one. Without max_new_tokens or max_length, 20 new tokens.
         """
         if decoding_loop not in DECODING_LOOPS:
