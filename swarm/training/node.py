@@ -167,8 +167,9 @@ class TrainingNode(Node):
         this node's checkpoint folder (a saved state with trained weights), else from the neighbours by
         CheckFree. If nobody trained yet, the run starts here from the model's weights."""
         stage, num_stages = self.stage, self.run_config.num_stages
-        neighbours = {s: await asyncio.to_thread(self._read_stage, s) for s in (stage - 1, stage + 1)}
-        neighbours = {s: infos for s, infos in neighbours.items() if 0 <= s < num_stages and infos}
+        adjacent = [s for s in (stage - 1, stage + 1) if 0 <= s < num_stages]
+        neighbours = {s: await asyncio.to_thread(self._read_stage, s) for s in adjacent}
+        neighbours = {s: infos for s, infos in neighbours.items() if infos}
         run_step = max((info.step for infos in neighbours.values() for info in infos), default=0)
         saved = None
         if self.checkpoint_dir is not None:
