@@ -60,28 +60,40 @@ def simulate(nodes: int, hours: float, seed: int, log=print) -> tuple[dict, dict
     return summary, runs
 
 
-def plot(runs: list[PolicyRun], title: str, path: Path) -> None:
+def plot(runs: list[PolicyRun], outages: dict[str, list], title: str, path: Path) -> None:
+    """One panel per trace, one line per policy; a policy that never moved a node draws no line of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     trace_names = list(dict.fromkeys(run.trace for run in runs))
-    figure, axes = plt.subplots(len(trace_names), 1, figsize=(10, 3.2 * len(trace_names)), sharex=True)
+    figure, axes = plt.subplots(len(trace_names), 1, figsize=(13, 3.4 * len(trace_names)), sharex=True)
     for axis, trace_name in zip(axes, trace_names, strict=True):
-        for run in runs:
-            if run.trace == trace_name:
-                mean = sum(run.fractions) / len(run.fractions)
-                hours = [minute / 60 for minute in range(len(run.fractions))]
-                axis.plot(hours, run.fractions, linewidth=0.8, label=f"{run.policy} (mean {mean:.3f})")
+        trace_runs = [run for run in runs if run.trace == trace_name]
+        for start, end, region in outages.get(trace_name, []):
+            axis.axvspan(start / 60, end / 60, color="grey", alpha=0.15, linewidth=0)
+            axis.text(start / 60, 1.0, f" region {region} down", fontsize=7, va="top")
+        for run in trace_runs:
+            mean = sum(run.fractions) / len(run.fractions)
+            same_as = next(
+                (other.policy for other in trace_runs if other.fractions == run.fractions), run.policy
+            )
+            if same_as != run.policy:
+                axis.plot([], [], label=f"{run.policy}: the same as {same_as} (no move)")
+                continue
+            hours = [minute / 60 for minute in range(len(run.fractions))]
+            label = f"{run.policy} (mean {mean:.3f}, {run.summary()['reloads_per_hour']:g} reloads/h)"
+            axis.plot(hours, run.fractions, linewidth=0.8, label=label)
         axis.set_title(f"{trace_name} churn")
         axis.set_ylabel("fraction of optimal")
+        axis.set_ylim(top=1.0)
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower right", fontsize=8)
+        axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     axes[-1].set_xlabel("hours")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         args.plots.mkdir(parents=True, exist_ok=True)
         for workload, workload_runs in runs.items():
             title = f"{workload} placement, {args.nodes} nodes: bottleneck / optimal bound, per minute"
-            plot(workload_runs, title, args.plots / f"sim-placement-{workload}.png")
+            outages = summary["setup"]["outages"]
+            plot(workload_runs, outages, title, args.plots / f"sim-placement-{workload}.png")
     print(json.dumps(summary))
 
 
