@@ -2,11 +2,14 @@
 random Llama, and a clear refusal of CUDA where there is none."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from swarm.models.tiny import write_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -191,4 +194,31 @@ def test_gateway_benchmark_compares_the_gateway_with_the_python_client(tiny_mode
     assert row["name"] == "gateway" and row["model"] == "tiny-llama" and row["new_tokens"] == 6
     assert row["python_ms_per_token"] > 0 and row["gateway_ms_per_token"] > 0 and row["ratio"] > 0
     difference = row["gateway_ms_per_token"] - row["python_ms_per_token"]
+    assert row["overhead_ms_per_token"] == pytest.approx(difference, abs=0.011)  # each figure rounded to 0.01
+
+
+def test_openai_api_benchmark_compares_the_api_with_the_python_client(tiny_model, tmp_path):
+    folder = tmp_path / tiny_model.name
+    shutil.copytree(tiny_model, folder)
+    write_tiny_tokenizer(folder)
+    result = run_benchmark(
+        "benchmarks.openai_api",
+        "--model",
+        str(folder),
+        "--nodes",
+        "1",
+        "--new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--concurrent",
+        "2",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["name"] == "openai_api" and row["model"] == "tiny-llama" and row["new_tokens"] == 6
+    assert row["python_ms_per_token"] > 0 and row["api_ms_per_token"] > 0 and row["ratio"] > 0
+    assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_2_streams"] > 0
+    difference = row["api_ms_per_token"] - row["python_ms_per_token"]
     assert row["overhead_ms_per_token"] == pytest.approx(difference, abs=0.011)  # each figure rounded to 0.01
