@@ -18,6 +18,7 @@ from benchmarks import (
     gateway,
     gpu,
     inference,
+    openai_api,
     recovery,
     training,
     verification,
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
         finetune.main([*model, "--steps", "2", "--batch", "4", "--seq", "16"])
         training.main(["--quick"])  # its own tiny random Llama, not --model
         gateway.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1"])
+        openai_api.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1", "--concurrent", "2"])
     else:
         inference.main(
             [
@@ -63,6 +65,7 @@ def main(argv=None) -> None:
         finetune.main([*model, "--steps", "5", "--batch", "8", "--seq", "32"])
         training.main(["--steps", "8"])
         gateway.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3"])
+        openai_api.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3", "--concurrent", "8"])
 
     from swarm.testing.netns import unavailable_reason
 
