@@ -308,6 +308,25 @@ class InferenceSession:
             outputs.append(self._step_chunk(hidden[:, offset:end], position_ids[:, offset:end], mask))
         return torch.cat(outputs, dim=1)[:, prefix:].to(device)
 
+    def truncate(self, num_tokens: int) -> None:
+        """Forget the caller's tokens after the first `num_tokens`: the next step continues from there (each
+        node overwrites those positions of its cache), as speculative decoding needs when it rejects
+        drafted tokens. Checks still running are waited for first."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"can keep 0 to {self.num_tokens} tokens of this session, not {num_tokens}")
+        if num_tokens == self.num_tokens:
+            return
+        if self.settle_checks() is not None and num_tokens >= self.num_tokens:
+            return  # a failed check rewound it further already
+        position = num_tokens + self.prefix_length if num_tokens else 0
+        for state in self._spans:
+            kept = torch.cat(state.inputs, dim=1)[:, :position] if state.inputs else None
+            state.inputs = [kept] if kept is not None and kept.shape[1] else []
+        self._position_ids = None if position == 0 else self._position_ids[:, :position]
+        if self._mask is not None:
+            self._mask = self._mask[:, :position]
+        self.position = position
+
     def _reorder(self, hypo_ids: torch.Tensor, batch: int) -> None:
         """Reorder what the session keeps for replay and checks; each node reorders its cache with its
         next step. A replacement node replays the reordered history and so needs no reordering."""

@@ -317,7 +317,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             mask = mask if bool((mask == 0).any()) else None  # a full mask is the default
         hypo_ids, cache.pending_reorder = cache.pending_reorder, None
         out = cache.session.step(hidden, position_ids=positions, attention_mask=mask, hypo_ids=hypo_ids)
-        return CausalLMOutputWithPast(logits=self.head.logits(out.to(self.device)).float())
+        return CausalLMOutputWithPast(logits=self.head.logits(out.to(self.device)).float(), cache=cache)
 
     # ---- generation ---------------------------------------------------------------------------------------
 
@@ -416,6 +416,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         prompt_len = input_ids.shape[1]
         max_new_tokens = config.max_new_tokens
         max_length = prompt_len + max_new_tokens if max_new_tokens is not None else config.max_length
+        if config.prompt_lookup_num_tokens or other_arguments.get("assistant_model") is not None:
+            # drafts are verified in one step that may run past the end before they are cut back
+            max_length += max(config.prompt_lookup_num_tokens or 0, config.num_assistant_tokens or 20) + 1
         own_session = session is None
         if own_session:
             session = self.inference_session(max_length=max_length)

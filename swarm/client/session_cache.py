@@ -16,7 +16,8 @@ class SessionCache(Cache):
     """A transformers Cache whose keys and values live on the swarm's nodes, in an inference session.
 
     Beam search's `reorder_cache` is passed on with the next step as `hypo_ids`: every node reorders its
-    rows, and the session reorders the history it would replay on a replacement node.
+    rows, and the session reorders the history it would replay on a replacement node. `crop` (assisted and
+    prompt-lookup decoding) truncates the session: the nodes overwrite the dropped positions next step.
     """
 
     def __init__(self, session: InferenceSession):
@@ -36,3 +37,15 @@ class SessionCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (or keep the first `tokens_to_remove`, the older
+        convention): speculative decoding drops the drafted tokens the model rejected."""
+        keep = self.session.num_tokens + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.session.truncate(max(0, keep))
+        if self.seen_mask is not None:
+            self.seen_mask = self.seen_mask[:, : max(0, keep)]

@@ -182,3 +182,39 @@ def test_beam_search_survives_a_node_killed_mid_way(tiny_model, local_model, tmp
             assert killed and killed[0].num_recoveries >= 1
     expected = local_model.generate(IDS, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("drafting", ["prompt-lookup", "assistant"])
+def test_speculative_decoding_gives_greedys_tokens(hf_model, local_model, drafting):
+    """Drafted tokens are checked in one step and the rejected ones cropped from the nodes' caches."""
+    ids = torch.cat([IDS, IDS, IDS], dim=1)  # repetitive, so that prompt lookup finds drafts
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = local_model.generate(ids, **kwargs)
+    if drafting == "prompt-lookup":
+        kwargs["prompt_lookup_num_tokens"] = 3
+    else:
+        kwargs["assistant_model"] = local_model  # a local draft model (here the same weights)
+    steps, dropped = [], []
+    original = hf_model.inference_session
+
+    def counting_session(max_length):
+        session = original(max_length)
+        session.on_step = steps.append
+        truncate = session.truncate
+
+        def counting_truncate(num_tokens):
+            dropped.append(session.num_tokens - num_tokens)
+            truncate(num_tokens)
+
+        session.truncate = counting_truncate
+        return session
+
+    hf_model.inference_session = counting_session
+    try:
+        out = hf_model.generate(ids, **kwargs)
+    finally:
+        del hf_model.inference_session
+    assert out.tolist() == expected.tolist()
+    assert len(steps) < 16  # drafts were accepted: fewer steps than tokens
+    if drafting == "prompt-lookup":
+        assert any(dropped), "no draft was rejected: the crop path went untested"
