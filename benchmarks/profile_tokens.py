@@ -83,12 +83,12 @@ def main(argv=None) -> None:
         span = load_span(checkpoint, start, end)
         cache, times = SpanCache(first_layer=0), []
         with torch.inference_mode():
-            span(torch.randn(1, 16, hidden_size), past_key_values=cache)
+            span(torch.randn(1, 16, hidden_size), cache=cache)
             for position in range(16, 16 + args.new_tokens):
                 started = time.perf_counter()
                 span(
                     torch.randn(1, 1, hidden_size),
-                    past_key_values=cache,
+                    cache=cache,
                     position_ids=torch.tensor([[position]]),
                 )
                 times.append(time.perf_counter() - started)

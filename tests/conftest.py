@@ -11,6 +11,22 @@ import torch
 from swarm.local import LocalSwarm
 from swarm.models.tiny import write_tiny_llama
 
+# transformers' deprecations must fail the suite where this project triggers them: a renamed keyword
+# (`past_key_values` -> `cache`, removed in 5.40) from any caller (a layer call goes through torch's
+# Module.__call__, so the warning names torch as its module), and any FutureWarning or DeprecationWarning
+# attributed to swarm's own code. Node processes get the same rule through PYTHONWARNINGS where a test
+# sets it (tests/integration/test_model_families.py).
+DEPRECATIONS_AS_ERRORS = (
+    r"error:`\w+` is deprecated:FutureWarning",
+    "error::FutureWarning:swarm",
+    "error::DeprecationWarning:swarm",
+)
+
+
+def pytest_configure(config):
+    for line in DEPRECATIONS_AS_ERRORS:
+        config.addinivalue_line("filterwarnings", line)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def swarm_cache(tmp_path_factory) -> Path:

@@ -11,22 +11,22 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 
 from swarm.dht.keys import check_model_name
+from swarm.models.families import get_family
 
 BLOCK_PREFIX = "model.layers."
 HEAD_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A local HF-format Llama checkpoint folder and the DHT name it is served under."""
+    """A local HF-format checkpoint folder of a registered family and the DHT name it is served under."""
 
     path: Path
     name: str
-    config: LlamaConfig
+    config: PretrainedConfig
 
     @property
     def num_blocks(self) -> int:
@@ -108,18 +108,16 @@ def resolve_checkpoint(
     return Checkpoint(path=Path(path), name=check_model_name(model_name or default_name), config=config)
 
 
-def load_config(path: str | os.PathLike) -> LlamaConfig:
-    """Read config.json and check that it is an architecture we can serve."""
+def load_config(path: str | os.PathLike) -> PretrainedConfig:
+    """Read config.json and check that it is a family we can serve (see swarm.models.families)."""
+    from transformers import AutoConfig
+
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{path} has no config.json")
-    raw = json.loads(config_path.read_text())
-    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model_type {raw.get('model_type')!r}; supported: {SUPPORTED_MODEL_TYPES}"
-        )
-    config = LlamaConfig.from_pretrained(path)
-    config._attn_implementation = "sdpa"
+    family = get_family(json.loads(config_path.read_text()).get("model_type"))
+    config = AutoConfig.from_pretrained(path)
+    config._attn_implementation = family.attn_implementation  # what from_pretrained would pick
     return config
 
 

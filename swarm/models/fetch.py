@@ -145,7 +145,7 @@ def convert_gguf(
     gguf_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     progress: bool = True,
-    expected_model_type: str | None = "llama",
+    model_types: tuple[str, ...] | None = None,
 ) -> Path:
     """Dequantize a GGUF checkpoint to float32 and save it with its tokenizer into `out_dir`.
 
@@ -158,11 +158,14 @@ def convert_gguf(
     the LM head, which is what transformers does for a config with `tie_word_embeddings=True`.
     Untied models get a separate `lm_head.weight`. Both cases are checked after saving.
 
-    Raises ValueError if `expected_model_type` is set and the GGUF is some other architecture.
+    Raises ValueError if the GGUF's architecture is not one of `model_types` (default: every family in
+    swarm.models.families).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local conversion must never reach the hub
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarm.models.families import get_family
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -173,10 +176,12 @@ def convert_gguf(
 
     with _transformers_progress(progress):
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **load_kwargs)
-        if expected_model_type is not None and model.config.model_type != expected_model_type:
+        if model_types is None:
+            get_family(model.config.model_type)  # the one error that names the supported families
+        elif model.config.model_type not in model_types:
             raise ValueError(
                 f"{gguf_path.name} is a {model.config.model_type!r} model; "
-                f"only {expected_model_type!r} is supported"
+                f"supported: {', '.join(model_types)}"
             )
         _drop_gguf_quantizer(model, torch)
         tokenizer = AutoTokenizer.from_pretrained(

@@ -1,15 +1,25 @@
-"""A span of consecutive Llama decoder blocks, built from transformers' own layers (no patching)."""
+"""A span of consecutive decoder blocks of any registered family, built from transformers' own layers (no
+patching): the family registry (swarm.models.families) names the classes and the masks each layer needs."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.models.checkpoint import BLOCK_PREFIX, Checkpoint
+from swarm.models.families import (
+    SLIDING,
+    cache_argument,
+    convert_block_tensors,
+    family_of,
+    position_embeddings_by_type,
+    takes_argument,
+)
 
 
 def default_position_ids(
@@ -23,25 +33,44 @@ def default_position_ids(
     return positions[:, -seq_len:]
 
 
-class LlamaSpan(nn.Module):
-    """Blocks [start, end) of a Llama model. Layer indices are local, so a KV cache holds only this span."""
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model. Layer indices are local, so a KV cache holds only this span."""
 
-    def __init__(self, config: LlamaConfig, start: int, end: int):
+    def __init__(self, config: PretrainedConfig, start: int, end: int):
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(
                 f"span [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
             )
+        family = family_of(config)
+        if family.experts_implementation is not None:  # the kernel from_pretrained picks, on a copy: a
+            config = copy.copy(config)  # client's PreTrainedModel refuses a config that names one
+            config._experts_implementation = family.experts_implementation
         self.config, self.start, self.end = config, start, end
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(end - start))
-        self.rotary_emb = LlamaRotaryEmbedding(config)
+        layer_class = family.decoder_layer
+        self.layers = nn.ModuleList(layer_class(config, layer_idx=i) for i in range(end - start))
+        self.rotary_emb = family.rotary_embedding(config)
+        self.layer_types = family.layer_types(config)[start:end]
+        self._cache_argument = cache_argument(layer_class)
+        self._passes_use_cache = takes_argument(layer_class.forward, "use_cache")
+
+    def view(self, first: int, stop: int) -> BlockSpan:
+        """Layers [first, stop) of this span as a span of its own (the same modules, so hooks apply)."""
+        view = BlockSpan.__new__(BlockSpan)
+        nn.Module.__init__(view)
+        view.config, view.start, view.end = self.config, self.start + first, self.start + stop
+        view.layers = nn.ModuleList(self.layers[first:stop])
+        view.rotary_emb = self.rotary_emb
+        view.layer_types = self.layer_types[first:stop]
+        view._cache_argument, view._passes_use_cache = self._cache_argument, self._passes_use_cache
+        return view
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         layers: slice = slice(None),
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -49,23 +78,34 @@ class LlamaSpan(nn.Module):
 
         attention_mask is 2D over past + new tokens; position_ids default to what generate() would use.
         `prompts` (layers, batch or 1, prefix, hidden) are deep prompts: layer i's is added to the first
-        `prefix` positions of that layer's input.
+        `prefix` positions of that layer's input. Layers are called as the family's own `*Model.forward`
+        calls them in the installed transformers (its mask per layer type, its cache keyword).
         """
         batch, seq_len, _ = hidden_states.shape
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = default_position_ids(
                 attention_mask, batch, seq_len, past_len, hidden_states.device
             )
-        mask = create_causal_mask(
+        layer_types = self.layer_types[layers]
+        mask_args = dict(
             config=self.config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for index, layer in enumerate(self.layers[layers]):
+        masks = {
+            kind: (create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask)(**mask_args)
+            for kind in set(layer_types)
+        }
+        position_embeddings = position_embeddings_by_type(
+            self.rotary_emb, hidden_states, position_ids, layer_types
+        )
+        extra = {self._cache_argument: cache}
+        if self._passes_use_cache:
+            extra["use_cache"] = cache is not None
+        for index, (layer, kind) in enumerate(zip(self.layers[layers], layer_types, strict=True)):
             if prompts is not None:
                 prefix = prompts.shape[2]
                 hidden_states = torch.cat(
@@ -73,25 +113,30 @@ class LlamaSpan(nn.Module):
                 )
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[kind],
+                **extra,
             )
         return hidden_states
 
 
+LlamaSpan = BlockSpan  # the name from when Llama was the only family
+
+
 def load_span(
     checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> LlamaSpan:
-    """Build blocks [start, end) on the meta device and fill them with only those blocks' tensors."""
+) -> BlockSpan:
+    """Build blocks [start, end) on the meta device and fill them with only those blocks' tensors
+    (converted to the installed transformers' layout where the family needs it, e.g. fused experts)."""
+    config = checkpoint.config
     with torch.device("meta"):
-        span = LlamaSpan(checkpoint.config, start, end)
+        span = BlockSpan(config, start, end)
     state = {}
     for block in range(start, end):
         names = checkpoint.block_tensor_names(block)
-        for name, tensor in checkpoint.load_tensors(names, dtype=dtype).items():
+        tensors = convert_block_tensors(config.model_type, checkpoint.load_tensors(names, dtype=dtype))
+        for name, tensor in tensors.items():
             state[f"layers.{block - start}.{name.removeprefix(f'{BLOCK_PREFIX}{block}.')}"] = tensor
     missing, unexpected = span.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not m.startswith("rotary_emb.")]
@@ -99,5 +144,5 @@ def load_span(
         raise ValueError(f"checkpoint does not match the span: missing {missing}, unexpected {unexpected}")
     # rotary buffers are computed, not stored: rebuild them for real on the target device
     with torch.device(device):
-        span.rotary_emb = LlamaRotaryEmbedding(checkpoint.config)
+        span.rotary_emb = family_of(config).rotary_embedding(config)
     return span.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,4 +1,5 @@
-"""A tiny random Llama written to a folder: real loading code, fast tests, no downloads."""
+"""Tiny random models written to a folder (Llama, or any registered family): real loading code, fast tests,
+no downloads."""
 
 from __future__ import annotations
 
@@ -101,4 +102,74 @@ def write_tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 256) -> Path
     fast.chat_template = TINY_CHAT_TEMPLATE
     path = Path(path)
     fast.save_pretrained(path)
+    return path
+
+
+def tiny_family_config(model_type: str, num_blocks: int = 3, hidden_size: int = 64, vocab_size: int = 256):
+    """A small random config of any registered family: GQA where the family has it, a sliding window of 8
+    tokens where it has one (mixed with full layers where its config allows), 4 experts top-2 for MoE."""
+    from transformers import AutoConfig
+
+    from swarm.models.families import get_family
+
+    get_family(model_type)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_blocks)]
+    extra = {
+        "mistral": dict(sliding_window=8),
+        "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        "qwen3": dict(head_dim=16),
+        "phi3": dict(sliding_window=None),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+        "qwen3_moe": dict(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+        ),
+        "gemma2": dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=alternating,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            tie_word_embeddings=True,
+        ),
+        "gemma3_text": dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=alternating,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        ),
+    }.get(model_type, {})
+    return AutoConfig.for_model(model_type, **{**common, **extra})
+
+
+def write_tiny_family(path: str | os.PathLike, model_type: str, num_blocks: int = 3, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny model of `model_type` (safetensors, fp32, the family's own
+    checkpoint layout as `save_pretrained` writes it) into `path` and return it."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_family_config(model_type, num_blocks=num_blocks)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # as write_tiny_llama: logits with clear winners
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
     return path

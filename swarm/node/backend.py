@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.models.span import LlamaSpan
+from swarm.models.span import BlockSpan
 from swarm.node.compute import SERVE, ComputeThread
 from swarm.node.errors import RequestError
 from swarm.node.limits import NodeLimits
@@ -46,7 +46,7 @@ class SpanInputs:
 class SpanBackend:
     """Owns the span module; all tensor work runs on one compute thread, off the event loop."""
 
-    def __init__(self, span: LlamaSpan, limits: NodeLimits, device: str, dtype: torch.dtype):
+    def __init__(self, span: BlockSpan, limits: NodeLimits, device: str, dtype: torch.dtype):
         self.span, self.limits, self.device, self.dtype = span, limits, device, dtype
         self.hidden_size = span.config.hidden_size
         self.executor = ComputeThread()
@@ -182,7 +182,7 @@ class SpanBackend:
             hidden,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             layers=inputs.layers,
             prompts=prompts,
         )

@@ -27,7 +27,7 @@ from swarm.testing.faults import Fault, ServingNode
 from swarm.utils.aio import run as run_event_loop
 from swarm.utils.metrics import MetricsServer
 from swarm.utils.tensors import FLOAT_DTYPES
-from swarm.verification.determinism import ATTENTION, apply_deterministic_profile, determinism_profile
+from swarm.verification.determinism import apply_deterministic_profile, determinism_profile
 from swarm.verification.service import VerificationServicer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Node:
         config = self.checkpoint.config
         return swarm_pb2.ModelInfo(
             model=self.checkpoint.name,
-            architecture="llama",
+            architecture=config.model_type,  # a family of swarm.models.families
             num_blocks=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             vocab_size=config.vocab_size,
@@ -118,9 +118,9 @@ class Node:
         self.checkpoint: Checkpoint = await asyncio.to_thread(
             resolve_checkpoint, config.model, config.cache_dir, config.model_name
         )
-        if config.is_deterministic:
-            # the attention kernel is part of the profile: run the one profiles name, whatever the loader set
-            self.checkpoint.config._attn_implementation = ATTENTION
+        # the attention kernel is part of the profile: the loader set the family's own (sdpa, which
+        # verification.determinism.ATTENTION names, except where a family needs eager: Gemma 2's soft-capped
+        # attention scores), and every node of a model runs that one
         self.determinism = determinism_profile(
             config.dtype, config.device, attention=self.checkpoint.config._attn_implementation
         )

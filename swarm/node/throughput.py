@@ -7,12 +7,12 @@ import time
 
 import torch
 
-from swarm.models.span import LlamaSpan
+from swarm.models.span import BlockSpan
 
 
 @torch.inference_mode()
 def measure_span_rps(
-    span: LlamaSpan, device: str, dtype: torch.dtype, tokens: int = 32, repeats: int = 3
+    span: BlockSpan, device: str, dtype: torch.dtype, tokens: int = 32, repeats: int = 3
 ) -> tuple[float, float]:
     """(forward tokens/s for a `tokens`-long sequence, single-token steps/s), best of `repeats`."""
     hidden = torch.randn(1, tokens, span.config.hidden_size, device=device, dtype=dtype)
@@ -42,7 +42,8 @@ def cached_rps(
 
     from swarm.models.fetch import default_cache_dir
 
-    shape = f"h{checkpoint.config.hidden_size}-f{checkpoint.config.intermediate_size}"
+    config = checkpoint.config
+    shape = f"{config.model_type}-h{config.hidden_size}-f{getattr(config, 'intermediate_size', 0)}"
     name = f"{checkpoint.name}-{shape}-{num_blocks}blocks-{device.replace(':', '_')}-{dtype_name}.json"
     path = default_cache_dir(cache_dir) / "throughput" / name
     try:

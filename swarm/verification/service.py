@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2PContext
 from hivemind.utils.crypto import RSAPrivateKey
-from torch import nn
 
 from swarm.models.span import LlamaSpan
 from swarm.node.backend import SpanBackend, SpanInputs
@@ -126,12 +125,7 @@ def sub_span(span: LlamaSpan, layers: slice) -> LlamaSpan:
     first, stop, _ = layers.indices(len(span.layers))
     if (first, stop) == (0, len(span.layers)):
         return span
-    view = LlamaSpan.__new__(LlamaSpan)
-    nn.Module.__init__(view)
-    view.config, view.start, view.end = span.config, span.start + first, span.start + stop
-    view.layers = nn.ModuleList(span.layers[first:stop])
-    view.rotary_emb = span.rotary_emb
-    return view
+    return span.view(first, stop)
 
 
 def _trace_block(

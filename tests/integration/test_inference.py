@@ -268,7 +268,7 @@ def test_sessions_are_isolated_from_a_client_sending_garbage(session_node, tiny_
         with pytest.raises(RemoteError, match=message):
             step(model, bad, bad_input, position)
     with torch.no_grad():
-        expected = span(hidden, past_key_values=cache, layers=slice(1, 4))
+        expected = span(hidden, cache=cache, layers=slice(1, 4))
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=0, atol=1e-5)
     # the garbage session itself was never corrupted: its cache equals a clean run of its good steps
     after = step(model, bad, bad_hidden[:, 4:6], 4)

@@ -306,8 +306,8 @@ def test_prepare_gguf_tiny(tmp_path):
 
 def test_convert_gguf_rejects_other_architecture(tmp_path):
     source = write_tiny_gguf(tmp_path / "tiny.gguf")
-    with pytest.raises(ValueError, match="only 'mistral' is supported"):
-        convert_gguf(source, tmp_path / "out", progress=False, expected_model_type="mistral")
+    with pytest.raises(ValueError, match="'llama' model; supported: mistral"):
+        convert_gguf(source, tmp_path / "out", progress=False, model_types=("mistral",))
     assert not (tmp_path / "out").exists()
 
 
