@@ -41,6 +41,29 @@ def add_announce_maddrs(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_swarm_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swarm-key",
+        default=None,
+        metavar="FILE",
+        help="the private swarm's key file (from `swarm keys init`; default: $SWARM_KEY_FILE): every peer, "
+        "bootstrap peer and client of a private swarm needs it; without it the swarm is public",
+    )
+
+
+def apply_swarm_key(args: argparse.Namespace) -> None:
+    """Check --swarm-key and hand it to every peer this process (and its children) create, via
+    $SWARM_KEY_FILE, which swarm.dht.factory.create_dht reads."""
+    from swarm.access import SWARM_KEY_ENV, load_keyring
+
+    path = getattr(args, "swarm_key", None)
+    if path is None:
+        return
+    path = os.path.abspath(path)
+    load_keyring(path)  # a missing or malformed file fails here, with its name, before anything starts
+    os.environ[SWARM_KEY_ENV] = path
+
+
 def add_metrics(parser: argparse.ArgumentParser, port: int | None = None, host: str = "127.0.0.1") -> None:
     """--metrics-port and --metrics-host, with the caller's defaults (a node's come from NodeConfig)."""
     parser.add_argument(

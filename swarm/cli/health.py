@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from swarm.cli.common import add_cache_dir, add_initial_peers
@@ -64,6 +65,13 @@ def run(args: argparse.Namespace) -> int:
         models = [args.model] if args.model else list_models(dht, args.timeout)
         if not models:
             print("no models announced" if not args.json else json.dumps({"models": []}))
+            from swarm.access.keys import SWARM_KEY_ENV
+
+            if not os.environ.get(SWARM_KEY_ENV):
+                print(
+                    "swarm health: a private swarm's records are read only with its --swarm-key",
+                    file=sys.stderr,
+                )
             return 1
         complete = True
         for model in models:

@@ -5,11 +5,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli import api, dht, gateway, generate, health, local, models, node, run, train
-from swarm.cli.common import not_implemented, setup_logging
+from swarm.cli import api, dht, gateway, generate, health, keys, local, models, node, run, train
+from swarm.cli.common import add_swarm_key, apply_swarm_key, not_implemented, setup_logging
 from swarm.cli.config_file import apply_config_file
 
 PENDING: dict[str, tuple[str, str]] = {}  # subcommand -> (help, title of the issue that adds it)
+# subcommands that start a peer, and so take --swarm-key (a private swarm's members need it)
+PEER_COMMANDS = (
+    "node",
+    "dht",
+    "generate",
+    "chat",
+    "local",
+    "demo",
+    "health",
+    "gateway",
+    "api",
+    "run",
+    "train",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_parser(sub)
     run.add_parser(sub)
     train.add_parser(sub)
+    keys.add_parser(sub)
+    for name in PEER_COMMANDS:
+        add_swarm_key(sub.choices[name])
     for name, (help_text, issue) in PENDING.items():
         pending = sub.add_parser(name, help=help_text, add_help=True)
         pending.add_argument("rest", nargs=argparse.REMAINDER)
@@ -39,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = apply_config_file(build_parser(), sys.argv[1:] if argv is None else list(argv))
     setup_logging(args.verbose)
     try:
+        apply_swarm_key(args)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130

@@ -10,6 +10,7 @@ from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.access import EncryptedRecordValidator, Keyring, load_keyring, register_membership
 from swarm.dht.identity import load_or_create_identity, temporary_identity_file
 from swarm.dht.records import SwarmRecordValidator
 from swarm.utils.pipes import BlockingReads
@@ -26,9 +27,11 @@ class SwarmDHT(DHT):
         super().run()
 
 
-def make_validators(signing_key: RSAPrivateKey) -> list:
-    """Validators every swarm peer runs: a peer without them can't read signed records."""
-    return [RSASignatureValidator(signing_key), SwarmRecordValidator()]
+def make_validators(signing_key: RSAPrivateKey, keyring: Keyring | None = None) -> list:
+    """Validators every swarm peer runs: a peer without them can't read signed records; with a swarm key,
+    values are sealed too (swarm.access.records), and a peer without that key reads none of them."""
+    validators = [RSASignatureValidator(signing_key), SwarmRecordValidator()]
+    return validators + ([EncryptedRecordValidator(keyring)] if keyring is not None else [])
 
 
 def create_dht(
@@ -39,6 +42,7 @@ def create_dht(
     identity_path: str | os.PathLike | None = None,
     client_mode: bool = False,
     announce_maddrs: Sequence[str] = (),
+    swarm_key: str | os.PathLike | Keyring | None = None,
     **kwargs,
 ) -> tuple[DHT, RSASignatureValidator]:
     """Start a DHT peer; returns it with the validator whose key signs this peer's records.
@@ -46,14 +50,17 @@ def create_dht(
     The same RSA key is the libp2p identity (`identity_path`, created if missing; ephemeral if None),
     so the peer id is bound to the key that signs the peer's records. `announce_maddrs` are the
     addresses others should dial instead of the listening one (port forwarding, NAT, a relay).
+    `swarm_key`: the private swarm's key file (default: $SWARM_KEY_FILE; neither: a public swarm); its
+    records are sealed with it and this peer's RPC calls and handlers prove and require membership.
     """
+    keyring = swarm_key if isinstance(swarm_key, Keyring) else load_keyring(swarm_key)
     if identity_path is not None:
         key, path, temporary = load_or_create_identity(identity_path), os.fspath(identity_path), False
     else:
         key = RSAPrivateKey()
         path, temporary = temporary_identity_file(key), True
         kwargs.setdefault("check_if_identity_free", False)  # a fresh random key can't be taken already
-    validators = make_validators(key)
+    validators = make_validators(key, keyring)
     try:
         dht = SwarmDHT(
             initial_peers=list(initial_peers),
@@ -68,4 +75,5 @@ def create_dht(
     finally:
         if temporary:  # the daemon has read it by now; an ephemeral key never outlives the process on disk
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    register_membership(dht.peer_id.to_base58(), keyring)
     return dht, validators[0]

@@ -16,6 +16,7 @@ from typing import Any
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
 
+from swarm.access.records import MAGIC as SEALED_MAGIC
 from swarm.dht.identity import peer_id_from_owner_marker
 from swarm.dht.keys import check_model_name, split_owner_subkey
 from swarm.proto import swarm_pb2
@@ -195,6 +196,8 @@ class SwarmRecordValidator(RecordValidatorBase):
     """
 
     def validate(self, record: DHTRecord) -> bool:
+        if record.value.startswith(SEALED_MAGIC):
+            return False  # a private swarm's value that no key of ours opened (swarm.access.records)
         try:
             value = MSGPackSerializer.loads(record.value)
         except Exception:

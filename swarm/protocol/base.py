@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+import types
 
 from hivemind.p2p import P2P, PeerID, ServicerBase
-from hivemind.p2p.servicer import StubBase
+from hivemind.p2p.servicer import RPCHandler, StubBase
+
+from swarm.access import membership
 
 # hivemind fills a class's handler list before its stub type: two threads building their first stubs at
 # once could see the list and a stub type of None
@@ -50,6 +53,31 @@ class Protocol(ServicerBase):
             return
         cls._rpc_handlers = None  # hivemind's check would otherwise see a base class's list
         super()._collect_rpc_handlers()
+
+    @classmethod
+    def _make_rpc_caller(cls, handler: RPCHandler):
+        call = super()._make_rpc_caller(handler)
+
+        async def caller(self: StubBase, input, timeout: float | None = None):
+            # in a private swarm the request carries this peer's proof of membership (swarm.access)
+            return await call(self, membership.prove(self._p2p, input, handler.stream_input), timeout)
+
+        caller.__name__ = handler.method_name
+        return caller
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace=None, balanced=False) -> None:
+        """Register the handlers; in a private swarm each one first checks the caller's membership."""
+        keyring = membership.membership_for(p2p)
+        if keyring is not None:
+            self._collect_rpc_handlers()
+            servicer = self if wrapper is None else wrapper
+            wrapper = types.SimpleNamespace(
+                **{
+                    rpc.method_name: membership.guard(keyring, getattr(servicer, rpc.method_name), rpc)
+                    for rpc in self._rpc_handlers
+                }
+            )
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
 
     @classmethod
     def stub(cls, p2p: P2P, peer_id: str) -> StubBase:
