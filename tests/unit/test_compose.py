@@ -49,6 +49,9 @@ def test_every_command_parses_with_the_real_cli():
     )
     client = parse_swarm_command(shlex.split(generate_line))
     assert client.command == "generate" and client.chat and "Paris" in script
+    api = parse_swarm_command(services["api"]["command"])
+    assert api.command == "api" and api.port == 8000 and api.host == "0.0.0.0"
+    assert services["api"]["ports"] == [f"127.0.0.1:{api.port}:{api.port}"]
 
 
 def test_bootstrap_address_matches_the_committed_identity():
