@@ -51,6 +51,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         device: str | torch.device = "cpu",
+        swarm_key: str | os.PathLike | None = None,
     ):
         # transformers may annotate its config (attention implementation): keep the checkpoint's untouched
         super().__init__(copy.deepcopy(checkpoint.config))
@@ -72,6 +73,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             config,
             self._local_block_hashes,
             referee_span=self.local_span,
+            swarm_key=swarm_key,
         )
         self.blocks = SwarmBlocks(self.swarm)
         self.tuning_mode, self.pre_seq_len = tuning_mode, pre_seq_len
@@ -98,12 +100,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         pre_seq_len: int = 0,
         prompts: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
+        swarm_key: str | os.PathLike | None = None,
         **config_kwargs,
     ) -> DistributedModelForCausalLM:
         """Load the client-side parts of a model (same names and paths as `swarm node`) and join the swarm.
 
         `prompts`: a file written by `save_prompts`; its tuning mode and prompt length are used (they must
-        agree with `tuning_mode` and `pre_seq_len` when those are given too).
+        agree with `tuning_mode` and `pre_seq_len` when those are given too). `swarm_key`: a private
+        swarm's key file (default: $SWARM_KEY_FILE; neither: a public swarm).
         """
         checkpoint = resolve_checkpoint(name_or_path, cache_dir, model_name)
         saved = None
@@ -113,7 +117,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             _check_saved_widths(saved, prompts, checkpoint.config.hidden_size, checkpoint.num_blocks)
         config = ClientConfig(initial_peers=list(initial_peers), **config_kwargs)
         model = cls(
-            checkpoint, config, dtype=dtype, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, device=device
+            checkpoint,
+            config,
+            dtype=dtype,
+            tuning_mode=tuning_mode,
+            pre_seq_len=pre_seq_len,
+            device=device,
+            swarm_key=swarm_key,
         )
         if saved is not None:
             try:

@@ -66,9 +66,10 @@ def served_models(peers, *extra: str, attempts: int = 1) -> dict[str, list[str]]
     return {}
 
 
-def generate(tiny_model, peers, monkeypatch, key, input_ids) -> torch.Tensor:
-    monkeypatch.setenv(SWARM_KEY_ENV, str(key))
-    with DistributedModelForCausalLM.from_pretrained(tiny_model, peers, wait_for_blocks=20.0) as model:
+def generate(tiny_model, peers, key, input_ids) -> torch.Tensor:
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, peers, swarm_key=key, wait_for_blocks=20.0
+    ) as model:
         return model.generate(input_ids, max_new_tokens=12, do_sample=False)
 
 
@@ -114,9 +115,9 @@ class Peer:
         self.loop.close()
 
 
-def test_members_generate_as_in_a_public_swarm(private, tiny_model, local_model, monkeypatch):
+def test_members_generate_as_in_a_public_swarm(private, tiny_model, local_model):
     input_ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
-    out = generate(tiny_model, private.initial_peers, monkeypatch, private.key, input_ids)
+    out = generate(tiny_model, private.initial_peers, private.key, input_ids)
     with torch.no_grad():
         expected = local_model.generate(input_ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, expected)
@@ -161,7 +162,7 @@ def test_outsiders_read_nothing_are_refused_and_are_never_routed_to(private, tin
 
 
 def test_after_a_rotation_the_old_key_is_out_once_the_grace_period_ends(
-    private, tiny_model, local_model, tmp_path, monkeypatch
+    private, tiny_model, local_model, tmp_path
 ):
     old = tmp_path / "old.key"
     shutil.copy(private.key, old)  # what an expelled member keeps
@@ -186,6 +187,4 @@ def test_after_a_rotation_the_old_key_is_out_once_the_grace_period_ends(
     input_ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = local_model.generate(input_ids, max_new_tokens=12, do_sample=False)
-    assert torch.equal(
-        generate(tiny_model, private.initial_peers, monkeypatch, private.key, input_ids), expected
-    )
+    assert torch.equal(generate(tiny_model, private.initial_peers, private.key, input_ids), expected)
