@@ -82,7 +82,6 @@ def test_node_killed_mid_generation_gives_the_same_text(family, bootstrap):
     input_ids = prompt(seed=2)
     with torch.no_grad():
         expected = local.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-    preferred = nodes[1]
     with DistributedModelForCausalLM.from_pretrained(
         path, bootstrap.initial_peers, request_timeout=20, max_retries=5
     ) as client:
@@ -92,8 +91,9 @@ def test_node_killed_mid_generation_gives_the_same_text(family, bootstrap):
 
             def on_step(position):
                 if position >= PROMPT_LEN + NEW_TOKENS // 2 and not killed.is_set():
-                    killed.set()
-                    preferred.kill()
+                    killed.set()  # whichever [1, 3) node the route took (the preferred one, by throughput)
+                    serving = {span.peer_id for span in session.route if span.start == 1}
+                    next(node for node in nodes[1:] if node.peer_id in serving).kill()
 
             session.on_step = on_step
             out = client.generate(input_ids, max_new_tokens=NEW_TOKENS, session=session)
