@@ -62,21 +62,14 @@ class StepStreamer(TokenQueue):
         super().__init__(loop)
         self.recorder, self.top, self.tokenizer = recorder, top, tokenizer
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.cancelled.is_set():
-            raise GenerationCancelled
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        tokens = [int(t) for t in value.reshape(-1).tolist()]
-        logprobs = None
-        if self.recorder is not None:
-            decode = self.tokenizer.decode
-            logprobs = [
-                TokenLogprob(decode([token]), lp, [(decode([t]), v) for t, v in top])
-                for token, (lp, top) in zip(tokens, self.recorder.entries(tokens, self.top), strict=True)
-            ]
-        self._send("tokens", (tokens, logprobs))
+    def payload(self, tokens: list[int]) -> tuple[list[int], list[TokenLogprob] | None]:
+        if self.recorder is None:
+            return tokens, None
+        decode = self.tokenizer.decode
+        return tokens, [
+            TokenLogprob(decode([token]), lp, [(decode([t]), v) for t, v in top])
+            for token, (lp, top) in zip(tokens, self.recorder.entries(tokens, self.top), strict=True)
+        ]
 
 
 class Completion:

@@ -33,7 +33,11 @@ class TokenQueue:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self._send("tokens", [int(token) for token in value.reshape(-1).tolist()])
+        self._send("tokens", self.payload([int(token) for token in value.reshape(-1).tolist()]))
+
+    def payload(self, tokens: list[int]) -> Any:
+        """What the consumer gets for one step's tokens (subclasses add to them)."""
+        return tokens
 
     def end(self) -> None:
         self._send("end", None)
