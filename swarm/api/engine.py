@@ -4,7 +4,6 @@ per-choice text events for the HTTP layer, one inference session per request."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +16,7 @@ from swarm.api.errors import APIError, invalid
 from swarm.api.requests import CompletionSpec
 from swarm.api.sampling import LogprobRecorder, OpenAIPenalties
 from swarm.client.errors import MissingBlocksError, RequestRefused
-from swarm.gateway.streaming import GenerationCancelled, TokenQueue
-
-logger = logging.getLogger(__name__)
+from swarm.gateway.streaming import TokenQueue
 
 
 @dataclass(frozen=True)
@@ -148,43 +145,40 @@ class Completion:
 
     def _generate(self, streamer: StepStreamer, recorder: LogprobRecorder | None) -> None:
         """In a worker thread: the whole generation, every step streamed; its end or error reported."""
+        streamer.drive(
+            lambda: self._run_generation(streamer, recorder),
+            expected=(MissingBlocksError, RequestRefused, ValueError),
+        )
+
+    def _run_generation(self, streamer: StepStreamer, recorder: LogprobRecorder | None) -> None:
         spec, model = self.spec, self.served.model
-        try:
-            input_ids = torch.tensor([self.prompt_ids] * spec.n, dtype=torch.long)
-            if spec.echo and recorder is not None:
-                self.prompt_logprobs = self._score_prompt(input_ids[:1])
-            processors = LogitsProcessorList()
-            if recorder is not None:
-                processors.append(recorder)
-            if spec.frequency_penalty or spec.presence_penalty:
-                processors.append(
-                    OpenAIPenalties(len(self.prompt_ids), spec.frequency_penalty, spec.presence_penalty)
-                )
-            generator = torch.Generator()
-            if spec.seed is not None:
-                generator.manual_seed(spec.seed)
-            else:
-                generator.seed()
-            sampling = spec.temperature > 0
-            model.generate(
-                input_ids,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=sampling,
-                temperature=spec.temperature if sampling else None,
-                top_p=spec.top_p if sampling else None,
-                streamer=streamer,
-                generator=generator,
-                logits_processor=processors,
-                decoding_loop="swarm",
+        input_ids = torch.tensor([self.prompt_ids] * spec.n, dtype=torch.long)
+        if spec.echo and recorder is not None:
+            self.prompt_logprobs = self._score_prompt(input_ids[:1])
+        processors = LogitsProcessorList()
+        if recorder is not None:
+            processors.append(recorder)
+        if spec.frequency_penalty or spec.presence_penalty:
+            processors.append(
+                OpenAIPenalties(len(self.prompt_ids), spec.frequency_penalty, spec.presence_penalty)
             )
-        except GenerationCancelled:
-            return
-        except BaseException as e:
-            if not isinstance(e, MissingBlocksError | RequestRefused | ValueError):
-                logger.warning("completion failed: %r", e, exc_info=True)
-            streamer.fail(e)
-            return
-        streamer.end()
+        generator = torch.Generator()
+        if spec.seed is not None:
+            generator.manual_seed(spec.seed)
+        else:
+            generator.seed()
+        sampling = spec.temperature > 0
+        model.generate(
+            input_ids,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampling,
+            temperature=spec.temperature if sampling else None,
+            top_p=spec.top_p if sampling else None,
+            streamer=streamer,
+            generator=generator,
+            logits_processor=processors,
+            decoding_loop="swarm",
+        )
 
     def _score_prompt(self, input_ids: torch.Tensor) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the ones before it (echo with logprobs)."""

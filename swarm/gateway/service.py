@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +14,8 @@ import torch
 
 from swarm.client.errors import MissingBlocksError, RequestRefused
 from swarm.gateway.metrics import GatewayMetrics
-from swarm.gateway.streaming import GenerationCancelled, IncrementalText, TokenQueue
+from swarm.gateway.streaming import IncrementalText, TokenQueue
 from swarm.proto import gateway_pb2, gateway_pb2_grpc
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,16 +115,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def _generate(self, input_ids: torch.Tensor, kwargs: dict, tokens: TokenQueue) -> None:
         """In a worker thread: run generate() with `tokens` as its streamer; report its end or error."""
-        try:
-            self.model.generate(input_ids, streamer=tokens, **kwargs)
-        except GenerationCancelled:
-            return
-        except BaseException as e:
-            if not isinstance(e, MissingBlocksError | RequestRefused | ValueError):
-                logger.warning("generation failed: %r", e, exc_info=True)
-            tokens.fail(e)
-            return
-        tokens.end()
+        tokens.drive(
+            lambda: self.model.generate(input_ids, streamer=tokens, **kwargs),
+            expected=(MissingBlocksError, RequestRefused, ValueError),
+        )
 
     def _parse(self, request: gateway_pb2.GenerateRequest) -> tuple[torch.Tensor, dict]:
         """(input_ids of shape (1, n), generate() keyword arguments); raises BadRequest."""

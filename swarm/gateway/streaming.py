@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class GenerationCancelled(Exception):
@@ -38,6 +42,20 @@ class TokenQueue:
     def payload(self, tokens: list[int]) -> Any:
         """What the consumer gets for one step's tokens (subclasses add to them)."""
         return tokens
+
+    def drive(self, generate: Callable[[], object], expected: tuple[type[BaseException], ...] = ()) -> None:
+        """In a worker thread: run `generate` (which streams into this queue); report its end or its error
+        to the consumer. A cancelled generation ends quietly; errors not in `expected` are also logged."""
+        try:
+            generate()
+        except GenerationCancelled:
+            return
+        except BaseException as e:
+            if not isinstance(e, expected):
+                logger.warning("generation failed: %r", e, exc_info=True)
+            self.fail(e)
+            return
+        self.end()
 
     def end(self) -> None:
         self._send("end", None)
