@@ -8,7 +8,13 @@ import socket
 import sys
 
 from swarm.api.engine import APILimits
-from swarm.cli.common import add_cache_dir, add_initial_peers, add_prompts
+from swarm.cli.common import (
+    add_cache_dir,
+    add_initial_peers,
+    add_prompts,
+    add_wait_for_blocks,
+    check_wait_for_blocks,
+)
 
 DEFAULT_PORT = 8000
 
@@ -57,6 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="completions at once; more get 429 (default: %(default)s)",
     )
     add_prompts(parser)
+    add_wait_for_blocks(parser)
     parser.add_argument("--device", default="cpu", help="where the embeddings and LM head run: cpu, cuda")
     add_cache_dir(parser)
     parser.set_defaults(func=run)
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not 1 <= limits.default_max_tokens <= limits.max_tokens or limits.max_concurrent < 1:
         raise ValueError("need 1 <= --default-max-tokens <= --max-tokens and --max-concurrent >= 1")
+    check_wait_for_blocks(args)
     import uvicorn
 
     from swarm.api.app import APIServer
@@ -83,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         for model, tokenizer in zip(args.model, tokenizers, strict=True):
             client = DistributedModelForCausalLM.from_pretrained(
-                model, args.initial_peers, cache_dir=args.cache_dir, device=args.device, prompts=args.prompts
+                model,
+                args.initial_peers,
+                cache_dir=args.cache_dir,
+                device=args.device,
+                prompts=args.prompts,
+                wait_for_blocks=args.wait_for_blocks,
             )
             served.append(ServedModel(client.swarm.model_name, client, tokenizer))
         server = APIServer(served, limits, api_key=args.api_key)

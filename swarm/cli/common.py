@@ -30,6 +30,24 @@ def add_initial_peers(parser: argparse.ArgumentParser, required: bool = True) ->
     )
 
 
+def add_wait_for_blocks(parser: argparse.ArgumentParser) -> None:
+    from swarm.client.config import ClientConfig
+
+    parser.add_argument(
+        "--wait-for-blocks",
+        type=float,
+        default=ClientConfig.wait_for_blocks,
+        metavar="SECONDS",
+        help="how long a request waits for blocks no node serves to appear before it fails as unavailable "
+        "(default: %(default)s)",
+    )
+
+
+def check_wait_for_blocks(args: argparse.Namespace) -> None:
+    if not args.wait_for_blocks >= 0:
+        raise ValueError(f"--wait-for-blocks must be >= 0, got {args.wait_for_blocks}")
+
+
 def add_announce_maddrs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--announce-maddrs",

@@ -7,7 +7,14 @@ import asyncio
 import signal
 import sys
 
-from swarm.cli.common import add_cache_dir, add_initial_peers, add_metrics, add_prompts
+from swarm.cli.common import (
+    add_cache_dir,
+    add_initial_peers,
+    add_metrics,
+    add_prompts,
+    add_wait_for_blocks,
+    check_wait_for_blocks,
+)
 from swarm.client.config import ClientConfig
 from swarm.gateway.service import GatewayLimits
 
@@ -59,6 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=ClientConfig.verify_rate,
         help="fraction of span calls also run on a second node and compared (default: %(default)s)",
     )
+    add_wait_for_blocks(parser)
     add_metrics(parser)
     parser.add_argument(
         "--map-port",
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("need 1 <= --default-max-new-tokens <= --max-new-tokens and --max-concurrent >= 1")
     if not 0.0 <= args.verify_rate <= 1.0:
         raise ValueError(f"--verify-rate must be within [0, 1], got {args.verify_rate}")
+    check_wait_for_blocks(args)
     from swarm.client import DistributedModelForCausalLM
     from swarm.gateway.service import GatewayService
     from swarm.models import load_tokenizer
@@ -102,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         prompts=args.prompts,
         verify_rate=args.verify_rate,
+        wait_for_blocks=args.wait_for_blocks,
     ) as model:
         service = GatewayService(model, tokenizer, limits)
         metrics = page = None

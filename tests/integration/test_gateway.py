@@ -168,7 +168,9 @@ def test_health_is_the_swarm_map(stub):
 
 def test_a_model_nobody_serves_is_unavailable_and_one_without_tokenizer_takes_ids(tiny_model, tiny_swarm):
     # the swarm's own folder, which has no tokenizer: the gateway serves input_ids only
-    process = tiny_swarm.start_gateway(str(tiny_model), "--model-name", "nobody-serves-this")
+    process = tiny_swarm.start_gateway(
+        str(tiny_model), "--model-name", "nobody-serves-this", "--wait-for-blocks", "1"
+    )
     try:
         assert "serving input_ids only" in process.log()
         with grpc.insecure_channel(process.address) as channel:

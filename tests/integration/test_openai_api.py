@@ -332,7 +332,9 @@ def test_missing_blocks_are_503_and_load_is_429(model_folder, tiny_model, tiny_s
     """A second API serving two models: one the swarm serves, one it doesn't; one completion at a time."""
     orphan = write_tiny_llama(tmp_path / "orphan-llama", num_blocks=2, seed=7)
     write_tiny_tokenizer(orphan)
-    process = tiny_swarm.start_api([str(model_folder), str(orphan)], "--max-concurrent", "1")
+    process = tiny_swarm.start_api(
+        [str(model_folder), str(orphan)], "--max-concurrent", "1", "--wait-for-blocks", "1"
+    )
     try:
         with openai.OpenAI(
             base_url=process.address, api_key="none", max_retries=0, timeout=TIMEOUT

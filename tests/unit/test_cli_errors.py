@@ -16,6 +16,16 @@ FAILURES = {
     "chat": ["chat", "--model", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1"],
     "local": ["local", "--model", MISSING, "--nodes", "1"],
     "models fetch": ["models", "fetch", "no-such-model"],
+    "gateway": [
+        "gateway",
+        "--model",
+        MISSING,
+        "--initial-peers",
+        "/ip4/127.0.0.1/tcp/1",
+        "--wait-for-blocks",
+        "-1",
+    ],
+    "api": ["api", "--model", MISSING, "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--wait-for-blocks", "-1"],
 }
 
 
