@@ -71,6 +71,33 @@ def plan_move_paying(stages: Sequence[Sequence[StagePeer]], me: str, min_share: 
     return move.target if gain >= min_share * max(move.peer.throughput, UNMEASURED_THROUGHPUT) else None
 
 
+def with_moves(
+    stages: Sequence[Sequence[StagePeer]], moving: Sequence[tuple[int, StagePeer]]
+) -> list[list[StagePeer]]:
+    """`stages` with each announced move (target stage, peer) counted where the peer is going: a peer that
+    is loading another stage before it switches must not look like spare capacity in its old one, or a
+    second peer would move for the same gap."""
+    movers = {peer.peer_id for _, peer in moving}
+    counted = [[p for p in peers if p.peer_id not in movers] for peers in stages]
+    for target, peer in moving:
+        counted[target].append(peer)
+    return counted
+
+
+def move_pays(stages: Sequence[Sequence[StagePeer]], me: str, target: int, min_gain: float = 0.1) -> bool:
+    """Whether moving `me` from its stage to `target` still raises the bottleneck by more than `min_gain`
+    (re-checked once the mover has loaded the target's state: others may have moved meanwhile)."""
+    source = next((s for s, peers in enumerate(stages) if any(p.peer_id == me for p in peers)), None)
+    if source is None or source == target or len(stages[source]) < 2:
+        return False
+    totals = stage_totals(stages)
+    peer = next(p for p in stages[source] if p.peer_id == me)
+    after = list(totals)
+    after[source] -= max(peer.throughput, UNMEASURED_THROUGHPUT)
+    after[target] += max(peer.throughput, UNMEASURED_THROUGHPUT)
+    return min(after) > min(totals) * (1.0 + min_gain)
+
+
 @dataclass(frozen=True)
 class StageMove:
     peer: StagePeer

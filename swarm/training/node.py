@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +26,7 @@ from swarm.node.handler import NodeServicer
 from swarm.node.server import Node
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault
-from swarm.training.balance import StagePeer, choose_stage, plan_move
+from swarm.training.balance import StagePeer, choose_stage, move_pays, plan_move, with_moves
 from swarm.training.bans import RunBans, accusations_key
 from swarm.training.collaboration import Collaboration, MemberView, poll_members
 from swarm.training.disputes import CannotSettle, GradientDisputeService, settle
@@ -110,22 +111,36 @@ class TrainingNode(Node):
             info for info in live_records(records, self.training_run.sha256) if info.peer_id != self.peer_id
         ]
 
-    def _stage_peers(self) -> list[list[StagePeer]]:
+    def _stage_peers(
+        self, counts_move: Callable[[str], bool] = lambda peer_id: True
+    ) -> list[list[StagePeer]]:
         """Every stage's live peers as `swarm.training.balance` sees them (this node with its own current
-        figures, in its stage once it serves one; peers banned from the run left out)."""
+        figures, in its stage once it serves one; peers banned from the run left out), each peer that
+        announced a move (JOINING in another stage) counted where it is going if `counts_move(peer_id)`."""
         banned = self.bans.banned() if self.bans is not None else set()
-        stages = []
+        run_hash, joining = self.training_run.sha256, swarm_pb2.ServerInfo.JOINING
+        stages, moving = [], []
         for stage in range(self.run_config.num_stages):
+            records = read_stage(self.dht, self.run_config.run_id, stage)
             peers = [
                 StagePeer(info.peer_id, info.throughput, info.queue_length)
-                for info in self._read_stage(stage)
+                for info in self._read_stage(stage, records)
                 if info.peer_id not in banned
+            ]
+            moving += [
+                (stage, StagePeer(info.peer_id, info.throughput, info.queue_length))
+                for info in records.values()
+                if info.state == joining
+                and info.run_hash == run_hash
+                and info.peer_id not in banned
+                and info.peer_id != self.peer_id
+                and counts_move(info.peer_id)
             ]
             if stage == self.stage and self.backend is not None:
                 info = self.stage_info()
                 peers.append(StagePeer(self.peer_id, info.throughput, info.queue_length))
             stages.append(peers)
-        return stages
+        return with_moves(stages, moving)
 
     def _choose_stage(self) -> int:
         """The stage with the least total throughput (then the longest queues, the fewest peers, the lowest
@@ -530,23 +545,36 @@ class TrainingNode(Node):
                     logger.info(
                         "stage throughputs %s: moving from stage %d to stage %d", totals, self.stage, target
                     )
-                    await self._move(target)
+                    await self._move(target, min_gain)
             except Exception as e:
                 logger.warning("rebalancing failed: %r", e, exc_info=True)
 
-    async def _move(self, target: int) -> None:
-        """Serve stage `target` instead: load its blocks and state from its peers first (this peer keeps
-        serving its stage meanwhile), then switch. Requests still queued on the old stage finish; later ones
-        get UNKNOWN_BLOCKS, and trainers route them to the old stage's other peers."""
+    async def _move(self, target: int, min_gain: float) -> None:
+        """Serve stage `target` instead: announce the move (JOINING in `target`, so that no other peer moves
+        for the same gap), load its blocks and state from its peers (this peer keeps serving its stage
+        meanwhile), check that the move still pays, then switch. Requests still queued on the old stage
+        finish; later ones get UNKNOWN_BLOCKS, and trainers route them to the old stage's other peers."""
         donors = await asyncio.to_thread(self._read_stage, target)
         if not donors:
             logger.info("stage %d has no live peer to load from: not moving", target)
             return
-        new_backend = await asyncio.to_thread(self._load_trainable_backend, target)
+        await asyncio.to_thread(self._announce_in, target, swarm_pb2.ServerInfo.JOINING)
         try:
-            loaded_from = await self._load_state_from(donors, new_backend, target)
-        except Exception:
-            new_backend.shutdown()
+            new_backend = await asyncio.to_thread(self._load_trainable_backend, target)
+            try:
+                loaded_from = await self._load_state_from(donors, new_backend, target)
+                # two peers that decided at once both announced: the one with the lower peer id goes
+                stages = await asyncio.to_thread(self._stage_peers, lambda peer_id: peer_id < self.peer_id)
+                if not move_pays(stages, self.peer_id, target, min_gain):
+                    raise _MoveCancelled(f"another peer moved meanwhile: not moving to stage {target}")
+            except BaseException:
+                new_backend.shutdown()
+                raise
+        except BaseException as e:
+            await asyncio.to_thread(self._announce_in, target, swarm_pb2.ServerInfo.OFFLINE)
+            if isinstance(e, _MoveCancelled):
+                logger.info("%s", e)
+                return
             raise
         old_stage, old_backend = self.stage, self.backend
         offline = self.stage_info(state=swarm_pb2.ServerInfo.OFFLINE)
@@ -578,10 +606,29 @@ class TrainingNode(Node):
             new_backend.trainable.step,
         )
 
+    def _announce_in(self, stage: int, state: int) -> None:
+        """Store this peer's record in stage `stage`'s key with `state` (a move's JOINING, or its OFFLINE
+        when the move is called off)."""
+        info = self.stage_info(state=state)
+        info.stage = stage
+        info.start_block, info.end_block = self.run_config.stages[stage]
+        store_records(
+            self.dht,
+            self.owner_key,
+            self.peer_id,
+            [(stage_key(self.run_config.run_id, stage), info)],
+            self.expiration,
+            await_all_replicas=True,
+        )
+
     def _stop_announcer(self) -> None:
         self.announcer.stop(final=True)
         if self.averager is not None:
             self.averager.shutdown()
+
+
+class _MoveCancelled(Exception):
+    """A planned move that no longer pays once the mover has loaded the target stage."""
 
 
 def _lost(reason: str, where: str, party: str) -> str:

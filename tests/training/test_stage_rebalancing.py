@@ -22,11 +22,8 @@ MOVED = re.compile(r"moved from stage (\d+) to stage (\d+)")
 
 
 @pytest.mark.slow
-# known bug (#18): a peer that just moved can be banned by its new stage's validators for a "bad gradient"
-# at its first step, and then gets no traffic; it runs and reports, but does not fail the suite until fixed
-@pytest.mark.xfail(
-    reason="a moved peer can be banned by its new stage's validation at its first step", strict=False
-)
+# on a loaded machine the trainer may finish its steps before the mover's first sample: run it again
+@pytest.mark.flaky(reruns=1)
 def test_a_peer_moves_from_the_strongest_stage_to_the_weakest(train_model, local_swarm, tmp_path):
     run = write_test_run(tmp_path / "run.toml", train_model, "balancetest", lr=3e-3)
     local_swarm.start_bootstrap()
@@ -37,7 +34,7 @@ def test_a_peer_moves_from_the_strongest_stage_to_the_weakest(train_model, local
         local_swarm.wait_ready(node)
     trainer = SwarmTrainer(run, local_swarm.initial_peers, data=CORPUS, update_period=1.0, concurrency=2)
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(steps=trainer.train(STEPS)))
+    thread = threading.Thread(target=lambda: result.update(steps=trainer.train(STEPS)), daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 60
@@ -68,6 +65,8 @@ def test_a_peer_moves_from_the_strongest_stage_to_the_weakest(train_model, local
             range(1, STEPS + 1)
         )  # the move cost the trainer nothing
         assert mover.peer_id not in client.bans  # a peer that moved away is not banned
+        # nor accused by the validators of the stage it joined (its first rounds there check out)
+        assert not [node.peer_id for node in nodes if "accusing" in node.log()]
 
         # 2:2 is balanced: over several more periods nobody moves (back or on)
         time.sleep(4 * BALANCE_PERIOD * 1.5)

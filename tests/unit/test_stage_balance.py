@@ -2,7 +2,7 @@
 
 import pytest
 
-from swarm.training.balance import StagePeer, choose_stage, plan_move, stage_totals
+from swarm.training.balance import StagePeer, choose_stage, move_pays, plan_move, stage_totals, with_moves
 
 
 def stage(*throughputs, prefix="p", queue=0):
@@ -72,3 +72,21 @@ def test_paying_rule_leaves_a_balanced_run_alone():
     nearly = [stage(*[1.0] * 10, prefix="a"), stage(*[1.0] * 9, 0.6, prefix="b")]
     for stages in (balanced, nearly):
         assert all(plan_move_paying(stages, p.peer_id) is None for peers in stages for p in peers)
+
+
+def test_a_peer_that_announced_a_move_counts_where_it_goes_so_no_second_peer_follows():
+    stages = [stage(10, 10, 10, prefix="a"), stage(10, prefix="b")]
+    assert [plan_move(stages, f"a{i}") for i in range(3)] == [1, None, None]
+    # while a0 loads stage 1, queue lengths change, so a1 or a2 may be the peer chosen by the next read: with
+    # a0 counted in stage 1, nobody is
+    counted = with_moves(stages, [(1, StagePeer("a0", 10))])
+    assert [sorted(p.peer_id for p in peers) for peers in counted] == [["a1", "a2"], ["a0", "b0"]]
+    assert all(plan_move(counted, p.peer_id) is None for peers in counted for p in peers)
+
+
+def test_a_move_is_called_off_once_another_peer_filled_the_gap():
+    stages = [stage(10, 10, 10, prefix="a"), stage(10, prefix="b")]
+    assert move_pays(stages, "a1", 1)
+    assert not move_pays(with_moves(stages, [(1, StagePeer("a0", 10))]), "a1", 1)
+    assert not move_pays(stages, "b0", 0)  # out of a lone stage
+    assert not move_pays(stages, "nobody", 1)
