@@ -228,6 +228,11 @@ class ContributionLog:
         with self._lock:
             return self._weights.get(step)
 
+    def latest_round(self) -> int | None:
+        """The last round this member took its gradient for (None before its first)."""
+        with self._lock:
+            return max(self._closed, default=None)
+
     def get(self, step: int) -> Contribution | None:
         with self._lock:
             if step not in self._sent or step not in self._closed:
@@ -466,6 +471,14 @@ class GradientValidator:
             self.p2p, peer, self.run_hash, step, len(shapes), self.timeout
         )
         if contribution is None:
+            latest = self.owner.log.latest_round()
+            # a peer keeps its last KEEP_STEPS rounds and may be a round ahead of this one: asked later than
+            # that, "kept none" is the rule working, not proof
+            if latest is not None and latest - step > KEEP_STEPS - 2:
+                raise CannotJudge(
+                    f"asked {peer} for its contribution to step {step} at step {latest}: too late, peers "
+                    f"keep only their last {KEEP_STEPS} rounds"
+                )
             return peer, f"kept no contribution to step {step} it committed to"
         if [tuple(t.shape) for t in contribution.sent] != shapes:
             return peer, f"showed a gradient of step {step} with the wrong shapes"

@@ -314,3 +314,52 @@ def test_a_trainers_gradient_is_recomputed_from_its_ids_and_the_stage_replies(ti
                 0,
             )
         )
+
+
+def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
+    """Peers keep their last KEEP_STEPS rounds. "Kept none" for one that recent convicts; for an older one the
+    validator asked too late (its checks queue up under load) and may not accuse: an honest peer was banned
+    that way, by a validation that ran 10 rounds after its round."""
+    from hivemind.p2p import P2P
+
+    from swarm.dht.identity import temporary_identity_file
+    from swarm.training.state import TrainStateServicer
+    from swarm.training.validation import KEEP_STEPS, CannotJudge
+
+    peer, validator = _backend(), _backend()
+    withheld = KEEP_STEPS + 1  # a recent round the peer claims it has not kept
+    for step in range(KEEP_STEPS + 3):
+        _backward(peer, keys[1], 1)
+        grads, _ = peer.take_gradients()
+        peer.log.record_sent(step, grads)
+        peer.apply(grads)
+        validator.log.close(step)
+    assert peer.log.get(1) is None and peer.log.get(withheld) is not None
+
+    def commit(step: int) -> bytes:
+        return sign_statement(keys[1], commit_payload(PREFIX, step, [digest(b"chunk")], digest(b"secret")))
+
+    async def run():
+        server = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=temporary_identity_file(keys[1])
+        )
+        client = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs()
+        )
+        try:
+            servicer = TrainStateServicer(
+                RUN, None, lambda: (0, 0, []), lambda step: None if step == withheld else peer.log.get(step)
+            )
+            await servicer.add_p2p_handlers(server)
+            checker = GradientValidator(validator, client, RUN, PREFIX, 1024, timeout=10.0)
+            accused = peer_id_of(keys[1])
+            assert server.peer_id.to_base58() == accused
+            with pytest.raises(CannotJudge, match="too late"):
+                await checker.check(accused, 1, commit(1))
+            guilty, why = await checker.check(accused, withheld, commit(withheld))
+            assert guilty == accused and "kept no contribution" in why
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    asyncio.run(run())
