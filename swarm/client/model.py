@@ -60,6 +60,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"tuning_mode must be None, 'ptune' or 'deep_ptune', got {tuning_mode!r}")
         if tuning_mode and pre_seq_len < 1:
             raise ValueError("prompt tuning needs pre_seq_len >= 1")
+        if config.verify_rate > 0:  # spot checks settle disagreements on an operator trace of the blocks
+            from swarm.verification.trace import check_traceable
+
+            check_traceable(checkpoint.config)
         self.checkpoint = checkpoint
         # the head computes on `device`; what crosses the network, and the session's bookkeeping, is on CPU
         self.head = load_client_head(checkpoint, dtype=dtype).to(device)

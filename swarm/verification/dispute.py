@@ -350,10 +350,10 @@ class Dispute(RoundReferee):
 
     def _judge(self) -> None:
         op = OPERATORS[self._op]
-        layer = _layer(self._span, self.commitments["a"].start + self._block)
+        block = self.commitments["a"].start + self._block
         names = OPERATOR_INPUTS[op]
         inputs = {name: self._tensors[self._input_ref(name)] for name in names}
-        output = _recompute(self._span, layer, op, inputs, self._attention_mask, self._position_ids)
+        output = _recompute(self._span, block, op, inputs, self._attention_mask, self._position_ids)
         recomputed = tensor_digest(output)
         output_ref = self._block * _OPS + self._op
         claimed = {party: self._known[output_ref][party] for party in PARTIES}
@@ -375,7 +375,7 @@ class Dispute(RoundReferee):
             claimed_outputs=claimed,
             output_proofs={party: self._proofs[party][output_ref] for party in PARTIES},
             recomputed_output=recomputed,
-            weight_digest=block_weight_digest(layer),
+            weight_digest=block_weight_digest(_layer(self._span, block)),
         )
         self._finish({party: "wrong_output" for party in PARTIES if claimed[party] != recomputed}, evidence)
 
@@ -469,7 +469,8 @@ def recheck_verdict(
     if block_weight_digest(layer) != evidence.weight_digest:
         return False
     inputs = {name: input_tensors[name].contiguous() for name in evidence.input_digests}
-    recomputed = tensor_digest(_recompute(span, layer, verdict.op, inputs, attention_mask, position_ids))
+    block = verdict.first_block + verdict.block
+    recomputed = tensor_digest(_recompute(span, block, verdict.op, inputs, attention_mask, position_ids))
     wrong = tuple(party for party in PARTIES if evidence.claimed_outputs[party] != recomputed)
     reasons_hold = all(verdict.reasons.get(party) == "wrong_output" for party in wrong)
     return bool(wrong) and wrong == verdict.losers and reasons_hold
@@ -483,15 +484,17 @@ def _layer(span: LlamaSpan, block: int) -> torch.nn.Module:
 
 def _recompute(
     span: LlamaSpan,
-    layer: torch.nn.Module,
+    block: int,
     op: str,
     inputs: Mapping[str, torch.Tensor],
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
 ) -> torch.Tensor:
+    layer = _layer(span, block)
     context = None
     if op == "attention":
         q = inputs["q_proj"]
         placeholder = q.new_zeros(*q.shape[:-1], span.config.hidden_size)
-        context = forward_context(span, placeholder, attention_mask, position_ids)
+        layer_type = span.layer_types[block - span.start]
+        context = forward_context(span, placeholder, attention_mask, position_ids, layer_type)
     return recompute_operator(layer, op, inputs, context)

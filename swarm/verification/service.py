@@ -31,7 +31,7 @@ from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, VerificationProtocol
 from swarm.utils.tensors import TensorTooLargeError, serialize
 from swarm.verification.dispute import SPAN_INPUT, Answer, HonestParty, Question
 from swarm.verification.merkle import commit_trace, operator_digests
-from swarm.verification.trace import OPERATORS, SpanTrace, trace_span
+from swarm.verification.trace import OPERATORS, SpanTrace, UntraceableModel, check_traceable, trace_span
 from swarm.verification.verdicts import sign_commitment
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,10 @@ class VerificationServicer(VerificationProtocol):
         try:
             request_id = check_request_id(request.request_id)
             backend = self.get_backend()
+            try:
+                check_traceable(backend.span.config)
+            except UntraceableModel as e:
+                raise RequestError(swarm_pb2.Error.BAD_REQUEST, str(e)) from None
             if len(request.tensors) != 1:
                 raise RequestError(
                     swarm_pb2.Error.BAD_REQUEST,

@@ -14,10 +14,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers.masking_utils import create_causal_mask
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from swarm.models.families import FULL, SLIDING, position_embeddings_by_type
 from swarm.models.span import LlamaSpan, default_position_ids
 from swarm.verification.operators import OPERATORS
+
+TRACED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""Families whose decoder layer is the one the operators below describe: Llama's submodules, arithmetic
+and residuals (sliding-window attention and q/k norms run inside the attention operator, so they change
+nothing here). Gemma's extra norms sit between the same modules with other meanings, Phi-3 fuses its
+projections and MoE blocks route tokens through experts: a trace of those would name the wrong tensors, and
+a dispute could convict an honest node, so their nodes refuse to commit (a spot check then blames nobody)."""
+
+
+class UntraceableModel(ValueError):
+    """The model's family has no operator trace here yet."""
+
+
+def check_traceable(config: PretrainedConfig) -> None:
+    """Raise UntraceableModel unless `config`'s family is one of TRACED_FAMILIES."""
+    if config.model_type not in TRACED_FAMILIES:
+        raise UntraceableModel(
+            f"verification traces {', '.join(TRACED_FAMILIES)} blocks; {config.model_type!r} blocks are not "
+            "traced yet"
+        )
+
 
 BLOCK_INPUT = "block_input"
 """The block's input: the span's input for block 0, else the previous block's mlp_residual."""
@@ -89,13 +112,16 @@ def forward_context(
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    layer_type: str = FULL,
 ) -> ForwardContext:
-    """The context LlamaSpan.forward gives its layers (no KV cache). Only hidden_states' shape, dtype and
-    device are used, so a placeholder of the right shape will do."""
+    """The context BlockSpan.forward gives its layers of `layer_type` (full or sliding-window attention; no
+    KV cache). Only hidden_states' shape, dtype and device are used, so a placeholder of the right shape
+    will do."""
     batch, seq_len, _ = hidden_states.shape
     if position_ids is None:
         position_ids = default_position_ids(attention_mask, batch, seq_len, 0, hidden_states.device)
-    mask = create_causal_mask(
+    make_mask = create_sliding_window_causal_mask if layer_type == SLIDING else create_causal_mask
+    mask = make_mask(
         config=span.config,
         inputs_embeds=hidden_states,
         attention_mask=attention_mask,
@@ -103,8 +129,8 @@ def forward_context(
         position_ids=position_ids,
     )
     # the span's own rotary module: its buffers follow the span's dtype, a fresh one's would not
-    position_embeddings = span.rotary_emb(hidden_states, position_ids=position_ids)
-    return ForwardContext(mask, position_ids, position_embeddings)
+    embeddings = position_embeddings_by_type(span.rotary_emb, hidden_states, position_ids, [layer_type])
+    return ForwardContext(mask, position_ids, embeddings[layer_type])
 
 
 @dataclass
@@ -128,7 +154,9 @@ def trace_span(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> SpanTrace:
-    """Run span(hidden_states, ...) without gradients and keep a copy of every operator's output."""
+    """Run span(hidden_states, ...) without gradients and keep a copy of every operator's output.
+    Raises UntraceableModel for a family outside TRACED_FAMILIES."""
+    check_traceable(span.config)
     records: list[dict[str, torch.Tensor]] = [{} for _ in span.layers]
 
     def record(block: int, op: str, tensor: torch.Tensor) -> None:

@@ -487,3 +487,67 @@ def test_a_trace_has_every_operator_once(span, hidden):
     trace = trace_span(span, hidden)  # no mask: the causal path
     assert isinstance(trace, SpanTrace) and torch.equal(trace.output, span(hidden))
     assert all(len(ops) == len(OPERATORS) for ops in trace.blocks)
+
+
+def _family_span(model_type: str) -> LlamaSpan:
+    from swarm.models.tiny import tiny_family_config
+
+    torch.manual_seed(0)
+    config = tiny_family_config(model_type, num_blocks=3)
+    config._attn_implementation = "sdpa"
+    span = LlamaSpan(config, 0, 3)
+    with torch.no_grad():
+        for p in span.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    return span.eval().requires_grad_(False)
+
+
+# longer than the tiny configs' 8-token sliding window, so a full mask in its place would change the attention
+LONG_MASK = torch.tensor([[1] * 12, [0, 0] + [1] * 10])
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_traced_families_recompute_bit_for_bit_and_convict_only_the_liar(model_type):
+    span = _family_span(model_type)
+    hidden = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(1))
+    trace = trace_span(span, hidden, LONG_MASK)
+    assert torch.equal(trace.output, span(hidden, attention_mask=LONG_MASK))
+    for block, layer in enumerate(span.layers):
+        context = forward_context(span, hidden, LONG_MASK, layer_type=span.layer_types[block])
+        for op in OPERATORS:
+            inputs = {name: trace.tensor(block, name).clone() for name in OPERATOR_INPUTS[op]}
+            recomputed = recompute_operator(layer, op, inputs, context)
+            assert torch.equal(recomputed, trace.tensor(block, op)), (model_type, block, op)
+    # a lie in a sliding-window layer's attention is pinned there, and the honest party is not convicted
+    sliding = span.layer_types.index("sliding_attention") if "sliding_attention" in span.layer_types else 0
+    honest = HonestParty(trace, commit_trace(trace, span))
+    handle = perturb_operator(span, sliding, "attention", 1)
+    try:
+        lie_trace = trace_span(span, hidden, LONG_MASK)
+    finally:
+        handle.remove()
+    lie = HonestParty(lie_trace, commit_trace(lie_trace, span))
+    verdict = run_dispute(
+        Dispute(honest.commitment, lie.commitment, span, attention_mask=LONG_MASK), {"a": honest, "b": lie}
+    )
+    assert verdict.losers == ("b",) and (verdict.block, verdict.op) == (sliding, "attention")
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe"])
+def test_families_without_a_trace_refuse_to_commit(model_type):
+    from swarm.verification.trace import UntraceableModel
+
+    span = _family_span(model_type)
+    with pytest.raises(UntraceableModel, match=f"{model_type!r} blocks are not traced yet"):
+        trace_span(span, torch.randn(1, 4, 64))
+
+
+def test_a_client_asking_to_spot_check_an_untraced_family_is_told_before_it_joins(tmp_path):
+    from swarm.client import DistributedModelForCausalLM
+    from swarm.models.tiny import write_tiny_family
+    from swarm.verification.trace import UntraceableModel
+
+    path = write_tiny_family(tmp_path / "tiny-gemma2", "gemma2")
+    with pytest.raises(UntraceableModel, match="'gemma2' blocks are not traced yet"):
+        DistributedModelForCausalLM.from_pretrained(path, ["/ip4/127.0.0.1/tcp/1"], verify_rate=0.5)
