@@ -7,7 +7,16 @@ import sys
 
 from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers, add_metrics
 from swarm.cli.config_file import add_config_arguments, print_config
-from swarm.node.config import DTYPE_NAMES, NodeConfig, parse_blocks
+from swarm.node.config import (
+    AUTO,
+    DTYPE_NAMES,
+    MAX_MEMORY_FRACTION,
+    QUANT_NAMES,
+    NodeConfig,
+    parse_blocks,
+    parse_memory,
+    parse_num_blocks,
+)
 from swarm.node.limits import NodeLimits
 from swarm.testing.faults import SERVING_NODE, TRAINING_NODE, FaultError, add_fault_argument, fault_for
 
@@ -41,8 +50,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     where.add_argument(
         "--num-blocks",
-        type=int,
-        help="serve this many blocks where the swarm needs them most (and rebalance)",
+        type=_num_blocks,
+        help="serve this many blocks where the swarm needs them most (and rebalance); 'auto': as many as "
+        "fit in --max-memory, counting each block as loaded (with --quant) plus its KV cache",
     )
     parser.add_argument(
         "--stage",
@@ -77,6 +87,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=_DEFAULTS.device, help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=DTYPE_NAMES)
+    parser.add_argument(
+        "--quant",
+        default=_DEFAULTS.quant,
+        choices=QUANT_NAMES,
+        help="weights of the blocks' linear layers: none (the --dtype's), int8 (LLM.int8(), about 0.3x of "
+        "float32) or nf4 (4-bit NormalFloat); int8 and nf4 need bitsandbytes (pip install 'swarm[quant]')",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_memory,
+        default=_DEFAULTS.max_memory,
+        help="with --num-blocks auto: memory the blocks may take, e.g. 2GB or 512MB (default: "
+        f"{int(MAX_MEMORY_FRACTION * 100)}%% of the free RAM, or of the free GPU memory with --device cuda)",
+    )
     parser.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
@@ -161,6 +185,20 @@ def _blocks(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _num_blocks(text: str) -> int | str:
+    try:
+        return parse_num_blocks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     limits = NodeLimits(
         max_batch_size=args.max_batch_size,
@@ -191,6 +229,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         cache_dir=args.cache_dir,
         throughput=args.throughput,
         num_blocks=args.num_blocks,
+        quant=args.quant,
+        max_memory=args.max_memory,
         balance_period=args.balance_period,
         balance_quality=args.balance_quality,
         limits=limits,
@@ -227,6 +267,10 @@ def run(args: argparse.Namespace) -> int:
         _usage_error("--checkpoint-dir needs --train RUN_FILE")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
         _usage_error("--checkpoint-every needs --checkpoint-dir")
+    if args.quant != "none" and args.train is not None:
+        _usage_error("--quant is for serving; --train trains the blocks in --dtype")
+    if args.max_memory is not None and args.num_blocks != AUTO:
+        _usage_error("--max-memory needs --num-blocks auto")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         _usage_error(f"--checkpoint-every must be positive, got {args.checkpoint_every}")
     fault = _fault(args)

@@ -23,6 +23,9 @@ class ClientConfig:
     refresh_period: float = 10.0  # seconds between re-reads of the swarm from the DHT
     allowed_servers: list[str] | None = None  # if set, route only through these peer ids
     blocked_servers: list[str] = field(default_factory=list)  # never route through these peer ids
+    # if set, route only through nodes whose weights are of these --quant kinds (e.g. ["none"]: full
+    # precision only); None: any
+    allowed_quant: list[str] | None = None
     # the fraction of span calls also given to a second node and compared (swarm.verification.spot_check)
     verify_rate: float = 0.0
     honour_verdicts: bool = True  # re-check verdicts found in the DHT and avoid the nodes they convict
@@ -32,3 +35,11 @@ class ClientConfig:
             raise ValueError(f"liveness_period must be positive, got {self.liveness_period}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
+        if self.allowed_quant is not None:
+            from swarm.node.config import QUANT_NAMES
+
+            if isinstance(self.allowed_quant, str) or not self.allowed_quant:
+                raise ValueError(f"allowed_quant must be a non-empty list of {list(QUANT_NAMES)} or None")
+            unknown = [q for q in self.allowed_quant if q not in QUANT_NAMES]
+            if unknown:
+                raise ValueError(f"allowed_quant: unknown {unknown}; choose from {list(QUANT_NAMES)}")

@@ -23,6 +23,19 @@ class MissingBlocksError(RuntimeError):
         super().__init__(f"no node serves blocks {missing}")
 
 
+class QuantNotAllowedError(MissingBlocksError):
+    """Some blocks are served, but only by nodes whose --quant the client's allowed_quant leaves out."""
+
+    def __init__(self, missing: list[int], served: dict[int, list[str]], allowed: list[str]):
+        self.missing, self.served, self.allowed = missing, served, allowed
+        kinds = sorted({quant for quants in served.values() for quant in quants})
+        RuntimeError.__init__(
+            self,
+            f"blocks {missing} are served only by nodes with quantized weights ({', '.join(kinds)}), and "
+            f"allowed_quant={allowed} rules them out; allow {kinds} or wait for a node of {allowed}",
+        )
+
+
 class RequestRefused(ValueError):
     """A node refused the client's own request (too large for its limits, or malformed): not the node's
     fault, so nobody is banned and nothing is retried; change the request (fewer rows or tokens, a shorter

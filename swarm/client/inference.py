@@ -22,9 +22,9 @@ import torch
 from hivemind.p2p import P2P, P2PHandlerError
 
 from swarm.client.config import ClientConfig
-from swarm.client.errors import RemoteError, RequestRefused, blame, check_finite
+from swarm.client.errors import MissingBlocksError, RemoteError, RequestRefused, blame, check_finite
 from swarm.client.remote import get_info
-from swarm.client.routing import RemoteSpan
+from swarm.client.routing import RemoteSpan, quant_of
 from swarm.client.second_opinion import SecondOpinion
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
@@ -605,7 +605,7 @@ class InferenceSession:
         self.client.run_async(failed.stream.close())
         self.num_recoveries += 1
         while True:
-            route = self.client.find_route(failed.span.start, failed.span.end, exclude=exclude)
+            route = self._route_like(failed.span, exclude)
             replacement = self._open_chain(route)
             if not failed.inputs:
                 break
@@ -631,6 +631,21 @@ class InferenceSession:
         )
         self._spans[index : index + 1] = replacement
         return failures
+
+    def _route_like(self, lost: RemoteSpan, exclude: frozenset[str]) -> list[RemoteSpan]:
+        """A new route for a lost span, through nodes of the lost node's --quant where there are any, so
+        the session's text stays what those weights give; else through any allowed ones."""
+        quant = quant_of(lost.info)
+        try:
+            return self.client.find_route(lost.start, lost.end, exclude=exclude, quant=quant, wait=False)
+        except MissingBlocksError:
+            logger.warning(
+                "no other node with --quant %s serves blocks [%d, %d): re-routing through any allowed quant",
+                quant,
+                lost.start,
+                lost.end,
+            )
+        return self.client.find_route(lost.start, lost.end, exclude=exclude)
 
     def _replay(self, chain: list[_SpanState], history: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Rebuild the caches of a new chain from a span's past inputs, in chunks."""

@@ -50,6 +50,11 @@ def usable_servers(
     return usable
 
 
+def quant_of(info: swarm_pb2.ServerInfo) -> str:
+    """The node's --quant ("none" for nodes from before quantization, which announce nothing)."""
+    return info.quant or "none"
+
+
 def missing_blocks(servers: list[swarm_pb2.ServerInfo], start: int, end: int) -> list[int]:
     covered = set()
     for info in servers:

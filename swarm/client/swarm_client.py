@@ -18,12 +18,13 @@ from hivemind.p2p import P2P
 
 from swarm.client.bans import BanList
 from swarm.client.config import ClientConfig
-from swarm.client.errors import MissingBlocksError
+from swarm.client.errors import MissingBlocksError, QuantNotAllowedError
 from swarm.client.remote import get_info
 from swarm.client.routing import (
     RemoteSpan,
     believed,
     min_latency_route,
+    quant_of,
     throughput_weighted_route,
     usable_servers,
 )
@@ -85,6 +86,7 @@ class SwarmClient:
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, when measured)
         self._measured: dict[str, float] = {}  # peer id -> block-tokens per second this client saw (EMA)
         self._rng = random.Random()
+        self._quant_filtered: list[swarm_pb2.ServerInfo] = []  # usable but left out by allowed_quant
         # imported here: swarm.verification.remote imports swarm.client (its errors) in turn
         from swarm.verification.spot_check import SpotChecker
         from swarm.verification.verdicts import VerdictBook
@@ -128,6 +130,9 @@ class SwarmClient:
         if config.allowed_servers is not None:
             usable = [s for s in usable if s.peer_id in set(config.allowed_servers)]
         usable = [s for s in usable if s.peer_id not in set(config.blocked_servers)]
+        if config.allowed_quant is not None:
+            self._quant_filtered = [s for s in usable if quant_of(s) not in config.allowed_quant]
+            usable = [s for s in usable if quant_of(s) in config.allowed_quant]
         return believed(usable, self._measured)
 
     def measured_rates(self) -> dict[str, float]:
@@ -157,9 +162,11 @@ class SwarmClient:
         end: int | None = None,
         mode: str = "inference",
         exclude: frozenset[str] = frozenset(),
+        quant: str | None = None,
+        wait: bool = True,
     ) -> list[RemoteSpan]:
-        """A chain of nodes covering blocks [start, end), none of them in `exclude`; waits a bounded time for
-        missing blocks.
+        """A chain of nodes covering blocks [start, end), none of them in `exclude` (and all of `quant`
+        weights, if given); waits a bounded time for missing blocks (unless not `wait`).
 
         `inference`: the lowest-latency chain (measured RTTs, announced throughput, fewer hops);
         `forward`: a throughput-weighted random chain, which spreads batches over replicas.
@@ -169,15 +176,31 @@ class SwarmClient:
         refresh = False
         while True:
             usable = [s for s in self.usable_servers(refresh=refresh) if s.peer_id not in exclude]
+            if quant is not None:
+                usable = [s for s in usable if quant_of(s) == quant]
             try:
                 if mode == "inference":
                     return min_latency_route(usable, start, end, self.measure_rtts(usable))
                 return throughput_weighted_route(usable, start, end, self._rng)
-            except MissingBlocksError:
-                if time.monotonic() >= deadline:
+            except MissingBlocksError as e:
+                if not wait or time.monotonic() >= deadline:
+                    self._explain_quant(e.missing, exclude)
                     raise
                 refresh = True  # a block ran out of nodes: look again now, not at the next refresh
                 time.sleep(0.5)
+
+    def _explain_quant(self, missing: list[int], exclude: frozenset[str]) -> None:
+        """Raise QuantNotAllowedError if nodes left out by allowed_quant would serve all of `missing`."""
+        allowed = self.config.allowed_quant
+        others = [s for s in self._quant_filtered if s.peer_id not in exclude]
+        if allowed is None or not others:
+            return
+        served = {
+            block: sorted({quant_of(s) for s in others if s.start_block <= block < s.end_block})
+            for block in missing
+        }
+        if all(served.values()):
+            raise QuantNotAllowedError(missing, served, list(allowed))
 
     def measure_rtts(self, servers: list[swarm_pb2.ServerInfo]) -> dict[str, float]:
         """Round-trip times to nodes (pinged with rpc_info when unknown or older than a minute)."""

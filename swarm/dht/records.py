@@ -19,6 +19,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from swarm.access.records import MAGIC as SEALED_MAGIC
 from swarm.dht.identity import peer_id_from_owner_marker
 from swarm.dht.keys import check_model_name, split_owner_subkey
+from swarm.node.config import QUANT_NAMES
 from swarm.proto import swarm_pb2
 
 ENVELOPE_TAG = "swarm"
@@ -182,6 +183,8 @@ def check_message(message: Record) -> None:
         for peer, rtt in message.next_pings.items():
             _check_rate(rtt, f"next_pings[{peer}]")
         _check_hashes(message.block_hashes, message.end_block - message.start_block, "server info")
+        if message.quant not in ("", *QUANT_NAMES):
+            raise RecordError(f"unknown quant {message.quant[:32]!r}; known: {list(QUANT_NAMES)}")
     else:
         if not message.model or message.num_blocks == 0 or message.hidden_size == 0:
             raise RecordError("model info needs model, num_blocks and hidden_size")

@@ -70,6 +70,10 @@ def model_map(
                 "throughput": round(s.throughput, 3),
                 "version": s.version,
                 "cache_tokens_left": s.cache_tokens_left,
+                "dtype": s.dtype,
+                "quant": s.quant or "none",
+                # measured by the node from its loaded span (0: a node that does not announce it)
+                "bytes_per_block": s.bytes_per_block,
                 "verdicts": book.verdicts_against(s.peer_id),
                 "banned": s.peer_id in banned,
             }
@@ -89,7 +93,7 @@ def format_map(swarm_map: dict) -> str:
         bar = "".join("#" if node["start"] <= b < node["end"] else "." for b in range(width))
         lines.append(
             f"  {node['peer_id']}  [{node['start']:3d}, {node['end']:3d})  {node['state']:<7}  "
-            f"{node['throughput']:9.1f} rps  v{node['version']}  {bar}"
+            f"{node['throughput']:9.1f} rps  v{node['version']}  {_weights(node)}  {bar}"
             + ("  BANNED" if node.get("banned") else "")
         )
         for verdict in node.get("verdicts", ()):
@@ -101,6 +105,12 @@ def format_map(swarm_map: dict) -> str:
         count = swarm_map["unchecked_verdicts"]
         lines.append(f"  verdicts not re-checked here (no weights or another profile): {count}")
     return "\n".join(lines)
+
+
+def _weights(node: dict) -> str:
+    """e.g. "float32 int8 0.62 MiB/block": the node's dtype, --quant and measured bytes per block."""
+    size = f" {node['bytes_per_block'] / 2**20:.2f} MiB/block" if node.get("bytes_per_block") else ""
+    return f"{node.get('dtype') or '?'} {node.get('quant', 'none')}{size}"
 
 
 def _ranges(indices: list[int]) -> str:

@@ -4,6 +4,7 @@ patching): the family registry (swarm.models.families) names the classes and the
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -125,24 +126,36 @@ LlamaSpan = BlockSpan  # the name from when Llama was the only family
 
 
 def load_span(
-    checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    checkpoint: Checkpoint,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    prepare_layer: Callable[[nn.Module], None] | None = None,
 ) -> BlockSpan:
     """Build blocks [start, end) on the meta device and fill them with only those blocks' tensors
-    (converted to the installed transformers' layout where the family needs it, e.g. fused experts)."""
+    (converted to the installed transformers' layout where the family needs it, e.g. fused experts).
+
+    Blocks are read one at a time and moved to `device` in `dtype`; `prepare_layer` (e.g. quantizing its
+    linear layers) runs on each right after, so at most one block is ever held in full precision.
+    """
     config = checkpoint.config
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
-    state = {}
     for block in range(start, end):
         names = checkpoint.block_tensor_names(block)
         tensors = convert_block_tensors(config.model_type, checkpoint.load_tensors(names, dtype=dtype))
-        for name, tensor in tensors.items():
-            state[f"layers.{block - start}.{name.removeprefix(f'{BLOCK_PREFIX}{block}.')}"] = tensor
-    missing, unexpected = span.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not m.startswith("rotary_emb.")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the span: missing {missing}, unexpected {unexpected}")
+        state = {name.removeprefix(f"{BLOCK_PREFIX}{block}."): tensor for name, tensor in tensors.items()}
+        layer = span.layers[block - start]
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match block {block}: missing {missing}, unexpected {unexpected}"
+            )
+        layer.to(device=device, dtype=dtype)
+        if prepare_layer is not None:
+            prepare_layer(layer)
     # rotary buffers are computed, not stored: rebuild them for real on the target device
     with torch.device(device):
-        span.rotary_emb = family_of(config).rotary_embedding(config)
-    return span.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        span.rotary_emb = family_of(config).rotary_embedding(config).to(dtype=dtype)
+    return span.eval().requires_grad_(False)

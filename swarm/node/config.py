@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from swarm.node.limits import NodeLimits
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANT_NAMES = ("none", "int8", "nf4")  # weights as loaded: the dtype's, or bitsandbytes' int8 / nf4
+AUTO = "auto"  # --num-blocks auto: as many blocks as fit in --max-memory
+MAX_MEMORY_FRACTION = 0.9  # --max-memory's default: this much of the free RAM (or GPU memory) at start
 
 
 @dataclass
@@ -26,7 +30,9 @@ class NodeConfig:
     update_period: float = 30.0
     cache_dir: str | None = None
     throughput: float | None = None
-    num_blocks: int | None = None  # instead of `blocks`: pick where to serve this many blocks
+    num_blocks: int | str | None = None  # instead of `blocks`: serve this many blocks (or AUTO) where needed
+    quant: str = "none"  # one of QUANT_NAMES: weights of the blocks' linear layers
+    max_memory: int | None = None  # bytes --num-blocks auto may fill (None: MAX_MEMORY_FRACTION of free)
     balance_period: float = 120.0  # seconds between rebalancing checks (randomized by +-50%)
     balance_quality: float = 0.75  # move when bottleneck now / bottleneck after moving is below this
     limits: NodeLimits = field(default_factory=NodeLimits)
@@ -53,6 +59,34 @@ def deterministic_by_default(dtype: str, device: str) -> bool:
     bit-reproducible (the price is mostly the single thread); off elsewhere (reduced precision, GPUs),
     where it is opt-in."""
     return dtype == "float32" and device.partition(":")[0] == "cpu"
+
+
+def parse_num_blocks(text: str) -> int | str:
+    """Parse --num-blocks: a positive count or "auto"."""
+    if text == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--num-blocks must be a positive number or {AUTO!r}, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"--num-blocks must be positive, got {value}")
+    return value
+
+
+_MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_MEMORY_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory size such as "512MB", "2.5GiB" or "1073741824" (bytes; K/M/G/T are powers of 1024)."""
+    match = _MEMORY_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"--max-memory must look like 512MB, 2.5GB or a number of bytes, got {text!r}")
+    value = int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).upper()])
+    if value < 1:
+        raise ValueError(f"--max-memory must be positive, got {text!r}")
+    return value
 
 
 def parse_blocks(text: str) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -16,12 +17,14 @@ from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
 from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
-from swarm.models.span import load_span
+from swarm.models.span import BlockSpan, load_span
 from swarm.node.backend import SpanBackend
-from swarm.node.config import DETERMINISTIC_THREADS, NodeConfig
+from swarm.node.config import AUTO, DETERMINISTIC_THREADS, MAX_MEMORY_FRACTION, NodeConfig
 from swarm.node.handler import NodeServicer
+from swarm.node.memory import free_memory_bytes, kv_cache_bytes_per_block, loaded_bytes, peak_memory_bytes
 from swarm.node.placement import block_throughputs, choose_start, should_move
-from swarm.node.throughput import cached_block_rps, cached_rps, measure_span_rps
+from swarm.node.quantize import check_quant_name, check_quant_runs, quantize_linears
+from swarm.node.throughput import cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault, ServingNode
 from swarm.utils.aio import run as run_event_loop
@@ -44,6 +47,9 @@ class Node:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose from {list(FLOAT_DTYPES)}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"--device {config.device} requested but CUDA is not available")
+        check_quant_name(config.quant)
+        if config.max_memory is not None and config.max_memory < 1:
+            raise ValueError(f"--max-memory must be positive, got {config.max_memory}")
         self._check_placement(config)
         self.config = config
         self.blocks: tuple[int, int] | None = config.blocks
@@ -55,13 +61,14 @@ class Node:
         self.forward_rps = self.inference_rps = 0.0
         self.fault = fault
         self.determinism: dict[str, str] = {}  # the profile announced, read in this node's process
+        self.bytes_per_block = 0  # measured from the loaded span (swarm.node.memory.loaded_bytes)
 
     @staticmethod
     def _check_placement(config: NodeConfig) -> None:
         if (config.blocks is None) == (config.num_blocks is None):
             raise ValueError("a node needs either --blocks START:END or --num-blocks N")
-        if config.num_blocks is not None and config.num_blocks < 1:
-            raise ValueError(f"--num-blocks must be positive, got {config.num_blocks}")
+        if config.num_blocks is not None and config.num_blocks != AUTO and config.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be positive or {AUTO!r}, got {config.num_blocks}")
 
     def server_info(self, state: int | None = None) -> swarm_pb2.ServerInfo:
         start, end = self.blocks
@@ -81,6 +88,8 @@ class Node:
             cache_tokens_left=self.backend.sessions.tokens_left if self.backend is not None else 0,
             block_hashes=self.block_hashes[start:end] if self.block_hashes else ["0" * 64] * (end - start),
             determinism=self.determinism,
+            quant=self.config.quant,
+            bytes_per_block=self.bytes_per_block,
         )
 
     def model_info(self) -> swarm_pb2.ModelInfo:
@@ -122,7 +131,10 @@ class Node:
         # verification.determinism.ATTENTION names, except where a family needs eager: Gemma 2's soft-capped
         # attention scores), and every node of a model runs that one
         self.determinism = determinism_profile(
-            config.dtype, config.device, attention=self.checkpoint.config._attn_implementation
+            config.dtype,
+            config.device,
+            attention=self.checkpoint.config._attn_implementation,
+            quant=config.quant,
         )
         logger.info("determinism profile: %s", self.determinism)
         num_blocks = self.checkpoint.num_blocks
@@ -130,7 +142,7 @@ class Node:
             raise ValueError(
                 f"--blocks {self.blocks[0]}:{self.blocks[1]} is outside the model's {num_blocks} blocks"
             )
-        if config.num_blocks is not None and config.num_blocks > num_blocks:
+        if config.num_blocks not in (None, AUTO) and config.num_blocks > num_blocks:
             raise ValueError(f"--num-blocks {config.num_blocks} exceeds the model's {num_blocks} blocks")
         # the DHT forks a process: start it before any weights (or CUDA) are loaded
         dht, signer = create_dht(
@@ -183,6 +195,10 @@ class Node:
 
     async def _join(self) -> None:
         """Pick the span (announcing JOINING), load it and measure its throughput."""
+        config = self.config
+        await asyncio.to_thread(check_quant_runs, config.quant, FLOAT_DTYPES[config.dtype], config.device)
+        if self.config.num_blocks == AUTO:
+            self.config = replace(self.config, num_blocks=await asyncio.to_thread(self._blocks_that_fit))
         config, dht = self.config, self.dht
         if self.blocks is None:
             self.planned_throughput = await asyncio.to_thread(self._estimate_throughput)
@@ -202,7 +218,7 @@ class Node:
                 self.checkpoint,
                 end - start,
                 config.device,
-                config.dtype,
+                self._speed_key,
                 config.cache_dir,
                 partial(measure_span_rps, span, config.device, dtype),
             )
@@ -267,25 +283,81 @@ class Node:
     def _stop_announcer(self) -> None:
         self.announcer.stop(self.server_info())
 
+    def _load_span(self, start: int, end: int) -> BlockSpan:
+        """Blocks [start, end) on the configured device, dtype and --quant (quantized block by block)."""
+        config = self.config
+        dtype = FLOAT_DTYPES[config.dtype]
+        quantize = partial(quantize_linears, quant=config.quant, dtype=dtype, device=config.device)
+        return load_span(self.checkpoint, start, end, dtype, config.device, prepare_layer=quantize)
+
     def _load_backend(self, start: int, end: int) -> SpanBackend:
         """Blocks [start, end) loaded on the configured device and dtype, ready to serve."""
         config = self.config
-        dtype = FLOAT_DTYPES[config.dtype]
-        span = load_span(self.checkpoint, start, end, dtype, config.device)
+        span = self._load_span(start, end)
+        self.bytes_per_block = loaded_bytes(span.layers) // (end - start)
+        logger.info(
+            "loaded blocks [%d, %d) (--quant %s): %.2f MiB per block; peak memory so far %.1f MiB (%s)",
+            start,
+            end,
+            config.quant,
+            self.bytes_per_block / 2**20,
+            peak_memory_bytes(config.device) / 2**20,
+            "GPU, allocated by torch" if config.device.startswith("cuda") else "resident set",
+        )
         if self.fault is not None:
             self.fault.prepare_span(span)
-        return SpanBackend(span, config.limits, config.device, dtype)
+        return SpanBackend(span, config.limits, config.device, FLOAT_DTYPES[config.dtype])
+
+    def _blocks_that_fit(self) -> int:
+        """--num-blocks auto: how many blocks fit in --max-memory (default: MAX_MEMORY_FRACTION of the free
+        memory), each counted as one block loaded as this node loads it (quantized, measured) plus its share
+        of the KV cache at the full --cache-tokens budget."""
+        config, model = self.config, self.checkpoint.config
+        budget = config.max_memory
+        if budget is None:
+            budget = int(MAX_MEMORY_FRACTION * free_memory_bytes(config.device))
+        weights = loaded_bytes(self._load_span(0, 1).layers)
+        cache = kv_cache_bytes_per_block(model, config.limits.cache_tokens, FLOAT_DTYPES[config.dtype])
+        fits = min(budget // (weights + cache), self.checkpoint.num_blocks)
+        logger.info(
+            "--num-blocks auto: %d blocks fit in %.1f MiB (each %.2f MiB of weights, %.2f MiB of KV cache)",
+            fits,
+            budget / 2**20,
+            weights / 2**20,
+            cache / 2**20,
+        )
+        if fits < 1:
+            raise ValueError(
+                f"--num-blocks auto: not even one block fits in {budget / 2**20:.1f} MiB (one takes "
+                f"{weights / 2**20:.2f} MiB of weights and {cache / 2**20:.2f} MiB of KV cache at "
+                f"--cache-tokens {config.limits.cache_tokens}); allow more with --max-memory, or lower "
+                "--cache-tokens, or use --quant int8/nf4"
+            )
+        return int(fits)
 
     # ---- placement and rebalancing ----------------------------------------------------------------------
 
+    @property
+    def _speed_key(self) -> str:
+        """What the throughput cache tells measurements apart by, beside the model and device."""
+        config = self.config
+        return config.dtype if config.quant == "none" else f"{config.dtype}-{config.quant}"
+
     def _estimate_throughput(self) -> float:
         """Steps/s this node would give a span of --num-blocks blocks: told, or measured on one block."""
-        if self.config.throughput is not None:
-            return self.config.throughput
-        per_block = cached_block_rps(
-            self.checkpoint, self.config.device, self.config.dtype, self.config.cache_dir
-        )
-        return per_block / self.config.num_blocks
+        config = self.config
+        if config.throughput is not None:
+            return config.throughput
+        dtype = FLOAT_DTYPES[config.dtype]
+        per_block = cached_rps(
+            self.checkpoint,
+            1,
+            config.device,
+            self._speed_key,
+            config.cache_dir,
+            lambda: measure_span_rps(self._load_span(0, 1), config.device, dtype),
+        )[1]
+        return per_block / config.num_blocks
 
     def _swarm_throughputs(self) -> list[float]:
         servers, _ = read_swarm(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)

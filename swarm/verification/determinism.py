@@ -111,14 +111,17 @@ pins it): eager and sdpa round differently, so it is part of the profile."""
 
 
 def determinism_profile(
-    dtype: str | torch.dtype, device: str | torch.device, attention: str = ATTENTION
+    dtype: str | torch.dtype, device: str | torch.device, attention: str = ATTENTION, quant: str = "none"
 ) -> dict[str, str]:
     """A flat description of everything that must match for two runs to be bit-identical.
 
     Read in the process that computes: threads and the deterministic flag are this process's settings.
+    `quant` (the node's --quant) is part of it: an int8 or nf4 node computes other numbers than a
+    full-precision one, by design, so it is only ever compared bit for bit with nodes of its own kind.
     """
     return {
         "dtype": str(dtype).removeprefix("torch."),
+        "quant": quant,
         "device": device_class(device),
         "attention": attention,
         "torch": torch.__version__,

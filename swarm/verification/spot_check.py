@@ -259,8 +259,15 @@ class SpotChecker:
         self, info: swarm_pb2.ServerInfo, start: int, end: int, servers: list[swarm_pb2.ServerInfo]
     ) -> swarm_pb2.ServerInfo | None:
         """Another node serving all of [start, end): one with the same profile if there is one."""
+        # never a node of other weights (--quant): a quantized node's output differs from a full-precision
+        # one's by design, so comparing them would judge nothing
         candidates = [
-            s for s in servers if s.peer_id != info.peer_id and s.start_block <= start and end <= s.end_block
+            s
+            for s in servers
+            if s.peer_id != info.peer_id
+            and s.start_block <= start
+            and end <= s.end_block
+            and (s.quant or "none") == (info.quant or "none")
         ]
         profile = server_profile(info)
         same = [s for s in candidates if same_profile(server_profile(s), profile)]

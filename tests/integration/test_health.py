@@ -11,7 +11,7 @@ def health(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_health_json_and_text(tiny_model, tiny_swarm):
+def test_health_json_and_text(tiny_model, tiny_swarm, local_model):
     gappy = tiny_swarm.start_node(str(tiny_model), "0:2", "--model-name", "gappy", "--throughput", "7")
     try:
         result = health("--initial-peers", *tiny_swarm.initial_peers, "--model", "tiny-llama", "--json")
@@ -37,6 +37,10 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
                 "throughput": 7.0,
                 "version": maps["gappy"]["nodes"][0]["version"],
                 "cache_tokens_left": 32768,
+                "dtype": "float32",
+                "quant": "none",
+                # as loaded: every parameter of a block, in float32
+                "bytes_per_block": sum(p.nbytes for p in local_model.model.layers[0].parameters()),
                 "verdicts": [],  # nobody has been convicted
                 "banned": False,
             }
@@ -47,6 +51,7 @@ def test_health_json_and_text(tiny_model, tiny_swarm):
         assert gappy_text.returncode == 1
         text = gappy_text.stdout
         assert "missing blocks: 2-5" in text and gappy.peer_id in text and "##...." in text
+        assert "float32 none 0.14 MiB/block" in text
     finally:
         gappy.terminate()
 

@@ -1,0 +1,63 @@
+"""What a node's blocks take in memory, measured: loaded bytes, the process's peak, the free memory."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+
+def loaded_bytes(module: nn.Module) -> int:
+    """Bytes the module's tensors take as loaded: its parameters and buffers, plus the quantization state
+    bitsandbytes keeps beside a weight (int8 row scales, nf4 block scales). Each storage counts once, with
+    the bytes it holds, not what shapes and dtypes would suggest."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    tensors = [*module.parameters(), *module.buffers()]
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        for extra in (getattr(weight, "SCB", None), getattr(weight, "quant_state", None)):
+            if isinstance(extra, torch.Tensor):
+                tensors.append(extra)
+            elif extra is not None:
+                tensors += [t for t in vars(extra).values() if isinstance(t, torch.Tensor)]
+                nested = getattr(extra, "state2", None)
+                if nested is not None:
+                    tensors += [t for t in vars(nested).values() if isinstance(t, torch.Tensor)]
+    for tensor in tensors:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def peak_memory_bytes(device: str) -> int:
+    """The most memory this process has held so far: GPU memory allocated by torch on a CUDA device, else
+    the process's peak resident set size."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for new blocks on `device`: free GPU memory, or the RAM available to new processes."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def kv_cache_bytes_per_block(config: PretrainedConfig, cache_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one block holds when the node's whole --cache-tokens budget is in use."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * cache_tokens * heads * head_dim * torch.empty((), dtype=dtype).element_size()
