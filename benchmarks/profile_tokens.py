@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     from swarm.local import LocalSwarm, split_blocks
     from swarm.models.checkpoint import resolve_checkpoint
     from swarm.models.span import load_span
-    from swarm.node.sessions import SpanCache
+    from swarm.node.kv_cache import SpanCache
     from swarm.utils.tensors import serialize
 
     checkpoint = resolve_checkpoint(args.model)
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     for text in spans:
         start, end = map(int, text.split(":"))
         span = load_span(checkpoint, start, end)
-        cache, times = SpanCache(first_layer=0), []
+        cache, times = SpanCache(0, end - start, 16 + args.new_tokens), []
         with torch.inference_mode():
             span(torch.randn(1, 16, hidden_size), cache=cache)
             for position in range(16, 16 + args.new_tokens):

@@ -12,8 +12,9 @@ import torch
 from swarm.models.span import BlockSpan
 from swarm.node.compute import SERVE, ComputeThread
 from swarm.node.errors import RequestError
+from swarm.node.kv_cache import SpanCache, kv_bytes_per_token
 from swarm.node.limits import NodeLimits
-from swarm.node.sessions import Session, SessionBudget, SpanCache
+from swarm.node.sessions import Session, SessionBudget
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import (
     FLOAT_DTYPES,
@@ -50,7 +51,8 @@ class SpanBackend:
         self.span, self.limits, self.device, self.dtype = span, limits, device, dtype
         self.hidden_size = span.config.hidden_size
         self.executor = ComputeThread()
-        self.sessions = SessionBudget(limits.cache_tokens)
+        # the budget in bytes: --cache-tokens tokens over the whole span, in the dtype the cache is kept in
+        self.sessions = SessionBudget(limits.cache_tokens, self.kv_bytes_per_token(len(span.layers)))
         self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
 
     @property
@@ -60,6 +62,15 @@ class SpanBackend:
     @property
     def end(self) -> int:
         return self.span.end
+
+    def kv_bytes_per_token(self, num_layers: int) -> int:
+        """KV-cache bytes of one token of one sequence over `num_layers` of this span's layers."""
+        return kv_bytes_per_token(self.span.config, num_layers, self.dtype)
+
+    def reserve_cache(self, session: Session, batch_size: int) -> None:
+        """Count the session's preallocated cache against the budget (OVERLOADED if it does not fit)."""
+        layers = session.layers.stop - session.layers.start
+        self.sessions.reserve(session, batch_size, self.kv_bytes_per_token(layers))
 
     def check_inference(self) -> None:
         """Refuse inference sessions if this backend can't serve them (trainable spans can't)."""
@@ -223,7 +234,8 @@ class SpanBackend:
 
     def _inference_step_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         if session.cache is None:
-            session.cache = SpanCache(first_layer=inputs.layers.start)
+            layers = inputs.layers
+            session.cache = SpanCache(layers.start, layers.stop - layers.start, session.max_length)
         if position < session.length:
             session.cache.truncate(position)  # the client rewinds: recompute from `position`
             session.length = position

@@ -372,7 +372,7 @@ class NodeServicer(NodeProtocol):
         large = sum(len(t.buffer) for t in request.tensors) > OFF_LOOP_BYTES
         hidden, mask, positions, prompts, hypo_ids = await asyncio.to_thread(parse) if large else parse()
         if not session.batch_size:
-            backend.sessions.reserve(session, hidden.shape[0])
+            backend.reserve_cache(session, hidden.shape[0])
         inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts, hypo_ids=hypo_ids)
         outputs = await backend.inference_step(session, request.position, inputs)
         self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])

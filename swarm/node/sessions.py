@@ -1,4 +1,4 @@
-"""Server-side inference sessions: a KV cache per session, within a per-node token budget."""
+"""Server-side inference sessions: a KV cache per session, within a per-node budget counted in bytes."""
 
 from __future__ import annotations
 
@@ -9,51 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from swarm.node.errors import RequestError
+from swarm.node.kv_cache import SpanCache
 from swarm.proto import swarm_pb2
 from swarm.utils.tensors import deserialize_checked
-
-
-class SpanCache(DynamicCache):
-    """A KV cache for a slice of a span's layers.
-
-    The span's attention layers number themselves from the span's first block; a session that uses a
-    later slice stores its first layer at index 0, so the cache's length and masks see real entries.
-    """
-
-    def __init__(self, first_layer: int):
-        super().__init__()
-        self.first_layer = first_layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx - self.first_layer, *args, **kwargs)
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Row i becomes what row rows[i] was, in every layer (beam search's hypotheses)."""
-        for layer in self.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is not None and keys.dim() == 4:
-                layer.keys = keys.index_select(0, rows.to(keys.device))
-                layer.values = layer.values.index_select(0, rows.to(keys.device))
-
-    def snapshot(self) -> list[tuple]:
-        """References to every layer's tensors, which `restore` puts back (no copy: steps replace them)."""
-        return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in self.layers]
-
-    def restore(self, snapshot: list[tuple]) -> None:
-        for layer, (keys, values) in zip(self.layers, snapshot, strict=False):
-            if keys is not None:
-                layer.keys, layer.values = keys, values
-
-    def truncate(self, length: int) -> None:
-        """Forget every token from `length` on (used to undo a step that failed half-way)."""
-        for layer in self.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is not None and keys.dim() == 4 and keys.shape[-2] > length:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
 
 
 @dataclass
@@ -66,7 +26,7 @@ class Session:
     layers: slice
     max_length: int
     batch_size: int = 0  # fixed by the first step
-    reserved_tokens: int = 0
+    reserved_bytes: int = 0  # the KV cache preallocated for batch x max_length
     length: int = 0  # tokens held in the cache
     cache: SpanCache | None = None
     last_active: float = field(default_factory=time.monotonic)
@@ -76,18 +36,30 @@ class Session:
 
 
 class SessionBudget:
-    """Counts reserved KV-cache tokens (batch x max_length per session) against `--cache-tokens`."""
+    """Counts the KV-cache bytes that open sessions preallocate (batch x max_length x bytes per token of the
+    layers each one uses) against the node's budget. The budget is set as `--cache-tokens` tokens over the
+    whole span; a session over fewer layers takes fewer bytes."""
 
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
+    def __init__(self, max_tokens: int, bytes_per_token: int = 1):
+        self.bytes_per_token = bytes_per_token  # one token of one sequence over the whole span
+        self.max_bytes = max_tokens * bytes_per_token
         self._reserved = 0
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()
 
     @property
-    def tokens_left(self) -> int:
+    def max_tokens(self) -> int:
+        return self.max_bytes // self.bytes_per_token
+
+    @property
+    def bytes_left(self) -> int:
         with self._lock:
-            return self.max_tokens - self._reserved
+            return self.max_bytes - self._reserved
+
+    @property
+    def tokens_left(self) -> int:
+        """Whole-span tokens that still fit (what ServerInfo.cache_tokens_left announces)."""
+        return self.bytes_left // self.bytes_per_token
 
     @property
     def num_sessions(self) -> int:
@@ -103,20 +75,22 @@ class SessionBudget:
                 )
             self._sessions[key] = session
 
-    def reserve(self, session: Session, batch_size: int) -> None:
-        """Reserve the session's whole cache up front, or refuse at once so the client can go elsewhere."""
-        tokens = batch_size * session.max_length
+    def reserve(self, session: Session, batch_size: int, token_bytes: int | None = None) -> None:
+        """Reserve the session's whole cache (batch x max_length tokens of `token_bytes` each, by default
+        the whole span's) before it is allocated, or refuse at once so the client can go elsewhere."""
+        token_bytes = self.bytes_per_token if token_bytes is None else token_bytes
+        nbytes = batch_size * session.max_length * token_bytes
         with self._lock:
-            left = self.max_tokens - self._reserved
-            if tokens > left:
+            left = self.max_bytes - self._reserved
+            if nbytes > left:
                 raise RequestError(
                     swarm_pb2.Error.OVERLOADED,
-                    f"KV cache is full: the session needs {tokens} tokens "
-                    f"(batch {batch_size} x max_length {session.max_length}), "
-                    f"{left} of {self.max_tokens} left",
+                    f"KV cache is full: the session needs {nbytes} bytes "
+                    f"(batch {batch_size} x max_length {session.max_length} x {token_bytes} bytes a token), "
+                    f"{left} of {self.max_bytes} bytes left",
                 )
-            self._reserved += tokens
-            session.reserved_tokens, session.batch_size = tokens, batch_size
+            self._reserved += nbytes
+            session.reserved_bytes, session.batch_size = nbytes, batch_size
 
     def release(self, session: Session) -> None:
         """Close a session and free its cache, or, while a step still computes into the cache (its
@@ -131,8 +105,8 @@ class SessionBudget:
         key = (session.owner, session.session_id)
         if self._sessions.get(key) is session:
             del self._sessions[key]
-            self._reserved -= session.reserved_tokens
-            session.reserved_tokens = 0
+            self._reserved -= session.reserved_bytes
+            session.reserved_bytes = 0
         session.cache = None
 
     @contextlib.contextmanager

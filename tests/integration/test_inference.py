@@ -13,7 +13,7 @@ from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.models.span import load_span
-from swarm.node.sessions import SpanCache
+from swarm.node.kv_cache import SpanCache
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
 from swarm.utils.tensors import serialize
@@ -207,6 +207,30 @@ def test_cache_budget_refuses_at_once_and_is_freed_on_close(session_node):
     wait_for_tokens_left(model, process, 64)
 
 
+def test_cache_budget_counts_the_bytes_of_the_layers_a_session_uses(session_node, tiny_model):
+    """The tiny Llama keeps 2 x 2 heads x 16 x 4 bytes = 256 bytes a token per layer, 1536 over its 6 blocks:
+    the 64-token budget is 98304 bytes, and a session over 3 of the 6 blocks takes half a token's bytes."""
+    model, process = session_node
+    half = open_stream(model, process, max_length=40, start=0, end=3)
+    hidden = torch.randn(1, 4, HIDDEN)
+    first = step(model, half, hidden[:, :3], 0)
+    assert tokens_left(model, process) == 44  # 40 x 768 bytes: what 20 whole-span tokens take
+    whole = open_stream(model, process, max_length=50)
+    with pytest.raises(RemoteError) as info:
+        step(model, whole, torch.randn(1, 3, HIDDEN), 0)
+    assert info.value.code == E.OVERLOADED
+    assert "needs 76800 bytes" in str(info.value) and "67584 of 98304 bytes left" in str(info.value)
+    # the refusal changed nothing for the session that fits: its next step continues its cache
+    second = step(model, half, hidden[:, 3:], 3)
+    span = load_span(resolve_checkpoint(tiny_model), 0, 3)
+    with torch.no_grad():
+        expected = span(hidden)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, rtol=0, atol=1e-5)
+    model.run_async(whole.close())
+    model.run_async(half.close())
+    wait_for_tokens_left(model, process, 64)
+
+
 def test_cache_is_freed_when_the_client_disconnects(session_node):
     model, process = session_node
     stream = open_stream(model, process, max_length=30)
@@ -258,7 +282,7 @@ def test_sessions_are_isolated_from_a_client_sending_garbage(session_node, tiny_
         (torch.randn(1, 2, HIDDEN).half(), 2, None),  # a different wire dtype is fine: computed, cast back
     ]
     outputs = []
-    cache = SpanCache(first_layer=1)
+    cache = SpanCache(first_layer=1, num_layers=3, max_length=16)
     for i, (bad_input, position, message) in enumerate(garbage):
         outputs.append(step(model, good, hidden[:, 2 * i : 2 * i + 2], 2 * i))
         if message is None:

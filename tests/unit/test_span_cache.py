@@ -2,11 +2,11 @@
 
 import torch
 
-from swarm.node.sessions import SpanCache
+from swarm.node.kv_cache import SpanCache
 
 
 def filled_cache(batch=3, layers=2, seq=4) -> SpanCache:
-    cache = SpanCache(first_layer=5)  # a span's layers number from its first block
+    cache = SpanCache(first_layer=5, num_layers=layers, max_length=16)  # layers number from the span's first
     for layer in range(layers):
         keys = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 2, seq, 8) + layer
         cache.update(keys.clone(), -keys.clone(), 5 + layer)
