@@ -118,3 +118,54 @@ def not_implemented(title: str):
         return 2
 
     return run
+
+
+def add_relay_service(parser: argparse.ArgumentParser, default: bool) -> None:
+    """--relay-service and its caps: serve as a circuit relay for peers behind NAT (swarm.dht.relay)."""
+    from swarm.node.relay_limits import RelayLimits
+
+    limits = RelayLimits()
+    parser.add_argument(
+        "--relay-service",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="relay connections to peers behind NAT that reserve a slot here (declares this peer publicly "
+        "reachable; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--relay-max-reservations", type=int, default=limits.max_reservations, help="relay slots held at once"
+    )
+    parser.add_argument(
+        "--relay-max-circuits",
+        type=int,
+        default=limits.max_circuits,
+        help="relayed connections open at once, per peer",
+    )
+    parser.add_argument(
+        "--relay-data-limit-mb",
+        type=float,
+        default=limits.data_limit / 2**20,
+        help="MiB one relayed connection may carry each way before it is closed (the client dials again)",
+    )
+    parser.add_argument(
+        "--relay-time-limit",
+        type=float,
+        default=limits.time_limit,
+        help="seconds one relayed connection may last before it is closed (the client dials again)",
+    )
+
+
+def relay_limits(args: argparse.Namespace):
+    """The RelayLimits of --relay-service's flags (checked), or None without --relay-service."""
+    from swarm.node.relay_limits import RelayLimits
+
+    if not args.relay_service:
+        return None
+    limits = RelayLimits(
+        max_reservations=args.relay_max_reservations,
+        max_circuits=args.relay_max_circuits,
+        data_limit=int(args.relay_data_limit_mb * 2**20),
+        time_limit=args.relay_time_limit,
+    )
+    limits.daemon_flags()  # raises ValueError on a cap that is not positive
+    return limits

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarm.cli.common import add_announce_maddrs, add_cache_dir, add_initial_peers, add_metrics
+from swarm.cli.common import (
+    add_announce_maddrs,
+    add_cache_dir,
+    add_initial_peers,
+    add_metrics,
+    add_relay_service,
+    relay_limits,
+)
 from swarm.cli.config_file import add_config_arguments, print_config
 from swarm.node.config import (
     AUTO,
@@ -112,6 +119,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
     add_announce_maddrs(parser)
+    parser.add_argument(
+        "--use-relay",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.use_relay,
+        help="when no one can dial this node (behind NAT), reserve a slot on a bootstrap peer and be reached "
+        "through it (default: %(default)s)",
+    )
+    add_relay_service(parser, default=_DEFAULTS.relay_service is not None)
     parser.add_argument(
         "--identity", default=None, help="file with this node's identity (created if missing)"
     )
@@ -237,6 +252,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         deterministic=args.deterministic,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        use_relay=args.use_relay,
+        relay_service=relay_limits(args),
     )
 
 

@@ -26,6 +26,7 @@ from swarm.client.errors import MissingBlocksError, RemoteError, RequestRefused,
 from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan, quant_of
 from swarm.client.second_opinion import SecondOpinion
+from swarm.dht.relay import connect_through
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
 from swarm.utils.tensors import FLOAT_DTYPES, deserialize_checked, serialize
@@ -101,6 +102,8 @@ class SpanStream:
             self._opened = True
         self._queue.put_nowait(request)
         if self._responses is None:
+            if self.span.info.relay_maddrs:  # behind NAT: dial it through its relays (swarm.dht.relay)
+                await connect_through(self.p2p, self.span.peer_id, self.span.info.relay_maddrs, self.timeout)
             stub = NodeProtocol.stub(self.p2p, self.span.peer_id)
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
         try:

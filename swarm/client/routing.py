@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 
 from swarm.client.errors import MissingBlocksError
+from swarm.node.placement import RELAYED_THROUGHPUT_FACTOR
 from swarm.proto import swarm_pb2
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def usable_servers(
     usable = []
     for info in servers.values():
         if info.state != swarm_pb2.ServerInfo.ONLINE or info.peer_id in banned:
+            continue
+        if info.unreachable:  # behind NAT without a relay: a dial would only time out
             continue
         if (
             expected_hashes is not None
@@ -103,7 +106,8 @@ def believed(
 def step_time(info: swarm_pb2.ServerInfo, blocks: int) -> float:
     """Seconds one token takes through `blocks` of this node's span, from its announced throughput."""
     span = max(1, info.end_block - info.start_block)
-    return (blocks / span) / max(info.throughput, 1e-6)
+    throughput = info.throughput * (RELAYED_THROUGHPUT_FACTOR if info.using_relay else 1.0)
+    return (blocks / span) / max(throughput, 1e-6)
 
 
 def min_latency_route(
@@ -129,7 +133,9 @@ def min_latency_route(
         for info in servers:
             if not info.start_block <= block < info.end_block:
                 continue
-            hop_base = cost + rtts.get(info.peer_id, DEFAULT_RTT) + HOP_PENALTY
+            # a relayed node not pinged yet is two links away: the client's to the relay, the relay's to it
+            rtt = rtts.get(info.peer_id, DEFAULT_RTT * (2 if info.using_relay else 1))
+            hop_base = cost + rtt + HOP_PENALTY
             for stop in range(block + 1, min(info.end_block, end) + 1):
                 new_cost = hop_base + step_time(info, stop - block)
                 if new_cost < best.get(stop, float("inf")):
@@ -156,7 +162,8 @@ def throughput_weighted_route(
     route, block = [], start
     while block < end:
         covering = [s for s in servers if s.start_block <= block < s.end_block]
-        weights = [max(s.throughput, 1e-6) for s in covering]
+        factors = [RELAYED_THROUGHPUT_FACTOR if s.using_relay else 1.0 for s in covering]
+        weights = [max(s.throughput * f, 1e-6) for s, f in zip(covering, factors, strict=True)]
         info = rng.choices(covering, weights=weights)[0]
         stop = min(info.end_block, end)
         route.append(RemoteSpan(info.peer_id, block, stop, info))

@@ -29,6 +29,7 @@ from swarm.client.routing import (
     usable_servers,
 )
 from swarm.dht.factory import create_dht
+from swarm.dht.relay import connect_through
 from swarm.dht.swarm_view import consensus_hashes, read_swarm
 from swarm.proto import swarm_pb2
 from swarm.utils.aio import BackgroundLoop
@@ -208,11 +209,14 @@ class SwarmClient:
         todo = [s.peer_id for s in servers if now - self._rtts.get(s.peer_id, (0.0, -1e9))[1] > RTT_MAX_AGE][
             :MAX_PINGS
         ]
+        relayed = {s.peer_id: list(s.relay_maddrs) for s in servers if s.relay_maddrs}
         if todo:
 
             async def ping(peer_id: str) -> float:
                 started = time.perf_counter()
                 try:
+                    if peer_id in relayed:  # behind NAT: the round trip through its relay is what a hop costs
+                        await connect_through(self.p2p, peer_id, relayed[peer_id], PING_TIMEOUT)
                     await get_info(self.p2p, peer_id, PING_TIMEOUT)
                     return time.perf_counter() - started
                 except Exception:

@@ -29,6 +29,7 @@ MAX_PROFILE_ENTRIES = 16
 MAX_VERDICT_RECORD_BYTES = 1024 * 1024
 MAX_VERDICT_INPUTS = 8  # an operator reads at most a handful of tensors (attention: q, k, v)
 MAX_NAME_LENGTH = 128
+MAX_RELAY_MADDRS = 4  # a node behind NAT holds slots on a couple of relays
 MAX_FINGERPRINT = 16
 _HEX = set("0123456789abcdef")
 
@@ -183,6 +184,10 @@ def check_message(message: Record) -> None:
         for peer, rtt in message.next_pings.items():
             _check_rate(rtt, f"next_pings[{peer}]")
         _check_hashes(message.block_hashes, message.end_block - message.start_block, "server info")
+        if len(message.relay_maddrs) > MAX_RELAY_MADDRS or not all(
+            0 < len(m) <= MAX_NAME_LENGTH * 2 and m.endswith("/p2p-circuit") for m in message.relay_maddrs
+        ):
+            raise RecordError(f"relay_maddrs: at most {MAX_RELAY_MADDRS} short /p2p-circuit addresses")
         if message.quant not in ("", *QUANT_NAMES):
             raise RecordError(f"unknown quant {message.quant[:32]!r}; known: {list(QUANT_NAMES)}")
     else:

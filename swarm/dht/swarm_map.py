@@ -70,6 +70,7 @@ def model_map(
                 "throughput": round(s.throughput, 3),
                 "version": s.version,
                 "cache_tokens_left": s.cache_tokens_left,
+                "reach": reach_of(s),
                 "dtype": s.dtype,
                 "quant": s.quant or "none",
                 # measured by the node from its loaded span (0: a node that does not announce it)
@@ -85,6 +86,11 @@ def model_map(
     }
 
 
+def reach_of(info: swarm_pb2.ServerInfo) -> str:
+    """How clients reach a node: "direct", "relayed" (behind NAT, through a relay) or "unreachable"."""
+    return "unreachable" if info.unreachable else "relayed" if info.using_relay else "direct"
+
+
 def format_map(swarm_map: dict) -> str:
     """A text rendering: one row per node with its span drawn over the blocks."""
     lines = [f"model {swarm_map['model']}: {swarm_map['num_blocks']} blocks, {len(swarm_map['nodes'])} nodes"]
@@ -95,6 +101,7 @@ def format_map(swarm_map: dict) -> str:
             f"  {node['peer_id']}  [{node['start']:3d}, {node['end']:3d})  {node['state']:<7}  "
             f"{node['throughput']:9.1f} rps  v{node['version']}  {_weights(node)}  {bar}"
             + ("  BANNED" if node.get("banned") else "")
+            + (f"  {node['reach'].upper()}" if node.get("reach", "direct") != "direct" else "")
         )
         for verdict in node.get("verdicts", ()):
             what = f"block {verdict['block']} {verdict['op']} ({verdict['reason']})"

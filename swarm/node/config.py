@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from swarm.node.limits import NodeLimits
+from swarm.node.relay_limits import RelayLimits
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 QUANT_NAMES = ("none", "int8", "nf4")  # weights as loaded: the dtype's, or bitsandbytes' int8 / nf4
@@ -40,6 +41,8 @@ class NodeConfig:
     deterministic: bool | None = None
     metrics_port: int | None = None  # serve Prometheus text at http://metrics_host:PORT/metrics (0: any port)
     metrics_host: str = "127.0.0.1"
+    use_relay: bool = True  # unreachable from outside: reserve a slot on a bootstrap peer (a relay)
+    relay_service: RelayLimits | None = None  # serve as a relay for peers behind NAT, with these caps
 
     @property
     def is_deterministic(self) -> bool:

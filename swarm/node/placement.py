@@ -8,6 +8,17 @@ from swarm.proto import swarm_pb2
 
 # JOINING nodes count: they are loading the blocks they announced and will serve them shortly
 SERVING_STATES = (swarm_pb2.ServerInfo.JOINING, swarm_pb2.ServerInfo.ONLINE)
+# a node behind NAT is reached through a relay: every step crosses two links and the relay's daemon.
+# Petals discounts such a node's throughput by this factor; measured here (benchmarks/relay.py) a relayed
+# hop costs about as much as a direct one with twice the round-trip time, see the README
+RELAYED_THROUGHPUT_FACTOR = 0.2
+
+
+def reachable_throughput(info: swarm_pb2.ServerInfo) -> float:
+    """The throughput a node gives clients: as announced, discounted behind a relay, 0 if unreachable."""
+    if info.unreachable:
+        return 0.0
+    return info.throughput * (RELAYED_THROUGHPUT_FACTOR if info.using_relay else 1.0)
 
 
 def block_throughputs(
@@ -19,7 +30,9 @@ def block_throughputs(
         if info.peer_id == exclude or info.state not in SERVING_STATES:
             continue
         for block in range(max(0, info.start_block), min(num_blocks, info.end_block)):
-            totals[block] += max(info.throughput, 1e-9)  # a node that serves counts, even if unmeasured
+            # a node that serves counts, even if unmeasured; relayed ones less, so that direct nodes go to
+            # the spans that only relayed nodes hold (the busiest, per unit of throughput)
+            totals[block] += max(reachable_throughput(info), 1e-9)
     return totals
 
 

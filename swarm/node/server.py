@@ -15,6 +15,7 @@ import swarm
 from swarm.averaging.statements import signing_key_of
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
+from swarm.dht.reachability import probe_reachability
 from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.span import BlockSpan, load_span
@@ -24,6 +25,7 @@ from swarm.node.handler import NodeServicer
 from swarm.node.memory import free_memory_bytes, kv_cache_bytes_per_block, loaded_bytes, peak_memory_bytes
 from swarm.node.placement import block_throughputs, choose_start, should_move
 from swarm.node.quantize import check_quant_name, check_quant_runs, quantize_linears
+from swarm.node.relaying import NodeReachability
 from swarm.node.throughput import cached_rps, measure_span_rps
 from swarm.proto import swarm_pb2
 from swarm.testing.faults import Fault, ServingNode
@@ -61,6 +63,7 @@ class Node:
         self.forward_rps = self.inference_rps = 0.0
         self.fault = fault
         self.determinism: dict[str, str] = {}  # the profile announced, read in this node's process
+        self.reachability: NodeReachability | None = None  # direct, relayed or unreachable; once started
         self.bytes_per_block = 0  # measured from the loaded span (swarm.node.memory.loaded_bytes)
 
     @staticmethod
@@ -73,7 +76,7 @@ class Node:
     def server_info(self, state: int | None = None) -> swarm_pb2.ServerInfo:
         start, end = self.blocks
         throughput = self.config.throughput if self.config.throughput is not None else self.inference_rps
-        return swarm_pb2.ServerInfo(
+        info = swarm_pb2.ServerInfo(
             state=self.state if state is None else state,
             peer_id=self.peer_id,
             model=self.checkpoint.name,
@@ -91,6 +94,7 @@ class Node:
             quant=self.config.quant,
             bytes_per_block=self.bytes_per_block,
         )
+        return self.reachability.describe(info) if self.reachability is not None else info
 
     def model_info(self) -> swarm_pb2.ModelInfo:
         config = self.checkpoint.config
@@ -145,12 +149,17 @@ class Node:
         if config.num_blocks not in (None, AUTO) and config.num_blocks > num_blocks:
             raise ValueError(f"--num-blocks {config.num_blocks} exceeds the model's {num_blocks} blocks")
         # the DHT forks a process: start it before any weights (or CUDA) are loaded
+        # before the DHT: a node nobody can dial runs its DHT as a client (swarm.dht.reachability)
+        reachable = await probe_reachability(config.initial_peers, config.host, config.port)
         dht, signer = create_dht(
             config.initial_peers,
             host=config.host,
             port=config.port,
             identity_path=config.identity_path,
             announce_maddrs=config.announce_maddrs,
+            relay_service=config.relay_service,
+            client_mode=reachable is False,  # nobody could reach its DHT: lookups through it would hang
+            listen=True,
         )
         self.p2p = None
         metrics = None
@@ -164,6 +173,10 @@ class Node:
             self.expiration = max(2 * config.update_period, 3.0)
             self.block_hashes = await asyncio.to_thread(all_block_hashes, self.checkpoint, config.cache_dir)
             self.p2p = await dht.replicate_p2p()
+            # before the first record: an unreachable node announces itself so from the start
+            self.reachability = NodeReachability(self.p2p, config.initial_peers, reachable, config.use_relay)
+            await self.reachability.start()
+            self._tasks.append(asyncio.create_task(self.reachability.keep_renewing()))
             await self._join()
             await self._start_serving()
             if config.metrics_port is not None:

@@ -9,6 +9,12 @@ and on failure.
 Latency does not need sch_netem: a host with `delay_ms` runs its peers on 127.0.0.1 behind a
 `delay_relay` on its own address, which they announce. Every connection to that host then sees
 `delay_ms` each way (a round trip is 2 x delay_ms), whoever dialed it.
+
+A NAT'ed host (`add_nat_host`) sits behind a router host of its own: the router is on the bridge, the host
+on a private link 10.232.N.0/24 behind it, and the router's nftables table masquerades what the host sends
+and drops every connection opened towards it (a home router without port forwarding). Needs `nft`
+(Debian's nftables). The machine routes 10.232.0.0/16 to the routers, which drop it, so a dial towards a
+NAT'ed address never leaves the harness.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from swarm.local.processes import LocalSwarm, ManagedProcess
 
 SUBNET_PREFIX = "10.231.0"
 BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
+NAT_PREFIX = "10.232"  # 10.232.N.0/24: the private link behind NAT'ed host N's router
 CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 RELAYED_PORT_BASE = 41000  # each namespace has its own ports, so fixed ones can't clash with the machine's
 
@@ -48,6 +55,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def nat_unavailable_reason() -> str | None:
+    """Why NAT'ed hosts cannot run here (the harness's own reasons, or no nftables), or None if they can."""
+    return unavailable_reason() or (None if shutil.which("nft") else "`nft` (nftables) is not installed")
+
+
 def netem_available() -> bool:
     """Whether the kernel can emulate delay/jitter/loss (sch_netem); probed on a throwaway veth pair."""
     name = f"swp{uuid.uuid4().hex[:6]}"
@@ -60,11 +72,34 @@ def netem_available() -> bool:
         _run(["ip", "link", "del", name], check=False)
 
 
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+def _run(args: list[str], check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30, input=input)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
     return result
+
+
+def _nat_rules(inside: str) -> str:
+    """A home router's nftables table: what the inside device sends goes out masqueraded, replies come
+    back, and every connection opened from outside (to the router or through it) is dropped."""
+    return f"""
+table ip swarm_nat {{
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        iifname "{inside}" accept
+    }}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        ct state established,related accept
+        iifname "lo" accept
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat;
+        iifname "{inside}" masquerade
+    }}
+}}
+"""
 
 
 @dataclass
@@ -76,6 +111,7 @@ class Host:
     delay_ms: float = 0.0
     processes: list[ManagedProcess] = field(default_factory=list)
     next_port: int = RELAYED_PORT_BASE
+    router: str | None = None  # a NAT'ed host's router namespace (its public side is `veth`)
 
 
 class NetnsHarness:
@@ -132,6 +168,34 @@ class NetnsHarness:
         _run(["ip", "-n", namespace, "link", "set", peer, "up"])
         _run(["ip", "-n", namespace, "link", "set", "lo", "up"])
         self._shape(namespace, peer, jitter_ms, loss_percent, rate_mbit)
+        return host
+
+    def add_nat_host(self, name: str, rate_mbit: float | None = None) -> Host:
+        """A host behind a home router: it can dial out (masqueraded as its router's bridge address), and
+        nothing can open a connection to it. Its peers listen on its private address 10.232.N.2."""
+        router = self.add_host(f"{name}-router")
+        index = router.address.rsplit(".", 1)[1]
+        inside, inner = f"sw{self.tag}{index}n", f"swn{self.tag}{index}"
+        host = Host(name, inside, f"{NAT_PREFIX}.{index}.2", router.veth, router=router.namespace)
+        self.hosts[name] = host
+        gateway = f"{NAT_PREFIX}.{index}.1"
+        _run(["ip", "netns", "add", inside])
+        _run(
+            ["ip", "-n", router.namespace, "link", "add", inner, "type", "veth", "peer", "name", f"{inner}p"]
+        )
+        _run(["ip", "-n", router.namespace, "link", "set", f"{inner}p", "netns", inside])
+        _run(["ip", "-n", router.namespace, "addr", "add", f"{gateway}/24", "dev", inner])
+        _run(["ip", "-n", router.namespace, "link", "set", inner, "up"])
+        _run(["ip", "-n", inside, "addr", "add", f"{host.address}/24", "dev", f"{inner}p"])
+        _run(["ip", "-n", inside, "link", "set", f"{inner}p", "up"])
+        _run(["ip", "-n", inside, "link", "set", "lo", "up"])
+        _run(["ip", "-n", inside, "route", "add", "default", "via", gateway])
+        _run(["ip", "netns", "exec", router.namespace, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        _run(["ip", "netns", "exec", router.namespace, "nft", "-f", "-"], input=_nat_rules(inner))
+        # the machine sends a dial towards the private link to the router, which drops it, instead of
+        # out through its own default route
+        _run(["ip", "route", "add", f"{NAT_PREFIX}.{index}.0/24", "via", router.address])
+        self._shape(inside, f"{inner}p", 0.0, 0.0, rate_mbit)
         return host
 
     @staticmethod
@@ -247,8 +311,10 @@ class NetnsHarness:
             for process in host.processes:
                 process.kill()
         for host in self.hosts.values():
-            _run(["ip", "netns", "del", host.namespace], check=False)
-            _run(["ip", "link", "del", host.veth], check=False)
+            _run(["ip", "netns", "del", host.namespace], check=False)  # with its nftables table, if a router
+            _run(
+                ["ip", "link", "del", host.veth], check=False
+            )  # the machine's route to a NAT'ed link goes too
         _run(["ip", "link", "del", self.bridge], check=False)
         if self._tmp is not None:
             self._tmp.cleanup()
