@@ -116,6 +116,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "and announce the profile, so refereed verification can compare this node's outputs bit for bit "
         "(default: on for float32 on CPU, off otherwise)",
     )
+    parser.add_argument(
+        "--num-threads",
+        type=_positive_int,
+        default=_DEFAULTS.num_threads,
+        help="torch intra-op threads for this node's compute (default: 1 with --deterministic, else one per "
+        "core); on a machine shared by several nodes, give each a share of the cores",
+    )
     parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (0: any free port)")
     add_announce_maddrs(parser)
@@ -152,7 +159,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--cache-tokens",
         type=int,
         default=_LIMITS.cache_tokens,
-        help="KV-cache budget in tokens, summed over open sessions (batch x max_length each)",
+        help="KV-cache budget: this many tokens over the whole span, counted in the bytes sessions "
+        "preallocate (batch x max_length x the bytes a token takes in the layers each one uses)",
     )
     parser.add_argument(
         "--session-timeout",
@@ -191,6 +199,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_fault_argument(parser)
     parser.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -252,6 +267,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         deterministic=args.deterministic,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        num_threads=args.num_threads,
         use_relay=args.use_relay,
         relay_service=relay_limits(args),
     )

@@ -41,6 +41,9 @@ class NodeConfig:
     deterministic: bool | None = None
     metrics_port: int | None = None  # serve Prometheus text at http://metrics_host:PORT/metrics (0: any port)
     metrics_host: str = "127.0.0.1"
+    # torch intra-op threads for the span's compute (None: DETERMINISTIC_THREADS on a deterministic node,
+    # else torch's default, one per core); a deterministic node announces it in its profile
+    num_threads: int | None = None
     use_relay: bool = True  # unreachable from outside: reserve a slot on a bootstrap peer (a relay)
     relay_service: RelayLimits | None = None  # serve as a relay for peers behind NAT, with these caps
 
@@ -53,8 +56,8 @@ class NodeConfig:
 
 
 DETERMINISTIC_THREADS = 1
-"""CPU threads of a deterministic node (NodeConfig has no thread setting): the thread count is part of the
-profile, so nodes only agree bit for bit when they use the same one."""
+"""CPU threads of a deterministic node unless --num-threads says otherwise: the thread count is part of
+the profile, so nodes only agree bit for bit when they use the same one."""
 
 
 def deterministic_by_default(dtype: str, device: str) -> bool:

@@ -113,8 +113,11 @@ class Node:
         With the deterministic profile on, this pins the whole process's kernels first (threads,
         deterministic algorithms, no TF32): run one node per process.
         """
+        threads = self.config.num_threads
         if self.config.is_deterministic:
-            apply_deterministic_profile(threads=DETERMINISTIC_THREADS)
+            apply_deterministic_profile(threads=threads or DETERMINISTIC_THREADS)
+        elif threads is not None:
+            torch.set_num_threads(threads)  # the compute thread adopts it (adopt_thread_count)
         run_event_loop(self._serve())
 
     def stop(self) -> None:

@@ -38,7 +38,7 @@ def nodes(tiny_model, tmp_path_factory):
             "default": (),
             "explicit": ("--deterministic",),
             "perturbed": ("--fault", f"perturb:block={PERTURBED_BLOCK}"),
-            "loose": ("--no-deterministic",),
+            "loose": ("--no-deterministic", "--num-threads", "3"),
         }
         processes = start_named_nodes(swarm, tiny_model, SPAN, flags, *told)
         yield swarm, processes
@@ -95,6 +95,7 @@ def test_deterministic_nodes_announce_the_same_profile(nodes, client, local):
     for key in ("dtype", "device", "attention", "torch", "transformers"):  # the settings are what differ
         assert loose[key] == default[key], key
     assert loose["deterministic"] == "False"
+    assert loose["threads"] == "3"  # --num-threads sets the compute's threads, announced in the profile
 
 
 def test_deterministic_nodes_return_identical_bytes(nodes, client, local):

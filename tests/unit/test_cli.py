@@ -50,6 +50,7 @@ def test_node_cli_defaults_are_the_class_defaults():
         "num_blocks",
         "announce_maddrs",
         "deterministic",
+        "num_threads",
     ):
         assert getattr(args, name) == getattr(config, name), name
     assert args.max_batch_size == limits.max_batch_size
