@@ -20,6 +20,7 @@ from benchmarks import (
     inference,
     openai_api,
     recovery,
+    relay,
     training,
     verification,
     wan,
@@ -73,6 +74,14 @@ def main(argv=None) -> None:
         skipped("inference_wan", reason)
     else:
         wan.main(
+            [*model, "--new-tokens", "8" if args.quick else "32", "--repeats", "1" if args.quick else "2"]
+        )
+    from swarm.testing.netns import nat_unavailable_reason
+
+    if reason := nat_unavailable_reason():
+        skipped("relay_cost", reason)
+    else:
+        relay.main(
             [*model, "--new-tokens", "8" if args.quick else "32", "--repeats", "1" if args.quick else "2"]
         )
     if not torch.cuda.is_available():

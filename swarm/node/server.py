@@ -15,7 +15,7 @@ import swarm
 from swarm.averaging.statements import signing_key_of
 from swarm.dht.announcer import Announcer, store_node_records
 from swarm.dht.factory import create_dht
-from swarm.dht.reachability import probe_reachability
+from swarm.dht.reachability import DialBackServicer, probe_reachability
 from swarm.dht.swarm_view import read_swarm
 from swarm.models.checkpoint import Checkpoint, all_block_hashes, resolve_checkpoint
 from swarm.models.span import BlockSpan, load_span
@@ -180,6 +180,9 @@ class Node:
             self.reachability = NodeReachability(self.p2p, config.initial_peers, reachable, config.use_relay)
             await self.reachability.start()
             self._tasks.append(asyncio.create_task(self.reachability.keep_renewing()))
+            # any peer may answer dial-backs; one started with --relay-service says it relays
+            relays = config.relay_service is not None and reachable is not False
+            await self._add_servicer(DialBackServicer(self.p2p, relay_service=relays))
             await self._join()
             await self._start_serving()
             if config.metrics_port is not None:
