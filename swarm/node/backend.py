@@ -26,6 +26,10 @@ from swarm.utils.tensors import (
 
 logger = logging.getLogger(__name__)
 
+# decode steps up to this many tokens (batch x new tokens) may run on the event loop's thread when the
+# compute thread is idle (SpanBackend.inference_step); larger ones always go to the compute thread
+INLINE_STEP_TOKENS = 8
+
 
 @dataclass
 class SpanInputs:
@@ -254,7 +258,16 @@ class SpanBackend:
         return out.to("cpu", inputs.wire_dtype)
 
     async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
-        """One step of a session: new tokens' hidden states through the span, extending its KV cache."""
+        """One step of a session: new tokens' hidden states through the span, extending its KV cache.
+
+        A decode step (at most INLINE_STEP_TOKENS tokens) while the compute thread is idle runs right here
+        on the event loop's thread: handing it to the compute thread and back costs two thread switches,
+        more than the step itself on a small span. Anything else, or a busy node, queues as usual."""
+        hidden = inputs.hidden_states
+        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS and self.retired is None:
+            ran, output = self.executor.run_if_idle(self._inference_sync, session, position, inputs)
+            if ran:
+                return output
         return await self._run(self._inference_sync, session, position, inputs)
 
     async def _run(self, fn, *args, priority: int = SERVE):

@@ -25,6 +25,7 @@ class ComputeThread:
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._shut = False
+        self._busy = False  # a call runs: on this thread, or inline on a caller's (run_if_idle)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -38,23 +39,43 @@ class ComputeThread:
             self._wake.notify()
         return future
 
+    def run_if_idle(self, fn: Callable, *args: Any) -> tuple[bool, Any]:
+        """Run `fn(*args)` on the calling thread if nothing runs or waits here, holding off queued work
+        until it returns: (True, result), or (False, None) and the caller submits instead. For calls
+        shorter than the two thread switches (and GIL hand-offs) that `submit` costs, e.g. decode steps."""
+        with self._wake:
+            if self._shut or self._busy or self._queue:
+                return False, None
+            self._busy = True
+        try:
+            return True, fn(*args)
+        finally:
+            with self._wake:
+                self._busy = False
+                self._wake.notify_all()  # work queued meanwhile may start
+
     def _work(self) -> None:
         adopt_thread_count()  # a node's traces must round as its profile (and a referee) does
         while True:
             with self._wake:
-                while not self._queue and not self._shut:
+                while not self._queue or self._busy:
+                    if self._shut and not self._queue:
+                        return
                     self._wake.wait()
-                if not self._queue:
-                    return
                 *_, fn, args, future = heapq.heappop(self._queue)
-            if not future.set_running_or_notify_cancel():
-                continue
+                self._busy = True
             try:
-                result = fn(*args)
-            except BaseException as e:
-                future.set_exception(e)
-            else:
-                future.set_result(result)
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = fn(*args)
+                except BaseException as e:
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+            finally:
+                with self._wake:
+                    self._busy = False
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Take no more work; with `cancel_futures`, drop what is queued; with `wait`, let the rest finish."""

@@ -1,6 +1,7 @@
 """A span's compute thread runs requests before verification work, one call at a time."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -67,3 +68,40 @@ def test_gemms_on_the_compute_thread_round_as_the_thread_that_pinned_the_profile
     if torch.equal(plain[0], expected):
         pytest.skip("this machine's BLAS rounds a new thread's GEMM as the pinned thread's: nothing to show")
     assert torch.equal(got, expected)
+
+
+def test_an_idle_compute_thread_lets_the_caller_run_a_short_call_itself_and_holds_queued_work_off():
+    compute = ComputeThread()
+    caller = threading.current_thread()
+    ran, order = compute.run_if_idle(threading.current_thread)
+    assert ran and order is caller  # it ran here, not on the compute thread
+    queued = []
+
+    def inline():
+        queued.append(compute.submit(order_list.append, "queued"))  # submitted while this call runs
+        time.sleep(0.2)  # time enough for the compute thread to start it, were it not held off
+        order_list.append("inline")  # and the compute thread must not start it before this returns
+        return "done"
+
+    order_list: list[str] = []
+    assert compute.run_if_idle(inline) == (True, "done")
+    queued[0].result(10)
+    assert order_list == ["inline", "queued"]
+    compute.shutdown()
+
+
+def test_a_busy_compute_thread_refuses_to_run_a_call_inline():
+    compute = ComputeThread()
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        return release.wait(10)
+
+    running = compute.submit(hold)
+    assert started.wait(10)
+    assert compute.run_if_idle(lambda: "never") == (False, None)
+    release.set()
+    assert running.result(10) is True
+    compute.shutdown()
+    assert compute.run_if_idle(lambda: "never") == (False, None)  # nor one shut down
