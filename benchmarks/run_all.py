@@ -18,6 +18,7 @@ from benchmarks import (
     gateway,
     gpu,
     inference,
+    models,
     openai_api,
     recovery,
     relay,
@@ -45,6 +46,7 @@ def main(argv=None) -> None:
         training.main(["--quick"])  # its own tiny random Llama, not --model
         gateway.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1"])
         openai_api.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1", "--concurrent", "2"])
+        models.main(["--quant", "none", "int8", "--blocks", "4", "--new-tokens", "8", "--repeats", "1"])
     else:
         inference.main(
             [
@@ -67,6 +69,8 @@ def main(argv=None) -> None:
         training.main(["--steps", "8"])
         gateway.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3"])
         openai_api.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3", "--concurrent", "8"])
+        # node weights: bytes per block, tokens/s and logit error of --quant none and int8 (2 nodes each)
+        models.main(["--quant", "none", "int8", *model, "--new-tokens", "16", "--repeats", "2"])
 
     from swarm.testing.netns import unavailable_reason
 

@@ -17,8 +17,11 @@ def loaded_bytes(module: nn.Module) -> int:
     total = 0
     tensors = [*module.parameters(), *module.buffers()]
     for layer in module.modules():
-        weight = getattr(layer, "weight", None)
-        for extra in (getattr(weight, "SCB", None), getattr(weight, "quant_state", None)):
+        weight, state = getattr(layer, "weight", None), getattr(layer, "state", None)
+        # an int8 layer's row scales sit on its weight until its first call, then on its state
+        extras = [getattr(weight, "SCB", None), getattr(weight, "quant_state", None)]
+        extras += [getattr(state, "CB", None), getattr(state, "SCB", None)]
+        for extra in extras:
             if isinstance(extra, torch.Tensor):
                 tensors.append(extra)
             elif extra is not None:

@@ -37,6 +37,7 @@ def test_health_json_and_text(tiny_model, tiny_swarm, local_model):
                 "throughput": 7.0,
                 "version": maps["gappy"]["nodes"][0]["version"],
                 "cache_tokens_left": 32768,
+                "reach": "direct",
                 "dtype": "float32",
                 "quant": "none",
                 # as loaded: every parameter of a block, in float32

@@ -41,6 +41,9 @@ def test_loaded_bytes_counts_storages_not_shapes():
     quantize_linears(wrapper := torch.nn.Sequential(layer), "int8", torch.float32, "cpu")
     # int8 weights plus one float32 scale per output row (bitsandbytes' SCB, not a parameter)
     assert loaded_bytes(wrapper) == 64 * 32 + 32 * 4
+    with torch.no_grad():
+        wrapper(torch.randn(1, 64))  # bitsandbytes moves the scales from the weight to the layer's state
+    assert loaded_bytes(wrapper) == 64 * 32 + 32 * 4
     shared = torch.nn.Module()
     shared.a = shared.b = torch.nn.Linear(8, 8, bias=False)  # one storage, counted once
     assert loaded_bytes(shared) == 8 * 8 * 4
