@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,17 @@ from swarm.utils.tensors import (
 
 logger = logging.getLogger(__name__)
 
+
+def _tokens(inputs: SpanInputs) -> int:
+    return inputs.hidden_states.shape[0] * inputs.hidden_states.shape[1]
+
+
 # decode steps up to this many tokens (batch x new tokens) may run on the event loop's thread when the
 # compute thread is idle (SpanBackend.inference_step); larger ones always go to the compute thread
 INLINE_STEP_TOKENS = 8
+# ... and only while such steps take less than this (the last one measured): the event loop answers every
+# other call of the node, and a big span's decode step would hold them all up
+INLINE_STEP_SECONDS = 0.005
 
 
 @dataclass
@@ -58,6 +67,7 @@ class SpanBackend:
         # the budget in bytes: --cache-tokens tokens over the whole span, in the dtype the cache is kept in
         self.sessions = SessionBudget(limits.cache_tokens, self.kv_bytes_per_token(len(span.layers)))
         self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
+        self.small_step_seconds = float("inf")  # the last decode step's compute time: unknown until one ran
 
     @property
     def start(self) -> int:
@@ -233,8 +243,13 @@ class SpanBackend:
 
     @torch.inference_mode()
     def _inference_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+        small = _tokens(inputs) <= INLINE_STEP_TOKENS
+        started = time.perf_counter()
         with self.sessions.computing(session):
-            return self._inference_step_sync(session, position, inputs)
+            output = self._inference_step_sync(session, position, inputs)
+        if small:
+            self.small_step_seconds = time.perf_counter() - started
+        return output
 
     def _inference_step_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         if session.cache is None:
@@ -260,11 +275,15 @@ class SpanBackend:
     async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         """One step of a session: new tokens' hidden states through the span, extending its KV cache.
 
-        A decode step (at most INLINE_STEP_TOKENS tokens) while the compute thread is idle runs right here
-        on the event loop's thread: handing it to the compute thread and back costs two thread switches,
-        more than the step itself on a small span. Anything else, or a busy node, queues as usual."""
-        hidden = inputs.hidden_states
-        if hidden.shape[0] * hidden.shape[1] <= INLINE_STEP_TOKENS and self.retired is None:
+        A decode step (at most INLINE_STEP_TOKENS tokens) while the compute thread is idle, on a span whose
+        last such step took under INLINE_STEP_SECONDS, runs right here on the event loop's thread: handing
+        it to the compute thread and back costs two thread switches, more than the step itself on a small
+        span. Anything else, or a busy node, queues as usual."""
+        if (
+            _tokens(inputs) <= INLINE_STEP_TOKENS
+            and self.small_step_seconds < INLINE_STEP_SECONDS
+            and self.retired is None
+        ):
             ran, output = self.executor.run_if_idle(self._inference_sync, session, position, inputs)
             if ran:
                 return output

@@ -64,18 +64,23 @@ class ComputeThread:
                     self._wake.wait()
                 *_, fn, args, future = heapq.heappop(self._queue)
                 self._busy = True
+            outcome: tuple[bool, Any] | None = None
             try:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    result = fn(*args)
-                except BaseException as e:
-                    future.set_exception(e)
-                else:
-                    future.set_result(result)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        outcome = (True, fn(*args))
+                    except BaseException as e:
+                        outcome = (False, e)
             finally:
+                # idle before the caller hears back, so that its next call may run inline (run_if_idle)
                 with self._wake:
                     self._busy = False
+            if outcome is not None:
+                ok, value = outcome
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Take no more work; with `cancel_futures`, drop what is queued; with `wait`, let the rest finish."""

@@ -43,3 +43,41 @@ def test_a_retired_span_finishes_work_in_flight_refuses_new_work_and_frees_its_w
     while not all(p.device.type == "meta" for p in span.parameters()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(p.device.type == "meta" for p in span.parameters())  # no storage left behind
+
+
+def test_decode_steps_run_inline_only_once_one_measured_short():
+    """A decode step may skip the compute thread's hand-off, but only on a span whose last decode step took
+    under INLINE_STEP_SECONDS: a big span's step would hold up every other call the event loop answers."""
+    from swarm.node.backend import INLINE_STEP_SECONDS
+    from swarm.node.sessions import Session
+
+    torch.manual_seed(0)
+    span = LlamaSpan(tiny_llama_config(num_blocks=2, hidden_size=32), 0, 2).float()
+    backend = SpanBackend(span, NodeLimits(), "cpu", torch.float32)
+    threads: list[str] = []
+    span.layers[0].register_forward_pre_hook(
+        lambda module, args: threads.append(threading.current_thread().name)
+    )
+    session = Session("s", 0, 2, slice(0, 2), max_length=16)
+
+    async def step(position: int, tokens: int) -> None:
+        inputs = SpanInputs(torch.randn(1, tokens, 32), None, None, slice(0, 2), torch.float32)
+        await backend.inference_step(session, position, inputs)
+
+    async def scenario():
+        loop_thread = threading.current_thread().name
+        await step(0, 4)  # nothing measured yet: on the compute thread
+        assert threads[-1] != loop_thread and backend.small_step_seconds < float("inf")
+        backend.small_step_seconds = 0.0  # as after a short step (not timed here: the machine may be busy)
+        await step(4, 1)
+        assert threads[-1] == loop_thread  # inline
+        backend.small_step_seconds = 10 * INLINE_STEP_SECONDS  # as after a slow one
+        await step(5, 1)
+        assert threads[-1] != loop_thread  # back on the compute thread, which measures it again
+        assert backend.small_step_seconds != 10 * INLINE_STEP_SECONDS
+        backend.small_step_seconds = 0.0
+        await step(6, 9)  # more than INLINE_STEP_TOKENS never runs inline
+        assert threads[-1] != loop_thread
+
+    asyncio.run(scenario())
+    backend.shutdown()
