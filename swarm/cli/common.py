@@ -122,7 +122,7 @@ def not_implemented(title: str):
 
 def add_relay_service(parser: argparse.ArgumentParser, default: bool) -> None:
     """--relay-service and its caps: serve as a circuit relay for peers behind NAT (swarm.dht.relay)."""
-    from swarm.node.relay_limits import RelayLimits
+    from swarm.dht.relay_limits import RelayLimits
 
     limits = RelayLimits()
     parser.add_argument(
@@ -157,7 +157,7 @@ def add_relay_service(parser: argparse.ArgumentParser, default: bool) -> None:
 
 def relay_limits(args: argparse.Namespace):
     """The RelayLimits of --relay-service's flags (checked), or None without --relay-service."""
-    from swarm.node.relay_limits import RelayLimits
+    from swarm.dht.relay_limits import RelayLimits
 
     if not args.relay_service:
         return None

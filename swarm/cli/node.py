@@ -14,11 +14,11 @@ from swarm.cli.common import (
     relay_limits,
 )
 from swarm.cli.config_file import add_config_arguments, print_config
+from swarm.dht.records import QUANT_NAMES
 from swarm.node.config import (
     AUTO,
     DTYPE_NAMES,
     MAX_MEMORY_FRACTION,
-    QUANT_NAMES,
     NodeConfig,
     parse_blocks,
     parse_memory,

@@ -36,7 +36,7 @@ class ClientConfig:
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ValueError(f"verify_rate must be within [0, 1], got {self.verify_rate}")
         if self.allowed_quant is not None:
-            from swarm.node.config import QUANT_NAMES
+            from swarm.dht.records import QUANT_NAMES
 
             if isinstance(self.allowed_quant, str) or not self.allowed_quant:
                 raise ValueError(f"allowed_quant must be a non-empty list of {list(QUANT_NAMES)} or None")

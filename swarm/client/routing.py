@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 
 from swarm.client.errors import MissingBlocksError
-from swarm.node.placement import RELAYED_THROUGHPUT_FACTOR
+from swarm.dht.records import RELAYED_THROUGHPUT_FACTOR
 from swarm.proto import swarm_pb2
 
 logger = logging.getLogger(__name__)

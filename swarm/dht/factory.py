@@ -14,7 +14,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.access import EncryptedRecordValidator, Keyring, load_keyring, register_membership
 from swarm.dht.identity import load_or_create_identity, temporary_identity_file
 from swarm.dht.records import SwarmRecordValidator
-from swarm.node.relay_limits import NO_RELAY_SERVICE, RelayLimits
+from swarm.dht.relay_limits import NO_RELAY_SERVICE, RelayLimits
 from swarm.utils.pipes import BlockingReads
 
 DEFAULT_HOST = "127.0.0.1"

@@ -19,10 +19,15 @@ from hivemind.utils.serializer import MSGPackSerializer
 from swarm.access.records import MAGIC as SEALED_MAGIC
 from swarm.dht.identity import peer_id_from_owner_marker
 from swarm.dht.keys import check_model_name, split_owner_subkey
-from swarm.node.config import QUANT_NAMES
 from swarm.proto import swarm_pb2
 
 ENVELOPE_TAG = "swarm"
+# weights as a node loaded them: its dtype's, or bitsandbytes' int8 / nf4
+QUANT_NAMES = ("none", "int8", "nf4")
+# a node behind NAT is reached through a relay: every step crosses two links and the relay's daemon. Routing
+# and placement discount its throughput by this factor, as Petals does; measured here (benchmarks/relay.py) a
+# relayed hop costs about as much as a direct one with twice the round-trip time, see the README
+RELAYED_THROUGHPUT_FACTOR = 0.2
 MAX_RECORD_BYTES = 64 * 1024
 MAX_PROFILE_ENTRIES = 16
 # a verdict carries the disputed operator's input tensors, so it gets more room than a node's records

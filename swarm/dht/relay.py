@@ -22,7 +22,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import read_pbmsg_safe, write_pbmsg
 from hivemind.utils.multiaddr import Multiaddr
 
-from swarm.node.relay_limits import NO_RELAY_SERVICE, RelayLimits
+from swarm.dht.relay_limits import NO_RELAY_SERVICE, RelayLimits
 from swarm.proto import circuit_relay_pb2 as relay_pb2
 
 __all__ = ["NO_RELAY_SERVICE", "RelayLimits", "RelayRefused", "Reservation", "connect_through", "reserve"]

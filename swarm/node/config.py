@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from swarm.dht.relay_limits import RelayLimits
 from swarm.node.limits import NodeLimits
-from swarm.node.relay_limits import RelayLimits
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANT_NAMES = ("none", "int8", "nf4")  # weights as loaded: the dtype's, or bitsandbytes' int8 / nf4
 AUTO = "auto"  # --num-blocks auto: as many blocks as fit in --max-memory
 MAX_MEMORY_FRACTION = 0.9  # --max-memory's default: this much of the free RAM (or GPU memory) at start
 

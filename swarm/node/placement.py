@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from swarm.dht.records import RELAYED_THROUGHPUT_FACTOR
 from swarm.proto import swarm_pb2
 
 # JOINING nodes count: they are loading the blocks they announced and will serve them shortly
 SERVING_STATES = (swarm_pb2.ServerInfo.JOINING, swarm_pb2.ServerInfo.ONLINE)
-# a node behind NAT is reached through a relay: every step crosses two links and the relay's daemon.
-# Petals discounts such a node's throughput by this factor; measured here (benchmarks/relay.py) a relayed
-# hop costs about as much as a direct one with twice the round-trip time, see the README
-RELAYED_THROUGHPUT_FACTOR = 0.2
 
 
 def reachable_throughput(info: swarm_pb2.ServerInfo) -> float:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from swarm.node.config import QUANT_NAMES
+from swarm.dht.records import QUANT_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import psutil
 
 from swarm.dht.factory import create_dht
-from swarm.node.relay_limits import RelayLimits
+from swarm.dht.relay_limits import RelayLimits
 
 
 def daemon_args(dht) -> list[str]:

@@ -6,11 +6,11 @@ import pytest
 from swarm.cli.main import build_parser, main
 from swarm.client.routing import min_latency_route, usable_servers
 from swarm.dht.reachability import listening_ports
-from swarm.dht.records import RecordError, check_message
+from swarm.dht.records import RELAYED_THROUGHPUT_FACTOR, RecordError, check_message
 from swarm.dht.relay import circuit_maddr_bytes, relay_peer_id
+from swarm.dht.relay_limits import RelayLimits
 from swarm.dht.swarm_map import reach_of
-from swarm.node.placement import RELAYED_THROUGHPUT_FACTOR, block_throughputs
-from swarm.node.relay_limits import RelayLimits
+from swarm.node.placement import block_throughputs
 from swarm.proto import swarm_pb2
 
 RELAY = "/ip4/10.231.0.2/tcp/31337/p2p/QmZR198sywooAg8GTyYa8eRa8dUe7gbzrkXrBSAqzmVHX2"
