@@ -20,6 +20,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from swarm.access.keys import Keyring
 from swarm.proto import swarm_pb2
 from swarm.utils.streaming import hold_until_caller_closes
+from swarm.utils.varint import encode_varint
 
 PROOF_FIELD = 536_870_001  # near the top of protobuf's field numbers: never a declared field
 _WIRE_BYTES = 2
@@ -43,19 +44,10 @@ def membership_for(p2p) -> Keyring | None:
     return _KEYRINGS.get(p2p.peer_id.to_base58())
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def proof_bytes(proofs: list[bytes]) -> bytes:
     """The proofs as serialized occurrences of the undeclared field PROOF_FIELD."""
-    tag = _varint(PROOF_FIELD << 3 | _WIRE_BYTES)
-    return b"".join(tag + _varint(len(proof)) + proof for proof in proofs)
+    tag = encode_varint(PROOF_FIELD << 3 | _WIRE_BYTES)
+    return b"".join(tag + encode_varint(len(proof)) + proof for proof in proofs)
 
 
 def with_proofs(message: Message, proofs: bytes) -> Message:

@@ -24,6 +24,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.dht.relay_limits import NO_RELAY_SERVICE, RelayLimits
 from swarm.proto import circuit_relay_pb2 as relay_pb2
+from swarm.utils.varint import encode_varint
 
 __all__ = ["NO_RELAY_SERVICE", "RelayLimits", "RelayRefused", "Reservation", "connect_through", "reserve"]
 
@@ -94,15 +95,6 @@ class _RawMaddr(bytes):
         return bytes(self)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def circuit_maddr_bytes(circuit_maddr: str) -> bytes:
     """A /.../p2p/<relay>/p2p-circuit address in the binary form go-libp2p reads.
 
@@ -115,10 +107,10 @@ def circuit_maddr_bytes(circuit_maddr: str) -> bytes:
     relay = relay_peer_id(head).to_bytes()
     return (
         Multiaddr(transport).to_bytes()
-        + _varint(_P2P_CODE)
-        + _varint(len(relay))
+        + encode_varint(_P2P_CODE)
+        + encode_varint(len(relay))
         + relay
-        + _varint(_CIRCUIT_CODE)
+        + encode_varint(_CIRCUIT_CODE)
     )
 
 
