@@ -92,10 +92,7 @@ def move_pays(stages: Sequence[Sequence[StagePeer]], me: str, target: int, min_g
         return False
     totals = stage_totals(stages)
     peer = next(p for p in stages[source] if p.peer_id == me)
-    after = list(totals)
-    after[source] -= max(peer.throughput, UNMEASURED_THROUGHPUT)
-    after[target] += max(peer.throughput, UNMEASURED_THROUGHPUT)
-    return min(after) > min(totals) * (1.0 + min_gain)
+    return _bottleneck_after(totals, source, target, peer) > min(totals) * (1.0 + min_gain)
 
 
 @dataclass(frozen=True)
@@ -118,13 +115,18 @@ def best_move(stages: Sequence[Sequence[StagePeer]]) -> StageMove | None:
     source = max(donors, key=lambda s: (totals[s], -s))
 
     def bottleneck_after(peer: StagePeer) -> float:
-        moved = max(peer.throughput, UNMEASURED_THROUGHPUT)
-        after = list(totals)
-        after[source] -= moved
-        after[target] += moved
-        return min(after)
+        return _bottleneck_after(totals, source, target, peer)
 
     mover = min(
         stages[source], key=lambda p: (-bottleneck_after(p), p.queue_length, -p.throughput, p.peer_id)
     )
     return StageMove(mover, target, min(totals), bottleneck_after(mover))
+
+
+def _bottleneck_after(totals: Sequence[float], source: int, target: int, peer: StagePeer) -> float:
+    """The least stage total once `peer` moved from stage `source` to stage `target`."""
+    moved = max(peer.throughput, UNMEASURED_THROUGHPUT)
+    after = list(totals)
+    after[source] -= moved
+    after[target] += moved
+    return min(after)

@@ -577,7 +577,6 @@ class TrainingNode(Node):
                 return
             raise
         old_stage, old_backend = self.stage, self.backend
-        offline = self.stage_info(state=swarm_pb2.ServerInfo.OFFLINE)
         await self._stop_stage()
         with self._serving_lock:
             self.stage, self.blocks, self.backend = target, tuple(self.run_config.stages[target]), new_backend
@@ -585,15 +584,7 @@ class TrainingNode(Node):
         self._loaded_from = loaded_from
         old_backend.retire(self.blocks)
         # trainers stop routing to the old stage once they read this (and get UNKNOWN_BLOCKS until then)
-        await asyncio.to_thread(
-            store_records,
-            self.dht,
-            self.owner_key,
-            self.peer_id,
-            [(stage_key(self.run_config.run_id, old_stage), offline)],
-            self.expiration,
-            await_all_replicas=True,
-        )
+        await asyncio.to_thread(self._announce_in, old_stage, swarm_pb2.ServerInfo.OFFLINE)
         await self._start_stage()
         self.announcer.announce_now()
         self.moves += 1
@@ -607,8 +598,8 @@ class TrainingNode(Node):
         )
 
     def _announce_in(self, stage: int, state: int) -> None:
-        """Store this peer's record in stage `stage`'s key with `state` (a move's JOINING, or its OFFLINE
-        when the move is called off)."""
+        """Store this peer's record in stage `stage`'s key with `state`: a move's JOINING in its target, the
+        OFFLINE it leaves in its old stage, or in the target when the move is called off."""
         info = self.stage_info(state=state)
         info.stage = stage
         info.start_block, info.end_block = self.run_config.stages[stage]
