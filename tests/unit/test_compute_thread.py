@@ -26,10 +26,9 @@ def test_requests_go_before_verification_work_and_each_priority_keeps_its_order(
     compute.shutdown()
 
 
-def test_errors_reach_the_caller_and_shutdown_cancels_what_is_queued():
-    compute = ComputeThread()
-    with pytest.raises(ZeroDivisionError):
-        compute.submit(lambda: 1 / 0).result(10)
+def _occupy(compute: ComputeThread) -> tuple:
+    """Submit a call that holds the compute thread until the returned event is set; returns (its future,
+    that event) once it runs."""
     started, release = threading.Event(), threading.Event()
 
     def hold():
@@ -38,6 +37,14 @@ def test_errors_reach_the_caller_and_shutdown_cancels_what_is_queued():
 
     running = compute.submit(hold)
     assert started.wait(10)
+    return running, release
+
+
+def test_errors_reach_the_caller_and_shutdown_cancels_what_is_queued():
+    compute = ComputeThread()
+    with pytest.raises(ZeroDivisionError):
+        compute.submit(lambda: 1 / 0).result(10)
+    running, release = _occupy(compute)
     queued = compute.submit(lambda: "never")
     compute.shutdown(wait=False, cancel_futures=True)
     assert queued.cancelled()
@@ -92,14 +99,7 @@ def test_an_idle_compute_thread_lets_the_caller_run_a_short_call_itself_and_hold
 
 def test_a_busy_compute_thread_refuses_to_run_a_call_inline():
     compute = ComputeThread()
-    started, release = threading.Event(), threading.Event()
-
-    def hold():
-        started.set()
-        return release.wait(10)
-
-    running = compute.submit(hold)
-    assert started.wait(10)
+    running, release = _occupy(compute)
     assert compute.run_if_idle(lambda: "never") == (False, None)
     release.set()
     assert running.result(10) is True
