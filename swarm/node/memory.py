@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from swarm.node.kv_cache import kv_bytes_per_token
+
 
 def loaded_bytes(module: nn.Module) -> int:
     """Bytes the module's tensors take as loaded: its parameters and buffers, plus the quantization state
@@ -61,6 +63,4 @@ def free_memory_bytes(device: str) -> int:
 
 def kv_cache_bytes_per_block(config: PretrainedConfig, cache_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of keys and values one block holds when the node's whole --cache-tokens budget is in use."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * cache_tokens * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return cache_tokens * kv_bytes_per_token(config, 1, dtype)
