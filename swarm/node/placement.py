@@ -18,15 +18,34 @@ def reachable_throughput(info: swarm_pb2.ServerInfo) -> float:
     return info.throughput * (RELAYED_THROUGHPUT_FACTOR if info.using_relay else 1.0)
 
 
+def planned_span(info: swarm_pb2.ServerInfo) -> tuple[int, int]:
+    """Where a node will serve: the span it announced it is moving to, else the one it serves."""
+    if info.HasField("moving_to_start"):
+        return info.moving_to_start, info.moving_to_start + (info.end_block - info.start_block)
+    return info.start_block, info.end_block
+
+
 def block_throughputs(
-    servers: Iterable[swarm_pb2.ServerInfo], num_blocks: int, exclude: str | None = None
+    servers: Iterable[swarm_pb2.ServerInfo],
+    num_blocks: int,
+    exclude: str | None = None,
+    moves_yielded_to: str | None = None,
 ) -> list[float]:
-    """Total announced throughput per block, leaving out `exclude` (a node planning its own move)."""
+    """Total announced throughput per block, leaving out `exclude` (a node planning its own move).
+
+    A node that announced a move counts where it is going (it is loading that span and will leave its own):
+    otherwise a second node would move to fill the same gap. With `moves_yielded_to` (a peer id), only the
+    moves of nodes that win a tie against that peer count (lower peer ids): two nodes that announced moves
+    at once each re-check after loading, and exactly one of them goes.
+    """
     totals = [0.0] * num_blocks
     for info in servers:
         if info.peer_id == exclude or info.state not in SERVING_STATES:
             continue
-        for block in range(max(0, info.start_block), min(num_blocks, info.end_block)):
+        start, end = info.start_block, info.end_block
+        if moves_yielded_to is None or info.peer_id < moves_yielded_to:
+            start, end = planned_span(info)
+        for block in range(max(0, start), min(num_blocks, end)):
             # a node that serves counts, even if unmeasured; relayed ones less, so that direct nodes go to
             # the spans that only relayed nodes hold (the busiest, per unit of throughput)
             totals[block] += max(reachable_throughput(info), 1e-9)

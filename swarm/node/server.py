@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -38,6 +39,10 @@ from swarm.verification.service import VerificationServicer
 logger = logging.getLogger(__name__)
 
 
+# a moving node re-checks its move no sooner than this after announcing it (see Node._move)
+MOVE_SETTLE_SECONDS = 1.0
+
+
 class Node:
     """Serves blocks [start, end) of one model until stopped (SIGTERM / SIGINT / stop()).
 
@@ -65,6 +70,7 @@ class Node:
         self.determinism: dict[str, str] = {}  # the profile announced, read in this node's process
         self.reachability: NodeReachability | None = None  # direct, relayed or unreachable; once started
         self.bytes_per_block = 0  # measured from the loaded span (swarm.node.memory.loaded_bytes)
+        self.moving_to: int | None = None  # the start of the span being loaded to move to, announced
 
     @staticmethod
     def _check_placement(config: NodeConfig) -> None:
@@ -93,8 +99,15 @@ class Node:
             determinism=self.determinism,
             quant=self.config.quant,
             bytes_per_block=self.bytes_per_block,
+            moving_to_start=self.moving_to,
         )
         return self.reachability.describe(info) if self.reachability is not None else info
+
+    async def _announce_now(self) -> None:
+        """Store this node's record at once, not at the announcer's next period."""
+        await asyncio.to_thread(
+            store_node_records, self.dht, self.owner_key, self.server_info(), None, self.expiration
+        )
 
     def model_info(self) -> swarm_pb2.ModelInfo:
         config = self.checkpoint.config
@@ -218,16 +231,14 @@ class Node:
         await asyncio.to_thread(check_quant_runs, config.quant, FLOAT_DTYPES[config.dtype], config.device)
         if self.config.num_blocks == AUTO:
             self.config = replace(self.config, num_blocks=await asyncio.to_thread(self._blocks_that_fit))
-        config, dht = self.config, self.dht
+        config = self.config
         if self.blocks is None:
             self.planned_throughput = await asyncio.to_thread(self._estimate_throughput)
             start = await asyncio.to_thread(self._choose_start)
             self.blocks = (start, start + config.num_blocks)
             logger.info("chose blocks [%d, %d) to raise the swarm's bottleneck", *self.blocks)
         start, end = self.blocks
-        await asyncio.to_thread(
-            store_node_records, dht, self.owner_key, self.server_info(), None, self.expiration
-        )
+        await self._announce_now()
 
         self.backend = await asyncio.to_thread(self._load_backend, start, end)
         span, dtype = self.backend.span, self.backend.dtype
@@ -378,9 +389,16 @@ class Node:
         )[1]
         return per_block / config.num_blocks
 
-    def _swarm_throughputs(self) -> list[float]:
+    def _swarm_throughputs(self, tie_break: bool = False) -> list[float]:
+        """Others' throughput per block, moves they announced counted where they go (with `tie_break`, only
+        those of peers that win a tie against this one: see `block_throughputs`)."""
         servers, _ = read_swarm(self.dht, self.checkpoint.name, self.checkpoint.num_blocks)
-        return block_throughputs(servers.values(), self.checkpoint.num_blocks, exclude=self.peer_id)
+        return block_throughputs(
+            servers.values(),
+            self.checkpoint.num_blocks,
+            exclude=self.peer_id,
+            moves_yielded_to=self.peer_id if tie_break else None,
+        )
 
     def _choose_start(self) -> int:
         return choose_start(self._swarm_throughputs(), self.config.num_blocks, self.planned_throughput)
@@ -407,12 +425,41 @@ class Node:
                 logger.warning("rebalancing failed: %r", e, exc_info=True)
 
     async def _move(self, new_start: int) -> None:
-        """Serve [new_start, new_start + N): load the new span first, then switch, so no gap opens."""
+        """Serve [new_start, new_start + N): announce the move, load the new span, check that the move still
+        pays (others may have decided at the same moment), then switch, so no gap opens."""
         config = self.config
         old_start, old_end = self.blocks
         new_end = new_start + config.num_blocks
+        logger.info(
+            "announcing a move from blocks [%d, %d) to [%d, %d)", old_start, old_end, new_start, new_end
+        )
+        self.moving_to = new_start
+        announced = time.monotonic()
+        await self._announce_now()
+        # a node that decided at the same moment announced within about one store of ours: its record must
+        # be readable before we re-check, however fast the new span loads
+        settle_until = announced + max(MOVE_SETTLE_SECONDS, 2 * (time.monotonic() - announced))
+        try:
+            new_backend = await asyncio.to_thread(self._load_backend, new_start, new_end)
+            await asyncio.sleep(max(0.0, settle_until - time.monotonic()))
+            throughputs = await asyncio.to_thread(self._swarm_throughputs, True)
+            own = self.server_info().throughput
+            still = should_move(throughputs, old_start, config.num_blocks, own, config.balance_quality)
+        finally:
+            self.moving_to = None
+        if still != new_start:
+            logger.info(
+                "calling off the move to [%d, %d): it no longer pays (another node moved or is moving "
+                "there); staying on [%d, %d)",
+                new_start,
+                new_end,
+                old_start,
+                old_end,
+            )
+            new_backend.retire(self.blocks)
+            await self._announce_now()
+            return
         logger.info("moving from blocks [%d, %d) to [%d, %d)", old_start, old_end, new_start, new_end)
-        new_backend = await asyncio.to_thread(self._load_backend, new_start, new_end)
         old_backend, self.backend = self.backend, new_backend
         self.servicer.backend = new_backend
         self.blocks = (new_start, new_end)

@@ -22,6 +22,24 @@ def test_block_throughputs_sum_serving_nodes_and_skip_offline_and_self():
     assert block_throughputs(servers, 6, exclude="me") == [10, 10, 15, 15, 5, 5]
 
 
+def test_an_announced_move_counts_where_the_node_goes_and_the_lower_peer_id_wins_a_tie():
+    """Blocks [0, 6) lost their nodes; a and b both serve [6, 12). Once a announced its move, b sees the gap
+    filled and stays; when both announced at once, each re-checks with tie_break and only a (lower id) goes."""
+    a_moving = info("a", 6, 12, 10)
+    a_moving.moving_to_start = 0
+    b_moving = info("b", 6, 12, 10)
+    b_moving.moving_to_start = 0
+    assert block_throughputs([a_moving], 12, exclude="b") == [10] * 6 + [0] * 6
+    assert should_move(block_throughputs([a_moving], 12, exclude="b"), 6, 6, 10, 0.75) is None
+    # both announced: a ignores b's move (b yields to it), b counts a's
+    for_a = block_throughputs([b_moving], 12, exclude="a", moves_yielded_to="a")
+    for_b = block_throughputs([a_moving], 12, exclude="b", moves_yielded_to="b")
+    assert should_move(for_a, 6, 6, 10, 0.75) == 0
+    assert should_move(for_b, 6, 6, 10, 0.75) is None
+    # a move to the block 0 start is a set field, not proto3's default
+    assert not info("c", 6, 12, 10).HasField("moving_to_start")
+
+
 def test_first_node_takes_the_start_then_others_fill_the_gaps():
     assert choose_start([0.0] * 12, 6, 10) == 0
     assert choose_start([10.0] * 6 + [0.0] * 6, 6, 10) == 6
