@@ -23,8 +23,9 @@ def test_block_throughputs_sum_serving_nodes_and_skip_offline_and_self():
 
 
 def test_an_announced_move_counts_where_the_node_goes_and_the_lower_peer_id_wins_a_tie():
-    """Blocks [0, 6) lost their nodes; a and b both serve [6, 12). Once a announced its move, b sees the gap
-    filled and stays; when both announced at once, each re-checks with tie_break and only a (lower id) goes."""
+    """Blocks [0, 6) lost their nodes; a and b both serve [6, 12). Once a announced its move, b sees the
+    gap filled and stays; when both announced at once, each re-checks with the tie-break and only a (the
+    lower id) goes."""
     a_moving = info("a", 6, 12, 10)
     a_moving.moving_to_start = 0
     b_moving = info("b", 6, 12, 10)
