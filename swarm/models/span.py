@@ -66,6 +66,27 @@ class BlockSpan(nn.Module):
         view._cache_argument, view._passes_use_cache = self._cache_argument, self._passes_use_cache
         return view
 
+    def masks(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+        layer_types: list[str],
+    ) -> dict:
+        """The attention mask of each layer type, as the family's `*Model.forward` builds them."""
+        mask_args = dict(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        return {
+            kind: (create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask)(**mask_args)
+            for kind in set(layer_types)
+        }
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -89,17 +110,7 @@ class BlockSpan(nn.Module):
                 attention_mask, batch, seq_len, past_len, hidden_states.device
             )
         layer_types = self.layer_types[layers]
-        mask_args = dict(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        masks = {
-            kind: (create_sliding_window_causal_mask if kind == SLIDING else create_causal_mask)(**mask_args)
-            for kind in set(layer_types)
-        }
+        masks = self.masks(hidden_states, attention_mask, cache, position_ids, layer_types)
         position_embeddings = position_embeddings_by_type(
             self.rotary_emb, hidden_states, position_ids, layer_types
         )

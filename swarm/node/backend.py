@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from swarm.models.span import BlockSpan
-from swarm.node.compute import SERVE, ComputeThread
+from swarm.node.batched_decode import can_batch, decode_sessions
+from swarm.node.compute import INFERENCE, SERVE, Batchable, ComputeThread
 from swarm.node.errors import RequestError
 from swarm.node.kv_cache import SpanCache, kv_bytes_per_token
 from swarm.node.limits import NodeLimits
@@ -68,6 +71,8 @@ class SpanBackend:
         self.sessions = SessionBudget(limits.cache_tokens, self.kv_bytes_per_token(len(span.layers)))
         self.retired: str | None = None  # why this span takes no more work (the node moved), if it doesn't
         self.small_step_seconds = float("inf")  # the last decode step's compute time: unknown until one ran
+        self.decode_batch = limits.decode_batch if can_batch(span) else 1
+        self.batched_steps = 0  # decode steps that ran in a batch of two or more (--batch-decode)
 
     @property
     def start(self) -> int:
@@ -251,13 +256,17 @@ class SpanBackend:
             self.small_step_seconds = time.perf_counter() - started
         return output
 
-    def _inference_step_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+    @staticmethod
+    def _prepare_cache(session: Session, position: int, layers: slice) -> None:
+        """The session's cache, allocated at its first step and cut back to `position` on a rewind."""
         if session.cache is None:
-            layers = inputs.layers
             session.cache = SpanCache(layers.start, layers.stop - layers.start, session.max_length)
         if position < session.length:
             session.cache.truncate(position)  # the client rewinds: recompute from `position`
             session.length = position
+
+    def _inference_step_sync(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
+        self._prepare_cache(session, position, inputs.layers)
         before = session.cache.snapshot()
         try:
             if inputs.hypo_ids is not None:
@@ -272,13 +281,86 @@ class SpanBackend:
         session.length = position + hidden.shape[1]
         return out.to("cpu", inputs.wire_dtype)
 
+    def _batchable_step(self, inputs: SpanInputs) -> bool:
+        """A one-token step of a one-row session with nothing but hidden states (and maybe positions):
+        what decode_sessions runs together with other sessions' steps."""
+        return (
+            self.decode_batch > 1
+            and tuple(inputs.hidden_states.shape[:2]) == (1, 1)
+            and inputs.attention_mask is None
+            and inputs.prompts is None
+            and inputs.hypo_ids is None
+        )
+
+    @torch.inference_mode()
+    def _inference_batch_sync(self, steps: list[tuple[Session, int, SpanInputs]]) -> list[tuple[bool, Any]]:
+        """Decode steps of several sessions (on the same layers) as one call: one (ok, output or error)
+        per step. A step that cannot start (a closed session) fails alone; if the batched call fails,
+        every cache is put back and each step runs alone, so that an error is its own session's."""
+        outcomes: list[tuple[bool, Any] | None] = [None] * len(steps)
+        with contextlib.ExitStack() as computing:
+            ready = []
+            for index, (session, position, inputs) in enumerate(steps):
+                try:
+                    computing.enter_context(self.sessions.computing(session))
+                    self._prepare_cache(session, position, inputs.layers)
+                    ready.append(index)
+                except Exception as e:
+                    outcomes[index] = (False, e)
+            if ready:
+                self._decode_ready([steps[i] for i in ready], ready, outcomes)
+        return outcomes
+
+    def _decode_ready(self, steps: list[tuple[Session, int, SpanInputs]], indices: list[int], outcomes: list):
+        """Run `steps` (their sessions ready) through decode_sessions; outcomes[indices[i]] is step i's."""
+        snapshots = [session.cache.snapshot() for session, _, _ in steps]
+        try:
+            hidden = torch.cat([inputs.hidden_states for _, _, inputs in steps]).to(self.device, self.dtype)
+            positions = torch.tensor(
+                [
+                    [int(inputs.position_ids[0, 0]) if inputs.position_ids is not None else position]
+                    for _, position, inputs in steps
+                ],
+                device=self.device,
+            )
+            caches = [session.cache for session, _, _ in steps]
+            out = decode_sessions(self.span, hidden, positions, caches, steps[0][2].layers)
+        except Exception as e:
+            logger.warning(
+                "a batched decode step of %d sessions failed (%r): running each alone", len(steps), e
+            )
+            for (session, position, inputs), snapshot, index in zip(steps, snapshots, indices, strict=True):
+                session.cache.restore(snapshot)
+                session.cache.truncate(position)
+                try:
+                    outcomes[index] = (True, self._inference_step_sync(session, position, inputs))
+                except Exception as error:
+                    outcomes[index] = (False, error)
+            return
+        if not self.batched_steps:  # once, so that an operator (and a test) sees batching happen
+            logger.info("decode steps of %d sessions ran as one call (--batch-decode)", len(steps))
+        self.batched_steps += len(steps)
+        for row, ((session, position, inputs), index) in enumerate(zip(steps, indices, strict=True)):
+            session.length = position + 1
+            outcomes[index] = (True, out[row : row + 1].to("cpu", inputs.wire_dtype))
+
     async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         """One step of a session: new tokens' hidden states through the span, extending its KV cache.
 
         A decode step (at most INLINE_STEP_TOKENS tokens) while the compute thread is idle, on a span whose
         last such step took under INLINE_STEP_SECONDS, runs right here on the event loop's thread: handing
         it to the compute thread and back costs two thread switches, more than the step itself on a small
-        span. Anything else, or a busy node, queues as usual."""
+        span. Anything else, or a busy node, queues as usual.
+
+        With --batch-decode, while other sessions are open here, a one-token step queues instead (at
+        inference priority, like every step) to run together with the other sessions' waiting steps."""
+        if self._batchable_step(inputs) and self.sessions.num_sessions > 1:
+            batch = Batchable(
+                (inputs.layers.start, inputs.layers.stop), self._inference_batch_sync, self.decode_batch
+            )
+            return await self._run(
+                self._inference_sync, session, position, inputs, priority=INFERENCE, batch=batch
+            )
         if (
             _tokens(inputs) <= INLINE_STEP_TOKENS
             and self.small_step_seconds < INLINE_STEP_SECONDS
@@ -287,13 +369,13 @@ class SpanBackend:
             ran, output = self.executor.run_if_idle(self._inference_sync, session, position, inputs)
             if ran:
                 return output
-        return await self._run(self._inference_sync, session, position, inputs)
+        return await self._run(self._inference_sync, session, position, inputs, priority=INFERENCE)
 
-    async def _run(self, fn, *args, priority: int = SERVE):
+    async def _run(self, fn, *args, priority: int = SERVE, batch: Batchable | None = None):
         try:
             if self.retired is not None:
                 raise RuntimeError(self.retired)
-            future = asyncio.wrap_future(self.executor.submit(fn, *args, priority=priority))
+            future = asyncio.wrap_future(self.executor.submit(fn, *args, priority=priority, batch=batch))
         except RuntimeError:  # retired, or its executor shut down meanwhile
             raise RequestError(
                 swarm_pb2.Error.UNKNOWN_BLOCKS, self.retired or "this span is shut down"

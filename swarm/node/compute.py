@@ -1,5 +1,7 @@
-"""One compute thread per span, taking work by priority: requests a client is waiting on go before
-verification work that nobody waits on step by step (a spot check's trace of a whole prefix)."""
+"""One compute thread per span, taking work by priority: inference steps first (a client waits on each
+token), then forward and backward calls (training and fine-tuning), then verification work that nobody waits
+on step by step (a spot check's trace of a whole prefix). Calls that say they batch with each other (decode
+steps of different sessions on the same layers) run as one call when several of them wait at once."""
 
 from __future__ import annotations
 
@@ -7,13 +9,26 @@ import concurrent.futures
 import heapq
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from swarm.verification.determinism import adopt_thread_count
 
-SERVE = 0  # forward, backward and inference steps
-VERIFY = 1  # spot-check traces and dispute answers: they run when no request waits
+INFERENCE = 0  # inference steps: a client waits on every token
+SERVE = 1  # forward and backward calls (training, fine-tuning)
+VERIFY = 2  # spot-check traces and dispute answers: they run when no request waits
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """Marks a call that may run together with other waiting calls of the same `key` (and priority):
+    `run_many(list of their args)` returns one (ok, result or exception) per call, in order, so that one
+    call's error fails only that call. At most `limit` calls go in one batch, oldest first."""
+
+    key: Any
+    run_many: Callable[[list[tuple]], Sequence[tuple[bool, Any]]]
+    limit: int
 
 
 class ComputeThread:
@@ -21,7 +36,7 @@ class ComputeThread:
     order within a priority. A call that is running is never interrupted."""
 
     def __init__(self, name: str = "swarm-compute"):
-        self._queue: list[tuple[int, int, Callable, tuple, concurrent.futures.Future]] = []
+        self._queue: list[tuple[int, int, Callable, tuple, concurrent.futures.Future, Batchable | None]] = []
         self._order = itertools.count()
         self._wake = threading.Condition()
         self._shut = False
@@ -29,13 +44,16 @@ class ComputeThread:
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable, *args: Any, priority: int = SERVE) -> concurrent.futures.Future:
-        """Queue `fn(*args)`; RuntimeError after shutdown."""
+    def submit(
+        self, fn: Callable, *args: Any, priority: int = SERVE, batch: Batchable | None = None
+    ) -> concurrent.futures.Future:
+        """Queue `fn(*args)`; RuntimeError after shutdown. With `batch`, it may instead run through
+        `batch.run_many` together with other waiting calls of the same key and priority."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
             if self._shut:
                 raise RuntimeError("cannot schedule new work after shutdown")
-            heapq.heappush(self._queue, (priority, next(self._order), fn, args, future))
+            heapq.heappush(self._queue, (priority, next(self._order), fn, args, future, batch))
             self._wake.notify()
         return future
 
@@ -62,33 +80,64 @@ class ComputeThread:
                     if self._shut and not self._queue:
                         return
                     self._wake.wait()
-                *_, fn, args, future = heapq.heappop(self._queue)
+                entries = self._take_batch(heapq.heappop(self._queue))
                 self._busy = True
-            outcome: tuple[bool, Any] | None = None
+            outcomes: list[tuple[concurrent.futures.Future, tuple[bool, Any]]] = []
             try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        outcome = (True, fn(*args))
-                    except BaseException as e:
-                        outcome = (False, e)
+                outcomes = self._run_entries(entries)
             finally:
-                # idle before the caller hears back, so that its next call may run inline (run_if_idle)
+                # idle before the callers hear back, so that the next call may run inline (run_if_idle)
                 with self._wake:
                     self._busy = False
-            if outcome is not None:
-                ok, value = outcome
+            for future, (ok, value) in outcomes:
                 if ok:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    def _take_batch(self, head: tuple) -> list[tuple]:
+        """`head` and, if it batches, the oldest waiting calls of its key and priority (up to its limit),
+        taken off the queue. Called holding the lock."""
+        batch = head[5]
+        if batch is None or batch.limit <= 1:
+            return [head]
+        mates = sorted(
+            (e for e in self._queue if e[5] is not None and e[5].key == batch.key and e[0] == head[0]),
+            key=lambda e: e[1],
+        )[: batch.limit - 1]
+        if mates:
+            taken = {id(e) for e in mates}
+            self._queue = [e for e in self._queue if id(e) not in taken]
+            heapq.heapify(self._queue)
+        return [head, *mates]
+
+    @staticmethod
+    def _run_entries(entries: list[tuple]) -> list[tuple[concurrent.futures.Future, tuple[bool, Any]]]:
+        """Run one call, or a batch through its run_many; calls whose callers gave up are dropped."""
+        live = [e for e in entries if e[4].set_running_or_notify_cancel()]
+        if not live:
+            return []
+        if len(live) == 1:
+            *_, fn, args, future, _batch = live[0]
+            try:
+                return [(future, (True, fn(*args)))]
+            except BaseException as e:
+                return [(future, (False, e))]
+        try:
+            results = list(live[0][5].run_many([e[3] for e in live]))
+            if len(results) != len(live):
+                raise RuntimeError(f"a batch of {len(live)} calls returned {len(results)} results")
+        except BaseException as e:
+            results = [(False, e)] * len(live)
+        return [(e[4], result) for e, result in zip(live, results, strict=True)]
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Take no more work; with `cancel_futures`, drop what is queued; with `wait`, let the rest finish."""
         with self._wake:
             self._shut = True
             if cancel_futures:
-                for *_, future in self._queue:
-                    future.cancel()
+                for entry in self._queue:
+                    entry[4].cancel()
                 self._queue.clear()
             self._wake.notify_all()
         if wait and threading.current_thread() is not self._thread:

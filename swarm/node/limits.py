@@ -21,6 +21,7 @@ class NodeLimits:
     max_streams_per_peer: int = 16
     max_buffered_bytes: int = 1024 * 1024 * 1024  # request bytes held across all streams at once
     stream_message_timeout: float = 30.0  # a request stream with no complete message this long is dropped
+    decode_batch: int = 1  # one-token steps of up to this many sessions run as one call (1: each alone)
 
     def __post_init__(self):
         for name, value in vars(self).items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swarm.node.compute import SERVE, VERIFY, ComputeThread
+from swarm.node.compute import INFERENCE, SERVE, VERIFY, Batchable, ComputeThread
 from swarm.verification.determinism import deterministic_profile
 
 
@@ -105,3 +105,45 @@ def test_a_busy_compute_thread_refuses_to_run_a_call_inline():
     assert running.result(10) is True
     compute.shutdown()
     assert compute.run_if_idle(lambda: "never") == (False, None)  # nor one shut down
+
+
+def test_inference_steps_go_before_forward_and_backward_calls():
+    compute = ComputeThread()
+    running, release = _occupy(compute)
+    ran: list[str] = []
+    futures = [
+        compute.submit(ran.append, name, priority=priority)
+        for name, priority in [("backward", SERVE), ("trace", VERIFY), ("step", INFERENCE)]
+    ]
+    release.set()
+    for future in [running, *futures]:
+        future.result(10)
+    assert ran == ["step", "backward", "trace"]
+    compute.shutdown()
+
+
+def test_waiting_calls_of_one_key_run_as_one_batch_oldest_first_and_fail_alone():
+    compute = ComputeThread()
+    batches: list[list[str]] = []
+
+    def run_many(calls: list[tuple]) -> list[tuple[bool, object]]:
+        batches.append([name for (name,) in calls])
+        return [(False, ValueError(name)) if name == "bad" else (True, name.upper()) for (name,) in calls]
+
+    a, b = Batchable("a", run_many, limit=3), Batchable("b", run_many, limit=3)
+    running, release = _occupy(compute)
+    names = [("a1", a), ("b1", b), ("bad", a), ("a3", a), ("a4", a), ("alone", None)]
+    futures = {
+        name: compute.submit(lambda n: f"{n} alone", name, priority=INFERENCE, batch=batch)
+        for name, batch in names
+    }
+    release.set()
+    running.result(10)
+    assert futures["a1"].result(10) == "A1" and futures["a3"].result(10) == "A3"
+    with pytest.raises(ValueError, match="bad"):  # its error is its own: the others in its batch got theirs
+        futures["bad"].result(10)
+    assert futures["b1"].result(10) == "b1 alone"  # a batch of one runs as the plain call
+    assert futures["a4"].result(10) == "a4 alone"
+    assert futures["alone"].result(10) == "alone alone"
+    assert batches == [["a1", "bad", "a3"]]  # at most `limit`, oldest first; a4 waited for the next turn
+    compute.shutdown()
