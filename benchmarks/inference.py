@@ -42,11 +42,16 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
     return [t for run in runs[1:] for t in run]
 
 
-def swarm_latencies(model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops):
-    """Per-token gaps for each decoding loop in `loops` (runs alternate), the route's hops, the RPC RTT."""
+def swarm_latencies(
+    model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops, push: bool = False
+):
+    """Per-token gaps for each decoding loop in `loops` (runs alternate), the route's hops, the RPC RTT.
+    `push`: steps go node to node (ClientConfig.push) instead of through the client at every hop."""
     from swarm.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype, device=device) as model:
+    with DistributedModelForCausalLM.from_pretrained(
+        model_name, peers, dtype=dtype, device=device, push=push
+    ) as model:
         runs, hops = {loop: [] for loop in loops}, 0
         for _ in range(repeats + 1):
             for loop in loops:

@@ -3,6 +3,9 @@ round trip of `--rtt-ms` to it and `--rate-mbit` of bandwidth out of it; the cli
 itself. Local transformers on the same weights runs in the same process for the ratio. Needs root.
 
     sudo python -m benchmarks.wan --model smollm2-135m-instruct --nodes 3 --rtt-ms 50 --rate-mbit 100
+
+`--chain push` has the nodes push each step to the next one (ClientConfig.push), `client` (the default)
+has the client take every span's output to the next; `both` measures both on the same swarm, alternating.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chain", choices=["client", "push", "both"], default="client")
+    parser.add_argument("--rounds", type=int, default=1, help="with --chain both: alternations of the two")
     args = parser.parse_args(argv)
+    chains = ["client", "push"] if args.chain == "both" else [args.chain]
 
     from swarm.local import split_blocks
     from swarm.models.checkpoint import resolve_checkpoint
@@ -50,10 +56,27 @@ def main(argv=None) -> None:
             nodes.append(harness.start_node(f"host{index}", args.model, blocks, peers))
         for node in nodes:
             harness.wait_ready(node)
-        latencies_by_loop, hops, rtt = swarm_latencies(
-            args.model, peers, input_ids, args.new_tokens, torch.float32, "cpu", args.repeats, ["swarm"]
-        )
-        latencies = latencies_by_loop["swarm"]
+        measured = {}
+        for _ in range(args.rounds):
+            for chain in chains:
+                latencies_by_loop, hops, rtt = swarm_latencies(
+                    args.model,
+                    peers,
+                    input_ids,
+                    args.new_tokens,
+                    torch.float32,
+                    "cpu",
+                    args.repeats,
+                    ["swarm"],
+                    push=chain == "push",
+                )
+                previous = measured.get(chain, ([], hops, []))[0]
+                measured[chain] = (previous + latencies_by_loop["swarm"], hops, rtt)
+    for chain, (latencies, hops, rtt) in measured.items():
+        print_result(args, checkpoint, chain, local, latencies, hops, rtt)
+
+
+def print_result(args, checkpoint, chain: str, local: list, latencies: list, hops: int, rtt: float) -> None:
     local_median, median = statistics.median(local), statistics.median(latencies)
     print(
         json.dumps(
@@ -64,6 +87,7 @@ def main(argv=None) -> None:
                 "dtype": "float32",
                 "device_name": device_name("cpu"),
                 "nodes": args.nodes,
+                "chain": chain,
                 "hops": hops,
                 "emulated_rtt_ms": args.rtt_ms,
                 "rate_mbit": args.rate_mbit,

@@ -29,6 +29,10 @@ class ClientConfig:
     # the fraction of span calls also given to a second node and compared (swarm.verification.spot_check)
     verify_rate: float = 0.0
     honour_verdicts: bool = True  # re-check verdicts found in the DHT and avoid the nodes they convict
+    # inference steps go node to node (server-to-server push): the client sends a step to the first node
+    # only and each node pushes its output to the next, all of them replying to the client too; off: the
+    # client takes every span's output to the next itself (a client round trip per span)
+    push: bool = False
 
     def __post_init__(self):
         if self.liveness_period <= 0:

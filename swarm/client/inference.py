@@ -1,9 +1,11 @@
 """Client side of inference sessions: a chain of per-node streams, driven step by step from the client.
 
 The client sends each step's hidden states to the first node of the route, takes its output to the
-next node, and so on (a client-driven chain). It keeps every span's inputs, so when a node fails the
-client replays that span's history on a replacement chain and carries on; the other spans keep their
-caches untouched.
+next node, and so on (a client-driven chain). With `ClientConfig.push`, it sends a step to the first node
+only, naming the rest of the chain, and each node pushes its output on to the next one (server-to-server
+push); every node still replies to the client, which gets each span's output as before. It keeps every
+span's inputs, so when a node fails the client replays that span's history on a replacement chain and
+carries on; the other spans keep their caches untouched.
 """
 
 from __future__ import annotations
@@ -45,10 +47,20 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # spot checks left running behind generation at once; past this a step's check is waited for (each one
 # recomputes the span's whole prefix on two nodes, so a backlog would only grow)
 MAX_DEFERRED_CHECKS = 4
+# pushes that failed although their target answered the client (not explained by a recovery): past this
+# many the session drives its chain itself
+MAX_PUSH_ERRORS = 3
+
+
+class _PushFailed(Exception):
+    """A node served the step but could not push it on: the client sends it to the next node itself."""
 
 
 class SpanStream:
-    """One node's part of a session: an open `rpc_inference` stream, one reply per step."""
+    """One node's part of a session: an open `rpc_inference` stream, one reply per step.
+
+    With `accept_push`, the session there also takes steps the previous node of the chain pushes to it; it
+    replies to those on this stream too, under the step id the client gave the step."""
 
     def __init__(
         self,
@@ -58,14 +70,22 @@ class SpanStream:
         max_length: int,
         timeout: float,
         liveness_period: float = ClientConfig.liveness_period,
+        accept_push: bool = False,
     ):
         self.p2p, self.span, self.session_id = p2p, span, session_id
         self.max_length, self.timeout, self.liveness_period = max_length, timeout, liveness_period
+        self.accept_push = accept_push
         # requests wait here for the stream, which opens with the first step (libp2p may not finish
         # opening it earlier); the queue binds to the client's loop on first use
         self._queue: asyncio.Queue | None = asyncio.Queue()
         self._responses = None
+        # every reply (or the exception that ended the stream), read in the background so that waiting
+        # for one can be given up without breaking the stream
+        self._replies: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
         self._opened = False
+        self.serving = False  # the node opened the session (answered a step of it)
+        self.num_sent = 0  # requests the client sent (pushed steps not counted)
 
     async def _requests(self):
         while True:
@@ -73,6 +93,33 @@ class SpanStream:
             if request is None:
                 return
             yield request
+
+    def request(
+        self,
+        hidden: torch.Tensor,
+        position: int,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        hypo_ids: torch.Tensor | None = None,
+        step_id: int = 0,
+        push_to: list[swarm_pb2.PushTarget] | None = None,
+    ) -> swarm_pb2.InferenceRequest:
+        """A step's request (the first one opens the session)."""
+        request = swarm_pb2.InferenceRequest(
+            position=position,
+            tensors=[serialize(hidden)],
+            position_ids=serialize(position_ids),
+            step_id=step_id,
+            push_to=push_to or [],
+        )
+        if attention_mask is not None:
+            request.attention_mask.CopyFrom(serialize(attention_mask))
+        if prompts is not None:
+            request.prompts.CopyFrom(serialize(prompts))
+        if hypo_ids is not None:
+            request.hypo_ids.CopyFrom(serialize(hypo_ids))
+        return request
 
     async def step(
         self,
@@ -82,39 +129,52 @@ class SpanStream:
         position_ids: torch.Tensor,
         prompts: torch.Tensor | None = None,
         hypo_ids: torch.Tensor | None = None,
+        step_id: int = 0,
     ) -> torch.Tensor:
         """Send new tokens' hidden states (with the span's deep prompts at position 0, and the cache rows
         to keep before the step); returns the span's outputs for them."""
-        request = swarm_pb2.InferenceRequest(
-            position=position,
-            tensors=[serialize(hidden)],
-            position_ids=serialize(position_ids),
+        await self.send(
+            self.request(hidden, position, attention_mask, position_ids, prompts, hypo_ids, step_id)
         )
-        if attention_mask is not None:
-            request.attention_mask.CopyFrom(serialize(attention_mask))
-        if prompts is not None:
-            request.prompts.CopyFrom(serialize(prompts))
-        if hypo_ids is not None:
-            request.hypo_ids.CopyFrom(serialize(hypo_ids))
+        return await self.receive(step_id, position, hidden.shape)
+
+    async def send(self, request: swarm_pb2.InferenceRequest) -> None:
+        """Queue a request on the stream, opening it (and the session) with the first."""
         if not self._opened:
             request.session_id, request.max_length = self.session_id, self.max_length
             request.start_block, request.end_block = self.span.start, self.span.end
+            request.accept_push = self.accept_push
             self._opened = True
         self._queue.put_nowait(request)
+        self.num_sent += 1
         if self._responses is None:
             if self.span.info.relay_maddrs:  # behind NAT: dial it through its relays (swarm.dht.relay)
                 await connect_through(self.p2p, self.span.peer_id, self.span.info.relay_maddrs, self.timeout)
             stub = NodeProtocol.stub(self.p2p, self.span.peer_id)
             self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout)
+            self._reader = asyncio.ensure_future(self._read_replies())
+
+    async def _read_replies(self) -> None:
         try:
+            async for response in self._responses:
+                self._replies.put_nowait(response)
+            self._replies.put_nowait(
+                RemoteError(self.span.peer_id, swarm_pb2.Error(message="the node closed the session stream"))
+            )
+        except Exception as e:
+            self._replies.put_nowait(e)
+
+    async def receive(self, step_id: int, position: int, shape: torch.Size) -> torch.Tensor:
+        """The span's output for step `step_id` (sent at `position` with hidden states of `shape`); replies
+        to steps the client went on without are dropped."""
+        while True:
             response = await self._next_reply()
-        except StopAsyncIteration:
-            raise RemoteError(
-                self.span.peer_id, swarm_pb2.Error(message="the node closed the session stream")
-            ) from None
+            if response.step_id not in (step_id, 0) or response.HasField("push_error"):
+                continue  # 0: a node that does not echo step ids (one reply per request)
+            break
         if response.HasField("error"):
             raise RemoteError(self.span.peer_id, response.error)
-        if len(response.tensors) != 1 or response.position != position + hidden.shape[1]:
+        if len(response.tensors) != 1 or response.position != position + shape[1]:
             raise RemoteError(self.span.peer_id, swarm_pb2.Error(message="malformed inference reply"))
         output = deserialize_checked(
             response.tensors[0],
@@ -123,26 +183,38 @@ class SpanStream:
             ndim=3,
             max_bytes=MAX_RESPONSE_BYTES,
         )
-        if output.shape != hidden.shape:
+        if output.shape != shape:
             raise RemoteError(
                 self.span.peer_id,
-                swarm_pb2.Error(message=f"output shape {tuple(output.shape)} != input {tuple(hidden.shape)}"),
+                swarm_pb2.Error(message=f"output shape {tuple(output.shape)} != input {tuple(shape)}"),
             )
         check_finite(self.span.peer_id, [output])
+        self.serving = True
         return output
+
+    async def push_failure(self, step_id: int) -> swarm_pb2.Error:
+        """Wait for the node to say that it could not push step `step_id` on to the next node; if it pushed
+        it, this never returns (cancel it)."""
+        while True:
+            reply = await self._replies.get()
+            if isinstance(reply, BaseException):  # no notice can come any more
+                self._replies.put_nowait(reply)
+                await asyncio.Future()
+            if reply.step_id == step_id and reply.HasField("push_error"):
+                return reply.push_error
 
     async def _next_reply(self) -> swarm_pb2.InferenceResponse:
         """The stream's next reply, within the request timeout. A reply late by `liveness_period` has the
         node asked for its info on a new stream (within twice that): an open stream to a node that died
         (killed, or its link cut) can stay silent until the timeout, while a busy node still answers."""
-        reply = asyncio.ensure_future(anext(self._responses))
+        reply = asyncio.ensure_future(self._replies.get())
         deadline = time.monotonic() + self.timeout
         try:
             while True:
                 left = deadline - time.monotonic()
                 done, _ = await asyncio.wait({reply}, timeout=max(0.0, min(self.liveness_period, left)))
                 if done:
-                    return reply.result()
+                    return self._unwrap(reply.result())
                 if left <= self.liveness_period:
                     raise TimeoutError(f"no reply from {self.span.peer_id} within {self.timeout:g} s")
                 try:  # a generous bound: a node whose event loop is merely slow must not be left for dead
@@ -151,14 +223,28 @@ class SpanStream:
                     pass  # its handler answered, with an error: the node is alive
                 except Exception as e:
                     if reply.done():
-                        return reply.result()
+                        return self._unwrap(reply.result())
                     raise ConnectionError(
                         f"{self.span.peer_id} sent no reply for {self.liveness_period:g} s and does not "
                         f"answer: {e!r}"
                     ) from e
         finally:
             if not reply.done():
-                reply.cancel()
+                reply.cancel()  # asyncio.Queue keeps the item of a cancelled get()
+
+    def _unwrap(self, reply: swarm_pb2.InferenceResponse | BaseException) -> swarm_pb2.InferenceResponse:
+        if isinstance(reply, BaseException):
+            self._replies.put_nowait(reply)  # the stream stays ended for whoever reads next
+            raise reply
+        return reply
+
+    async def abandon(self) -> None:
+        """Drop the stream without a close message, as a crashed client would (the node frees the cache)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._responses is not None:
+            await asyncio.wait_for(self._responses.aclose(), 1.0)
 
     async def close(self) -> None:
         """Ask the node to free the cache, then drop the stream (the node frees it on disconnect too)."""
@@ -167,6 +253,8 @@ class SpanStream:
         self._queue.put_nowait(swarm_pb2.InferenceRequest(close=True))
         self._queue.put_nowait(None)
         try:
+            if self._reader is not None:  # the node ends the stream after `close`
+                await asyncio.wait_for(self._reader, 1.0)
             if self._responses is not None:
                 await asyncio.wait_for(self._responses.aclose(), 1.0)
         except Exception as e:  # the node may be gone already
@@ -224,6 +312,8 @@ class InferenceSession:
         self.prefix_length = 0 if prompts is None else prompts.length
         self.session_id = uuid.uuid4().hex
         self._streams_opened = itertools.count()  # each span's stream gets its own id (see _open_chain)
+        self._step_ids = itertools.count(1)  # replies carry their step's id: late ones are told apart
+        self.num_push_errors = 0  # since the last recovery (MAX_PUSH_ERRORS)
         self.position = 0  # positions whose keys and values the nodes hold (the prompts' included)
         self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
         self.attention_mask: torch.Tensor | None = None  # (batch, len(output_ids))
@@ -386,6 +476,21 @@ class InferenceSession:
         opinion = SecondOpinion(client)
         force_check = False  # the step that replaces a convicted node's is checked too
         while index < len(self._spans):
+            segment = self._push_segment(index, position)
+            if segment:
+                served, error = client.run_async(
+                    self._push_step(segment, hidden, position, mask, position_ids)
+                )
+                for output, seconds in served:
+                    self._served(self._spans[index], hidden, seconds, opinion)
+                    hidden = output
+                    index += 1
+                if isinstance(error, _PushFailed):  # the next node did not get the step: send it there
+                    logger.info("%s", error)
+                    self.num_push_errors += 1
+                elif error is not None:
+                    failures = self._hop_failed(error, index, position, mask, failures, opinion)
+                continue
             state = self._spans[index]
             started = time.perf_counter()
             # commitments cover the blocks' plain forward: steps with deep prompts cannot be checked
@@ -408,37 +513,14 @@ class InferenceSession:
                     )
                 else:
                     prompts = self._deep_prompts(state.span, position)
-                    output = client.run_async(
-                        state.stream.step(hidden, position, mask, position_ids, prompts, state.reorder)
+                    step = state.stream.step(
+                        hidden, position, mask, position_ids, prompts, state.reorder, next(self._step_ids)
                     )
+                    output = client.run_async(step)
             except Exception as e:
-                culprit = blame(e)
-                if culprit == "request":  # our own request, unless another node takes it
-                    excluded = opinion.refused(e, state.span)
-                    failures = self._replace_span(index, mask, failures, punish=None, exclude=excluded)
-                    continue
-                failures += 1
-                logger.warning(
-                    "node %s failed on blocks [%d, %d) at position %d: %r",
-                    state.span.peer_id,
-                    state.span.start,
-                    state.span.end,
-                    position,
-                    e,
-                )
-                if failures > client.config.max_retries:
-                    raise
-                failures = self._replace_span(index, mask, failures, punish=culprit, exclude=opinion.excluded)
+                failures = self._hop_failed(e, index, position, mask, failures, opinion)
                 continue
-            opinion.served()
-            state.reorder = None  # its node applied it
-            elapsed = time.perf_counter() - started
-            span = state.span
-            client.record_hop(
-                span.peer_id, hidden.shape[0] * hidden.shape[1] * (span.end - span.start), elapsed
-            )
-            if self.on_hop is not None:
-                self.on_hop(state.span, hidden.shape[1], elapsed)
+            self._served(state, None, time.perf_counter() - started, opinion, hidden.shape)
             if deferred:
                 self._defer_check(state, hidden, position, mask, position_ids, output)
             elif checking:
@@ -456,6 +538,129 @@ class InferenceSession:
         if self.on_step is not None:
             self.on_step(self.position)
         return hidden
+
+    def _served(
+        self,
+        state: _SpanState,
+        hidden: torch.Tensor | None,
+        seconds: float,
+        opinion: SecondOpinion,
+        shape: torch.Size | None = None,
+    ) -> None:
+        """Account for a span that served a step (its input `hidden` kept for replay, when given)."""
+        opinion.served()
+        state.reorder = None  # its node applied it
+        span = state.span
+        batch, new_tokens = (hidden.shape if hidden is not None else shape)[:2]
+        self.client.record_hop(span.peer_id, batch * new_tokens * (span.end - span.start), seconds)
+        if self.on_hop is not None:
+            self.on_hop(span, new_tokens, seconds)
+        if hidden is not None:
+            state.inputs.append(hidden)
+
+    def _hop_failed(
+        self,
+        error: Exception,
+        index: int,
+        position: int,
+        mask: torch.Tensor | None,
+        failures: int,
+        opinion: SecondOpinion,
+    ) -> int:
+        """Replace the span that failed a step (re-route, replay); returns the failures so far, or raises the
+        error when it was our own request or the retries are used up."""
+        state = self._spans[index]
+        culprit = blame(error)
+        if culprit == "request":  # our own request, unless another node takes it
+            excluded = opinion.refused(error, state.span)
+            return self._replace_span(index, mask, failures, punish=None, exclude=excluded)
+        failures += 1
+        logger.warning(
+            "node %s failed on blocks [%d, %d) at position %d: %r",
+            state.span.peer_id,
+            state.span.start,
+            state.span.end,
+            position,
+            error,
+        )
+        if failures > self.client.config.max_retries:
+            raise error
+        return self._replace_span(index, mask, failures, punish=culprit, exclude=opinion.excluded)
+
+    def _push_segment(self, index: int, position: int) -> list[_SpanState]:
+        """The spans from `index` on that one step can pass through by push (at least two), or [] to drive
+        this hop from the client. A stream opens with a step from the client (the node has no session to push
+        to before), and pushes skip spot-checked steps, the first step (deep prompts), nodes behind relays
+        (the previous node may not reach them) and a node passed to itself."""
+        client = self.client
+        if not client.config.push or position == 0 or client.spot_checker is not None:
+            return []
+        if self.num_push_errors >= MAX_PUSH_ERRORS:
+            return []
+        segment = [self._spans[index]]
+        if not segment[0].stream.serving:
+            return []
+        for state in self._spans[index + 1 :]:
+            stream, previous = state.stream, segment[-1].span
+            if not (stream.accept_push and stream.serving) or state.span.info.relay_maddrs:
+                break
+            if state.span.peer_id == previous.peer_id:
+                break
+            segment.append(state)
+        return segment if len(segment) > 1 else []
+
+    async def _push_step(
+        self,
+        segment: list[_SpanState],
+        hidden: torch.Tensor,
+        position: int,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+    ) -> tuple[list[tuple[torch.Tensor, float]], Exception | None]:
+        """Send a step to the segment's first node, which pushes it along the rest; wait for every span's
+        output in turn. Returns (output, seconds since the previous one) of the spans that served it, and
+        what stopped the rest (None: all served)."""
+        step_id = next(self._step_ids)
+        targets = []
+        for state in segment[1:]:
+            target = swarm_pb2.PushTarget(peer_id=state.span.peer_id, session_id=state.stream.session_id)
+            if state.reorder is not None:
+                target.hypo_ids.CopyFrom(serialize(state.reorder))
+            targets.append(target)
+        first = segment[0]
+        served: list[tuple[torch.Tensor, float]] = []
+        last = time.perf_counter()
+        request = first.stream.request(
+            hidden, position, mask, position_ids, hypo_ids=first.reorder, step_id=step_id, push_to=targets
+        )
+        try:
+            await first.stream.send(request)
+            served.append((await first.stream.receive(step_id, position, hidden.shape), 0.0))
+        except Exception as e:
+            return served, e
+        served[0] = (served[0][0], time.perf_counter() - last)
+        last = time.perf_counter()
+        for previous, state in zip(segment, segment[1:], strict=False):
+            output = asyncio.ensure_future(state.stream.receive(step_id, position, hidden.shape))
+            failed = asyncio.ensure_future(previous.stream.push_failure(step_id))
+            try:
+                await asyncio.wait({output, failed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pending in (output, failed):
+                    if not pending.done():
+                        pending.cancel()
+            if not output.done() or output.cancelled():
+                error = failed.result()
+                return served, _PushFailed(
+                    f"{previous.span.peer_id} could not push step {step_id} to {state.span.peer_id} "
+                    f"({swarm_pb2.Error.Code.Name(error.code)}: {error.message}); sending it there"
+                )
+            try:
+                served.append((output.result(), time.perf_counter() - last))
+            except Exception as e:
+                return served, e
+            last = time.perf_counter()
+        return served, None
 
     async def _step_and_check(
         self,
@@ -584,6 +789,7 @@ class InferenceSession:
                     self.max_length + self.prefix_length,
                     timeout,
                     self.client.config.liveness_period,
+                    accept_push=self.client.config.push,
                 ),
             )
             for span in route
@@ -607,6 +813,7 @@ class InferenceSession:
             self.client.bans.cool_down(failed.span.peer_id, BUSY_COOL_DOWN)
         self.client.run_async(failed.stream.close())
         self.num_recoveries += 1
+        self.num_push_errors = 0  # a push to a node that failed is not push's fault
         while True:
             route = self._route_like(failed.span, exclude)
             replacement = self._open_chain(route)
@@ -663,9 +870,16 @@ class InferenceSession:
                 step_mask = None if full_mask is None else full_mask[:, :end]
                 try:
                     prompts = self._deep_prompts(state.span, offset)
-                    out = self.client.run_async(
-                        state.stream.step(part, offset, step_mask, position_ids[:, offset:end], prompts)
+                    step = state.stream.step(
+                        part,
+                        offset,
+                        step_mask,
+                        position_ids[:, offset:end],
+                        prompts,
+                        None,
+                        next(self._step_ids),
                     )
+                    out = self.client.run_async(step)
                 except Exception:
                     self.client.ban(state.span.peer_id)
                     raise

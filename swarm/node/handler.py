@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
 
 import torch
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext
 
 from swarm.node.admission import Admission, BufferedBytes
 from swarm.node.backend import SpanBackend, SpanInputs
 from swarm.node.errors import RequestError, error_reply
 from swarm.node.metrics import NodeMetrics
+from swarm.node.push import PushedStep, StepInbox, push_step
 from swarm.node.sessions import Session, check_step_shapes, parse_hypo_ids
 from swarm.proto import swarm_pb2
 from swarm.protocol import MAX_UNARY_MESSAGE_BYTES, STREAM_CHUNK_BYTES, NodeProtocol
@@ -55,6 +56,7 @@ class NodeServicer(NodeProtocol):
         self.sign_reply: Callable[[str, SpanInputs, torch.Tensor], bytes] | None = None
         # served over HTTP with --metrics-port; counted either way (a few dictionary lookups a request)
         self.metrics = NodeMetrics(lambda: self.backend.sessions)
+        self.p2p: P2P | None = None  # the node's own, to push steps to the next node of a chain
 
     def _check_caller(self, context: P2PContext) -> None:
         reason = self.refuse_peer(context.remote_id.to_base58()) if self.refuse_peer is not None else None
@@ -254,17 +256,16 @@ class NodeServicer(NodeProtocol):
         backend = self.backend  # a session stays with the span it opened on, even if the node moves
         sessions = backend.sessions
         idle_timeout = backend.limits.session_timeout
-        iterator = aiter(requests)
+        inbox = StepInbox(requests)  # the client's requests, and steps pushed to the session (rpc_push)
         held = contextlib.ExitStack()
+        pushing: asyncio.Future | None = None
         try:
             while True:
                 # a stream that does not even open its session within the message timeout is dropped
                 # (it holds no session slot to count against the caps meanwhile)
                 wait = idle_timeout if session is not None else backend.limits.stream_message_timeout
                 try:
-                    request = await asyncio.wait_for(anext(iterator), wait)
-                except StopAsyncIteration:
-                    break
+                    item = await inbox.next(wait)
                 except TimeoutError:
                     error = swarm_pb2.Error(
                         code=swarm_pb2.Error.TIMEOUT,
@@ -274,6 +275,10 @@ class NodeServicer(NodeProtocol):
                     )
                     yield swarm_pb2.InferenceResponse(error=error)
                     break
+                if item is None:
+                    break
+                pushed = isinstance(item, PushedStep)
+                request = item.request if pushed else item
                 if session is None:
                     try:
                         held.enter_context(self.admission.session(context.remote_id.to_base58()))
@@ -281,32 +286,100 @@ class NodeServicer(NodeProtocol):
                     except Exception as e:
                         yield self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
                         held.close()
-                        await self._drain(iterator)
+                        await inbox.drain(backend.limits.stream_message_timeout, MAX_STREAM_MESSAGES)
                         break
+                    if request.accept_push:
+                        session.inbox = inbox
                 if request.close:
                     break
                 session.last_active = time.monotonic()
                 with self.metrics.request("inference_step") as outcome:
                     try:
-                        outputs = await self._inference_step(backend, session, request)
+                        if pushed and request.position != session.length:  # the client went on without it
+                            raise RequestError(
+                                swarm_pb2.Error.BAD_REQUEST,
+                                f"pushed step at position {request.position} is stale: "
+                                f"the session holds {session.length} tokens",
+                            )
+                        parsed = item.parsed if pushed else None
+                        outputs = await self._inference_step(backend, session, request, parsed)
+                        output = serialize(outputs)
                         reply = swarm_pb2.InferenceResponse(
-                            tensors=[serialize(outputs)], position=session.length
+                            tensors=[output], position=session.length, step_id=request.step_id
                         )
+                        if request.push_to:  # started before the reply goes out: the next node waits for it
+                            pushing = asyncio.ensure_future(self._push(session, request, output))
                     except Exception as e:
                         reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
-                        reply.position = session.length
+                        reply.position, reply.step_id = session.length, request.step_id
                         outcome["outcome"] = swarm_pb2.Error.Code.Name(reply.error.code)
                 yield reply
+                if pushing is not None:
+                    push_error, pushing = await pushing, None
+                    if push_error is not None:  # the client sends the step to the next node itself
+                        yield swarm_pb2.InferenceResponse(
+                            position=session.length, step_id=request.step_id, push_error=push_error
+                        )
                 if reply.HasField("error"):
                     if reply.error.code in FATAL_SESSION_ERRORS:
                         sessions.release(session)
                         held.close()
-                        await self._drain(iterator)
+                        await inbox.drain(backend.limits.stream_message_timeout, MAX_STREAM_MESSAGES)
                         break
         finally:
+            if pushing is not None:
+                pushing.cancel()
+            inbox.close()
             if session is not None:
+                session.inbox = None
                 sessions.release(session)
             held.close()
+
+    async def _push(
+        self, session: Session, request: swarm_pb2.InferenceRequest, output
+    ) -> swarm_pb2.Error | None:
+        if self.p2p is None:
+            return swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this node does not push steps")
+        error = await push_step(self.p2p, session.owner, request, output)
+        if error is not None:
+            logger.info("push of session %s's step to the next node failed: %s", session.session_id, error)
+        return error
+
+    async def rpc_push(self, request: swarm_pb2.PushRequest, context: P2PContext) -> swarm_pb2.PushResponse:
+        """Queue a step the previous node of a chain pushed into one of this node's sessions. The session must
+        have been opened with accept_push by `request.owner`, and the step must continue it where it stands;
+        it is checked here as a client's would be, and anything else is refused (the pusher tells the client,
+        which sends the step itself). Its session id is the capability: only the client and the nodes of its
+        chain know it."""
+        try:
+            step = request.step
+            session = self.backend.sessions.find(request.owner, step.session_id)
+            inbox = None if session is None else session.inbox
+            if inbox is None or session.closed:
+                raise RequestError(
+                    swarm_pb2.Error.UNKNOWN_SESSION,
+                    f"no session {step.session_id[:MAX_SESSION_ID_LENGTH]!r} of {request.owner[:64]!r} "
+                    "takes pushed steps here",
+                )
+            if (
+                step.close
+                or step.accept_push
+                or step.HasField("prompts")
+                or step.start_block
+                or step.end_block
+            ):
+                raise RequestError(swarm_pb2.Error.BAD_REQUEST, "a pushed step carries a step's tensors only")
+            if session.computing or inbox.has_pushed or step.position != session.length:
+                raise RequestError(
+                    swarm_pb2.Error.BAD_REQUEST,
+                    f"pushed step at position {step.position} does not continue the session "
+                    f"({session.length} tokens{', a step running' if session.computing else ''})",
+                )
+            parsed = await self._parse_step(self.backend, session, step)
+            inbox.push(PushedStep(step, parsed))
+            return swarm_pb2.PushResponse()
+        except Exception as e:
+            return self._error_reply(swarm_pb2.PushResponse, e, context, "push")
 
     def _open_session(
         self, backend: SpanBackend, request: swarm_pb2.InferenceRequest, context: P2PContext
@@ -335,8 +408,21 @@ class NodeServicer(NodeProtocol):
         return session
 
     async def _inference_step(
-        self, backend: SpanBackend, session: Session, request: swarm_pb2.InferenceRequest
+        self, backend: SpanBackend, session: Session, request: swarm_pb2.InferenceRequest, parsed=None
     ):
+        """Run one step of the session (`parsed`: its inputs, when already checked on arrival)."""
+        if parsed is None:
+            parsed = await self._parse_step(backend, session, request)
+        hidden, mask, positions, prompts, hypo_ids = parsed
+        if not session.batch_size:
+            backend.reserve_cache(session, hidden.shape[0])
+        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts, hypo_ids=hypo_ids)
+        outputs = await backend.inference_step(session, request.position, inputs)
+        self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
+        return outputs
+
+    async def _parse_step(self, backend: SpanBackend, session: Session, request: swarm_pb2.InferenceRequest):
+        """A step's (hidden, mask, positions, prompts, hypo_ids), checked against the session."""
         if (request.start_block, request.end_block) not in ((0, 0), (session.start, session.end)):
             raise RequestError(
                 swarm_pb2.Error.BAD_REQUEST,
@@ -370,13 +456,7 @@ class NodeServicer(NodeProtocol):
 
         # a long prompt's step carries megabytes: decode it on a worker thread, off the event loop
         large = sum(len(t.buffer) for t in request.tensors) > OFF_LOOP_BYTES
-        hidden, mask, positions, prompts, hypo_ids = await asyncio.to_thread(parse) if large else parse()
-        if not session.batch_size:
-            backend.reserve_cache(session, hidden.shape[0])
-        inputs = SpanInputs(hidden, mask, positions, session.layers, hidden.dtype, prompts, hypo_ids=hypo_ids)
-        outputs = await backend.inference_step(session, request.position, inputs)
-        self.metrics.tokens.labels("inference").inc(hidden.shape[0] * hidden.shape[1])
-        return outputs
+        return await asyncio.to_thread(parse) if large else parse()
 
     def _error_reply(self, response_type, exc: BaseException, context: P2PContext, what: str):
         reply = error_reply(response_type, exc, context, what, logger)

@@ -260,6 +260,7 @@ class Node:
         config, dht = self.config, self.dht
         start, end = self.blocks
         self.servicer = NodeServicer(self.backend, self.server_info, self.model_info())
+        self.servicer.p2p = self.p2p  # pushes inference steps to the next node of a chain
         await self._add_servicer(self.servicer)
         # refereed verification (Verde): commit to traced forwards, answer disputes; follows the node's moves
         # it signs its commitments with its identity key, so that a published verdict can prove them its own

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Session:
     owner: str = ""  # the peer that opened it: ids are the owner's, another peer's may be the same
     computing: bool = False  # a step is running on the compute thread
     closed: bool = False  # released: no step may start; one still computing frees the cache when done
+    inbox: Any = None  # its stream's StepInbox when its client lets other nodes push steps (swarm.node.push)
 
 
 class SessionBudget:
@@ -74,6 +76,11 @@ class SessionBudget:
                     swarm_pb2.Error.BAD_REQUEST, f"session {session.session_id!r} is already open here"
                 )
             self._sessions[key] = session
+
+    def find(self, owner: str, session_id: str) -> Session | None:
+        """The open session `owner` opened as `session_id`, if any."""
+        with self._lock:
+            return self._sessions.get((owner, session_id))
 
     def reserve(self, session: Session, batch_size: int, token_bytes: int | None = None) -> None:
         """Reserve the session's whole cache (batch x max_length tokens of `token_bytes` each, by default

@@ -16,7 +16,8 @@ from swarm.protocol.base import Protocol
 
 
 class NodeProtocol(Protocol):
-    """rpc_info; rpc_forward / rpc_backward (unary, < 4 MiB) and their *_stream twins; rpc_inference."""
+    """rpc_info; rpc_forward / rpc_backward (unary, < 4 MiB) and their *_stream twins; rpc_inference and
+    rpc_push (a step one node sends the next in a client's chain)."""
 
     SERVICE_NAME = "NodeServicer"
 
@@ -56,3 +57,7 @@ class NodeProtocol(Protocol):
         """One inference session per stream, with a KV cache on the node; one reply per request."""
         raise NotImplementedError
         yield
+
+    async def rpc_push(self, request: swarm_pb2.PushRequest, context: P2PContext) -> swarm_pb2.PushResponse:
+        """A step of an open inference session, pushed by the previous node of its client's chain."""
+        raise NotImplementedError

@@ -77,11 +77,17 @@ def swarm(tiny_model, tmp_path):
 
 
 @pytest.fixture
-def client(tiny_model, swarm):
+def client(tiny_model, swarm, request):
+    """A client of the swarm; parametrized indirectly with "push", its steps go node to node."""
+    push = getattr(request, "param", "client") == "push"
     with DistributedModelForCausalLM.from_pretrained(
-        tiny_model, swarm.local.initial_peers, request_timeout=20, max_retries=5
+        tiny_model, swarm.local.initial_peers, request_timeout=20, max_retries=5, push=push
     ) as model:
         yield model
+
+
+# recovery must give the same text whether the client drives the chain or the nodes push steps along it
+both_modes = pytest.mark.parametrize("client", ["client", "push"], indirect=True)
 
 
 def kill_at(session, position, action):
@@ -111,6 +117,7 @@ def route_peers(session):
     ],
     ids=["prefill", "middle", "last-token", "first-span"],
 )
+@both_modes
 def test_node_killed_mid_generation(swarm, client, input_ids, expected, kill_position, victim):
     client.client_config.max_step_tokens = 4
     with client.inference_session(max_length=PROMPT_LEN + NEW_TOKENS) as session:
@@ -119,12 +126,15 @@ def test_node_killed_mid_generation(swarm, client, input_ids, expected, kill_pos
         assert killed.is_set()
         assert torch.equal(out, expected)
         assert session.num_recoveries == 1
+        if client.client_config.push:  # the last span got most steps pushed, not from the client
+            assert session._spans[-1].stream.num_sent < NEW_TOKENS // 2
         # only the lost span moved; the spans before and after kept their nodes and caches
         assert route_peers(session) == [
             (int(span[0]), int(span[2]), swarm.peer(span, 1 if span == victim else 0)) for span in SPANS
         ]
 
 
+@both_modes
 def test_nodes_die_between_chunks_then_new_nodes_replace_the_last_originals(
     swarm, client, input_ids, expected
 ):

@@ -28,6 +28,24 @@ def client(tiny_model, tiny_swarm):
         yield model
 
 
+@pytest.fixture(scope="module")
+def push_client(tiny_model, tiny_swarm):
+    """A client whose steps go node to node (server-to-server push)."""
+    with DistributedModelForCausalLM.from_pretrained(
+        tiny_model, tiny_swarm.initial_peers, push=True
+    ) as model:
+        yield model
+
+
+# the exactness tests run in both modes: the client-driven chain and server-to-server push
+both_modes = pytest.mark.parametrize("mode", ["client", "push"])
+
+
+@pytest.fixture
+def chain_client(request, mode):
+    return request.getfixturevalue("push_client" if mode == "push" else "client")
+
+
 def prompt(batch=1, length=10, seed=0):
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -40,15 +58,18 @@ def local_generate(local_model, input_ids, **kwargs):
 # ---- generate() ------------------------------------------------------------------------------------------
 
 
-def test_greedy_generation_equals_local(client, local_model):
+@both_modes
+def test_greedy_generation_equals_local(chain_client, local_model):
     input_ids = prompt()
-    out = client.generate(input_ids, max_new_tokens=32, do_sample=False)
+    out = chain_client.generate(input_ids, max_new_tokens=32, do_sample=False)
     expected = local_generate(local_model, input_ids, max_new_tokens=32)
     assert out.shape == (1, 42)
     assert torch.equal(out, expected)
 
 
-def test_session_continued_in_chunks_equals_local(client, local_model):
+@both_modes
+def test_session_continued_in_chunks_equals_local(chain_client, mode, local_model):
+    client = chain_client
     input_ids = prompt(seed=1)
     expected = local_generate(local_model, input_ids, max_new_tokens=24)
     with client.inference_session(max_length=64) as session:
@@ -60,6 +81,10 @@ def test_session_continued_in_chunks_equals_local(client, local_model):
         assert torch.equal(third, expected)
         assert session.position == 33  # the last token is pending: the nodes see it on the next call
         assert [(s.start, s.end) for s in session.route] == [(0, 2), (2, 5), (5, 6)]
+        # the client sent every step to the first node; with push the others got only their first from it
+        sent = [state.stream.num_sent for state in session._spans]
+        assert sent == ([24, 1, 1] if mode == "push" else [24, 24, 24])
+        assert session.num_push_errors == 0 and session.num_recoveries == 0
 
 
 def test_session_appends_new_input_ids(client, local_model):
@@ -72,7 +97,9 @@ def test_session_appends_new_input_ids(client, local_model):
     assert torch.equal(out, expected)
 
 
-def test_batch_with_left_padding_equals_local(client, local_model):
+@both_modes
+def test_batch_with_left_padding_equals_local(chain_client, local_model):
+    client = chain_client
     input_ids = prompt(batch=3, length=9, seed=4)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :4] = 0
@@ -237,7 +264,7 @@ def test_cache_is_freed_when_the_client_disconnects(session_node):
     step(model, stream, torch.randn(2, 3, HIDDEN), 0)
     assert tokens_left(model, process) == 4
     # drop the stream without a close message, as a crashed client would
-    model.run_async(stream._responses.aclose())
+    model.run_async(stream.abandon())
     wait_for_tokens_left(model, process, 64)
 
 
