@@ -314,6 +314,8 @@ class InferenceSession:
         self._streams_opened = itertools.count()  # each span's stream gets its own id (see _open_chain)
         self._step_ids = itertools.count(1)  # replies carry their step's id: late ones are told apart
         self.num_push_errors = 0  # since the last recovery (MAX_PUSH_ERRORS)
+        # the next step rewinds the nodes' caches: nodes take only steps that continue a session by push
+        self._rewound = False
         self.position = 0  # positions whose keys and values the nodes hold (the prompts' included)
         self.output_ids: torch.Tensor | None = None  # every token of the session, fed or pending
         self.attention_mask: torch.Tensor | None = None  # (batch, len(output_ids))
@@ -419,6 +421,7 @@ class InferenceSession:
         if self._mask is not None:
             self._mask = self._mask[:, :position]
         self.position = position
+        self._rewound = True
 
     def _reorder(self, hypo_ids: torch.Tensor, batch: int) -> None:
         """Reorder what the session keeps for replay and checks; each node reorders its cache with its
@@ -532,6 +535,7 @@ class InferenceSession:
             hidden = output
             index += 1
         self.position = position + hidden.shape[1]
+        self._rewound = False
         self._position_ids = (
             position_ids if self._position_ids is None else torch.cat([self._position_ids, position_ids], 1)
         )
@@ -591,9 +595,10 @@ class InferenceSession:
         """The spans from `index` on that one step can pass through by push (at least two), or [] to drive
         this hop from the client. A stream opens with a step from the client (the node has no session to push
         to before), and pushes skip spot-checked steps, the first step (deep prompts), nodes behind relays
-        (the previous node may not reach them) and a node passed to itself."""
+        (the previous node may not reach them), a node passed to itself, and a step that rewinds the caches
+        (after truncate(), or a failed check)."""
         client = self.client
-        if not client.config.push or position == 0 or client.spot_checker is not None:
+        if not client.config.push or position == 0 or self._rewound or client.spot_checker is not None:
             return []
         if self.num_push_errors >= MAX_PUSH_ERRORS:
             return []
@@ -748,6 +753,7 @@ class InferenceSession:
             state.inputs = [kept] if kept is not None and kept.shape[1] else []
         self._position_ids = None if position == 0 else self._position_ids[:, :position]
         self.position = position
+        self._rewound = True
         self.num_rewinds += 1
         logger.warning(
             "rewinding the session to position %d: a spot check of %s failed", position, failed.state.span

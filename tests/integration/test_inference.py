@@ -363,3 +363,50 @@ def test_malformed_session_openings_are_refused(session_node):
         reply = model.run_async(first_reply(request))
         assert reply.error.code == code, (request, reply)
     wait_for_tokens_left(model, process, 64)
+
+
+def test_pushed_steps_continue_only_a_session_that_takes_them(session_node, tiny_model):
+    """rpc_push as the previous node of a chain would call it: a good step runs in the session and its output
+    reaches the client's stream under the step's id; every bad push is refused with a clear error and leaves
+    the session as it was, and sessions opened without accept_push (or by another peer) take none."""
+    model, process = session_node
+    stub = NodeProtocol.get_stub(model.p2p, PeerID.from_base58(process.peer_id))
+    owner = model.p2p.peer_id.to_base58()
+    span = RemoteSpan(process.peer_id, 0, 6, swarm_pb2.ServerInfo())
+    pushed = SpanStream(model.p2p, span, f"push-{time.monotonic_ns()}", 16, timeout=30, accept_push=True)
+    plain = open_stream(model, process, max_length=16)
+    hidden = torch.randn(1, 6, HIDDEN, generator=torch.Generator().manual_seed(2))
+    first = step(model, pushed, hidden[:, :4], 0)
+    step(model, plain, hidden[:, :4], 0)
+
+    def push(session_id, tensor, position, step_id, push_owner=owner):
+        request = swarm_pb2.InferenceRequest(
+            session_id=session_id,
+            position=position,
+            tensors=[serialize(tensor)],
+            position_ids=serialize(torch.arange(position, position + tensor.shape[1])[None]),
+            step_id=step_id,
+        )
+        reply = model.run_async(stub.rpc_push(swarm_pb2.PushRequest(owner=push_owner, step=request)))
+        return reply.error.code if reply.HasField("error") else None, reply.error.message
+
+    refused = [
+        (push("no-such-session", hidden[:, 4:5], 4, 7), E.UNKNOWN_SESSION, "takes pushed steps"),
+        (push(plain.session_id, hidden[:, 4:5], 4, 7), E.UNKNOWN_SESSION, "takes pushed steps"),
+        (push(pushed.session_id, hidden[:, 4:5], 4, 7, process.peer_id), E.UNKNOWN_SESSION, "takes pushed"),
+        (push(pushed.session_id, torch.randn(1, 1, HIDDEN // 2), 4, 7), E.BAD_REQUEST, "hidden size"),
+        (push(pushed.session_id, torch.randn(2, 1, HIDDEN), 4, 7), E.BAD_REQUEST, "batch size"),
+        (push(pushed.session_id, hidden[:, 4:5], 2, 7), E.BAD_REQUEST, "does not continue"),  # a rewind
+        (push(pushed.session_id, hidden[:, 4:5], 5, 7), E.BAD_REQUEST, "does not continue"),  # skips ahead
+    ]
+    for (code, message), expected_code, expected_text in refused:
+        assert code == expected_code and expected_text in message, message
+    assert push(pushed.session_id, hidden[:, 4:6], 4, 9) == (None, "")
+    second = model.run_async(pushed.receive(9, 4, torch.Size([1, 2, HIDDEN])))
+    with torch.no_grad():
+        expected = load_span(resolve_checkpoint(tiny_model), 0, 6)(hidden)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), expected, rtol=0, atol=1e-5)
+    assert pushed.num_sent == 1  # the client sent only the opening step
+    model.run_async(pushed.close())
+    model.run_async(plain.close())
+    wait_for_tokens_left(model, process, 64)
