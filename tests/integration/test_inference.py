@@ -24,16 +24,17 @@ E = swarm_pb2.Error
 
 @pytest.fixture(scope="module")
 def client(tiny_model, tiny_swarm):
-    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+    """A client that drives the chain itself (no push)."""
+    peers = tiny_swarm.initial_peers
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, peers, push=False) as model:
         yield model
 
 
 @pytest.fixture(scope="module")
 def push_client(tiny_model, tiny_swarm):
-    """A client whose steps go node to node (server-to-server push)."""
-    with DistributedModelForCausalLM.from_pretrained(
-        tiny_model, tiny_swarm.initial_peers, push=True
-    ) as model:
+    """A client whose steps go node to node (server-to-server push, the default)."""
+    with DistributedModelForCausalLM.from_pretrained(tiny_model, tiny_swarm.initial_peers) as model:
+        assert model.client_config.push
         yield model
 
 

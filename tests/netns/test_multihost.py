@@ -72,8 +72,13 @@ def test_generation_with_50ms_rtt_and_100_mbit(tiny_model, tmp_path, expected):
     )
     with harness:
         hops = []
+        # the client drives the chain (no push), so each hop is one round trip from the client
         out, route, _ = generate(
-            tiny_model, peers, input_ids, on_hop=lambda span, tokens, seconds: hops.append(seconds)
+            tiny_model,
+            peers,
+            input_ids,
+            on_hop=lambda span, tokens, seconds: hops.append(seconds),
+            push=False,
         )
         assert torch.equal(out, reference)
         assert {span.peer_id for span in route} == {p.peer_id for p in processes}
