@@ -1,0 +1,267 @@
+"""Start `swarm ...` child processes by forking one that has already imported torch, transformers and
+hivemind.
+
+A local swarm starts many short-lived peers, and each fresh interpreter spends ~3.5 s of CPU importing the
+same libraries before it does anything (most of the test suite's CPU, on 2 cores). The fork server pays that
+once: it imports everything, then forks a child per request, which runs `swarm.cli.main.main(argv)` as a
+fresh process would. The child is forked twice so that it is re-parented to the process that asked for it
+(made a child subreaper for this), which then waits for it, signals it and reads its exit code like any
+other child.
+
+Only settings read at import time must match between the server and the child (OpenMP's, hivemind's log
+level...): a request whose environment changes one of them is refused, and the caller starts a fresh
+interpreter instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
+# what the libraries read once, when imported or loaded: a child that needs other values starts afresh
+IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "HIVEMIND_", "PYTHON", "LD_", "CUDA", "TORCH", "HF_")
+IMPORT_TIME_NAMES = ("TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "PATH")
+PRELOAD = ("swarm.cli.main", "swarm.node.server", "swarm.training.node")
+START_TIMEOUT = 120.0
+REQUEST_TIMEOUT = 30.0
+
+
+def import_time_env(env: dict[str, str]) -> dict[str, str]:
+    """The part of `env` that the preloaded libraries have already read in the server."""
+    return {
+        name: value
+        for name, value in env.items()
+        if name.startswith(IMPORT_TIME_PREFIXES) or name in IMPORT_TIME_NAMES
+    }
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value) == 0
+    except OSError:
+        return False
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    data = json.dumps(message).encode()
+    sock.sendall(struct.pack("!I", len(data)) + data)
+
+
+def _receive(sock: socket.socket) -> dict | None:
+    header = _read_exactly(sock, 4)
+    if header is None:
+        return None
+    data = _read_exactly(sock, struct.unpack("!I", header)[0])
+    return None if data is None else json.loads(data)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class ForkedProcess:
+    """A child started by the fork server: what `ManagedProcess` uses of `subprocess.Popen`."""
+
+    def __init__(self, pid: int, args: list[str]):
+        self.pid, self.args = pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone, its code unknown
+                self.returncode = -1
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+class ForkServer:
+    """A process that has imported the heavy libraries once and forks `swarm` children on request."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = dict(env)
+        parent_end, server_end = socket.socketpair()
+        self._sock = parent_end
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"from swarm.local.forkserver import serve; serve({server_end.fileno()})"],
+            pass_fds=(server_end.fileno(),),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+        )
+        server_end.close()
+        self._sock.settimeout(START_TIMEOUT)
+        ready = _receive(self._sock)
+        if ready != {"ready": True}:
+            self.close()
+            raise RuntimeError(f"the fork server did not start: {ready}")
+
+    def serves(self, env: dict[str, str]) -> bool:
+        return self.process.poll() is None and import_time_env(env) == import_time_env(self.env)
+
+    def spawn(self, args: list[str], log_path: Path, env: dict[str, str], cwd: str) -> ForkedProcess:
+        """Fork `swarm *args` with stdout and stderr appended to `log_path`."""
+        with self._lock:
+            self._sock.settimeout(REQUEST_TIMEOUT)
+            _send(self._sock, {"argv": args, "log": str(log_path), "env": env, "cwd": cwd})
+            reply = _receive(self._sock)
+        if not reply or "pid" not in reply:
+            raise RuntimeError(f"the fork server could not start {args}: {reply}")
+        return ForkedProcess(reply["pid"], args)
+
+    def close(self) -> None:
+        self._sock.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+_servers: dict[str, ForkServer] = {}
+_servers_lock = threading.Lock()
+
+
+def fork_server_for(env: dict[str, str]) -> ForkServer | None:
+    """The fork server for children with this environment (started on first use), or None where there
+    can be none (not Linux, SWARM_LOCAL_FORK=0, or it failed to start: callers then start afresh)."""
+    if os.environ.get("SWARM_LOCAL_FORK", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    key = json.dumps(import_time_env(env), sort_keys=True)
+    with _servers_lock:
+        server = _servers.get(key)
+        if server is not None and server.serves(env):
+            return server
+        if not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
+            return None
+        try:
+            server = _servers[key] = ForkServer(env)
+        except (OSError, RuntimeError, TimeoutError):
+            return None
+        return server
+
+
+def close_fork_servers() -> None:
+    with _servers_lock:
+        for server in _servers.values():
+            server.close()
+        _servers.clear()
+
+
+# ---- the server process ---------------------------------------------------------------------------------
+
+
+def _run_child(request: dict) -> None:
+    """In the forked child: become a fresh `swarm` process, then exit the way the interpreter would."""
+    os.setsid()
+    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.close(devnull)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _reseed()
+    for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.argv = ["swarm", *request["argv"]]
+    # its command line stays the server's; the name `ps -o comm` and psutil's name() show says what it is
+    _set_name(" ".join(sys.argv[:2]))
+    from swarm.cli.main import main
+
+    sys.exit(main(request["argv"]))
+
+
+def _set_name(name: str) -> None:
+    try:
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass
+
+
+def _reseed() -> None:
+    # forked children would otherwise draw the same numbers (Python's own `random` reseeds itself at fork)
+    import numpy
+    import torch
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _serve(sock: socket.socket) -> None:
+    while True:
+        request = _receive(sock)
+        if request is None:
+            return  # the parent is gone
+        ready_read, ready_write = os.pipe()
+        first = os.fork()
+        if first == 0:  # the intermediate child: forks the real one and exits, so that it is re-parented
+            sock.close()
+            os.close(ready_read)
+            intermediate = os.getpid()
+            second = os.fork()
+            if second == 0:
+                os.close(ready_write)
+                while os.getppid() == intermediate:  # until re-parented to the subreaper that asked for us
+                    time.sleep(0.001)
+                _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+                _run_child(request)
+            os.write(ready_write, struct.pack("!i", second))
+            os._exit(0)
+        os.close(ready_write)
+        pid = struct.unpack("!i", os.read(ready_read, 4))[0]
+        os.close(ready_read)
+        os.waitpid(first, 0)
+        _send(sock, {"pid": pid})
+
+
+def serve(fd: int) -> None:
+    """The fork server's main: import, say ready on socket `fd`, then fork a child per request."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent closes us
+    sock = socket.socket(fileno=fd)
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    import importlib
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    sock.settimeout(None)
+    _send(sock, {"ready": True})
+    _serve(sock)
