@@ -4,7 +4,8 @@ One node serves the whole model; each client is a thread with its own prompt and
 (greedy, a fixed number of new tokens). Aggregate tokens/s = all clients' new tokens / the wall time from
 the first start to the last finish (prefill included). Every client's tokens are checked against what the
 same prompt gives alone on the same node (`tokens_match`). With `--batching off on`, nodes without and with
-`--batch-decode` run in turn, so before/after come from the same run. Prints one JSON object per line.
+`--batch-decode` serve side by side (one swarm each) and are measured in alternating rounds, so before and
+after come from the same run under the same load. Prints one JSON object per line.
 
     python -m benchmarks.concurrency --model tiny --clients 1 8 --new-tokens 32 --batching off on
 """
@@ -12,6 +13,7 @@ same prompt gives alone on the same node (`tokens_match`). With `--batching off 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -61,18 +63,21 @@ def _generate_all(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[
     return elapsed, outputs
 
 
-def measure(model_name: str, peers, prompts, clients: list[int], new_tokens: int, repeats: int, dtype):
-    """{n: [aggregate tokens/s per repeat]} and whether every client's tokens equal its prompt's alone."""
-    from swarm.client import DistributedModelForCausalLM
-
-    rates: dict[int, list[float]] = {n: [] for n in clients}
-    with DistributedModelForCausalLM.from_pretrained(model_name, peers, dtype=dtype) as model:
-        alone = [_generate_all(model, [prompt], new_tokens)[1][0] for prompt in prompts]  # also warms up
-        match = True
-        for _ in range(repeats):
-            for n in clients:  # alternated, so load drifts hit every n alike
+def measure(models: dict, prompts, clients: list[int], new_tokens: int, repeats: int):
+    """{(mode, n): [aggregate tokens/s per round]} for each mode's client model, and whether every client's
+    tokens equal its prompt's alone (on the first mode's node). Rounds alternate modes and client counts,
+    so that the shared machine's load drifts hit all of them alike."""
+    first = next(iter(models.values()))
+    alone = [_generate_all(first, [prompt], new_tokens)[1][0] for prompt in prompts]
+    for model in list(models.values())[1:]:
+        _generate_all(model, prompts[:1], new_tokens)  # warm-up
+    rates: dict[tuple[str, int], list[float]] = {(mode, n): [] for mode in models for n in clients}
+    match = True
+    for _ in range(repeats):
+        for n in clients:
+            for mode, model in models.items():
                 elapsed, outputs = _generate_all(model, prompts[:n], new_tokens)
-                rates[n].append(n * new_tokens / elapsed)
+                rates[mode, n].append(n * new_tokens / elapsed)
                 match &= all(torch.equal(out, ref) for out, ref in zip(outputs, alone, strict=False))
     return rates, match
 
@@ -91,6 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--node-args", nargs="*", default=[], help="more flags for the node")
     args = parser.parse_args(argv)
 
+    from swarm.client import DistributedModelForCausalLM
     from swarm.local import LocalSwarm
     from swarm.models.checkpoint import resolve_checkpoint
     from swarm.utils.tensors import FLOAT_DTYPES
@@ -103,18 +109,22 @@ def main(argv=None) -> None:
             random_token_ids(checkpoint, max(args.clients), args.prompt_tokens)[i : i + 1]
             for i in range(max(args.clients))
         ]
-        for batching in args.batching:
-            flags = ["--batch-decode"] if batching == "on" else []
-            with LocalSwarm() as swarm:
+        with contextlib.ExitStack() as stack:
+            models = {}
+            for batching in args.batching:  # one node per mode, side by side, measured in turns
+                swarm = stack.enter_context(LocalSwarm())
                 swarm.start_bootstrap()
+                flags = ["--batch-decode"] if batching == "on" else []
                 blocks = f"0:{checkpoint.num_blocks}"
                 swarm.start_node(model, blocks, "--dtype", args.dtype, *flags, *args.node_args)
-                rates, match = measure(
-                    model, swarm.initial_peers, prompts, args.clients, args.new_tokens, args.repeats, dtype
+                models[batching] = stack.enter_context(
+                    DistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=dtype)
                 )
-            base = statistics.median(rates[args.clients[0]])
+            rates, match = measure(models, prompts, args.clients, args.new_tokens, args.repeats)
+        medians = {key: statistics.median(values) for key, values in rates.items()}
+        for batching in args.batching:
             for n in args.clients:
-                median = statistics.median(rates[n])
+                median = medians[batching, n]
                 row = {
                     "name": "concurrency",
                     "model": checkpoint.name,
@@ -125,11 +135,23 @@ def main(argv=None) -> None:
                     "clients": n,
                     "new_tokens": args.new_tokens,
                     "aggregate_tokens_per_s": round(median, 2),
-                    "runs_tokens_per_s": [round(r, 2) for r in rates[n]],
-                    "ratio_to_first": round(median / base, 3),
+                    "runs_tokens_per_s": [round(r, 2) for r in rates[batching, n]],
+                    "ratio_to_first": round(median / medians[batching, args.clients[0]], 3),
                     "tokens_match": match,
                 }
                 print(json.dumps(row), flush=True)
+    first, last = min(args.clients), max(args.clients)
+    if ("off", first) in medians and ("on", last) in medians:  # the goal: batched N against unbatched 1
+        summary = {
+            "name": "concurrency_gain",
+            "model": checkpoint.name,
+            "clients": last,
+            "batched_vs_one_unbatched": round(medians["on", last] / medians["off", first], 3),
+            "unbatched_vs_one_unbatched": round(medians["off", last] / medians["off", first], 3),
+            "batched_vs_unbatched": round(medians["on", last] / medians["off", last], 3),
+            "one_client_batched_vs_unbatched": round(medians["on", first] / medians["off", first], 3),
+        }
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks import (
     byzantine,
+    concurrency,
     finetune,
     forward,
     gateway,
@@ -47,6 +48,7 @@ def main(argv=None) -> None:
         gateway.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1"])
         openai_api.main([*model, "--nodes", "1", "--new-tokens", "8", "--repeats", "1", "--concurrent", "2"])
         models.main(["--quant", "none", "int8", "--blocks", "4", "--new-tokens", "8", "--repeats", "1"])
+        concurrency.main(["--model", "tiny", "--clients", "1", "8", "--new-tokens", "8", "--repeats", "1"])
     else:
         inference.main(
             [
@@ -71,6 +73,9 @@ def main(argv=None) -> None:
         openai_api.main([*model, "--nodes", "2", "--new-tokens", "32", "--repeats", "3", "--concurrent", "8"])
         # node weights: bytes per block, tokens/s and logit error of --quant none and int8 (2 nodes each)
         models.main(["--quant", "none", "int8", *model, "--new-tokens", "16", "--repeats", "2"])
+        # 8 concurrent clients on one node against 1, without and with --batch-decode
+        concurrency.main(["--model", "tiny", "--clients", "1", "8", "--new-tokens", "32", "--repeats", "3"])
+        concurrency.main([*model, "--clients", "1", "8", "--new-tokens", "32", "--repeats", "2"])
 
     from swarm.testing.netns import unavailable_reason
 

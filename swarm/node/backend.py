@@ -41,6 +41,9 @@ INLINE_STEP_TOKENS = 8
 # ... and only while such steps take less than this (the last one measured): the event loop answers every
 # other call of the node, and a big span's decode step would hold them all up
 INLINE_STEP_SECONDS = 0.005
+# with --batch-decode, a decode step waits to be batched only if another session sent one this recently;
+# a lone active session (however many idle ones are open) keeps the inline path
+BATCH_PEER_WINDOW = 1.0
 
 
 @dataclass
@@ -73,6 +76,8 @@ class SpanBackend:
         self.small_step_seconds = float("inf")  # the last decode step's compute time: unknown until one ran
         self.decode_batch = limits.decode_batch if can_batch(span) else 1
         self.batched_steps = 0  # decode steps that ran in a batch of two or more (--batch-decode)
+        # id(session) -> (the session, when its last one-token step came)
+        self._decode_seen: dict[int, tuple[Session, float]] = {}
 
     @property
     def start(self) -> int:
@@ -344,6 +349,15 @@ class SpanBackend:
             session.length = position + 1
             outcomes[index] = (True, out[row : row + 1].to("cpu", inputs.wire_dtype))
 
+    def _others_decoding(self, session: Session) -> bool:
+        """Note this session's decode step; whether another session sent one within BATCH_PEER_WINDOW."""
+        now = time.monotonic()
+        seen = self._decode_seen
+        seen[id(session)] = (session, now)
+        for key in [key for key, (other, at) in seen.items() if other.closed or now - at > BATCH_PEER_WINDOW]:
+            del seen[key]  # closed sessions leave at once, idle ones after a window
+        return len(seen) > 1
+
     async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         """One step of a session: new tokens' hidden states through the span, extending its KV cache.
 
@@ -352,9 +366,9 @@ class SpanBackend:
         it to the compute thread and back costs two thread switches, more than the step itself on a small
         span. Anything else, or a busy node, queues as usual.
 
-        With --batch-decode, while other sessions are open here, a one-token step queues instead (at
-        inference priority, like every step) to run together with the other sessions' waiting steps."""
-        if self._batchable_step(inputs) and self.sessions.num_sessions > 1:
+        With --batch-decode, while other sessions send decode steps here too, a one-token step queues
+        instead (at inference priority, like every step) to run together with their waiting steps."""
+        if self._batchable_step(inputs) and self._others_decoding(session):
             batch = Batchable(
                 (inputs.layers.start, inputs.layers.stop), self._inference_batch_sync, self.decode_batch
             )
