@@ -133,11 +133,28 @@ class ForkServer:
     def serves(self, env: dict[str, str]) -> bool:
         return self.process.poll() is None and import_time_env(env) == import_time_env(self.env)
 
-    def spawn(self, args: list[str], log_path: Path, env: dict[str, str], cwd: str) -> ForkedProcess:
-        """Fork `swarm *args` with stdout and stderr appended to `log_path`."""
+    def spawn(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str],
+        cwd: str,
+        stderr_path: Path | None = None,
+        stdin_path: Path | None = None,
+    ) -> ForkedProcess:
+        """Fork `swarm *args` with stdout appended to `log_path`, stderr too unless `stderr_path` is given,
+        and stdin read from `stdin_path` (default: empty)."""
+        request = {
+            "argv": args,
+            "stdout": str(log_path),
+            "stderr": str(stderr_path or log_path),
+            "stdin": str(stdin_path or os.devnull),
+            "env": env,
+            "cwd": cwd,
+        }
         with self._lock:
             self._sock.settimeout(REQUEST_TIMEOUT)
-            _send(self._sock, {"argv": args, "log": str(log_path), "env": env, "cwd": cwd})
+            _send(self._sock, request)
             reply = _receive(self._sock)
         if not reply or "pid" not in reply:
             raise RuntimeError(f"the fork server could not start {args}: {reply}")
@@ -186,13 +203,14 @@ def close_fork_servers() -> None:
 def _run_child(request: dict) -> None:
     """In the forked child: become a fresh `swarm` process, then exit the way the interpreter would."""
     os.setsid()
-    log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(devnull)
+    for fd, path, flags in (
+        (0, request["stdin"], os.O_RDONLY),
+        (1, request["stdout"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+        (2, request["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT),
+    ):
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

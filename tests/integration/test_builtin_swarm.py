@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarm.client import DistributedModelForCausalLM
-from swarm.local import LocalSwarm, split_blocks
+from swarm.local import LocalSwarm, run_cli, split_blocks
 from swarm.models import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -65,18 +65,12 @@ def test_greedy_chat_equals_local_transformers(smol_swarm, chat_ids, expected, t
         assert torch.equal(chunked, expected)
 
 
-def run_cli(*args, stdin=None, timeout=180):
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def swarm_cli(*args, stdin=None, timeout=180):
+    return run_cli(list(args), timeout=timeout, input=stdin)
 
 
 def test_generate_cli_prints_only_the_completion(smol_swarm):
-    result = run_cli(
+    result = swarm_cli(
         "generate",
         "--model",
         MODEL,
@@ -93,7 +87,7 @@ def test_generate_cli_prints_only_the_completion(smol_swarm):
 
 
 def test_chat_cli_keeps_one_conversation(smol_swarm):
-    result = run_cli(
+    result = swarm_cli(
         "chat",
         "--model",
         MODEL,

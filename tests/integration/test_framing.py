@@ -6,8 +6,6 @@ serving and the text stays equal to local greedy decoding."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +14,7 @@ from verification_helpers import start_nodes
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.dht.factory import create_dht
-from swarm.local import LocalSwarm
+from swarm.local import LocalSwarm, run_cli
 from swarm.models.checkpoint import resolve_checkpoint
 from swarm.verification.framing import FRAMED_OP
 from swarm.verification.verdicts import read_claim, read_verdicts
@@ -108,11 +106,9 @@ def test_a_framer_is_banned_by_clients_and_health_and_its_victim_is_not(
     assert framer not in route
 
     # `swarm health` re-checks the record with the weights it is given: the framer banned, the victim clean
-    health = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", "health", "--initial-peers", *swarm.initial_peers]
+    health = run_cli(
+        ["health", "--initial-peers", *swarm.initial_peers]
         + ["--model", "tiny-llama", "--checkpoint", str(tiny_model), "--json"],
-        capture_output=True,
-        text=True,
         timeout=HEALTH_TIMEOUT_S,
     )
     assert health.stdout, health.stderr[-3000:]

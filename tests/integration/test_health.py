@@ -2,13 +2,12 @@
 
 import json
 import subprocess
-import sys
+
+from swarm.local import run_cli
 
 
 def health(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", "health", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_cli(["health", *args], timeout=120)
 
 
 def test_health_json_and_text(tiny_model, tiny_swarm, local_model):

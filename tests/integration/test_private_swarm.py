@@ -5,8 +5,6 @@ period ends."""
 import contextlib
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +16,7 @@ from swarm.client import DistributedModelForCausalLM, RemoteError
 from swarm.client.remote import get_info, remote_forward
 from swarm.dht.factory import create_dht
 from swarm.dht.swarm_map import list_models, model_map
-from swarm.local import LocalSwarm
+from swarm.local import LocalSwarm, run_cli
 from swarm.proto import swarm_pb2
 from swarm.protocol import NodeProtocol
 from swarm.utils.aio import BackgroundLoop
@@ -49,12 +47,7 @@ def served_models(peers, *extra: str, attempts: int = 1) -> dict[str, list[str]]
     """model -> the peer ids of its ONLINE nodes, as `swarm health --json` shows them (asked again, up to
     `attempts` times, while it shows none: a peer that just joined may find nothing on its first read)."""
     for _ in range(attempts):
-        result = subprocess.run(
-            [sys.executable, "-m", "swarm.cli.main", "health", "--initial-peers", *peers, "--json", *extra],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_cli(["health", "--initial-peers", *peers, "--json", *extra], timeout=120)
         maps = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
         served = {
             m["model"]: [n["peer_id"] for n in m["nodes"] if n["state"] == "ONLINE"]

@@ -3,8 +3,6 @@ tokens equal transformers' greedy decoding with the same prompts prepended (ptun
 block's input (deep_ptune). Saved prompts load into a new client and generate the same."""
 
 import shutil
-import subprocess
-import sys
 import time
 
 import grpc
@@ -19,7 +17,7 @@ from swarm.client.errors import RemoteError
 from swarm.client.inference import SpanStream
 from swarm.client.remote import get_info
 from swarm.client.routing import RemoteSpan
-from swarm.local import LocalSwarm
+from swarm.local import LocalSwarm, run_cli
 from swarm.models.tiny import write_tiny_tokenizer
 from swarm.proto import gateway_pb2, gateway_pb2_grpc, swarm_pb2
 
@@ -223,11 +221,9 @@ def test_swarm_generate_takes_saved_prompts(tiny_model, tiny_swarm, local_model,
         expected = model.generate(input_ids, max_new_tokens=6)[0, input_ids.shape[1] :]
     plain = local_model.generate(input_ids, do_sample=False, max_new_tokens=6, pad_token_id=0)
     assert expected.tolist() != plain[0, input_ids.shape[1] :].tolist()  # the prompts change the answer
-    result = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", "generate", "--model", str(folder), "--prompt", prompt]
+    result = run_cli(
+        ["generate", "--model", str(folder), "--prompt", prompt]
         + ["--max-new-tokens", "6", "--prompts", str(path), "--initial-peers", *tiny_swarm.initial_peers],
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,6 @@ clearly when only quantized nodes serve a span. `--num-blocks auto` counts the q
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from swarm.cli.main import main
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.errors import QuantNotAllowedError
-from swarm.local import LocalSwarm
+from swarm.local import LocalSwarm, run_cli
 
 # ||logits - local fp32 logits|| / ||local fp32 logits|| (Frobenius norms over the whole prompt)
 RELATIVE_LOGIT_ERROR = 0.1
@@ -34,9 +33,7 @@ def fp32_block_bytes(local_model) -> int:
 
 
 def swarm_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli(list(args), timeout=timeout)
 
 
 def health_nodes(swarm: LocalSwarm, model: str) -> dict[str, dict]:

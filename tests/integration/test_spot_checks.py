@@ -5,8 +5,6 @@ text; an honest-only swarm sees no dispute."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ from verification_helpers import start_nodes
 
 from swarm.client import DistributedModelForCausalLM
 from swarm.client.config import ClientConfig
-from swarm.local import LocalSwarm
+from swarm.local import LocalSwarm, run_cli
 
 PERTURBED_BLOCK = 4  # absolute; the back half [3, 6) has two honest nodes and a cheater
 PERTURBED_OP = "down_proj"
@@ -108,11 +106,9 @@ def test_a_one_ulp_liar_is_convicted_at_its_operator_and_the_text_stays_local(no
         assert torch.equal(reader.generate(input_ids, max_new_tokens=6, do_sample=False), expected)
 
     # `swarm health` re-checks it with the weights it is given and shows it against the cheater only
-    health = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", "health", "--initial-peers", *swarm.initial_peers]
+    health = run_cli(
+        ["health", "--initial-peers", *swarm.initial_peers]
         + ["--model", "tiny-llama", "--checkpoint", str(tiny_model), "--json"],
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert health.stdout, health.stderr[-3000:]

@@ -8,14 +8,13 @@ keeps_most_of_the_gain for why not 10% of its loss).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from training_helpers import assemble_model, heldout_loss, write_test_run
 
+from swarm.local import run_cli
 from swarm.local.processes import LocalSwarm
 from swarm.testing.faults import parse_fault
 from swarm.training.data import TextSequences
@@ -201,11 +200,8 @@ def test_attacker_is_banned_and_training_holds(
         assert expected in lost[0]
 
     if attack == "equivocate":  # the CLI judges the same accusations and shows the ban
-        status = subprocess.run(
+        status = run_cli(
             [
-                sys.executable,
-                "-m",
-                "swarm.cli.main",
                 "run",
                 "status",
                 "--run",
@@ -214,11 +210,9 @@ def test_attacker_is_banned_and_training_holds(
                 "--initial-peers",
                 *local_swarm.initial_peers,
             ],
-            capture_output=True,
-            text=True,
             timeout=120,
-            check=True,
         )
+        assert status.returncode == 0, status.stderr[-2000:]
         shown = json.loads(status.stdout)["banned"]
         assert [ban["peer_id"] for ban in shown] == [attacker], shown
         assert shown[0]["reason"] and shown[0]["round"] >= 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from training_helpers import CORPUS
 from transformers import AutoModelForCausalLM
 
 from swarm.dht.swarm_view import read_stage
+from swarm.local import run_cli
 from swarm.models.tiny import write_tiny_family, write_tiny_tokenizer
 from swarm.training.data import TextSequences
 from swarm.training.reference import local_optimizer, local_step
@@ -107,9 +106,10 @@ def test_sync_training_equals_local_training(family_model, local_swarm, tmp_path
 
         # `swarm run export` collects the stages and the live trainer's head into a plain HF folder
         out = tmp_path / "exported"
-        command = [sys.executable, "-m", "swarm.cli.main", "run", "export", "--run", str(run_file)]
+        command = ["run", "export", "--run", str(run_file)]
         command += ["--initial-peers", *local_swarm.initial_peers, "--out", str(out)]
-        subprocess.run(command, check=True, timeout=180, capture_output=True)
+        exported_run = run_cli(command, timeout=180)
+        assert exported_run.returncode == 0, exported_run.stderr[-2000:]
         exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         probe = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

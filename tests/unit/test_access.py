@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,6 +21,7 @@ from swarm.access.keys import (
 from swarm.access.membership import PROOF_FIELD, proof_bytes, take_proofs, with_proofs
 from swarm.access.records import MAGIC, EncryptedRecordValidator
 from swarm.dht.factory import make_validators
+from swarm.local import run_cli
 from swarm.proto import swarm_pb2
 
 
@@ -112,9 +111,7 @@ def test_membership_proofs_ride_in_an_undeclared_field(tmp_path):
 
 def test_keys_cli_and_a_missing_swarm_key(tmp_path):
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "swarm.cli.main", *args], capture_output=True, text=True, timeout=120
-        )
+        return run_cli(list(args), timeout=120)
 
     path = tmp_path / "swarm.key"
     made = cli("keys", "init", "--out", str(path))

@@ -1,36 +1,34 @@
 """The command line: every subcommand is listed, unfinished ones say so, and defaults match the classes."""
 
 import subprocess
-import sys
 
 from swarm.cli.main import PENDING, build_parser
 from swarm.cli.node import config_from_args
 from swarm.client.config import ClientConfig
+from swarm.local import run_cli
 from swarm.node.config import NodeConfig
 from swarm.node.limits import NodeLimits
 
 SUBCOMMANDS = ["node", "dht", "generate", "chat", "local", "demo", "health", "models", "run", "train"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", *args], capture_output=True, text=True, timeout=120
-    )
+def swarm_cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(list(args), timeout=120)
 
 
 def test_help_lists_every_subcommand_and_pending_ones_fail_loudly():
-    result = run_cli("--help")
+    result = swarm_cli("--help")
     assert result.returncode == 0
     for name in SUBCOMMANDS:
         assert f"    {name}" in result.stdout, name
     for name in PENDING:
-        pending = run_cli(name)  # noqa: S603
+        pending = swarm_cli(name)
         assert pending.returncode != 0
         assert "not implemented yet (issue: " in pending.stderr
 
 
 def test_models_list_shows_the_builtin_model():
-    result = run_cli("models", "list")
+    result = swarm_cli("models", "list")
     assert result.returncode == 0
     assert "smollm2-135m-instruct" in result.stdout
 
@@ -101,5 +99,5 @@ def test_generate_and_chat_take_a_verify_rate_within_zero_one():
         assert args.verify_rate == ClientConfig().verify_rate == 0.0
         assert parser.parse_args([command, "--model", "m", "--verify-rate", "0.1", *extra]).verify_rate == 0.1
     peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x"]
-    refused = run_cli("generate", "--model", "m", "--prompt", "hi", *peers, "--verify-rate", "1.5")
+    refused = swarm_cli("generate", "--model", "m", "--prompt", "hi", *peers, "--verify-rate", "1.5")
     assert refused.returncode == 2 and "must be within [0, 1]" in refused.stderr

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+
+from swarm.local import run_cli
 
 MISSING = "/nonexistent/swarm-test/model"
 
@@ -42,27 +43,9 @@ USAGE_ERRORS = [
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
-    """Every invocation below, run at once (each one spends seconds importing torch and transformers)."""
+    """Every invocation below, each a `swarm` process of its own (forked: no seconds of imports each)."""
     invocations = [tuple(args) for args in [*FAILURES.values(), *USAGE_ERRORS]]
-    processes = {
-        args: subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli.main", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in invocations
-    }
-    done = {}
-    try:
-        for args, process in processes.items():
-            stdout, stderr = process.communicate(timeout=180)
-            done[args] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    finally:
-        for process in processes.values():
-            process.kill()
-            process.wait()
-    return done
+    return {args: run_cli(list(args), timeout=180) for args in invocations}
 
 
 @pytest.mark.parametrize("command", sorted(FAILURES))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import subprocess
-import sys
 
 import pytest
 
 from swarm.cli.main import build_parser, main
+from swarm.local import run_cli
 from swarm.models.tiny import write_tiny_llama
 from swarm.training.run import (
     AveragingSettings,
@@ -412,12 +411,7 @@ def test_a_bad_value_is_one_line_on_stderr_and_exit_code_2(tiny_dir, tmp_path, c
 def test_the_swarm_command_exits_2_on_a_bad_value(tmp_path):
     # settings are checked before the model is resolved, so this does not even import torch
     args = ["run", "init", "--run-id", "r", "--model", "m", "--stages", "2", "--out", str(tmp_path / "x")]
-    result = subprocess.run(
-        [sys.executable, "-m", "swarm.cli.main", *args, "--seq-len", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli([*args, "--seq-len", "1"], timeout=60)
     assert result.returncode == 2
     assert result.stderr == "swarm run init: error: argument --seq-len: batch.seq_len must be >= 2, got 1\n"
 
