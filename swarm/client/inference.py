@@ -85,6 +85,7 @@ class SpanStream:
         self._reader: asyncio.Task | None = None
         self._opened = False
         self.serving = False  # the node opened the session (answered a step of it)
+        self.echoes_step_ids = False  # its replies carry step ids: a node that knows push (older ones do not)
         self.num_sent = 0  # requests the client sent (pushed steps not counted)
 
     async def _requests(self):
@@ -189,7 +190,7 @@ class SpanStream:
                 swarm_pb2.Error(message=f"output shape {tuple(output.shape)} != input {tuple(shape)}"),
             )
         check_finite(self.span.peer_id, [output])
-        self.serving = True
+        self.serving, self.echoes_step_ids = True, response.step_id == step_id != 0
         return output
 
     async def push_failure(self, step_id: int) -> swarm_pb2.Error:
@@ -595,8 +596,9 @@ class InferenceSession:
         """The spans from `index` on that one step can pass through by push (at least two), or [] to drive
         this hop from the client. A stream opens with a step from the client (the node has no session to push
         to before), and pushes skip spot-checked steps, the first step (deep prompts), nodes behind relays
-        (the previous node may not reach them), a node passed to itself, and a step that rewinds the caches
-        (after truncate(), or a failed check)."""
+        (the previous node may not reach them), a node passed to itself, nodes that do not echo step ids
+        (older versions, which do not push either), and a step that rewinds the caches (after truncate(), or
+        a failed check)."""
         client = self.client
         if not client.config.push or position == 0 or self._rewound or client.spot_checker is not None:
             return []
@@ -606,10 +608,10 @@ class InferenceSession:
         if not segment[0].stream.serving:
             return []
         for state in self._spans[index + 1 :]:
-            stream, previous = state.stream, segment[-1].span
+            stream, previous = state.stream, segment[-1]
             if not (stream.accept_push and stream.serving) or state.span.info.relay_maddrs:
                 break
-            if state.span.peer_id == previous.peer_id:
+            if state.span.peer_id == previous.span.peer_id or not previous.stream.echoes_step_ids:
                 break
             segment.append(state)
         return segment if len(segment) > 1 else []

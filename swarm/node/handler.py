@@ -258,7 +258,7 @@ class NodeServicer(NodeProtocol):
         idle_timeout = backend.limits.session_timeout
         inbox = StepInbox(requests)  # the client's requests, and steps pushed to the session (rpc_push)
         held = contextlib.ExitStack()
-        pushing: asyncio.Future | None = None
+        pushes: set[asyncio.Future] = set()  # this session's outputs on their way to the next node
         try:
             while True:
                 # a stream that does not even open its session within the message timeout is dropped
@@ -277,6 +277,9 @@ class NodeServicer(NodeProtocol):
                     break
                 if item is None:
                     break
+                if isinstance(item, swarm_pb2.InferenceResponse):  # a failed push: the client sends it on
+                    yield item
+                    continue
                 pushed = isinstance(item, PushedStep)
                 request = item.request if pushed else item
                 if session is None:
@@ -308,18 +311,14 @@ class NodeServicer(NodeProtocol):
                             tensors=[output], position=session.length, step_id=request.step_id
                         )
                         if request.push_to:  # started before the reply goes out: the next node waits for it
-                            pushing = asyncio.ensure_future(self._push(session, request, output))
+                            push = asyncio.ensure_future(self._push(session, request, output, inbox))
+                            pushes.add(push)
+                            push.add_done_callback(pushes.discard)
                     except Exception as e:
                         reply = self._error_reply(swarm_pb2.InferenceResponse, e, context, "inference")
                         reply.position, reply.step_id = session.length, request.step_id
                         outcome["outcome"] = swarm_pb2.Error.Code.Name(reply.error.code)
                 yield reply
-                if pushing is not None:
-                    push_error, pushing = await pushing, None
-                    if push_error is not None:  # the client sends the step to the next node itself
-                        yield swarm_pb2.InferenceResponse(
-                            position=session.length, step_id=request.step_id, push_error=push_error
-                        )
                 if reply.HasField("error"):
                     if reply.error.code in FATAL_SESSION_ERRORS:
                         sessions.release(session)
@@ -327,8 +326,8 @@ class NodeServicer(NodeProtocol):
                         await inbox.drain(backend.limits.stream_message_timeout, MAX_STREAM_MESSAGES)
                         break
         finally:
-            if pushing is not None:
-                pushing.cancel()
+            for push in list(pushes):
+                push.cancel()
             inbox.close()
             if session is not None:
                 session.inbox = None
@@ -336,14 +335,21 @@ class NodeServicer(NodeProtocol):
             held.close()
 
     async def _push(
-        self, session: Session, request: swarm_pb2.InferenceRequest, output
-    ) -> swarm_pb2.Error | None:
+        self, session: Session, request: swarm_pb2.InferenceRequest, output, inbox: StepInbox
+    ) -> None:
+        """Push a step's output to the next node; if it does not take it, the session's stream tells the
+        client (without holding up the session's next steps meanwhile)."""
         if self.p2p is None:
-            return swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this node does not push steps")
-        error = await push_step(self.p2p, session.owner, request, output)
+            error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this node does not push steps")
+        else:
+            error = await push_step(self.p2p, session.owner, request, output)
         if error is not None:
             logger.info("push of session %s's step to the next node failed: %s", session.session_id, error)
-        return error
+            inbox.notify(
+                swarm_pb2.InferenceResponse(
+                    position=session.length, step_id=request.step_id, push_error=error
+                )
+            )
 
     async def rpc_push(self, request: swarm_pb2.PushRequest, context: P2PContext) -> swarm_pb2.PushResponse:
         """Queue a step the previous node of a chain pushed into one of this node's sessions. The session must

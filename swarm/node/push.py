@@ -32,12 +32,14 @@ class PushedStep:
 
 
 class StepInbox:
-    """What one inference stream reads next: its client's requests and the steps pushed into its session."""
+    """What one inference stream reads next: its client's requests, the steps pushed into its session, and
+    notices for the client that a push of this session's output failed."""
 
     def __init__(self, requests: AsyncIterator):
         self._requests = aiter(requests)
         self._client: asyncio.Future | None = None  # the client's next request, read in the background
         self._pushed: asyncio.Queue[PushedStep] = asyncio.Queue(maxsize=MAX_QUEUED_PUSHES)
+        self._notices: asyncio.Queue[swarm_pb2.InferenceResponse] = asyncio.Queue()
 
     @property
     def has_pushed(self) -> bool:
@@ -50,21 +52,32 @@ class StepInbox:
         except asyncio.QueueFull:
             raise RequestError(swarm_pb2.Error.BAD_REQUEST, "the session has a pushed step waiting") from None
 
-    async def next(self, timeout: float) -> swarm_pb2.InferenceRequest | PushedStep | None:
-        """The next client request or pushed step; None when the client ended its stream.
-        TimeoutError when neither came within `timeout` seconds."""
-        if not self._pushed.empty():
-            return self._pushed.get_nowait()
+    def notify(self, notice: swarm_pb2.InferenceResponse) -> None:
+        """A reply for the client that comes from no request (a failed push's notice)."""
+        self._notices.put_nowait(notice)
+
+    async def next(
+        self, timeout: float
+    ) -> swarm_pb2.InferenceRequest | PushedStep | swarm_pb2.InferenceResponse | None:
+        """The next notice, pushed step or client request; None when the client ended its stream.
+        TimeoutError when none came within `timeout` seconds."""
+        for queue in (self._notices, self._pushed):
+            if not queue.empty():
+                return queue.get_nowait()
         if self._client is None:
             self._client = asyncio.ensure_future(anext(self._requests))
-        pushed = asyncio.ensure_future(self._pushed.get())
+        local = [asyncio.ensure_future(queue.get()) for queue in (self._notices, self._pushed)]
         try:
-            await asyncio.wait({self._client, pushed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self._client, *local}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not pushed.done():
-                pushed.cancel()  # asyncio.Queue keeps the item of a cancelled get()
-        if pushed.done() and not pushed.cancelled():
-            return pushed.result()
+            for getter in local:
+                if not getter.done():
+                    getter.cancel()  # asyncio.Queue keeps the item of a cancelled get()
+        got = [getter.result() for getter in local if getter.done() and not getter.cancelled()]
+        if got:
+            if len(got) == 2:  # a notice and a pushed step at once: the step waits for the next call
+                self._pushed.put_nowait(got[1])
+            return got[0]
         if self._client.done():
             request, self._client = self._client, None
             try:
