@@ -43,10 +43,10 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
 
 
 def swarm_latencies(
-    model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops, push: bool = False
+    model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops, push: bool = True
 ):
     """Per-token gaps for each decoding loop in `loops` (runs alternate), the route's hops, the RPC RTT.
-    `push`: steps go node to node (ClientConfig.push) instead of through the client at every hop."""
+    `push`: steps go node to node (ClientConfig.push, the default); off, through the client at every hop."""
     from swarm.client import DistributedModelForCausalLM
 
     with DistributedModelForCausalLM.from_pretrained(
@@ -91,6 +91,12 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decoding-loop", choices=["swarm", "transformers", "both"], default="swarm")
+    parser.add_argument(
+        "--chain",
+        choices=["push", "client"],
+        default="push",
+        help="nodes push steps on, or the client drives",
+    )
     args = parser.parse_args(argv)
     loops = ["swarm", "transformers"] if args.decoding_loop == "both" else [args.decoding_loop]
 
@@ -116,6 +122,7 @@ def main(argv=None) -> None:
                 args.device,
                 args.repeats,
                 loops,
+                push=args.chain == "push",
             )
         for loop, latencies in latencies_by_loop.items():
             median = statistics.median(latencies)
@@ -128,6 +135,7 @@ def main(argv=None) -> None:
                 "nodes": nodes,
                 "hops": hops,
                 "decoding_loop": loop,
+                "chain": args.chain,
                 "new_tokens": args.new_tokens,
                 "local_tokens_per_s": round(1 / local_median, 2),
                 "swarm_tokens_per_s": round(1 / median, 2),

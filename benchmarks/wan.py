@@ -4,8 +4,9 @@ itself. Local transformers on the same weights runs in the same process for the 
 
     sudo python -m benchmarks.wan --model smollm2-135m-instruct --nodes 3 --rtt-ms 50 --rate-mbit 100
 
-`--chain push` has the nodes push each step to the next one (ClientConfig.push), `client` (the default)
-has the client take every span's output to the next; `both` measures both on the same swarm, alternating.
+`--chain push` has the nodes push each step to the next one (ClientConfig.push, the client's default),
+`client` has the client take every span's output to the next; `both` measures both on the same swarm,
+alternating (`--rounds` times).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--chain", choices=["client", "push", "both"], default="client")
+    parser.add_argument("--chain", choices=["client", "push", "both"], default="push")
     parser.add_argument("--rounds", type=int, default=1, help="with --chain both: alternations of the two")
     args = parser.parse_args(argv)
     chains = ["client", "push"] if args.chain == "both" else [args.chain]

@@ -32,8 +32,8 @@ class ClientConfig:
     # inference steps go node to node (server-to-server push): the client sends a step to the first node
     # only and each node pushes its output to the next, all of them replying to the client too; off: the
     # client takes every span's output to the next itself (a client round trip per span). On by default:
-    # 182 vs 235 ms/token over 3 nodes at 50 ms RTT (benchmarks/results/wan-cpu-smollm2.jsonl), about the
-    # same on loopback
+    # 182 vs 235 and 215 vs 254 ms/token over 3 nodes at 50 ms RTT (benchmarks/results/wan-cpu-smollm2.jsonl),
+    # 92 vs 100 on loopback (inference-cpu-smollm2.jsonl)
     push: bool = True
 
     def __post_init__(self):
