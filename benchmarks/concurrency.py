@@ -2,10 +2,11 @@
 
 One node serves the whole model; each client is a thread with its own prompt and its own inference session
 (greedy, a fixed number of new tokens). Aggregate tokens/s = all clients' new tokens / the wall time from
-the first start to the last finish (prefill included). Every client's tokens are checked against what the
-same prompt gives alone on the same node (`tokens_match`). With `--batching off on`, nodes without and with
+the first start to the last finish (prefill included). With `--batching off on`, nodes without and with
 `--batch-decode` serve side by side (one swarm each) and are measured in alternating rounds, so before and
-after come from the same run under the same load. Prints one JSON object per line.
+after come from the same run under the same load. Every client's tokens are checked against what the same
+prompt gives alone on the first node (`tokens_match`). A last row times the node's compute alone, in this
+process: N sessions' decode steps one by one against one batched call. Prints one JSON object per line.
 
     python -m benchmarks.concurrency --model tiny --clients 1 8 --new-tokens 32 --batching off on
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import statistics
 import tempfile
 import threading
@@ -82,6 +84,54 @@ def measure(models: dict, prompts, clients: list[int], new_tokens: int, repeats:
     return rates, match
 
 
+@torch.inference_mode()
+def node_compute(checkpoint, sessions: int, steps: int, prompt_tokens: int) -> dict:
+    """The node's compute alone, in this process with the node's one thread: `sessions` decode steps one
+    by one against the same steps as one batched call (decode_sessions), each session with its own cache
+    of its own length; milliseconds per token, median over `steps` rounds."""
+    from swarm.models.span import load_span
+    from swarm.node.batched_decode import decode_sessions
+    from swarm.node.kv_cache import SpanCache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a deterministic CPU node computes
+    try:
+        span = load_span(checkpoint, 0, checkpoint.num_blocks)
+        layers, hidden_size = slice(0, checkpoint.num_blocks), checkpoint.config.hidden_size
+
+        def prefilled() -> list[SpanCache]:
+            caches = []
+            for i in range(sessions):
+                cache = SpanCache(0, checkpoint.num_blocks, prompt_tokens + sessions + steps + 1)
+                span(torch.randn(1, prompt_tokens + i, hidden_size), cache=cache)
+                caches.append(cache)
+            return caches
+
+        alone, batched = prefilled(), prefilled()
+        one_by_one, together = [], []
+        for _ in range(steps):
+            hidden = torch.randn(sessions, 1, hidden_size)
+            started = time.perf_counter()
+            for i, cache in enumerate(alone):
+                span(hidden[i : i + 1], cache=cache)
+            one_by_one.append((time.perf_counter() - started) / sessions)
+            positions = torch.tensor([[cache.get_seq_length()] for cache in batched])
+            started = time.perf_counter()
+            decode_sessions(span, hidden, positions, batched, layers)
+            together.append((time.perf_counter() - started) / sessions)
+    finally:
+        torch.set_num_threads(threads)
+    alone_ms, batched_ms = 1000 * statistics.median(one_by_one), 1000 * statistics.median(together)
+    return {
+        "name": "concurrency_node_compute",
+        "model": checkpoint.name,
+        "sessions": sessions,
+        "alone_ms_per_token": round(alone_ms, 2),
+        "batched_ms_per_token": round(batched_ms, 2),
+        "ratio": round(alone_ms / batched_ms, 3),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,7 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batching", choices=["off", "on"], nargs="+", default=["off", "on"])
-    parser.add_argument("--node-args", nargs="*", default=[], help="more flags for the node")
+    parser.add_argument("--batch-limit", type=int, default=8, help="the batching node's --batch-decode")
+    parser.add_argument("--node-args", default="", help='more flags for both nodes, e.g. "--num-threads 2 "')
     args = parser.parse_args(argv)
 
     from swarm.client import DistributedModelForCausalLM
@@ -114,9 +165,9 @@ def main(argv=None) -> None:
             for batching in args.batching:  # one node per mode, side by side, measured in turns
                 swarm = stack.enter_context(LocalSwarm())
                 swarm.start_bootstrap()
-                flags = ["--batch-decode"] if batching == "on" else []
+                flags = ["--batch-decode", str(args.batch_limit)] if batching == "on" else []
                 blocks = f"0:{checkpoint.num_blocks}"
-                swarm.start_node(model, blocks, "--dtype", args.dtype, *flags, *args.node_args)
+                swarm.start_node(model, blocks, "--dtype", args.dtype, *flags, *shlex.split(args.node_args))
                 models[batching] = stack.enter_context(
                     DistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=dtype)
                 )
@@ -132,6 +183,8 @@ def main(argv=None) -> None:
                     "dtype": args.dtype,
                     "device_name": device_name("cpu"),
                     "batching": batching,
+                    "batch_limit": args.batch_limit if batching == "on" else 1,
+                    "node_args": args.node_args,
                     "clients": n,
                     "new_tokens": args.new_tokens,
                     "aggregate_tokens_per_s": round(median, 2),
@@ -140,6 +193,7 @@ def main(argv=None) -> None:
                     "tokens_match": match,
                 }
                 print(json.dumps(row), flush=True)
+        print(json.dumps(node_compute(checkpoint, max(args.clients), 8, args.prompt_tokens)), flush=True)
     first, last = min(args.clients), max(args.clients)
     if ("off", first) in medians and ("on", last) in medians:  # the goal: batched N against unbatched 1
         summary = {

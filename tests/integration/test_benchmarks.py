@@ -222,3 +222,25 @@ def test_openai_api_benchmark_compares_the_api_with_the_python_client(tiny_model
     assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_2_streams"] > 0
     difference = row["api_ms_per_token"] - row["python_ms_per_token"]
     assert row["overhead_ms_per_token"] == pytest.approx(difference, abs=0.011)  # each figure rounded to 0.01
+
+
+def test_concurrency_benchmark_compares_batched_and_unbatched_nodes(tiny_model):
+    result = run_benchmark(
+        "benchmarks.concurrency",
+        *("--model", str(tiny_model), "--clients", "1", "3", "--new-tokens", "4", "--repeats", "1"),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    runs = [row for row in rows if row["name"] == "concurrency"]
+    assert [(row["batching"], row["clients"]) for row in runs] == [
+        ("off", 1),
+        ("off", 3),
+        ("on", 1),
+        ("on", 3),
+    ]
+    assert all(row["tokens_match"] and row["aggregate_tokens_per_s"] > 0 for row in runs)
+    (compute,) = [row for row in rows if row["name"] == "concurrency_node_compute"]
+    assert compute["sessions"] == 3 and compute["alone_ms_per_token"] > 0 and compute["ratio"] > 0
+    (gain,) = [row for row in rows if row["name"] == "concurrency_gain"]
+    assert gain["clients"] == 3 and gain["batched_vs_one_unbatched"] > 0
