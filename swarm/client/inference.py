@@ -52,10 +52,6 @@ MAX_DEFERRED_CHECKS = 4
 MAX_PUSH_ERRORS = 3
 
 
-class _PushFailed(Exception):
-    """A node served the step but could not push it on: the client sends it to the next node itself."""
-
-
 class SpanStream:
     """One node's part of a session: an open `rpc_inference` stream, one reply per step.
 
@@ -489,10 +485,7 @@ class InferenceSession:
                     self._served(self._spans[index], hidden, seconds, opinion)
                     hidden = output
                     index += 1
-                if isinstance(error, _PushFailed):  # the next node did not get the step: send it there
-                    logger.info("%s", error)
-                    self.num_push_errors += 1
-                elif error is not None:
+                if error is not None:
                     failures = self._hop_failed(error, index, position, mask, failures, opinion)
                 continue
             state = self._spans[index]
@@ -647,21 +640,41 @@ class InferenceSession:
             return served, e
         served[0] = (served[0][0], time.perf_counter() - last)
         last = time.perf_counter()
-        for previous, state in zip(segment, segment[1:], strict=False):
+        for index, (previous, state) in enumerate(zip(segment, segment[1:], strict=False)):
             output = asyncio.ensure_future(state.stream.receive(step_id, position, hidden.shape))
             failed = asyncio.ensure_future(previous.stream.push_failure(step_id))
             try:
                 await asyncio.wait({output, failed}, return_when=asyncio.FIRST_COMPLETED)
+                if not output.done():  # the previous node could not push it: send it there from here
+                    error = failed.result()
+                    self.num_push_errors += 1
+                    logger.info(
+                        "%s could not push step %d to %s (%s: %s); sending it there",
+                        previous.span.peer_id,
+                        step_id,
+                        state.span.peer_id,
+                        swarm_pb2.Error.Code.Name(error.code),
+                        error.message,
+                    )
+                    # the same step id: the reply is the one already awaited, and the node's liveness is
+                    # judged from when the step was pushed
+                    direct = state.stream.request(
+                        served[-1][0],
+                        position,
+                        mask,
+                        position_ids,
+                        hypo_ids=state.reorder,
+                        step_id=step_id,
+                        push_to=targets[index + 1 :],
+                    )
+                    await state.stream.send(direct)
+                    await asyncio.wait({output})
+            except Exception as e:  # the stream could not take the request
+                return served, e
             finally:
                 for pending in (output, failed):
                     if not pending.done():
                         pending.cancel()
-            if not output.done() or output.cancelled():
-                error = failed.result()
-                return served, _PushFailed(
-                    f"{previous.span.peer_id} could not push step {step_id} to {state.span.peer_id} "
-                    f"({swarm_pb2.Error.Code.Name(error.code)}: {error.message}); sending it there"
-                )
             try:
                 served.append((output.result(), time.perf_counter() - last))
             except Exception as e:

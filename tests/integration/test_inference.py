@@ -411,3 +411,32 @@ def test_pushed_steps_continue_only_a_session_that_takes_them(session_node, tiny
     model.run_async(pushed.close())
     model.run_async(plain.close())
     wait_for_tokens_left(model, process, 64)
+
+
+def test_a_push_the_next_node_refuses_comes_back_to_the_client_as_a_notice(session_node, tiny_model):
+    """The node serves the step, then tells the client on the same stream that the next session did not take
+    it (here one opened without accept_push); that session is left as it was."""
+    model, process = session_node
+    span = RemoteSpan(process.peer_id, 0, 6, swarm_pb2.ServerInfo())
+    pusher = SpanStream(model.p2p, span, f"pusher-{time.monotonic_ns()}", 16, timeout=30, accept_push=True)
+    target = open_stream(model, process, max_length=16)
+    hidden = torch.randn(1, 3, HIDDEN, generator=torch.Generator().manual_seed(3))
+    step(model, pusher, hidden[:, :2], 0)
+    before = step(model, target, hidden[:, :2], 0)
+    push_to = [swarm_pb2.PushTarget(peer_id=process.peer_id, session_id=target.session_id)]
+    positions = torch.tensor([[2]])
+    model.run_async(
+        pusher.send(pusher.request(hidden[:, 2:], 2, None, positions, step_id=5, push_to=push_to))
+    )
+    output = model.run_async(pusher.receive(5, 2, torch.Size([1, 1, HIDDEN])))
+    notice = model.run_async(asyncio.wait_for(pusher.push_failure(5), 20))
+    assert notice.code in (E.UNKNOWN_SESSION, E.INTERNAL) and notice.message
+    with torch.no_grad():
+        expected = load_span(resolve_checkpoint(tiny_model), 0, 6)(hidden)
+    torch.testing.assert_close(output, expected[:, 2:], rtol=0, atol=1e-5)
+    # the target still holds 2 tokens: its own next step continues it exactly
+    after = step(model, target, hidden[:, 2:], 2)
+    torch.testing.assert_close(torch.cat([before, after], dim=1), expected, rtol=0, atol=1e-5)
+    model.run_async(pusher.close())
+    model.run_async(target.close())
+    wait_for_tokens_left(model, process, 64)
