@@ -4,9 +4,9 @@ hivemind.
 A local swarm starts many short-lived peers, and each fresh interpreter spends ~3.5 s of CPU importing the
 same libraries before it does anything (most of the test suite's CPU, on 2 cores). The fork server pays that
 once: it imports everything, then forks a child per request, which runs `swarm.cli.main.main(argv)` as a
-fresh process would. The child is forked twice so that it is re-parented to the process that asked for it
-(made a child subreaper for this), which then waits for it, signals it and reads its exit code like any
-other child.
+fresh process would. The server reaps its children and passes each one's exit code through a pipe whose
+read end it handed to the process that asked (over the Unix socket between them), so that process can wait
+for the child, signal it and read its exit code as it would a child of its own.
 
 Only settings read at import time must match between the server and the child (OpenMP's, hivemind's log
 level...): a request whose environment changes one of them is refused, and the caller starts a fresh
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -29,7 +30,6 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-_PR_SET_CHILD_SUBREAPER = 36
 # what the libraries read once, when imported or loaded: a child that needs other values starts afresh
 IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "HIVEMIND_", "PYTHON", "LD_", "CUDA", "TORCH", "HF_")
 IMPORT_TIME_NAMES = ("TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "PATH")
@@ -79,34 +79,47 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 class ForkedProcess:
-    """A child started by the fork server: what `ManagedProcess` uses of `subprocess.Popen`."""
+    """A child started by the fork server: what `ManagedProcess` uses of `subprocess.Popen`. Its exit code
+    arrives on `status_fd` (4 bytes, written by the server when it reaps the child)."""
 
-    def __init__(self, pid: int, args: list[str]):
-        self.pid, self.args = pid, args
+    def __init__(self, pid: int, args: list[str], status_fd: int):
+        self.pid, self.args, self._status_fd = pid, args, status_fd
         self.returncode: int | None = None
 
+    def _read_status(self, timeout: float) -> None:
+        if self.returncode is not None:
+            return
+        readable, _, _ = select.select([self._status_fd], [], [], timeout)
+        if not readable:
+            return
+        data = os.read(self._status_fd, 4)
+        # no status but end of file: the server died before it could reap the child (its own death took it)
+        self.returncode = struct.unpack("!i", data)[0] if len(data) == 4 else -signal.SIGKILL
+        os.close(self._status_fd)
+
     def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere: gone, its code unknown
-                self.returncode = -1
-                return self.returncode
-            if pid == self.pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+        self._read_status(0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
+        while self.returncode is None:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.02)
+            self._read_status(min(left, 1.0))
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
             os.kill(self.pid, sig)
+
+    def __del__(self) -> None:
+        if self.returncode is None:
+            try:
+                os.close(self._status_fd)
+            except OSError:
+                pass
 
 
 class ForkServer:
@@ -155,10 +168,12 @@ class ForkServer:
         with self._lock:
             self._sock.settimeout(REQUEST_TIMEOUT)
             _send(self._sock, request)
-            reply = _receive(self._sock)
-        if not reply or "pid" not in reply:
-            raise RuntimeError(f"the fork server could not start {args}: {reply}")
-        return ForkedProcess(reply["pid"], args)
+            message, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+        if len(fds) != 1 or len(message) < 4 or len(message) != 4 + struct.unpack("!I", message[:4])[0]:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError(f"the fork server could not start {args}: {message!r}")
+        return ForkedProcess(json.loads(message[4:])["pid"], args, fds[0])
 
     def close(self) -> None:
         self._sock.close()
@@ -181,8 +196,6 @@ def fork_server_for(env: dict[str, str]) -> ForkServer | None:
         server = _servers.get(key)
         if server is not None and server.serves(env):
             return server
-        if not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
-            return None
         try:
             server = _servers[key] = ForkServer(env)
         except (OSError, RuntimeError, TimeoutError):
@@ -243,31 +256,53 @@ def _reseed() -> None:
     torch.manual_seed(seed)
 
 
+_status_pipes: dict[int, int] = {}  # in the server: child pid -> the write end of its status pipe
+
+
+def _reap_children(*_) -> None:
+    """SIGCHLD: reap every child that exited and write its exit code into its status pipe."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = _status_pipes.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, struct.pack("!i", os.waitstatus_to_exitcode(status)))
+            finally:
+                os.close(fd)
+
+
 def _serve(sock: socket.socket) -> None:
+    signal.signal(signal.SIGCHLD, _reap_children)
     while True:
         request = _receive(sock)
         if request is None:
             return  # the parent is gone
-        ready_read, ready_write = os.pipe()
-        first = os.fork()
-        if first == 0:  # the intermediate child: forks the real one and exits, so that it is re-parented
-            sock.close()
-            os.close(ready_read)
-            intermediate = os.getpid()
-            second = os.fork()
-            if second == 0:
-                os.close(ready_write)
-                while os.getppid() == intermediate:  # until re-parented to the subreaper that asked for us
-                    time.sleep(0.001)
+        status_read, status_write = os.pipe()
+        # until the pipe is registered: a child that exits at once must still find it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                for fd in (status_read, status_write, *_status_pipes.values()):
+                    os.close(fd)
+                _status_pipes.clear()
                 _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 _run_child(request)
-            os.write(ready_write, struct.pack("!i", second))
-            os._exit(0)
-        os.close(ready_write)
-        pid = struct.unpack("!i", os.read(ready_read, 4))[0]
-        os.close(ready_read)
-        os.waitpid(first, 0)
-        _send(sock, {"pid": pid})
+            _status_pipes[pid] = status_write
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        reply = json.dumps({"pid": pid}).encode()
+        socket.send_fds(sock, [struct.pack("!I", len(reply)) + reply], [status_read])
+        os.close(status_read)
 
 
 def serve(fd: int) -> None:
