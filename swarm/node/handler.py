@@ -35,6 +35,22 @@ OFF_LOOP_BYTES = 1 << 20  # requests with more tensor bytes than this are decode
 FATAL_SESSION_ERRORS = (swarm_pb2.Error.TIMEOUT, swarm_pb2.Error.OVERLOADED, swarm_pb2.Error.UNKNOWN_BLOCKS)
 
 
+def _repeated_step(
+    session: Session, request: swarm_pb2.InferenceRequest
+) -> swarm_pb2.InferenceResponse | None:
+    """The reply already given to this very step (same id, same position, nothing run since), or None.
+
+    A client resends a step under its id when the previous node says its push failed; the push may have
+    reached this node all the same (only its answer was lost), and running the step twice would reorder a
+    beam's cache twice."""
+    if not request.step_id or session.last_step is None:
+        return None
+    step_id, position, length_after, reply = session.last_step
+    if (step_id, position, length_after) == (request.step_id, request.position, session.length):
+        return reply
+    return None
+
+
 class NodeServicer(NodeProtocol):
     """The node's side of NodeProtocol, over its span backend."""
 
@@ -304,11 +320,19 @@ class NodeServicer(NodeProtocol):
                                 f"pushed step at position {request.position} is stale: "
                                 f"the session holds {session.length} tokens",
                             )
+                        repeated = _repeated_step(session, request)
+                        if repeated is not None:
+                            yield repeated
+                            continue
                         parsed = item.parsed if pushed else None
                         outputs = await self._inference_step(backend, session, request, parsed)
                         output = serialize(outputs)
                         reply = swarm_pb2.InferenceResponse(
                             tensors=[output], position=session.length, step_id=request.step_id
+                        )
+                        # only a pushed step can come again (from its client): keep no other reply's bytes
+                        session.last_step = (
+                            (request.step_id, request.position, session.length, reply) if pushed else None
                         )
                         if request.push_to:  # started before the reply goes out: the next node waits for it
                             push = asyncio.ensure_future(self._push(session, request, output, inbox))

@@ -35,6 +35,9 @@ class Session:
     computing: bool = False  # a step is running on the compute thread
     closed: bool = False  # released: no step may start; one still computing frees the cache when done
     inbox: Any = None  # its stream's StepInbox when its client lets other nodes push steps (swarm.node.push)
+    # (step id, position, length after, reply) of the last step run: a client that resends a step the previous
+    # node already pushed here gets this reply again, not a second run (a beam reorder must apply once)
+    last_step: tuple[int, int, int, Any] | None = None
 
 
 class SessionBudget:

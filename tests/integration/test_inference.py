@@ -440,3 +440,32 @@ def test_a_push_the_next_node_refuses_comes_back_to_the_client_as_a_notice(sessi
     model.run_async(pusher.close())
     model.run_async(target.close())
     wait_for_tokens_left(model, process, 64)
+
+
+def test_a_resent_pushed_step_is_answered_again_not_run_twice(session_node, tiny_model):
+    """The previous node's push got through but its answer was lost, so the client resends the step under the
+    same id: the node answers from the step it ran, and a beam reorder applies once, not twice."""
+    model, process = session_node
+    stub = NodeProtocol.get_stub(model.p2p, PeerID.from_base58(process.peer_id))
+    span = RemoteSpan(process.peer_id, 0, 6, swarm_pb2.ServerInfo())
+    stream = SpanStream(model.p2p, span, f"resend-{time.monotonic_ns()}", 16, timeout=30, accept_push=True)
+    hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    step(model, stream, hidden[:, :3], 0)
+    swap = torch.tensor([1, 0])
+    at_3, at_4 = torch.tensor([[3], [3]]), torch.tensor([[4], [4]])
+    request = stream.request(hidden[:, 3:4], 3, None, at_3, hypo_ids=swap, step_id=21)
+    request.session_id = stream.session_id
+    owner = model.p2p.peer_id.to_base58()
+    pushed = model.run_async(stub.rpc_push(swarm_pb2.PushRequest(owner=owner, step=request)))
+    assert not pushed.HasField("error"), pushed.error.message
+    pushed_output = model.run_async(stream.receive(21, 3, torch.Size([2, 1, HIDDEN])))
+    resent_output = model.run_async(stream.step(hidden[:, 3:4], 3, None, at_3, hypo_ids=swap, step_id=21))
+    last = model.run_async(stream.step(hidden[:, 4:5], 4, None, at_4, step_id=22))
+    with torch.no_grad():  # the cache's rows swapped once, before token 3
+        reordered = torch.cat([hidden[[1, 0], :3], hidden[:, 3:]], dim=1)
+        expected = load_span(resolve_checkpoint(tiny_model), 0, 6)(reordered)
+    torch.testing.assert_close(resent_output, pushed_output, rtol=0, atol=0)
+    torch.testing.assert_close(pushed_output, expected[:, 3:4], rtol=0, atol=1e-5)
+    torch.testing.assert_close(last, expected[:, 4:5], rtol=0, atol=1e-5)
+    model.run_async(stream.close())
+    wait_for_tokens_left(model, process, 64)
