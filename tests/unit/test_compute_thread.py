@@ -72,9 +72,9 @@ def test_gemms_on_the_compute_thread_round_as_the_thread_that_pinned_the_profile
             got = compute.submit(F.linear, x, weight).result(10)
         finally:
             compute.shutdown()
-    if torch.equal(plain[0], expected):
-        pytest.skip("this machine's BLAS rounds a new thread's GEMM as the pinned thread's: nothing to show")
-    assert torch.equal(got, expected)
+    # the compute thread must round as the pinned thread, always; a plain new thread is the control, and
+    # rounds otherwise only on some machines and loads (MKL's thread count per thread), so it is not asserted
+    assert torch.equal(got, expected), f"a plain thread matches: {torch.equal(plain[0], expected)}"
 
 
 def test_an_idle_compute_thread_lets_the_caller_run_a_short_call_itself_and_holds_queued_work_off():
