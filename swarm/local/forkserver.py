@@ -166,9 +166,15 @@ class ForkServer:
             "cwd": cwd,
         }
         with self._lock:
-            self._sock.settimeout(REQUEST_TIMEOUT)
-            _send(self._sock, request)
-            message, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+            try:
+                self._sock.settimeout(REQUEST_TIMEOUT)
+                _send(self._sock, request)
+                message, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+            except OSError as e:  # timeouts included
+                # it may still fork this child, and its next reply would answer the wrong request: stop it
+                # (its children die with it) before the caller starts the child afresh
+                self.close()
+                raise RuntimeError(f"the fork server did not answer: {e!r}") from e
         if len(fds) != 1 or len(message) < 4 or len(message) != 4 + struct.unpack("!I", message[:4])[0]:
             for fd in fds:
                 os.close(fd)
