@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PretrainedConfig
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from swarm.models.families import FULL, SLIDING, position_embeddings_by_type
+from swarm.models.families import FULL, position_embeddings_by_type
 from swarm.models.span import LlamaSpan, default_position_ids
 from swarm.verification.operators import OPERATORS
 
@@ -120,14 +119,7 @@ def forward_context(
     batch, seq_len, _ = hidden_states.shape
     if position_ids is None:
         position_ids = default_position_ids(attention_mask, batch, seq_len, 0, hidden_states.device)
-    make_mask = create_sliding_window_causal_mask if layer_type == SLIDING else create_causal_mask
-    mask = make_mask(
-        config=span.config,
-        inputs_embeds=hidden_states,
-        attention_mask=attention_mask,
-        cache=None,
-        position_ids=position_ids,
-    )
+    mask = span.masks(hidden_states, attention_mask, None, position_ids, [layer_type])[layer_type]
     # the span's own rotary module: its buffers follow the span's dtype, a fresh one's would not
     embeddings = position_embeddings_by_type(span.rotary_emb, hidden_states, position_ids, [layer_type])
     return ForwardContext(mask, position_ids, embeddings[layer_type])
