@@ -35,6 +35,11 @@ def _shared_machine_env() -> dict[str, str]:
     return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """A child's environment: ours, the shared-machine settings, then what the caller asks for."""
+    return {**os.environ, **_shared_machine_env(), **(env or {})}
+
+
 def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -48,7 +53,7 @@ class ManagedProcess:
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.name, self.args, self.log_path = name, args, log_path
         self._log = open(log_path, "wb")
-        full_env = {**os.environ, **_shared_machine_env(), **(env or {})}
+        full_env = _child_env(env)
         self.popen = self._fork(args, full_env) or subprocess.Popen(
             args,
             stdout=self._log,
@@ -128,16 +133,20 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """`swarm *args` to completion, as `subprocess.run(capture_output=True, text=True)` would run it, but
     forked from the fork server when there is one (no 3.5 s of imports); TimeoutExpired after `timeout`."""
-    full_env = {**os.environ, **_shared_machine_env(), **(env or {})}
+    full_env = _child_env(env)
     server = fork_server_for(full_env)
-    if server is None:
-        return subprocess.run(
-            [*CLI_PREFIX, *args], capture_output=True, text=True, timeout=timeout, env=full_env, input=input
-        )
     with tempfile.TemporaryDirectory(prefix="swarm-cli-") as tmp:
         out, err, stdin = Path(tmp, "stdout"), Path(tmp, "stderr"), Path(tmp, "stdin")
         stdin.write_text(input or "")
-        child = server.spawn(args, out, full_env, os.getcwd(), stderr_path=err, stdin_path=stdin)
+        try:
+            child = server and server.spawn(args, out, full_env, os.getcwd(), err, stdin)
+        except (OSError, RuntimeError):  # as ManagedProcess: start it afresh
+            child = None
+        if child is None:
+            command = [*CLI_PREFIX, *args]
+            return subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, env=full_env, input=input
+            )
         try:
             returncode = child.wait(timeout)
         except subprocess.TimeoutExpired:
