@@ -31,9 +31,11 @@ from swarm.dht.swarm_view import read_stage, read_trainers
 from swarm.proto import swarm_pb2
 from swarm.training.run import TRAINERS_GROUP, LoadedRun, group_of_prefix
 from swarm.training.validation import (
+    CANNOT_JUDGE,
     VERDICT_TAG,
     CannotJudge,
     ContributionUnavailable,
+    NotOurGroup,
     majority_verdict,
     round_members,
     verdict_statement,
@@ -75,6 +77,9 @@ class RunBans:
         # stage peers: recomputes the gradient a "bad_gradient" accusation is about, returning (guilty or
         # None, why); raises CannotJudge (not this stage, weights gone) or ContributionUnavailable
         self.gradient_judge = None
+        # stage peers and trainers: holds the weights an accusation about its group's rounds needs, from when
+        # this peer first sees it, so that they don't roll out while it is judged
+        self.gradient_hold = None
         averaging = run.config.averaging
         self.tau = float(averaging.tau) if averaging.aggregator == "centered_clip" else None
         options = {"tau": averaging.tau} if averaging.aggregator == "centered_clip" else {}
@@ -87,6 +92,8 @@ class RunBans:
         # accusations this peer filed, judged even before the DHT has them
         self._local: dict[bytes, bytes] = {}
         self._suspected: set[str] = set()  # accused in accusations not judged yet
+        # accusation (hex digest) -> this member's signed "can't judge" (b"": unsigned), until it is settled
+        self._unable: dict[str, bytes] = {}
 
     def _attempt(self, accusation: dict) -> int:
         key = (accusation.get("accuser"), accusation["accused"], accusation["step"], accusation["chunk"])
@@ -111,14 +118,22 @@ class RunBans:
 
     async def _recheck_gradient(self, accusation: dict) -> tuple[str | None, str]:
         accused = accusation["accused"]
+        if self.gradient_hold is not None:
+            self.gradient_hold(accusation)  # as accused too: judges ask it for its contribution and traces
         if accused == self.own_id:
             logger.warning("this peer is accused of a bad gradient at step %s", accusation["step"])
             return GOOD_FAITH, "a peer does not judge accusations against itself"
-        if self.gradient_judge is not None:
+        unable = self._unable.get(accusation["accusation"])
+        if self.gradient_judge is not None and unable is None:
             try:
                 guilty, why = await self.gradient_judge(accusation)
+            except NotOurGroup:
+                pass
             except CannotJudge as e:
                 logger.info("following the verdicts of the round's members on %s: %s", accused, e)
+                # said once: followers then know this member's verdict is not coming
+                unable = await asyncio.to_thread(self._publish_verdict, accusation, CANNOT_JUDGE)
+                self._unable[accusation["accusation"]] = unable or b""
             except ContributionUnavailable as e:
                 # busy, or hiding it from this member: the verdicts of the group's other members decide
                 # as soon as they are in, instead of after this member's own attempts run out
@@ -130,16 +145,24 @@ class RunBans:
             else:
                 await asyncio.to_thread(self._publish_verdict, accusation, guilty)
                 return guilty, why
-        found = await self._group_verdict(accusation)
+        found = await self._group_verdict(accusation, unable or None)
         if found is None:
             raise EvidenceUnavailable("waiting for the verdicts of the group's other members")
+        self._unable.pop(accusation["accusation"], None)
+        if found[0] == GOOD_FAITH:
+            logger.warning("settling the accusation against %s without a ban: %s", accused, found[1])
         return found
 
-    async def _group_verdict(self, accusation: dict) -> tuple[str | None, str] | None:
+    async def _group_verdict(
+        self, accusation: dict, own: bytes | None = None
+    ) -> tuple[str | None, str] | None:
         """The majority of the published verdicts of the accused group's other members (the accused
-        round's, and those live in the group now), or None while there is none."""
+        round's, and those live in the group now), or None while there is none. `own`: this member's
+        verdict, counted whether or not its DHT store went through."""
         tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
         verdicts = await asyncio.to_thread(read_statements, self.dht, self.key, tag)
+        if own is not None:
+            verdicts[self.own_id] = own
         voters = round_members(accusation)
         if verdicts:
             voters |= await asyncio.to_thread(self._live_members, accusation["prefix"])
@@ -167,15 +190,17 @@ class RunBans:
             and not self.list.is_banned(peer_id)
         }
 
-    def _publish_verdict(self, accusation: dict, guilty: str | None) -> None:
+    def _publish_verdict(self, accusation: dict, guilty: str | None) -> bytes | None:
+        """Sign and store this member's verdict (the guilty peer, or CANNOT_JUDGE); returns it."""
         if self.signing_key is None:
-            return
+            return None
         blob = verdict_statement(self.signing_key, accusation["accusation"], guilty or accusation["accuser"])
         tag = f"{VERDICT_TAG}-{accusation['accusation'][:16]}"
         try:
             store_statement(self.dht, self.key, tag, self.signing_key, blob, ACCUSATION_TTL)
         except Exception as e:
             logger.warning("publishing a verdict failed: %r", e)
+        return blob
 
     async def refresh(self) -> list[Verdict]:
         """Judge accusations not judged yet; returns the new bans."""

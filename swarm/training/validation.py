@@ -30,7 +30,8 @@ import hashlib
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol  # noqa: UP035 (hivemind recognises streams by typing.AsyncIterator only)
@@ -58,12 +59,25 @@ VERDICT_TAG = "gverdict"
 # move it by more than its norm
 VALIDATION_RTOL = 1e-3
 KEEP_STEPS = 4  # rounds whose contributions (and weights) a stage peer keeps for validators and judges
+# steps a member may hold past that window for validations and accusations in flight (memory: at most
+# twice the window's weights). Under load rounds can outrun the checks, and an accusation of a step whose
+# weights its judges dropped can never be judged: its author would escape
+MAX_HELD_STEPS = KEEP_STEPS
+# how long a round's steps stay past the window (if the budget allows) for validations of it still to
+# accuse: a judge learns of an accusation only when it is filed
+ROUND_HOLD_SECONDS = 120.0
+# how long the parties of an accusation hold its steps: other judges ask them for traces of it
+ACCUSATION_HOLD_SECONDS = 600.0
 MAX_CONTRIBUTION_BYTES = 4 * 1024**3  # a validator buffers a contribution whole
 WIRE_DTYPES = {**FLOAT_DTYPES, **INDEX_DTYPES}
 
 
 class CannotJudge(RuntimeError):
     """This peer lacks what a recomputation needs (e.g. the weights of that step): no verdict either way."""
+
+
+class NotOurGroup(CannotJudge):
+    """The accusation is about another group's round: this peer is none of its judges."""
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
@@ -179,19 +193,28 @@ class Contribution:
 
 
 class ContributionLog:
-    """What a stage peer keeps so that validators can recompute its gradient of its last `keep` rounds.
+    """What a stage peer keeps so that validators can recompute its gradient of its last `keep` rounds, and
+    of older ones that validations or accusations still need (`hold`, `hold_round`; at most `max_held`
+    steps past the window).
 
     `add` (every backward) and `close` (when the round's gradient is taken) run on the compute thread;
     `record_sent` when the gradient is handed to the averager; `snapshot` whenever the weights change.
     """
 
-    def __init__(self, keep: int = KEEP_STEPS):
-        self.keep = keep
+    def __init__(
+        self,
+        keep: int = KEEP_STEPS,
+        max_held: int = MAX_HELD_STEPS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.keep, self.max_held, self._clock = keep, max_held, clock
         self._lock = threading.Lock()
         self._open: list[Microbatch] = []
         self._closed: dict[int, list[Microbatch]] = {}
         self._sent: dict[int, list[torch.Tensor]] = {}
         self._weights: dict[int, list[torch.Tensor]] = {}
+        self._holds: dict[str, tuple[frozenset[int], float]] = {}  # key -> (steps, until): never evicted
+        self._recent: dict[int, float] = {}  # round step -> until: kept while the budget allows
 
     def add(self, microbatch: Microbatch) -> None:
         with self._lock:
@@ -224,6 +247,44 @@ class ContributionLog:
         with self._lock:
             self._open, self._weights = [], {step: copies}
 
+    def hold(self, key: str, steps: Iterable[int], seconds: float) -> bool:
+        """Keep the weights and contributions of `steps` past the window until `release(key)`, or for
+        `seconds` (a validation or an accusation needs them). Holding `key` again changes nothing.
+
+        :returns: False, holding nothing, when that would hold more than `max_held` steps: a flood of
+            accusations must not pin unbounded weights
+        :raises ValueError: `seconds` is not positive (nothing is held)
+        """
+        if not seconds > 0:
+            raise ValueError(f"a hold lasts a positive number of seconds, not {seconds}")
+        steps = frozenset(int(s) for s in steps)
+        with self._lock:
+            self._expire()
+            if key in self._holds:
+                return True
+            held = frozenset().union(*(s for s, _ in self._holds.values()))
+            if len(held | steps) > self.max_held:
+                return False
+            self._holds[key] = (steps, self._clock() + seconds)
+            return True
+
+    def release(self, key: str) -> None:
+        """Stop holding what `hold(key, ...)` held (dropped with the next round, if past the window)."""
+        with self._lock:
+            self._holds.pop(key, None)
+
+    def hold_round(self, step: int, seconds: float = ROUND_HOLD_SECONDS) -> None:
+        """Keep round `step` (its contribution, and the weights of `step` - 1 and `step`) past the window for
+        `seconds`, as far as `max_held` allows beside the holds: validations of it may still accuse."""
+        with self._lock:
+            self._recent[int(step)] = self._clock() + seconds
+
+    def held(self) -> set[int]:
+        """The steps held for validations and accusations (by `hold`)."""
+        with self._lock:
+            self._expire()
+            return set().union(*(s for s, _ in self._holds.values()))
+
     def weights(self, step: int) -> list[torch.Tensor] | None:
         with self._lock:
             return self._weights.get(step)
@@ -239,9 +300,27 @@ class ContributionLog:
                 return None
             return Contribution(step, self._sent[step], list(self._closed[step]))
 
+    def _expire(self) -> None:
+        now = self._clock()
+        self._holds = {k: v for k, v in self._holds.items() if v[1] > now}
+        self._recent = {s: until for s, until in self._recent.items() if until > now}
+
     def _forget(self, by_step: dict) -> None:
-        for step in sorted(by_step)[: -self.keep]:
-            del by_step[step]
+        """Drop what is past the window: all but what `hold` holds and, newest first while fewer than
+        `max_held` are kept, the steps of recent rounds."""
+        self._expire()
+        held = set().union(*(s for s, _ in self._holds.values()))
+        old = sorted(by_step)[: -self.keep]
+        kept = {s for s in old if s in held}
+        recent = {s for r in self._recent for s in (r - 1, r)}
+        for step in reversed(old):
+            if len(kept) >= self.max_held:
+                break
+            if step in recent:
+                kept.add(step)
+        for step in old:
+            if step not in kept:
+                del by_step[step]
 
 
 def recompute_mean_gradient(
@@ -520,9 +599,13 @@ class GradientValidator:
         return self.same_weights is None or all(self.same_weights(peer, s) is None for s in steps)
 
 
+# a verdict's "guilty" when its signer can't judge the accusation (it lacks the weights of its steps, say)
+CANNOT_JUDGE = "cannot judge"
+
+
 def verdict_statement(key: RSAPrivateKey, accusation: str, guilty: str) -> bytes:
     """A stage peer's signed verdict on a "bad_gradient" accusation (hex digest), for members that can't
-    recompute it themselves."""
+    recompute it themselves: the guilty peer, or CANNOT_JUDGE."""
     return sign_statement(key, {"kind": VERDICT_KIND, "accusation": accusation, "guilty": guilty})
 
 
@@ -531,9 +614,10 @@ def majority_verdict(
 ) -> tuple[str | None, str] | None:
     """The verdict of the majority of the `voters` (the group's members that may judge) other than the
     accuser and the accused, as (guilty, why) for `judge`; None while none of them has spoken. A tie
-    settles without a ban."""
+    settles without a ban, and so does an accusation that every other member of its round said it can't
+    judge while nobody else voted: no verdict can come."""
     accuser, accused = accusation["accuser"], accusation["accused"]
-    votes = {accused: 0, accuser: 0}
+    votes, unable = {accused: 0, accuser: 0}, set()
     for signer, blob in verdicts.items():
         if signer in (accuser, accused) or signer not in voters:
             continue
@@ -543,7 +627,15 @@ def majority_verdict(
             continue
         if verdict.get("guilty") in votes:
             votes[verdict["guilty"]] += 1
+        elif verdict.get("guilty") == CANNOT_JUDGE:
+            unable.add(signer)
     if not any(votes.values()):
+        judges = round_members(accusation) - {accuser, accused}
+        if judges and judges <= unable:
+            return GOOD_FAITH, (
+                f"none of the {len(judges)} other members of the round can judge it (they no longer hold "
+                "what the recomputation needs): no verdict can come"
+            )
         return None
     why = f"{votes[accused]} of the group's other members found the gradient wrong, {votes[accuser]} right"
     if votes[accused] > votes[accuser]:
@@ -594,13 +686,20 @@ class GroupValidation:
         self.validator, self.bans, self.dht, self.key = validator, bans, dht, signing_key
         self.own_id, self.validators, self.loop = own_id, validators, loop
         self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
+        self._unheld: set[str] = set()  # accusations whose steps this member could not hold (logged once)
         self._round_members: dict[int, set[str]] = {}  # step -> members of this member's round at that step
         # step -> the peers whose weights (and optimizer state) of that step are this member's; None: everyone
         # (the run's checkpoint). A round averages gradients: two members that apply the same aggregate keep
         # equal weights only if they had them before, so equality runs unbroken from a common start
         self._same_at: dict[int, frozenset[str] | None] = {0: None}
         bans.gradient_judge = self.judge
+        bans.gradient_hold = self.hold_for
         validator.same_weights = self.same_weights
+
+    @property
+    def log(self) -> ContributionLog:
+        """What this member keeps of its rounds (its weights and contributions)."""
+        return self.validator.owner.log
 
     def loaded_state(self, step: int, donor: str) -> None:
         """This member took `donor`'s parameters and optimizer state of `step` (joining, or resyncing): from
@@ -637,6 +736,7 @@ class GroupValidation:
         and start the validations this member owes the round."""
         if record.members:
             step = record.transcript.step
+            self.log.hold_round(step)  # validations of it may accuse after the window rolls on
             self._round_members[step] = set(record.members)
             for old in sorted(self._round_members)[:-KEEP_STEPS]:
                 del self._round_members[old]
@@ -688,6 +788,8 @@ class GroupValidation:
         )
         logger.warning("accusing %s of a bad gradient: %s", target, why)
         self._filed[digest(blob).hex()] = (guilty, why)  # judged already: no second recomputation
+        # the accuser traces the accused's contribution with its weights in every judge's game
+        self._hold(digest(blob).hex(), target, step)
         self.bans.add_local([blob])  # judged here at once; the DHT store (retried) lets the others judge
         try:
             await asyncio.to_thread(file_accusation, self.dht, self.bans.key, self.key, blob)
@@ -695,15 +797,52 @@ class GroupValidation:
             logger.warning("filing an accusation against %s failed: %r", target, e)
         return blob
 
+    def hold_for(self, accusation: dict) -> None:
+        """Hold the weights (and this member's contribution) of the steps a "bad_gradient" accusation about
+        this group's rounds needs, from when this member first sees it (`RunBans` calls it before judging):
+        rounds move on while it is judged, and a judge without the weights can't judge. Judges release them
+        once they have judged (`judge`); the parties hold them until the accusation's hold expires, as other
+        judges ask them for traces."""
+        if accusation["prefix"] != self.validator.prefix or accusation["accused"] in self.bans.banned():
+            return
+        self._hold(accusation["accusation"], accusation["accused"], accusation["step"])
+
+    def _hold(self, accusation: str, accused: str, step: int) -> None:
+        steps = [s for s in (step - 1, step) if s >= 0]  # a round's microbatches ran with these weights
+        if self.log.hold(f"accusation {accusation}", steps, ACCUSATION_HOLD_SECONDS):
+            return
+        if accusation not in self._unheld:
+            self._unheld.add(accusation)
+            logger.warning(
+                "not holding steps %s for the accusation against %s: this peer already holds %s, at most %d "
+                "past its last %d rounds; it can't judge it once they roll out",
+                steps,
+                accused,
+                sorted(self.log.held()),
+                self.log.max_held,
+                KEEP_STEPS,
+            )
+
     async def judge(self, accusation: dict) -> tuple[str | None, str]:
         """Recompute the gradient a "bad_gradient" accusation is about (CannotJudge: not our group's)."""
         if accusation["prefix"] != self.validator.prefix:
-            raise CannotJudge("the accusation is about another group's round")
+            raise NotOurGroup("the accusation is about another group's round")
         if accusation["accusation"] in self._filed:
             return self._filed.pop(accusation["accusation"])
-        return await self.validator.check(
-            accusation["accused"],
-            accusation["step"],
-            accusation["evidence"][0],
-            accuser=accusation["accuser"],
-        )
+        try:
+            verdict = await self.validator.check(
+                accusation["accused"],
+                accusation["step"],
+                accusation["evidence"][0],
+                accuser=accusation["accuser"],
+            )
+        except CannotJudge:
+            self._release(accusation)
+            raise
+        self._release(accusation)  # ContributionUnavailable keeps the hold: this member tries again
+        return verdict
+
+    def _release(self, accusation: dict) -> None:
+        """A judge is done with an accusation's steps; its parties still trace it for other judges."""
+        if self.own_id not in (accusation["accused"], accusation["accuser"]):
+            self.log.release(f"accusation {accusation['accusation']}")

@@ -26,6 +26,7 @@ from swarm.training.run import OptimizerSettings
 from swarm.training.stage import TrainableSpanBackend
 from swarm.training.trainable import TrainableParameters
 from swarm.training.validation import (
+    CANNOT_JUDGE,
     VALIDATION_RTOL,
     ContributionLog,
     GradientValidator,
@@ -112,6 +113,53 @@ def test_log_keeps_the_last_rounds():
     log.close(9)
     log.record_sent(9, [torch.zeros(3)])
     assert log.get(9).microbatches == []  # the microbatch whose gradient the load dropped is gone
+
+
+def test_log_holds_steps_past_its_window_within_a_budget():
+    """Rounds can outrun the checks under load: steps that an accusation needs stay past the window until
+    released or expired, and recent rounds as far as the budget allows; a hold beyond the budget is
+    refused, so a flood of accusations can't pin unbounded weights."""
+    now = [0.0]
+    log = ContributionLog(keep=2, max_held=2, clock=lambda: now[0])
+
+    def round_at(step: int) -> None:
+        log.snapshot(step, [torch.full((3,), float(step))])
+        log.close(step)
+        log.record_sent(step, [torch.full((3,), float(step))])
+
+    round_at(0)
+    assert log.hold("accused at 0", [0], seconds=60)
+    assert log.hold("accused at 0", [0, 1], seconds=60)  # held already: unchanged
+    for step in range(1, 6):
+        round_at(step)
+    assert log.weights(0) is not None and log.get(0) is not None  # held past the window (4, 5)
+    assert log.weights(1) is None and log.get(1) is None and log.weights(3) is None
+    assert not log.hold("flood", [2, 3], seconds=60)  # {0, 2, 3}: over the budget of 2, nothing held
+    assert log.held() == {0}
+    with pytest.raises(ValueError, match="positive"):
+        log.hold("bad", [5], seconds=0)
+    assert log.held() == {0}
+    assert log.hold("accused at 5", [4, 5], seconds=10) is False  # {0, 4, 5}
+    assert log.hold("accused at 5", [5], seconds=10)
+    log.release("accused at 0")
+    round_at(6)
+    assert log.weights(0) is None and log.get(0) is None  # released: gone with the next round
+    now[0] = 11.0  # the hold of step 5 expired
+    round_at(7)
+    assert log.held() == set() and log.weights(5) is None
+    # recent rounds stay past the window, newest first while the budget allows, for validations to come
+    for step in range(8, 12):
+        round_at(step)
+        log.hold_round(step, seconds=100)
+    assert [s for s in range(12) if log.weights(s) is not None] == [8, 9, 10, 11]
+    assert log.hold("accused at 8", [8], seconds=60)  # holds come first; recent rounds fill what is left
+    round_at(12)
+    assert [s for s in range(13) if log.weights(s) is not None] == [8, 10, 11, 12]
+    round_at(13)
+    assert [s for s in range(14) if log.weights(s) is not None] == [8, 11, 12, 13]
+    now[0] = 200.0
+    round_at(14)
+    assert [s for s in range(15) if log.weights(s) is not None] == [13, 14]
 
 
 def _backend() -> TrainableSpanBackend:
@@ -205,6 +253,17 @@ def test_outsiders_follow_the_majority_of_the_rounds_other_members(keys):
     # a verdict about another accusation, relayed under this one's tag, is ignored
     other = {peer_id_of(keys[2]): verdict_statement(keys[2], "ee" * 32, accused)}
     assert majority_verdict(accusation, other, members) is None
+    # members that can't judge it (they dropped its weights) say so: once every other member of the round
+    # has and nobody voted, no verdict can come, and it settles without a ban instead of waiting forever
+    assert majority_verdict(accusation, votes((keys[2], CANNOT_JUDGE)), members) is None  # fourth: not yet
+    unable = votes((keys[2], CANNOT_JUDGE), (keys[3], CANNOT_JUDGE))
+    guilty, why = majority_verdict(accusation, unable, members)
+    assert guilty == GOOD_FAITH and "no verdict can come" in why
+    one_voted = votes((keys[2], CANNOT_JUDGE), (keys[3], accused))
+    assert majority_verdict(accusation, one_voted, members)[0] == accused
+    # a round of the two parties alone: nobody of the round says so; live members of the group may judge
+    pair = dict(accusation, evidence=commits[:2])
+    assert majority_verdict(pair, votes((keys[2], CANNOT_JUDGE)), members) is None
 
 
 def test_members_judge_only_gradients_of_weights_they_share(keys):
@@ -213,7 +272,7 @@ def test_members_judge_only_gradients_of_weights_they_share(keys):
     alone, or a peer that missed a round, holds weights of its own from then on: recomputing with them, or
     against them, would accuse an honest peer (two honest trainers that each stepped alone at step 1 and
     then shared rounds accused each other at step 3, by 1.4% of the gradient's norm), so neither is judged."""
-    validator = GradientValidator(None, None, RUN, PREFIX, 1024)
+    validator = GradientValidator(SimpleNamespace(log=ContributionLog()), None, RUN, PREFIX, 1024)
     bans = SimpleNamespace(gradient_judge=None, banned=set)  # what GroupValidation reads of the run's bans
 
     def round_at(step: int, *members: str) -> SimpleNamespace:
@@ -363,3 +422,74 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
             await server.shutdown()
 
     asyncio.run(run())
+
+
+def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys):
+    """Under load rounds move on while an accusation is judged: a judge that dropped the weights of the
+    accused step could never judge it (a lazy peer escaped that way: its accusation of step 0 reached the
+    third stage peer after step 0's weights had rolled out). From when the judge and the accused see the
+    accusation they hold that step past the window; the judge convicts after KEEP_STEPS + 2 more rounds,
+    then releases it, and the accused holds its own for the other judges' games."""
+    from hivemind.p2p import P2P
+
+    from swarm.averaging.commitments import chunk_digests
+    from swarm.dht.identity import temporary_identity_file
+    from swarm.training.state import TrainStateServicer
+    from swarm.training.validation import KEEP_STEPS, CannotJudge
+
+    peer, judge = _backend(), _backend()  # the same checkpoint: the group's weights of step 0
+    accused, accuser = peer_id_of(keys[1]), peer_id_of(keys[0])
+    loop = asyncio.new_event_loop()
+    bans = SimpleNamespace(gradient_judge=None, banned=set)
+    groups = [
+        GroupValidation(GradientValidator(b, None, RUN, PREFIX, 1024), bans, None, keys[2], own, 1, loop)
+        for b, own in ((peer, accused), (judge, "judge"))
+    ]
+
+    def commit(step: int, sent) -> bytes:
+        return sign_statement(keys[1], commit_payload(PREFIX, step, chunk_digests(sent, 1024), digest(b"s")))
+
+    commits = {}
+    for step in range(KEEP_STEPS + 3):
+        _backward(peer, keys[3], 1)
+        grads, _ = peer.take_gradients()
+        sent = [torch.zeros_like(g) for g in grads] if step == 0 else grads  # lazy at step 0
+        peer.log.record_sent(step, sent)
+        commits[step] = commit(step, sent)
+        judge.log.close(step)
+        for backend in (peer, judge):
+            backend.apply(grads)  # the group's aggregate: both keep the same weights
+        if step == 0:  # the accusation of step 0 is seen (RunBans.refresh calls hold_for before judging)
+            blob = make_accusation(keys[0], BAD_GRADIENT, accused, PREFIX, 0, b"g", 0, [commits[0]])
+            accusation = {"accuser": accuser, "accused": accused, "accusation": digest(blob).hex()}
+            accusation.update(prefix=PREFIX, step=0, evidence=[commits[0]])
+            for group in groups:
+                group.hold_for(accusation)
+    assert judge.log.weights(1) is None and judge.log.weights(0) is not None  # held past the window
+    assert peer.log.get(1) is None and peer.log.get(0) is not None
+
+    async def run():
+        server = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=temporary_identity_file(keys[1])
+        )
+        client = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs()
+        )
+        try:
+            await TrainStateServicer(RUN, None, lambda: (0, 0, []), peer.log.get).add_p2p_handlers(server)
+            groups[1].validator.p2p = client
+            guilty, why = await groups[1].judge(accusation)
+            assert guilty == accused and "differs from the recomputation" in why
+            # a round nobody accused in time rolled out: no verdict either way
+            with pytest.raises(CannotJudge, match="too late|no longer holds"):
+                await groups[1].validator.check(accused, 1, commits[1])
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    try:
+        asyncio.run(run())
+    finally:
+        loop.close()
+    assert judge.log.held() == set()  # judged: the judge let step 0 go
+    assert peer.log.held() == {0}  # the accused still shows it to the other judges
