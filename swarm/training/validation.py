@@ -279,6 +279,12 @@ class ContributionLog:
         with self._lock:
             self._recent[int(step)] = self._clock() + seconds
 
+    def holds(self, key: str) -> bool:
+        """Whether `hold(key, ...)` still holds its steps (not released, not expired)."""
+        with self._lock:
+            self._expire()
+            return key in self._holds
+
     def held(self) -> set[int]:
         """The steps held for validations and accusations (by `hold`)."""
         with self._lock:
@@ -687,6 +693,7 @@ class GroupValidation:
         self.own_id, self.validators, self.loop = own_id, validators, loop
         self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
         self._unheld: set[str] = set()  # accusations whose steps this member could not hold (logged once)
+        self._holding: dict[str, str] = {}  # accusations whose steps this member holds -> their accuser
         self._round_members: dict[int, set[str]] = {}  # step -> members of this member's round at that step
         # step -> the peers whose weights (and optimizer state) of that step are this member's; None: everyone
         # (the run's checkpoint). A round averages gradients: two members that apply the same aggregate keep
@@ -789,7 +796,7 @@ class GroupValidation:
         logger.warning("accusing %s of a bad gradient: %s", target, why)
         self._filed[digest(blob).hex()] = (guilty, why)  # judged already: no second recomputation
         # the accuser traces the accused's contribution with its weights in every judge's game
-        self._hold(digest(blob).hex(), target, step)
+        self._hold(digest(blob).hex(), self.own_id, target, step)
         self.bans.add_local([blob])  # judged here at once; the DHT store (retried) lets the others judge
         try:
             await asyncio.to_thread(file_accusation, self.dht, self.bans.key, self.key, blob)
@@ -805,11 +812,18 @@ class GroupValidation:
         judges ask them for traces."""
         if accusation["prefix"] != self.validator.prefix or accusation["accused"] in self.bans.banned():
             return
-        self._hold(accusation["accusation"], accusation["accused"], accusation["step"])
+        self._hold(accusation["accusation"], accusation["accuser"], accusation["accused"], accusation["step"])
 
-    def _hold(self, accusation: str, accused: str, step: int) -> None:
+    def _hold(self, accusation: str, accuser: str, accused: str, step: int) -> None:
+        banned = self.bans.banned()
+        for held, by in list(self._holding.items()):
+            if by in banned:  # proven a false accuser (or a cheat): its accusations need no more traces
+                self.log.release(f"accusation {held}")
+            if not self.log.holds(f"accusation {held}"):  # released, or expired
+                del self._holding[held]
         steps = [s for s in (step - 1, step) if s >= 0]  # a round's microbatches ran with these weights
         if self.log.hold(f"accusation {accusation}", steps, ACCUSATION_HOLD_SECONDS):
+            self._holding[accusation] = accuser
             return
         if accusation not in self._unheld:
             self._unheld.add(accusation)
@@ -845,4 +859,5 @@ class GroupValidation:
     def _release(self, accusation: dict) -> None:
         """A judge is done with an accusation's steps; its parties still trace it for other judges."""
         if self.own_id not in (accusation["accused"], accusation["accuser"]):
+            self._holding.pop(accusation["accusation"], None)
             self.log.release(f"accusation {accusation['accusation']}")

@@ -24,7 +24,7 @@ from swarm.dht.keys import trainers_key
 from swarm.proto import swarm_pb2
 from swarm.training.bans import RunBans, accusations_key
 from swarm.training.run import TRAINERS_GROUP, group_prefix, load_run, make_run, write_run
-from swarm.training.validation import VERDICT_TAG, verdict_statement
+from swarm.training.validation import VERDICT_TAG, CannotJudge, verdict_statement
 
 STEP = 0
 
@@ -91,3 +91,42 @@ def test_a_live_group_member_outside_the_round_settles_it(peers, tiny_model, tmp
     assert third_id not in banned
     [ban] = bans.as_json()
     assert "1 of the group's other members found the gradient wrong" in ban["reason"]
+
+
+def test_when_no_member_of_the_round_can_judge_nobody_waits_forever(peers, tiny_model, tmp_path):
+    """The accusation's only judge (the round's third member) lost the weights it needs: it says so in a
+    signed verdict and settles without a ban, and an outsider that waited for that member's verdict stops
+    waiting too, instead of logging "not judged yet" for as long as it runs."""
+    run_path = tmp_path / "run.toml"
+    write_run(make_run("cantjudge", str(tiny_model), 1, target_batch_size=8, microbatch_size=4), run_path)
+    run = load_run(run_path)
+    (accuser_dht, accuser), (accused_dht, accused), (third_dht, third), (outsider_dht, _) = peers
+    accuser, accused, third = (signing_key_of(v) for v in (accuser, accused, third))
+    accused_id, third_id = accused_dht.peer_id.to_base58(), third_dht.peer_id.to_base58()
+    prefix = group_prefix(run, TRAINERS_GROUP)
+    commits = [
+        sign_statement(k, commit_payload(prefix, STEP, [digest(b"chunk")], digest(b"secret")))
+        for k in (accused, accuser, third)
+    ]
+    blob = make_accusation(accuser, BAD_GRADIENT, accused_id, prefix, STEP, b"group", 0, commits)
+    assert file_accusation(accuser_dht, accusations_key(run), accuser, blob)
+    asked = []
+
+    async def cannot_judge(accusation: dict):
+        asked.append(accusation["accusation"])
+        raise CannotJudge("this peer no longer holds the weights of step(s) [0]")
+
+    async def make_bans(dht, own_id="", key=None):
+        return RunBans(dht, await dht.replicate_p2p(), run, own_id, key)
+
+    outsider = asyncio.run(make_bans(outsider_dht))
+    assert _judge(outsider) == set() and outsider.suspected() == {accused_id}  # waits for the third's verdict
+    judge = asyncio.run(make_bans(third_dht, third_id, third))
+    judge.gradient_judge = cannot_judge
+    assert _judge(judge) == set() and judge.suspected() == set()  # settled, without a ban
+    assert _judge(judge) == set() and asked == [digest(blob).hex()]  # once
+    deadline = time.monotonic() + 30
+    while outsider.suspected() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        _judge(outsider)
+    assert outsider.suspected() == set() and outsider.banned() == set()

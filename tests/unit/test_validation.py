@@ -493,3 +493,34 @@ def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys)
         loop.close()
     assert judge.log.held() == set()  # judged: the judge let step 0 go
     assert peer.log.held() == {0}  # the accused still shows it to the other judges
+
+
+def test_members_stop_holding_for_a_banned_accuser_and_within_the_budget(keys, caplog):
+    """The accused of a false accusation holds its steps for the judges' games until its accuser is banned
+    (a flood of false accusations can't keep its budget full); beyond the budget it holds nothing more and
+    says so."""
+    log = ContributionLog(keep=2, max_held=2)
+    for step in range(3):
+        log.snapshot(step, [torch.zeros(1)])
+    banned: set[str] = set()
+    bans = SimpleNamespace(gradient_judge=None, banned=lambda: set(banned))
+    validator = GradientValidator(SimpleNamespace(log=log), None, RUN, PREFIX, 1024)
+    loop = asyncio.new_event_loop()
+    loop.close()  # hold_for starts nothing on it
+    group = GroupValidation(validator, bans, None, keys[0], "me", 1, loop)
+
+    def seen(accusation: str, accuser: str, step: int) -> None:
+        group.hold_for(
+            {"accusation": accusation, "accuser": accuser, "accused": "me", "prefix": PREFIX, "step": step}
+        )
+
+    seen("aa", "liar", 1)
+    assert log.held() == {0, 1}
+    with caplog.at_level("WARNING", logger="swarm.training.validation"):
+        seen("bb", "liar", 2)  # {0, 1, 2}: over the budget
+    assert log.held() == {0, 1} and "not holding steps [1, 2]" in caplog.text
+    group.hold_for({"accusation": "cc", "accuser": "x", "accused": "me", "prefix": "other", "step": 2})
+    assert log.held() == {0, 1}  # another group's accusation: not this member's to hold
+    banned.add("liar")  # its accusation was judged false
+    seen("dd", "honest", 2)
+    assert log.held() == {1, 2}
