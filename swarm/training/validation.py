@@ -694,6 +694,7 @@ class GroupValidation:
         self._filed: dict[str, tuple[str, str]] = {}  # hex digest of our accusations -> (guilty, why)
         self._unheld: set[str] = set()  # accusations whose steps this member could not hold (logged once)
         self._holding: dict[str, str] = {}  # accusations whose steps this member holds -> their accuser
+        self._judged: set[str] = set()  # accusations this member judged (or can't): it holds nothing for them
         self._round_members: dict[int, set[str]] = {}  # step -> members of this member's round at that step
         # step -> the peers whose weights (and optimizer state) of that step are this member's; None: everyone
         # (the run's checkpoint). A round averages gradients: two members that apply the same aggregate keep
@@ -820,8 +821,11 @@ class GroupValidation:
             if by in banned:  # proven a false accuser (or a cheat): its accusations need no more traces
                 self.log.release(f"accusation {held}")
             if not self.log.holds(f"accusation {held}"):  # released, or expired
-                del self._holding[held]
-        steps = [s for s in (step - 1, step) if s >= 0]  # a round's microbatches ran with these weights
+                self._holding.pop(held, None)
+        # a round's microbatches ran with the weights of its step or the one before; those gone stay gone
+        steps = [s for s in (step - 1, step) if s >= 0 and self.log.weights(s) is not None]
+        if accusation in self._judged or not steps:
+            return
         if self.log.hold(f"accusation {accusation}", steps, ACCUSATION_HOLD_SECONDS):
             self._holding[accusation] = accuser
             return
@@ -859,5 +863,6 @@ class GroupValidation:
     def _release(self, accusation: dict) -> None:
         """A judge is done with an accusation's steps; its parties still trace it for other judges."""
         if self.own_id not in (accusation["accused"], accusation["accuser"]):
+            self._judged.add(accusation["accusation"])  # RunBans asks to hold it until it is settled
             self._holding.pop(accusation["accusation"], None)
             self.log.release(f"accusation {accusation['accusation']}")

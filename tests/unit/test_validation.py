@@ -499,7 +499,7 @@ def test_members_stop_holding_for_a_banned_accuser_and_within_the_budget(keys, c
     """The accused of a false accusation holds its steps for the judges' games until its accuser is banned
     (a flood of false accusations can't keep its budget full); beyond the budget it holds nothing more and
     says so."""
-    log = ContributionLog(keep=2, max_held=2)
+    log = ContributionLog(keep=3, max_held=2)
     for step in range(3):
         log.snapshot(step, [torch.zeros(1)])
     banned: set[str] = set()
