@@ -241,11 +241,15 @@ class ContributionLog:
     def restart(self, step: int, params: Sequence[torch.Tensor]) -> None:
         """This member took another's state (weights at `step`; its gradient sums were dropped): forget the
         microbatches not yet in a round (their gradients are gone) and the kept weights (its earlier ones
-        may not be the group's, and recomputing with them could accuse an honest peer). Its contributions
-        to past rounds stay: they are what it did, and validators may still ask for them."""
+        may not be the group's, and recomputing with them could accuse an honest peer), except those of
+        step 0: the run's checkpoint, every member's. Its contributions to past rounds stay: they are what
+        it did, and validators may still ask for them."""
         copies = [p.detach().clone() for p in params]
         with self._lock:
-            self._open, self._weights = [], {step: copies}
+            # a member that resyncs at step 1 under load (its parameters differed from the group's) must
+            # still judge accusations of step 0: it was then the only judge of a lazy peer's first round
+            checkpoint = {0: self._weights[0]} if 0 in self._weights else {}
+            self._open, self._weights = [], {**checkpoint, step: copies}
 
     def hold(self, key: str, steps: Iterable[int], seconds: float) -> bool:
         """Keep the weights and contributions of `steps` past the window until `release(key)`, or for

@@ -427,9 +427,10 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
 def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys):
     """Under load rounds move on while an accusation is judged: a judge that dropped the weights of the
     accused step could never judge it (a lazy peer escaped that way: its accusation of step 0 reached the
-    third stage peer after step 0's weights had rolled out). From when the judge and the accused see the
-    accusation they hold that step past the window; the judge convicts after KEEP_STEPS + 2 more rounds,
-    then releases it, and the accused holds its own for the other judges' games."""
+    third stage peer after step 0's weights had rolled out, or after it resynced at step 1). From when the
+    judge and the accused see the accusation they hold that step past the window; the judge convicts after
+    KEEP_STEPS + 2 more rounds, then releases it, and the accused holds its own for the other judges'
+    games."""
     from hivemind.p2p import P2P
 
     from swarm.averaging.commitments import chunk_digests
@@ -459,7 +460,10 @@ def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys)
         judge.log.close(step)
         for backend in (peer, judge):
             backend.apply(grads)  # the group's aggregate: both keep the same weights
-        if step == 0:  # the accusation of step 0 is seen (RunBans.refresh calls hold_for before judging)
+        if step == 0:  # the judge resyncs (it loads the group's state): step 0's weights are the checkpoint's
+            judge.log.restart(judge.trainable.step, judge.trainable.params)
+            assert judge.log.weights(0) is not None
+            # the accusation of step 0 is seen (RunBans.refresh calls hold_for before judging)
             blob = make_accusation(keys[0], BAD_GRADIENT, accused, PREFIX, 0, b"g", 0, [commits[0]])
             accusation = {"accuser": accuser, "accused": accused, "accusation": digest(blob).hex()}
             accusation.update(prefix=PREFIX, step=0, evidence=[commits[0]])
