@@ -6,7 +6,8 @@ import os
 import platform
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +30,26 @@ def release_memory(device: str) -> None:
     """Give cached GPU memory back after the local baseline, since the nodes share the GPU."""
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+CLIENT_THREADS = 1
+"""torch threads of a benchmark's swarm client, which shares this machine's cores with the nodes it measures.
+OpenMP threads spin for milliseconds after each parallel region (libgomp's default), so a 2-thread client
+that waits on the network between tokens keeps a core busy that the nodes need: on 2 cores, 3 tiny-model
+nodes ran 22-25 ms/token behind a 2-thread client and 15-17 behind a 1-thread one. The local baseline
+keeps torch's own thread count."""
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch.set_num_threads(threads) inside the block, the previous count after (None: unchanged)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def start_split_swarm(swarm, model: str, num_blocks: int, nodes: int, device: str, dtype: str) -> None:

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, random_token_ids
+from benchmarks.common import device_name, random_token_ids, torch_threads
+from benchmarks.inference import add_client_threads_argument
 
 
 def _model_path(model: str, workdir: str) -> str:
@@ -145,6 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batching", choices=["off", "on"], nargs="+", default=["off", "on"])
     parser.add_argument("--batch-limit", type=int, default=8, help="the batching node's --batch-decode")
     parser.add_argument("--node-args", default="", help='more flags for both nodes, e.g. "--num-threads 2 "')
+    add_client_threads_argument(parser)
     args = parser.parse_args(argv)
 
     from swarm.client import DistributedModelForCausalLM
@@ -171,7 +173,8 @@ def main(argv=None) -> None:
                 models[batching] = stack.enter_context(
                     DistributedModelForCausalLM.from_pretrained(model, swarm.initial_peers, dtype=dtype)
                 )
-            rates, match = measure(models, prompts, args.clients, args.new_tokens, args.repeats)
+            with torch_threads(args.client_threads or None):
+                rates, match = measure(models, prompts, args.clients, args.new_tokens, args.repeats)
         medians = {key: statistics.median(values) for key, values in rates.items()}
         for batching in args.batching:
             for n in args.clients:
@@ -185,6 +188,7 @@ def main(argv=None) -> None:
                     "batching": batching,
                     "batch_limit": args.batch_limit if batching == "on" else 1,
                     "node_args": args.node_args,
+                    "client_torch_threads": args.client_threads or torch.get_num_threads(),
                     "clients": n,
                     "new_tokens": args.new_tokens,
                     "aggregate_tokens_per_s": round(median, 2),

@@ -17,7 +17,14 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, random_token_ids, release_memory, start_split_swarm
+from benchmarks.common import (
+    CLIENT_THREADS,
+    device_name,
+    random_token_ids,
+    release_memory,
+    start_split_swarm,
+    torch_threads,
+)
 from swarm.utils.timing import TokenTimer, percentile
 
 
@@ -43,15 +50,28 @@ def local_latencies(checkpoint_path, input_ids, new_tokens: int, dtype, device, 
 
 
 def swarm_latencies(
-    model_name, peers, input_ids, new_tokens: int, dtype, device, repeats: int, loops, push: bool = True
+    model_name,
+    peers,
+    input_ids,
+    new_tokens: int,
+    dtype,
+    device,
+    repeats: int,
+    loops,
+    push: bool = True,
+    client_threads: int | None = CLIENT_THREADS,
 ):
     """Per-token gaps for each decoding loop in `loops` (runs alternate), the route's hops, the RPC RTT.
-    `push`: steps go node to node (ClientConfig.push, the default); off, through the client at every hop."""
+    `push`: steps go node to node (ClientConfig.push, the default); off, through the client at every hop.
+    `client_threads`: the client's torch threads while it runs (None: torch's own; see CLIENT_THREADS)."""
     from swarm.client import DistributedModelForCausalLM
 
-    with DistributedModelForCausalLM.from_pretrained(
-        model_name, peers, dtype=dtype, device=device, push=push
-    ) as model:
+    with (
+        torch_threads(client_threads),
+        DistributedModelForCausalLM.from_pretrained(
+            model_name, peers, dtype=dtype, device=device, push=push
+        ) as model,
+    ):
         runs, hops = {loop: [] for loop in loops}, 0
         for _ in range(repeats + 1):
             for loop in loops:
@@ -79,6 +99,16 @@ def swarm_latencies(
     return latencies, hops, statistics.median(rtts)
 
 
+def add_client_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--client-threads",
+        type=int,
+        default=CLIENT_THREADS,
+        help="torch threads of the swarm client while it generates (0: torch's own; the local baseline "
+        f"always runs with torch's own). Default {CLIENT_THREADS}: see benchmarks.common.CLIENT_THREADS",
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,6 +127,7 @@ def main(argv=None) -> None:
         default="push",
         help="nodes push steps on, or the client drives",
     )
+    add_client_threads_argument(parser)
     args = parser.parse_args(argv)
     loops = ["swarm", "transformers"] if args.decoding_loop == "both" else [args.decoding_loop]
 
@@ -123,6 +154,7 @@ def main(argv=None) -> None:
                 args.repeats,
                 loops,
                 push=args.chain == "push",
+                client_threads=args.client_threads or None,
             )
         for loop, latencies in latencies_by_loop.items():
             median = statistics.median(latencies)
@@ -145,6 +177,7 @@ def main(argv=None) -> None:
                 "swarm_ms_per_token_median": round(1000 * median, 2),
                 "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
                 "rpc_info_round_trip_ms": round(1000 * rtt, 3),
+                "client_torch_threads": args.client_threads or torch.get_num_threads(),
             }
             if loop == loops[0]:
                 rows.append(row)

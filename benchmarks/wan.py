@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from benchmarks.common import device_name, random_token_ids
-from benchmarks.inference import local_latencies, swarm_latencies
+from benchmarks.inference import add_client_threads_argument, local_latencies, swarm_latencies
 from swarm.utils.timing import percentile
 
 
@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chain", choices=["client", "push", "both"], default="push")
     parser.add_argument("--rounds", type=int, default=1, help="with --chain both: alternations of the two")
+    add_client_threads_argument(parser)
     args = parser.parse_args(argv)
     chains = ["client", "push"] if args.chain == "both" else [args.chain]
 
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
                     args.repeats,
                     ["swarm"],
                     push=chain == "push",
+                    client_threads=args.client_threads or None,
                 )
                 previous = measured.get(chain, ([], hops, []))[0]
                 measured[chain] = (previous + latencies_by_loop["swarm"], hops, rtt)
@@ -77,8 +79,18 @@ def main(argv=None) -> None:
         print_result(args, checkpoint, chain, local, latencies, hops, rtt)
 
 
+def network_floor_ms(chain: str, hops: int, rtt_ms: float) -> float:
+    """The emulated delay one token's messages must cross, whatever the software: every connection to a
+    node is rtt/2 each way. The client drives: a round trip per span. Push: to the first node, node to
+    node, and the last node's reply."""
+    return hops * rtt_ms if chain == "client" else (hops + 1) * rtt_ms / 2
+
+
 def print_result(args, checkpoint, chain: str, local: list, latencies: list, hops: int, rtt: float) -> None:
     local_median, median = statistics.median(local), statistics.median(latencies)
+    floor_ms = network_floor_ms(chain, hops, args.rtt_ms)
+    # the best ratio a chain of this kind can reach: compute as fast as local, no time beyond the delay
+    ceiling = local_median / (local_median + floor_ms / 1000)
     print(
         json.dumps(
             {
@@ -101,6 +113,10 @@ def print_result(args, checkpoint, chain: str, local: list, latencies: list, hop
                 "swarm_ms_per_token_p90": round(1000 * percentile(latencies, 0.9), 2),
                 "rpc_info_round_trip_ms": round(1000 * rtt, 3),
                 "network_ms_per_token": round(1000 * (median - local_median), 2),
+                "network_floor_ms_per_token": round(floor_ms, 2),
+                "ratio_ceiling": round(ceiling, 3),
+                "share_of_ceiling": round(local_median / median / ceiling, 3),
+                "client_torch_threads": args.client_threads or torch.get_num_threads(),
             }
         ),
         flush=True,

@@ -240,6 +240,7 @@ def test_concurrency_benchmark_compares_batched_and_unbatched_nodes(tiny_model):
         ("on", 3),
     ]
     assert all(row["tokens_match"] and row["aggregate_tokens_per_s"] > 0 for row in runs)
+    assert all(row["client_torch_threads"] == 1 for row in runs)  # the default: see CLIENT_THREADS
     (compute,) = [row for row in rows if row["name"] == "concurrency_node_compute"]
     assert compute["sessions"] == 3 and compute["alone_ms_per_token"] > 0 and compute["ratio"] > 0
     (gain,) = [row for row in rows if row["name"] == "concurrency_gain"]
