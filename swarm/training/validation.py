@@ -836,8 +836,8 @@ class GroupValidation:
         if accusation not in self._unheld:
             self._unheld.add(accusation)
             logger.warning(
-                "not holding steps %s for the accusation against %s: this peer already holds %s, at most %d "
-                "past its last %d rounds; it can't judge it once they roll out",
+                "not holding steps %s for the accusation against %s: this peer already holds steps %s for "
+                "others (at most %d at once); it can't judge it once they roll out of its last %d rounds",
                 steps,
                 accused,
                 sorted(self.log.held()),
