@@ -44,6 +44,11 @@ INLINE_STEP_SECONDS = 0.005
 # with --batch-decode, a decode step waits to be batched only if another session sent one this recently;
 # a lone active session (however many idle ones are open) keeps the inline path
 BATCH_PEER_WINDOW = 1.0
+# ... and a batch waits for the steps of the other active sessions (their clients are answering the last
+# batch) for at most this share of the last batch's compute time, and never longer than BATCH_GATHER_MAX:
+# without it, N clients settle into two half-batches that each read all the weights
+BATCH_GATHER_SHARE = 0.5
+BATCH_GATHER_MAX = 0.05
 
 
 @dataclass
@@ -78,6 +83,7 @@ class SpanBackend:
         self.batched_steps = 0  # decode steps that ran in a batch of two or more (--batch-decode)
         # id(session) -> (the session, when its last one-token step came)
         self._decode_seen: dict[int, tuple[Session, float]] = {}
+        self.batch_seconds = 0.0  # the last batched decode call's compute time (the gathering wait's scale)
 
     @property
     def start(self) -> int:
@@ -302,6 +308,13 @@ class SpanBackend:
         """Decode steps of several sessions (on the same layers) as one call: one (ok, output or error)
         per step. A step that cannot start (a closed session) fails alone; if the batched call fails,
         every cache is put back and each step runs alone, so that an error is its own session's."""
+        started = time.perf_counter()
+        try:
+            return self._run_batch(steps)
+        finally:
+            self.batch_seconds = time.perf_counter() - started
+
+    def _run_batch(self, steps: list[tuple[Session, int, SpanInputs]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any] | None] = [None] * len(steps)
         with contextlib.ExitStack() as computing:
             ready = []
@@ -349,14 +362,15 @@ class SpanBackend:
             session.length = position + 1
             outcomes[index] = (True, out[row : row + 1].to("cpu", inputs.wire_dtype))
 
-    def _others_decoding(self, session: Session) -> bool:
-        """Note this session's decode step; whether another session sent one within BATCH_PEER_WINDOW."""
+    def _decoding_sessions(self, session: Session) -> int:
+        """Note this session's decode step; how many sessions on its layers (itself included) sent one
+        within BATCH_PEER_WINDOW."""
         now = time.monotonic()
         seen = self._decode_seen
         seen[id(session)] = (session, now)
         for key in [key for key, (other, at) in seen.items() if other.closed or now - at > BATCH_PEER_WINDOW]:
             del seen[key]  # closed sessions leave at once, idle ones after a window
-        return len(seen) > 1
+        return sum(1 for other, _ in seen.values() if other.layers == session.layers)
 
     async def inference_step(self, session: Session, position: int, inputs: SpanInputs) -> torch.Tensor:
         """One step of a session: new tokens' hidden states through the span, extending its KV cache.
@@ -368,9 +382,13 @@ class SpanBackend:
 
         With --batch-decode, while other sessions send decode steps here too, a one-token step queues
         instead (at inference priority, like every step) to run together with their waiting steps."""
-        if self._batchable_step(inputs) and self._others_decoding(session):
+        if self._batchable_step(inputs) and (active := self._decoding_sessions(session)) > 1:
             batch = Batchable(
-                (inputs.layers.start, inputs.layers.stop), self._inference_batch_sync, self.decode_batch
+                (inputs.layers.start, inputs.layers.stop),
+                self._inference_batch_sync,
+                self.decode_batch,
+                expected=active,
+                max_wait=min(BATCH_GATHER_SHARE * self.batch_seconds, BATCH_GATHER_MAX),
             )
             return await self._run(
                 self._inference_sync, session, position, inputs, priority=INFERENCE, batch=batch

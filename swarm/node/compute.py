@@ -9,6 +9,7 @@ import concurrent.futures
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +25,17 @@ VERIFY = 2  # spot-check traces and dispute answers: they run when no request wa
 class Batchable:
     """Marks a call that may run together with other waiting calls of the same `key` (and priority):
     `run_many(list of their args)` returns one (ok, result or exception) per call, in order, so that one
-    call's error fails only that call. At most `limit` calls go in one batch, oldest first."""
+    call's error fails only that call. At most `limit` calls go in one batch, oldest first.
+
+    `expected` calls of its key are on their way (e.g. one decode step per active session): when fewer
+    wait, the batch waits for the rest, up to `max_wait` seconds, rather than run as two half-batches
+    that each pay the whole weight-reading cost."""
 
     key: Any
     run_many: Callable[[list[tuple]], Sequence[tuple[bool, Any]]]
     limit: int
+    expected: int = 0
+    max_wait: float = 0.0
 
 
 class ComputeThread:
@@ -80,8 +87,10 @@ class ComputeThread:
                     if self._shut and not self._queue:
                         return
                     self._wake.wait()
-                entries = self._take_batch(heapq.heappop(self._queue))
+                head = heapq.heappop(self._queue)
                 self._busy = True
+                self._gather(head)
+                entries = self._take_batch(head)
             outcomes: list[tuple[concurrent.futures.Future, tuple[bool, Any]]] = []
             try:
                 outcomes = self._run_entries(entries)
@@ -94,6 +103,24 @@ class ComputeThread:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    def _gather(self, head: tuple) -> None:
+        """Wait (releasing the lock) until the calls `head`'s batch expects are queued, or its max_wait
+        has passed. Called holding the lock, with the thread marked busy so nothing runs inline."""
+        batch = head[5]
+        if batch is None or batch.max_wait <= 0:
+            return
+        wanted = min(batch.limit, batch.expected) - 1
+        deadline = time.monotonic() + batch.max_wait
+        while not self._shut and self._count_mates(head) < wanted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
+
+    def _count_mates(self, head: tuple) -> int:
+        batch = head[5]
+        return sum(1 for e in self._queue if e[5] is not None and e[5].key == batch.key and e[0] == head[0])
 
     def _take_batch(self, head: tuple) -> list[tuple]:
         """`head` and, if it batches, the oldest waiting calls of its key and priority (up to its limit),
