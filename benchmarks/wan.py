@@ -7,6 +7,11 @@ itself. Local transformers on the same weights runs in the same process for the 
 `--chain push` has the nodes push each step to the next one (ClientConfig.push, the client's default),
 `client` has the client take every span's output to the next; `both` measures both on the same swarm,
 alternating (`--rounds` times).
+
+Each row also gives the floor the emulated delay puts under a token (`network_floor_ms_per_token`: a round
+trip per span when the client drives, (spans + 1) one-way trips when nodes push) and `ratio_ceiling`, the
+ratio a chain of that kind would reach if it computed as fast as local transformers and its messages took
+no time beyond the delay; `share_of_ceiling` is how much of it the swarm reaches.
 """
 
 from __future__ import annotations
