@@ -431,6 +431,7 @@ class TrainingNode(Node):
             on_round=lambda record: validation.on_round(record),  # this stage's, even after a move
             fault=self.fault,
         )
+        self.state_servicer.stage_prefix = self.averager.prefix  # validators of other stages get no answer
         validator = GradientValidator(
             self.backend,
             self.p2p,
@@ -485,6 +486,7 @@ class TrainingNode(Node):
         self._stage_tasks = []
         averager, self.averager = self.averager, None
         self.validation = None
+        self.state_servicer.stage_prefix = "(between stages)"  # no stage's rounds are served until the next
         if averager is not None:
             await asyncio.to_thread(averager.shutdown)
 

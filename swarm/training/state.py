@@ -69,6 +69,7 @@ class TrainStateServicer(TrainStateProtocol):
     ):
         self.run_hash, self.get_state, self.get_progress = run_hash, get_state, get_progress
         self.get_contribution = get_contribution  # stage peers: their contribution to a round, for validators
+        self.stage_prefix = ""  # the averaging key prefix of the stage it trains now (set by the node)
         self.refuse_peer: Callable[[str], str | None] | None = None  # e.g. peers banned from the run
         # stage peers: their side of gradient disputes (swarm.training.disputes.GradientDisputeService)
         self.disputes = None
@@ -120,6 +121,12 @@ class TrainStateServicer(TrainStateProtocol):
             error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains another run")
         elif self.get_contribution is None:
             error = swarm_pb2.Error(code=swarm_pb2.Error.BAD_REQUEST, message="this peer trains no stage")
+        elif request.prefix and self.stage_prefix and request.prefix != self.stage_prefix:
+            # it moved: its rounds of that stage went with that stage's log, and this one's steps are not them
+            error = swarm_pb2.Error(
+                code=swarm_pb2.Error.UNKNOWN_BLOCKS,
+                message=f"this peer trains another stage now ({self.stage_prefix[-64:]})",
+            )
         else:
             error = self._refusal(context)
         if error is not None:

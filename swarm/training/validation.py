@@ -457,20 +457,23 @@ def _parse_contribution(header, protos: list, num_sent: int) -> Contribution:
 
 
 async def fetch_contribution(
-    p2p: P2P, peer_id: str, run_hash: str, step: int, num_sent: int, timeout: float
+    p2p: P2P, peer_id: str, run_hash: str, step: int, num_sent: int, timeout: float, prefix: str = ""
 ) -> Contribution | None:
-    """A participant's contribution to round `step` (None: it says it kept none).
+    """A participant's contribution to round `step` of the stage `prefix` (None: it says it kept none).
 
     :raises ContributionUnavailable: no answer in time, an error reply, or a malformed one
+    :raises CannotJudge: it trains another stage now, and its rounds of this one are gone with it
     """
 
     async def collect():
         stub = TrainStateProtocol.stub(p2p, peer_id)
-        request = swarm_pb2.TrainContributionRequest(run_hash=run_hash, step=step)
+        request = swarm_pb2.TrainContributionRequest(run_hash=run_hash, step=step, prefix=prefix)
         header, assembler = None, TensorAssembler(MAX_CONTRIBUTION_BYTES)
         async with aclosing(await stub.rpc_train_contribution(request)) as stream:  # closed here first
             async for response in stream:
                 if response.HasField("error"):
+                    if response.error.code == swarm_pb2.Error.UNKNOWN_BLOCKS:
+                        raise CannotJudge(f"{peer_id} moved to another stage: {response.error.message}")
                     raise ContributionUnavailable(f"{peer_id} refused: {response.error.message}")
                 header = header or response
                 assembler.extend(response.tensors)
@@ -480,7 +483,7 @@ async def fetch_contribution(
 
     try:
         header, assembler = await asyncio.wait_for(collect(), timeout)
-    except ContributionUnavailable:
+    except (ContributionUnavailable, CannotJudge):
         raise
     except Exception as e:
         raise ContributionUnavailable(f"{peer_id} did not answer: {e!r}") from e
@@ -557,7 +560,7 @@ class GradientValidator:
             raise CannotJudge(f"no valid commitment of {peer} for step {step}: {e}") from e
         shapes = self.owner.gradient_shapes()
         contribution = await fetch_contribution(
-            self.p2p, peer, self.run_hash, step, len(shapes), self.timeout
+            self.p2p, peer, self.run_hash, step, len(shapes), self.timeout, self.prefix
         )
         if contribution is None:
             latest = self.owner.log.latest_round()

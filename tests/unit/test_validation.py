@@ -409,6 +409,7 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
             servicer = TrainStateServicer(
                 RUN, None, lambda: (0, 0, []), lambda step: None if step == withheld else peer.log.get(step)
             )
+            servicer.stage_prefix = PREFIX  # the stage it trains: it answers for that stage's rounds
             await servicer.add_p2p_handlers(server)
             checker = GradientValidator(validator, client, RUN, PREFIX, 1024, timeout=10.0)
             accused = peer_id_of(keys[1])
@@ -417,6 +418,11 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
                 await checker.check(accused, 1, commit(1))
             guilty, why = await checker.check(accused, withheld, commit(withheld))
             assert guilty == accused and "kept no contribution" in why
+            # once it trains another stage, what its new stage's log holds (or lacks) is no proof about its
+            # rounds here: a validator of this stage can't judge them, and accuses nobody
+            servicer.stage_prefix = PREFIX + "-another-stage"
+            with pytest.raises(CannotJudge, match="moved to another stage"):
+                await checker.check(accused, withheld, commit(withheld))
         finally:
             await client.shutdown()
             await server.shutdown()
