@@ -234,6 +234,7 @@ def _run_child(request: dict) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     _reseed()
+    _own_process_locks()
     for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -250,6 +251,19 @@ def _set_name(name: str) -> None:
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except OSError:
         pass
+
+
+def _own_process_locks() -> None:
+    """Give the child its own copies of the cross-process locks hivemind creates at import. Inherited from
+    the server, one semaphore would be every child's: a peer killed while it held one (the suite's churn
+    tests kill peers) left every peer started after it blocked in MPFuture._send_update for good."""
+    import multiprocessing
+
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()  # its update and initialization locks, and SharedBytes'
+    _AsyncContextWrapper.EXECUTOR_LOCK = multiprocessing.Lock()
 
 
 def _reseed() -> None:

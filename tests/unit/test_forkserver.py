@@ -31,3 +31,30 @@ def test_a_setting_read_at_import_time_gets_its_own_fork_server():
     assert fork_server_for({**base, "SWARM_ANYTHING": "1"}) is server
     other = {**base, "OMP_NUM_THREADS": "1" if base.get("OMP_NUM_THREADS") != "1" else "2"}
     assert not server.serves(other)
+
+
+def test_a_forked_child_gets_its_own_hivemind_locks():
+    """Inherited from the server, hivemind's cross-process locks would be one for all children: a peer killed
+    while it held MPFuture's update lock blocked every peer started after it (the suite hung that way)."""
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture, SharedBytes
+
+    from swarm.local.forkserver import _own_process_locks
+
+    # this process's MPFuture backend goes on serving the rest of the suite: put it all back afterwards
+    saved = (MPFuture._active_pid, MPFuture._update_lock, MPFuture._initialization_lock, SharedBytes._lock)
+    saved_executor_lock = _AsyncContextWrapper.EXECUTOR_LOCK
+    inherited = [MPFuture._update_lock, MPFuture._initialization_lock, _AsyncContextWrapper.EXECUTOR_LOCK]
+    for lock in inherited:
+        assert lock.acquire(timeout=5)  # held, as by a peer that died holding it
+    try:
+        _own_process_locks()
+        fresh = [MPFuture._update_lock, MPFuture._initialization_lock, _AsyncContextWrapper.EXECUTOR_LOCK]
+        for lock in fresh:
+            assert lock.acquire(timeout=5)
+            lock.release()
+    finally:
+        for lock in inherited:
+            lock.release()
+        MPFuture._active_pid, MPFuture._update_lock, MPFuture._initialization_lock, SharedBytes._lock = saved
+        _AsyncContextWrapper.EXECUTOR_LOCK = saved_executor_lock
