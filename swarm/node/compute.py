@@ -112,15 +112,19 @@ class ComputeThread:
             return
         wanted = min(batch.limit, batch.expected) - 1
         deadline = time.monotonic() + batch.max_wait
-        while not self._shut and self._count_mates(head) < wanted:
+        while not self._shut and len(self._mates(head)) < wanted:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             self._wake.wait(remaining)
 
-    def _count_mates(self, head: tuple) -> int:
-        batch = head[5]
-        return sum(1 for e in self._queue if e[5] is not None and e[5].key == batch.key and e[0] == head[0])
+    def _mates(self, head: tuple) -> list[tuple]:
+        """The waiting calls that may run in `head`'s batch (its key and priority), oldest first."""
+        key = head[5].key
+        return sorted(
+            (e for e in self._queue if e[5] is not None and e[5].key == key and e[0] == head[0]),
+            key=lambda e: e[1],
+        )
 
     def _take_batch(self, head: tuple) -> list[tuple]:
         """`head` and, if it batches, the oldest waiting calls of its key and priority (up to its limit),
@@ -128,10 +132,7 @@ class ComputeThread:
         batch = head[5]
         if batch is None or batch.limit <= 1:
             return [head]
-        mates = sorted(
-            (e for e in self._queue if e[5] is not None and e[5].key == batch.key and e[0] == head[0]),
-            key=lambda e: e[1],
-        )[: batch.limit - 1]
+        mates = self._mates(head)[: batch.limit - 1]
         if mates:
             taken = {id(e) for e in mates}
             self._queue = [e for e in self._queue if id(e) not in taken]
