@@ -379,9 +379,7 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
     """Peers keep their last KEEP_STEPS rounds. "Kept none" for one that recent convicts; for an older one the
     validator asked too late (its checks queue up under load) and may not accuse: an honest peer was banned
     that way, by a validation that ran 10 rounds after its round."""
-    from hivemind.p2p import P2P
 
-    from swarm.dht.identity import temporary_identity_file
     from swarm.training.state import TrainStateServicer
     from swarm.training.validation import KEEP_STEPS, CannotJudge
 
@@ -399,12 +397,7 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
         return sign_statement(keys[1], commit_payload(PREFIX, step, [digest(b"chunk")], digest(b"secret")))
 
     async def run():
-        server = await P2P.create(
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=temporary_identity_file(keys[1])
-        )
-        client = await P2P.create(
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs()
-        )
+        server, client = await _server_and_client(keys[1])
         try:
             servicer = TrainStateServicer(
                 RUN, None, lambda: (0, 0, []), lambda step: None if step == withheld else peer.log.get(step)
@@ -430,6 +423,21 @@ def test_kept_none_is_proof_only_for_rounds_a_peer_must_still_keep(keys):
     asyncio.run(run())
 
 
+async def _server_and_client(server_key):
+    """Two P2P peers on 127.0.0.1: one with `server_key`'s identity, and one connected to it."""
+    from hivemind.p2p import P2P
+
+    from swarm.dht.identity import temporary_identity_file
+
+    server = await P2P.create(
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=temporary_identity_file(server_key)
+    )
+    client = await P2P.create(
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs()
+    )
+    return server, client
+
+
 def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys):
     """Under load rounds move on while an accusation is judged: a judge that dropped the weights of the
     accused step could never judge it (a lazy peer escaped that way: its accusation of step 0 reached the
@@ -437,10 +445,8 @@ def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys)
     judge and the accused see the accusation they hold that step past the window; the judge convicts after
     KEEP_STEPS + 2 more rounds, then releases it, and the accused holds its own for the other judges'
     games."""
-    from hivemind.p2p import P2P
 
     from swarm.averaging.commitments import chunk_digests
-    from swarm.dht.identity import temporary_identity_file
     from swarm.training.state import TrainStateServicer
     from swarm.training.validation import KEEP_STEPS, CannotJudge
 
@@ -479,12 +485,7 @@ def test_a_judge_holds_the_weights_of_an_accused_round_until_it_has_judged(keys)
     assert peer.log.get(1) is None and peer.log.get(0) is not None
 
     async def run():
-        server = await P2P.create(
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=temporary_identity_file(keys[1])
-        )
-        client = await P2P.create(
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs()
-        )
+        server, client = await _server_and_client(keys[1])
         try:
             await TrainStateServicer(RUN, None, lambda: (0, 0, []), peer.log.get).add_p2p_handlers(server)
             groups[1].validator.p2p = client
